@@ -1,0 +1,95 @@
+"""rpq's exceptions, split by what the caller does next.
+
+    RpqError
+    ├── ConfigError                 a setting is missing or malformed: fix the environment
+    └── RunPodError                 anything that went wrong talking to RunPod
+        ├── RunPodTransient         timeout, connection error, 429, 5xx: try again later
+        │   └── RunPodRateLimited   429; carries RunPod's Retry-After when it sent one
+        ├── RunPodRejected          any other 4xx: the request itself is wrong; do not retry
+        │   └── PayloadTooLarge     refused before sending: the body is over RunPod's limit
+        ├── RunPodAuthError         401/403: the API key is wrong or lacks access
+        ├── RunPodNotFound          404: unknown endpoint, or a job RunPod no longer keeps
+        ├── RunOutcomeUnknown       a /run (or /runsync) whose request may or may not have
+        │                           created a job: never resubmit it blindly
+        └── RunPodProtocolError     RunPod answered something we cannot read (an unknown
+                                    status, a body that is not the documented shape)
+
+Every error raised at the HTTP boundary is chained (`raise ... from exc`) to what httpx raised,
+and no message ever contains the API key: messages are built from the method, the path and
+RunPod's own error text only.
+"""
+
+from __future__ import annotations
+
+
+class RpqError(Exception):
+    """Base of every error rpq raises on purpose."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(RpqError):
+    """The configuration is invalid."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class RunPodError(RpqError):
+    """RunPod did not do what was asked."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        status_code: int | None = None,
+        operation: str | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.operation = operation
+        super().__init__(message)
+
+
+class RunPodTransient(RunPodError):
+    """RunPod could not be reached or was briefly unable to answer; try again later."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        status_code: int | None = None,
+        operation: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, status_code=status_code, operation=operation)
+
+
+class RunPodRateLimited(RunPodTransient):
+    """RunPod's rate limit was hit (429); back off before the next call."""
+
+
+class RunPodRejected(RunPodError):
+    """RunPod refused the request as invalid; sending it again will not help."""
+
+
+class PayloadTooLarge(RunPodRejected):
+    """The request body is larger than RunPod accepts; nothing was sent."""
+
+
+class RunPodAuthError(RunPodError):
+    """RunPod refused the API key (401/403)."""
+
+
+class RunPodNotFound(RunPodError):
+    """RunPod does not know this endpoint or job (404): wrong id, or the job expired."""
+
+
+class RunOutcomeUnknown(RunPodError):
+    """The submit may or may not have reached RunPod; an operator must decide whether to resubmit."""
+
+
+class RunPodProtocolError(RunPodError):
+    """RunPod's answer did not have the documented shape."""

@@ -1,0 +1,167 @@
+"""One typed settings object, read from the environment and validated at start-up.
+
+`Settings.from_env()` reads every variable, collects every problem and raises one `ConfigError`
+naming each bad variable, so an operator fixes them all in one go. `.env.example` lists every
+variable with a comment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from jobs.errors import ConfigError
+
+# RunPod endpoint ids are lowercase letters and digits ("fh46rj7dq9r3o5"); public endpoints add
+# hyphens ("black-forest-labs-flux-1-schnell").
+ENDPOINT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{4,62}[a-z0-9]$")
+ENDPOINT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+class Secret:
+    """A string that never shows itself: not in repr, str, f-strings, logs or tracebacks.
+
+    Call `reveal()` at the one place the value is really needed (the Authorization header).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickling a secret would put it in a Celery message or a cache; refuse loudly.
+        raise TypeError("a Secret cannot be pickled")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A RunPod serverless endpoint as rpq knows it: the operator's name and RunPod's id."""
+
+    name: str
+    id: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    runpod_api_key: Secret | None = None
+    runpod_serverless_url: str = "https://api.runpod.ai/v2"
+    runpod_graphql_url: str = "https://api.runpod.io/graphql"
+    # REST v1 (rest.runpod.io/v1) was retired on 2026-11-15; v2 is the management API now.
+    runpod_rest_url: str = "https://api.runpod.io/v2"
+    runpod_collection_interval_seconds: int = 300
+    runpod_health_poll_seconds: int = 120
+    runpod_job_retention_days: int = 90
+    endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
+    database_url: str = "sqlite:///rpq.db"
+    celery_broker_url: str = "redis://localhost:6379/0"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        problems: list[str] = []
+        defaults = cls()
+
+        def text(name: str, default: str) -> str:
+            return env.get(name, "").strip() or default
+
+        def url(name: str, default: str, schemes: tuple[str, ...]) -> str:
+            value = text(name, default)
+            parts = urlsplit(value)
+            if parts.scheme not in schemes or not (parts.netloc or parts.path):
+                problems.append(f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+            return value.rstrip("/") if parts.scheme in ("http", "https") else value
+
+        def positive_int(name: str, default: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                problems.append(f"{name}: expected a whole number of {_unit(name)}, got {raw!r}")
+                return default
+            if value <= 0:
+                problems.append(f"{name}: must be greater than 0, got {value}")
+            return value
+
+        key = env.get("RUNPOD_API_KEY", "").strip()
+        settings = cls(
+            runpod_api_key=Secret(key) if key else None,
+            runpod_serverless_url=url("RUNPOD_SERVERLESS_URL", defaults.runpod_serverless_url, ("http", "https")),
+            runpod_graphql_url=url("RUNPOD_GRAPHQL_URL", defaults.runpod_graphql_url, ("http", "https")),
+            runpod_rest_url=url("RUNPOD_REST_URL", defaults.runpod_rest_url, ("http", "https")),
+            runpod_collection_interval_seconds=positive_int(
+                "RUNPOD_COLLECTION_INTERVAL_SECONDS", defaults.runpod_collection_interval_seconds
+            ),
+            runpod_health_poll_seconds=positive_int(
+                "RUNPOD_HEALTH_POLL_SECONDS", defaults.runpod_health_poll_seconds
+            ),
+            runpod_job_retention_days=positive_int(
+                "RUNPOD_JOB_RETENTION_DAYS", defaults.runpod_job_retention_days
+            ),
+            endpoints=_parse_endpoints(env.get("RUNPOD_ENDPOINTS", ""), problems),
+            database_url=url("DATABASE_URL", defaults.database_url, ("sqlite", "postgresql", "postgresql+psycopg")),
+            celery_broker_url=url("CELERY_BROKER_URL", defaults.celery_broker_url, ("redis", "rediss")),
+        )
+        if problems:
+            raise ConfigError(problems)
+        return settings
+
+    def require_api_key(self) -> Secret:
+        """The API key, or a ConfigError saying which variable to set."""
+        if self.runpod_api_key is None:
+            raise ConfigError(["RUNPOD_API_KEY: not set; RunPod (and the simulator) need it"])
+        return self.runpod_api_key
+
+    def resolve_endpoint(self, name_or_id: str) -> Endpoint:
+        """The configured endpoint of that name, or a bare RunPod endpoint id taken as itself."""
+        if name_or_id in self.endpoints:
+            return self.endpoints[name_or_id]
+        if ENDPOINT_ID_RE.match(name_or_id):
+            return Endpoint(name=name_or_id, id=name_or_id)
+        known = ", ".join(sorted(self.endpoints)) or "none configured"
+        raise ConfigError(
+            [f"unknown endpoint {name_or_id!r}: not in RUNPOD_ENDPOINTS ({known}) and not a RunPod endpoint id"]
+        )
+
+
+def _parse_endpoints(raw: str, problems: list[str]) -> dict[str, Endpoint]:
+    """Parse `tts=fh46rj7dq9r3o5,export=abc123`; a bare id names itself."""
+    endpoints: dict[str, Endpoint] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, sep, endpoint_id = (s.strip() for s in item.partition("="))
+        if not sep:
+            name, endpoint_id = item, item
+        if not ENDPOINT_NAME_RE.match(name):
+            problems.append(f"RUNPOD_ENDPOINTS: {name!r} is not a valid name (letters, digits, '-', '_')")
+        elif not ENDPOINT_ID_RE.match(endpoint_id):
+            problems.append(f"RUNPOD_ENDPOINTS: {endpoint_id!r} (for {name!r}) is not a RunPod endpoint id")
+        elif name in endpoints:
+            problems.append(f"RUNPOD_ENDPOINTS: {name!r} is listed twice")
+        else:
+            endpoints[name] = Endpoint(name=name, id=endpoint_id)
+    return endpoints
+
+
+def _unit(name: str) -> str:
+    return "days" if name.endswith("_DAYS") else "seconds"

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from jobs.backoff import RetryPolicy, exponential_delay, parse_retry_after, retry_delay
+
+
+@pytest.mark.parametrize(
+    ("attempt", "rand", "expected"),
+    [
+        (0, 0.0, 0.25),  # base 0.5: between 0.25 and 0.5
+        (0, 1.0, 0.5),
+        (1, 0.0, 0.5),
+        (2, 0.5, 1.5),  # step 2.0: 1.0 fixed + 0.5 * 1.0
+        (3, 1.0, 4.0),
+        (10, 0.0, 15.0),  # capped at 30: never below half the cap
+        (10, 1.0, 30.0),
+    ],
+)
+def test_exponential_delay_doubles_with_equal_jitter_up_to_the_cap(attempt: int, rand: float, expected: float) -> None:
+    assert exponential_delay(attempt, base=0.5, cap=30.0, rand=lambda: rand) == pytest.approx(expected)
+
+
+def test_retry_delay_gives_up_after_max_attempts() -> None:
+    policy = RetryPolicy(max_attempts=3, base_delay=1.0, max_delay=10.0)
+
+    delays = [retry_delay(n, policy, rand=lambda: 1.0) for n in range(4)]
+
+    assert delays == [1.0, 2.0, None, None]
+
+
+def test_retry_after_is_a_floor_on_the_delay() -> None:
+    policy = RetryPolicy(max_attempts=5, base_delay=0.5, max_delay=30.0)
+
+    assert retry_delay(0, policy, retry_after=7.0, rand=lambda: 0.0) == 7.0
+    assert retry_delay(3, policy, retry_after=0.1, rand=lambda: 1.0) == 4.0
+
+
+def test_a_retry_after_longer_than_the_policy_allows_means_give_up_now() -> None:
+    policy = RetryPolicy(max_attempts=5, max_delay=30.0)
+
+    assert retry_delay(0, policy, retry_after=120.0) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("3", 3.0),
+        ("1.5", 1.5),
+        ("-4", 0.0),
+        ("Wed, 21 Oct 2026 07:28:10 GMT", 10.0),
+        ("Wed, 21 Oct 2026 07:27:00 GMT", 0.0),  # in the past: go now
+        ("soon", None),
+    ],
+)
+def test_parse_retry_after_reads_seconds_and_http_dates(header: str | None, expected: float | None) -> None:
+    now = datetime(2026, 10, 21, 7, 28, 0, tzinfo=UTC)
+
+    assert parse_retry_after(header, now=now) == expected
+
+
+def test_a_policy_that_cannot_work_is_refused() -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError):
+        RetryPolicy(base_delay=5, max_delay=1)

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from jobs.errors import ConfigError
+from jobs.settings import Endpoint, Secret, Settings
+
+
+def test_defaults_are_runpods_production_urls_and_local_services() -> None:
+    settings = Settings.from_env({})
+
+    assert settings.runpod_api_key is None
+    assert settings.runpod_serverless_url == "https://api.runpod.ai/v2"
+    assert settings.runpod_graphql_url == "https://api.runpod.io/graphql"
+    assert settings.runpod_collection_interval_seconds == 300
+    assert settings.runpod_health_poll_seconds == 120
+    assert settings.runpod_job_retention_days == 90
+    assert settings.database_url == "sqlite:///rpq.db"
+    assert settings.celery_broker_url == "redis://localhost:6379/0"
+    assert settings.endpoints == {}
+
+
+def test_every_variable_is_read() -> None:
+    settings = Settings.from_env({
+        "RUNPOD_API_KEY": "rp-key",
+        "RUNPOD_SERVERLESS_URL": "http://127.0.0.1:8000/v2/",
+        "RUNPOD_GRAPHQL_URL": "http://127.0.0.1:8001/graphql",
+        "RUNPOD_REST_URL": "http://127.0.0.1:8002/v2",
+        "RUNPOD_COLLECTION_INTERVAL_SECONDS": "60",
+        "RUNPOD_HEALTH_POLL_SECONDS": "30",
+        "RUNPOD_JOB_RETENTION_DAYS": "7",
+        "RUNPOD_ENDPOINTS": "tts=fh46rj7dq9r3o5, export=abc123",
+        "DATABASE_URL": "postgresql+psycopg://rpq@db/rpq",
+        "CELERY_BROKER_URL": "redis://redis:6379/2",
+    })
+
+    assert settings.require_api_key().reveal() == "rp-key"
+    assert settings.runpod_serverless_url == "http://127.0.0.1:8000/v2"  # trailing slash dropped
+    assert settings.runpod_rest_url == "http://127.0.0.1:8002/v2"
+    assert (settings.runpod_collection_interval_seconds, settings.runpod_health_poll_seconds) == (60, 30)
+    assert settings.runpod_job_retention_days == 7
+    assert settings.endpoints == {
+        "tts": Endpoint("tts", "fh46rj7dq9r3o5"),
+        "export": Endpoint("export", "abc123"),
+    }
+    assert settings.database_url == "postgresql+psycopg://rpq@db/rpq"
+    assert settings.celery_broker_url == "redis://redis:6379/2"
+
+
+def test_every_bad_variable_is_reported_at_once_by_name() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({
+            "RUNPOD_SERVERLESS_URL": "api.runpod.ai/v2",
+            "RUNPOD_HEALTH_POLL_SECONDS": "often",
+            "RUNPOD_JOB_RETENTION_DAYS": "0",
+            "RUNPOD_ENDPOINTS": "tts=Not An Id,tts=abc123,9bad=abc123",
+            "DATABASE_URL": "mysql://db",
+            "CELERY_BROKER_URL": "amqp://guest@localhost//",
+        })
+
+    text = str(caught.value)
+    for name in ("RUNPOD_SERVERLESS_URL", "RUNPOD_HEALTH_POLL_SECONDS", "RUNPOD_JOB_RETENTION_DAYS",
+                 "DATABASE_URL", "CELERY_BROKER_URL"):
+        assert name in text
+    assert "'Not An Id'" in text and "'9bad'" in text
+    assert len(caught.value.problems) == 7
+
+
+def test_a_bare_endpoint_id_is_accepted_wherever_a_name_is() -> None:
+    settings = Settings.from_env({"RUNPOD_ENDPOINTS": "tts=fh46rj7dq9r3o5,abc123"})
+
+    assert settings.resolve_endpoint("tts") == Endpoint("tts", "fh46rj7dq9r3o5")
+    assert settings.resolve_endpoint("abc123") == Endpoint("abc123", "abc123")
+    assert settings.resolve_endpoint("zz9plural") == Endpoint("zz9plural", "zz9plural")
+
+
+def test_an_unknown_endpoint_name_is_an_error_that_lists_the_known_ones() -> None:
+    settings = Settings.from_env({"RUNPOD_ENDPOINTS": "tts=fh46rj7dq9r3o5"})
+
+    with pytest.raises(ConfigError, match=r"unknown endpoint 'TTS'.*\(tts\)"):
+        settings.resolve_endpoint("TTS")
+
+
+def test_a_missing_api_key_is_reported_only_when_needed() -> None:
+    settings = Settings.from_env({})
+
+    with pytest.raises(ConfigError, match="RUNPOD_API_KEY"):
+        settings.require_api_key()
+
+
+def test_the_api_key_never_shows_in_repr_str_or_pickles() -> None:
+    settings = Settings.from_env({"RUNPOD_API_KEY": "rp-super-secret-key"})
+
+    assert "rp-super-secret-key" not in repr(settings)
+    assert "rp-super-secret-key" not in str(settings)
+    assert "rp-super-secret-key" not in f"{settings.runpod_api_key}"
+    with pytest.raises(TypeError):
+        pickle.dumps(Secret("rp-super-secret-key"))
