@@ -1,0 +1,48 @@
+"""A local stand-in for RunPod serverless: the job API under ``/v2`` plus a control API under ``/_sim``.
+
+Clients written to RunPod's documented API (the official ``runpod`` SDK included) work against it
+unchanged; point them at ``http://HOST:PORT/v2``.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+from jobs.simulator.app import Simulator, create_app
+from jobs.simulator.config import SimulatorConfig
+
+__all__ = ["SimulatorConfig", "create_app", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds uvicorn waits for open requests on shutdown before cancelling them.
+SHUTDOWN_GRACE_SECONDS = 3
+
+
+def serve(config: SimulatorConfig, *, host: str, port: int) -> None:
+    """Serve the simulator with uvicorn until interrupted. Logs the URL once, never the API key."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            simulator.begin_shutdown_threadsafe()
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
+    simulator: Simulator = app.state.simulator
+    shown_host = f"[{host}]" if ":" in host else host
+    log.info("RunPod simulator serving http://%s:%d/v2 (control API at /_sim)", shown_host, port)
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=config.access_log,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        )
+    )
+    server.run()

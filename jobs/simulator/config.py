@@ -1,0 +1,95 @@
+"""Settings for the local RunPod serverless simulator.
+
+Every field maps one-to-one onto a flag of ``rpq simulator`` (``workers_max`` → ``--workers-max``); the
+CLI builds its options from ``dataclasses.fields(SimulatorConfig)`` and each field's ``metadata["help"]``.
+Field types are limited to ``int``, ``float``, ``str``, ``bool`` and ``str | None`` so that mapping stays
+mechanical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: RunPod's documented statuses for a job that ran past ``policy.executionTimeout``. The docs only say the
+#: job is "marked as failed"; whether the API shows FAILED or TIMED_OUT is UNCONFIRMED.
+EXECUTION_TIMEOUT_STATUSES = frozenset({"FAILED", "TIMED_OUT"})
+
+
+def _opt(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """How the simulator behaves. Flags (``rpq simulator --flag``):
+
+    --api-key                      key clients must send (Bearer or bare); unset accepts any non-empty key
+    --seed                         seed for every random choice (fault rates)
+    --workers-max / --workers-min  default worker pool of a new endpoint
+    --cold-start-seconds           time a worker spends initializing
+    --idle-timeout-seconds         time a flex worker stays warm after its last job
+    --execution-timeout-status     FAILED or TIMED_OUT for a job over policy.executionTimeout
+    --retention-seconds / --sync-retention-seconds   result retention of /run and /runsync jobs
+    --stream-hold-seconds          how long an empty /stream poll is held open
+    --webhook-attempts / --webhook-interval-seconds / --webhook-timeout-seconds
+    --rate-limits / --rate-limit-scale / --queue-full-limit
+    --max-run-payload-bytes / --max-runsync-payload-bytes / --enforce-policy-max
+    --fault-5xx-rate / --fault-429-rate / --fault-slow-rate / --fault-slow-seconds / --fault-drop-rate
+    --handler                      module:function, a real RunPod handler to run instead of the default one
+    --access-log                   log every request (off by default: pollers are chatty)
+    """
+
+    api_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"help": "API key clients must send; unset accepts any non-empty key. Never logged."},
+    )
+    seed: int = _opt(0, "Seed for the simulator's random choices (fault injection rates).")
+    workers_max: int = _opt(3, "Default max workers of a new endpoint.")
+    workers_min: int = _opt(0, "Default active (always warm) workers of a new endpoint.")
+    cold_start_seconds: float = _opt(1.0, "Seconds a worker spends initializing before it takes jobs.")
+    idle_timeout_seconds: float = _opt(5.0, "Seconds a flex worker stays warm after its last job (RunPod: 5).")
+    execution_timeout_status: str = _opt(
+        "FAILED", "Status of a job that exceeds policy.executionTimeout: FAILED or TIMED_OUT (UNCONFIRMED)."
+    )
+    retention_seconds: float = _opt(1800.0, "Seconds a finished /run job stays readable (RunPod: 30 min).")
+    sync_retention_seconds: float = _opt(60.0, "Seconds a finished /runsync job stays readable (RunPod: 1 min).")
+    stream_hold_seconds: float = _opt(
+        9.0, "Seconds an empty /stream poll is held open (RunPod ~10; the SDK reads for 10, so stay under)."
+    )
+    webhook_attempts: int = _opt(3, "Webhook delivery attempts in total (RunPod: 3).")
+    webhook_interval_seconds: float = _opt(10.0, "Seconds between webhook attempts (RunPod: 10).")
+    webhook_timeout_seconds: float = _opt(10.0, "Seconds to wait for a webhook receiver to answer.")
+    rate_limits: bool = _opt(True, "Enforce RunPod's per-endpoint rate limits (429 when over).")
+    rate_limit_scale: float = _opt(
+        1.0, "Multiply every rate and concurrency limit by this (e.g. 0.01 so tests hit them quickly)."
+    )
+    queue_full_limit: bool = _opt(
+        True, "429 on /run when the queue holds more than 50 jobs and more than workers_max x 500."
+    )
+    max_run_payload_bytes: int = _opt(10 * 1024 * 1024, "Largest /run request body (RunPod: 10 MB).")
+    max_runsync_payload_bytes: int = _opt(20 * 1024 * 1024, "Largest /runsync request body (RunPod: 20 MB).")
+    enforce_policy_max: bool = _opt(
+        True, "Refuse policy ttl/executionTimeout over 7 days (documented; code may only enforce minimums)."
+    )
+    fault_5xx_rate: float = _opt(0.0, "Probability that any API request fails with 503 before doing anything.")
+    fault_429_rate: float = _opt(0.0, "Probability that any API request gets a 429 before doing anything.")
+    fault_slow_rate: float = _opt(0.0, "Probability that any API request is delayed by --fault-slow-seconds.")
+    fault_slow_seconds: float = _opt(15.0, "Delay of a slow fault, in seconds.")
+    fault_drop_rate: float = _opt(0.0, "Probability that any API request's connection is dropped mid-response.")
+    handler: str | None = _opt(None, "module:function of a RunPod handler to run instead of the default one.")
+    access_log: bool = _opt(False, "Log every HTTP request.")
+
+    def __post_init__(self) -> None:
+        if self.execution_timeout_status not in EXECUTION_TIMEOUT_STATUSES:
+            raise ValueError("execution_timeout_status must be FAILED or TIMED_OUT")
+        if self.workers_min < 0 or self.workers_max < 0:
+            raise ValueError("workers_min and workers_max must be >= 0")
+        if self.webhook_attempts < 1:
+            raise ValueError("webhook_attempts must be >= 1")
+        if self.rate_limit_scale <= 0:
+            raise ValueError("rate_limit_scale must be > 0")
+        for name in ("fault_5xx_rate", "fault_429_rate", "fault_slow_rate", "fault_drop_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1")

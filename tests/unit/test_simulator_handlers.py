@@ -1,0 +1,157 @@
+"""The default handler and the adapter for users' RunPod handlers, following runpod SDK 1.12 semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from jobs.simulator.handlers import Outcome, default_handler, load_handler, outcome_from_return, wrap_user_handler
+
+
+class Recorder:
+    """A JobRuntime that records what the handler reported and sleeps for no real time."""
+
+    worker_id = "w-test"
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.slept = 0.0
+
+    def progress(self, update: Any) -> None:
+        self.events.append(("progress", update))
+
+    def emit(self, chunk: Any) -> None:
+        self.events.append(("chunk", chunk))
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept += seconds
+
+
+def run(handler: Any, job_input: Any) -> tuple[Outcome, Recorder]:
+    rt = Recorder()
+    outcome = asyncio.run(handler({"id": "job-1", "input": job_input}, rt))
+    return outcome, rt
+
+
+# -- SDK return-value semantics -------------------------------------------------------------------------
+
+
+def test_a_returned_error_fails_the_job_and_the_rest_is_output_without_refresh_worker() -> None:
+    outcome = outcome_from_return({"error": "bad", "partial": 1, "refresh_worker": True})
+
+    assert outcome.failed and outcome.error == "bad" and outcome.output == {"partial": 1}
+
+
+def test_an_empty_dict_output_is_dropped_like_the_sdk_does() -> None:
+    outcome = outcome_from_return({"refresh_worker": True})
+
+    assert not outcome.has_output and not outcome.failed
+
+
+def test_a_falsy_error_does_not_fail_the_job() -> None:
+    outcome = outcome_from_return({"error": "", "value": 2})
+
+    assert not outcome.failed and outcome.output == {"value": 2}
+
+
+# -- default handler ------------------------------------------------------------------------------------
+
+
+def test_the_default_handler_echoes_its_input_after_sleeping() -> None:
+    outcome, rt = run(default_handler, {"sleep": 2})
+
+    assert outcome.output == {"echo": {"sleep": 2}} and rt.slept == pytest.approx(2)
+
+
+def test_the_default_handler_echoes_a_non_dict_input() -> None:
+    outcome, _ = run(default_handler, "hello")
+
+    assert outcome.output == {"echo": "hello"}
+
+
+def test_the_default_handler_spreads_progress_and_chunks_over_the_sleep_and_returns_the_chunks() -> None:
+    outcome, rt = run(default_handler, {"sleep": 3, "progress": ["p1", "p2"], "stream": ["a", "b"]})
+
+    assert rt.events == [("progress", "p1"), ("chunk", "a"), ("progress", "p2"), ("chunk", "b")]
+    assert outcome.output == ["a", "b"] and rt.slept == pytest.approx(3)
+
+
+def test_the_default_handler_fails_with_a_string_or_a_dict_error() -> None:
+    as_string, _ = run(default_handler, {"fail": "out of memory"})
+    as_dict, _ = run(default_handler, {"fail": "out of memory", "error_dict": True})
+
+    assert as_string.error == "out of memory" and not as_string.has_output
+    assert as_dict.error == {"message": "out of memory"}
+
+
+# -- user handlers --------------------------------------------------------------------------------------
+
+
+def plain(job: dict[str, Any]) -> dict[str, Any]:
+    return {"got": job["input"], "id": job["id"], "refresh_worker": True}
+
+
+def broken(job: dict[str, Any]) -> None:
+    raise ValueError("no GPU")
+
+
+def counting(job: dict[str, Any]) -> Iterator[int]:
+    yield from range(job["input"]["n"])
+
+
+async def async_plain(job: dict[str, Any]) -> str:
+    await asyncio.sleep(0)
+    return "async ok"
+
+
+async def async_counting(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    yield {"token": "a"}
+    yield {"error": "stream broke"}
+    yield {"token": "never"}
+
+
+def test_a_plain_user_handler_runs_in_a_thread_and_its_return_is_mapped() -> None:
+    outcome, _ = run(wrap_user_handler(plain), {"x": 1})
+
+    assert outcome.output == {"got": {"x": 1}, "id": "job-1"}
+
+
+def test_an_exception_becomes_the_sdks_json_error_string() -> None:
+    outcome, _ = run(wrap_user_handler(broken), {})
+
+    error = json.loads(outcome.error)
+    assert set(error) == {"error_type", "error_message", "error_traceback", "hostname", "worker_id", "runpod_version"}
+    assert error["error_type"] == "<class 'ValueError'>" and error["error_message"] == "no GPU"
+    assert error["worker_id"] == "w-test" and "no GPU" in error["error_traceback"]
+
+
+def test_a_generator_handler_streams_each_item_and_returns_them_all() -> None:
+    outcome, rt = run(wrap_user_handler(counting), {"n": 3})
+
+    assert rt.events == [("chunk", 0), ("chunk", 1), ("chunk", 2)] and outcome.output == [0, 1, 2]
+
+
+def test_an_async_handler_is_awaited() -> None:
+    outcome, _ = run(wrap_user_handler(async_plain), {})
+
+    assert outcome.output == "async ok"
+
+
+def test_a_streamed_error_ends_an_async_generator_job_as_failed() -> None:
+    outcome, rt = run(wrap_user_handler(async_counting), {})
+
+    assert rt.events == [("chunk", {"token": "a"})]
+    assert outcome.failed and outcome.error == "stream broke"
+
+
+def test_load_handler_imports_module_colon_function_and_refuses_anything_else() -> None:
+    outcome, _ = run(load_handler(f"{__name__}:plain"), 5)
+
+    assert outcome.output == {"got": 5, "id": "job-1"}
+    assert load_handler(None) is default_handler
+    with pytest.raises(ValueError, match="module:function"):
+        load_handler("no_colon")
