@@ -1,0 +1,71 @@
+"""Celery configuration. Every setting that guards against loss says why in one line.
+
+Background: Redis holds only wake-ups; the SQL job table is the record of truth, so every
+message may be lost or delivered twice and the tasks are written to survive both.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from jobs.settings import Settings
+
+# Queues split by role so a flood of polls never starves submissions or maintenance.
+SUBMIT_QUEUE = "rpq.submit"
+POLL_QUEUE = "rpq.poll"
+MAINTENANCE_QUEUE = "rpq.maintenance"
+QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, MAINTENANCE_QUEUE)
+
+# Every countdown and task runtime stays far below this, or Redis re-delivers held messages.
+VISIBILITY_TIMEOUT_SECONDS = 1800
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    celery = Celery("rpq", broker=settings.celery_broker_url, include=["tasks.jobs"])
+    transport_options = {
+        "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,  # > longest countdown + task runtime
+        "socket_timeout": 30,  # a broker that vanishes without closing TCP must not hang a worker
+        "socket_connect_timeout": 10,
+        "socket_keepalive": True,
+        "health_check_interval": 25,  # detects a dead connection instead of silently not consuming
+    }
+    celery.conf.update(
+        broker_transport_options=transport_options,
+        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        visibility_timeout=VISIBILITY_TIMEOUT_SECONDS,  # Celery reads it in all three places
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,  # the SQL table holds results; no result backend to fill
+        task_serializer="json",
+        accept_content=["json"],  # never unpickle a message
+        task_acks_late=True,  # a task killed mid-run is re-delivered, not dropped
+        task_retry_on_worker_lost=True,  # a pool child killed by SIGKILL/OOM is retried, bounded
+        task_reject_on_worker_lost=False,  # no unbounded requeue loop on Redis
+        worker_prefetch_multiplier=1,  # a busy worker does not sit on messages others could run
+        worker_eta_task_limit=1000,  # bounds memory held by countdown polls
+        worker_enable_soft_shutdown_on_idle=True,  # held countdown polls go back to Redis on shutdown
+        worker_soft_shutdown_timeout=10,
+        worker_cancel_long_running_tasks_on_connection_loss=True,  # no double run after a reconnect
+        task_soft_time_limit=120,  # RunPod calls are short; a stuck one is cut long before the VT
+        task_time_limit=180,
+        task_default_queue=SUBMIT_QUEUE,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_routes={
+            "rpq.submit": {"queue": SUBMIT_QUEUE},
+            "rpq.cancel": {"queue": SUBMIT_QUEUE},  # user-facing, like submits
+            "rpq.poll": {"queue": POLL_QUEUE},
+            "rpq.reconcile": {"queue": MAINTENANCE_QUEUE},
+        },
+        beat_schedule={
+            "reconcile": {"task": "rpq.reconcile", "schedule": float(settings.reconcile_interval_seconds),
+                          # a backlog of reconciles is pointless: the next one sees everything
+                          "options": {"expires": float(settings.reconcile_interval_seconds)}},
+        },
+        worker_send_task_events=True,  # Flower's live view
+        task_send_sent_event=True,
+    )
+    return celery
+
+
+app = make_app()

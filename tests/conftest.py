@@ -1,0 +1,437 @@
+"""The test harness: real Redis, real PostgreSQL and SQLite, the simulator over real HTTP, and a
+real Celery worker process.
+
+A missing service fails the run when CI is set (CI must never pass by skipping); on a developer's
+machine it skips with a message that says what to start.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+if TYPE_CHECKING:
+    from jobs.runtime import Runtime
+    from jobs.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+REDIS_URL = os.environ.get("RPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+POSTGRES_ADMIN_URL = os.environ.get("RPQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def service_missing(what: str, how: str) -> None:
+    message = f"{what} is not reachable; {how}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def wait_until(condition: Callable[[], object], *, timeout: float, interval: float = 0.05, what: str = "") -> object:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except Exception as exc:  # the condition may fail while a service is starting
+            last_error = exc
+        else:
+            if result:
+                return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}" +
+                         (f" (last error: {last_error!r})" if last_error else ""))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+# -- the simulator -------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulatorProcess:
+    """A `rpq simulator` child process on a free loopback port."""
+
+    api_key: str
+    port: int
+    args: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    control: httpx.Client = field(init=False)
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v2"
+
+    def start(self, log_dir: Path) -> SimulatorProcess:
+        self.log_path = log_dir / f"simulator-{self.port}.log"
+        command = [sys.executable, "-m", "jobs.cli", "simulator", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--api-key", self.api_key, *self.args]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.control = httpx.Client(base_url=self.root_url, timeout=10)
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"simulator exited: {self.logs()}")
+            return self.control.get("/_sim/health").status_code == 200
+
+        wait_until(ready, timeout=30, what="the simulator to answer /_sim/health")
+        return self
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def reset(self) -> None:
+        self.control.post("/_sim/reset").raise_for_status()
+
+    def jobs(self, endpoint: str | None = None) -> list[dict[str, object]]:
+        params = {"endpoint": endpoint} if endpoint else None
+        response = self.control.get("/_sim/jobs", params=params)
+        response.raise_for_status()
+        return list(response.json()["jobs"])
+
+    def set_faults(self, *rules: dict[str, object]) -> None:
+        self.control.post("/_sim/faults", json={"faults": list(rules)}).raise_for_status()
+
+    def configure_endpoint(self, endpoint_id: str, **config: object) -> None:
+        self.control.post(f"/_sim/endpoints/{endpoint_id}", json=config).raise_for_status()
+
+    def advance(self, seconds: float) -> None:
+        self.control.post("/_sim/clock/advance", json={"seconds": seconds}).raise_for_status()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+        self.control.close()
+
+
+@pytest.fixture(scope="session")
+def start_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SimulatorProcess]]:
+    """Factory: start a simulator with extra `rpq simulator` flags; stopped at session end."""
+    started: list[SimulatorProcess] = []
+    log_dir = tmp_path_factory.mktemp("simulator-logs")
+
+    def start(*args: str) -> SimulatorProcess:
+        sim = SimulatorProcess(api_key="sim-" + secrets.token_hex(16), port=free_port(), args=args)
+        started.append(sim)
+        return sim.start(log_dir)
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture(scope="session")
+def _shared_simulator(start_simulator: Callable[..., SimulatorProcess]) -> SimulatorProcess:
+    # Short cold starts keep the suite fast; everything else is RunPod's default.
+    return start_simulator("--cold-start-seconds", "0.2")
+
+
+@pytest.fixture
+def simulator(_shared_simulator: SimulatorProcess) -> SimulatorProcess:
+    """The shared simulator, reset to an empty state for this test."""
+    _shared_simulator.reset()
+    return _shared_simulator
+
+
+# -- Redis, PostgreSQL, SQLite -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis database number of its own for this test session, emptied before use."""
+    import redis
+
+    base = REDIS_URL.rstrip("/")
+    client = redis.Redis.from_url(base + "/0", socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError:
+        service_missing(f"Redis at {base}", "start it with: redis-server --daemonize yes --port 6379")
+    finally:
+        client.close()
+    # Databases 1..15 are ours; pick by process id so parallel sessions don't collide.
+    url = f"{base}/{1 + os.getpid() % 15}"
+    db = redis.Redis.from_url(url)
+    db.flushdb()
+    db.close()
+    return url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session, dropped at the end."""
+    import psycopg
+
+    name = f"rpq_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        service_missing(f"PostgreSQL at {POSTGRES_ADMIN_URL}",
+                        "start it with: pg_ctlcluster <version> main start")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every storage test runs twice: on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'rpq.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+# -- a real Celery worker --------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    name: str
+    log_path: Path
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_worker(
+    redis_url: str, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: start `celery -A tasks worker` as a child process and wait until it answers ping."""
+    from jobs.settings import Settings
+    from tasks.app import make_app
+
+    workers: list[WorkerProcess] = []
+    app = make_app(Settings(celery_broker_url=redis_url))
+
+    def start(*, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> WorkerProcess:
+        name = f"test-{uuid.uuid4().hex[:8]}@localhost"
+        log_path = tmp_path / f"worker-{len(workers)}.log"
+        environment = {**os.environ, "CELERY_BROKER_URL": redis_url, **(env or {})}
+        command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", name,
+                   "--loglevel", "INFO", "--without-mingle", "--without-gossip", *args]
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        worker = WorkerProcess(process=process, name=name, log_path=log_path)
+        workers.append(worker)
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"worker exited: {worker.logs()}")
+            return any(name in reply for reply in app.control.ping(destination=[name], timeout=0.5))
+
+        wait_until(answers, timeout=60, interval=0.2, what=f"Celery worker {name} to answer ping")
+        return worker
+
+    yield start
+    for worker in workers:
+        stop_process(worker.process)
+    app.close()
+
+
+# -- the job table -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def migrated_db(database_url: str) -> Iterator[str]:
+    """`database_url` with the schema at head, emptied afterwards (PostgreSQL is shared by the session)."""
+    from jobs.db import make_engine, upgrade
+
+    upgrade(database_url)
+    yield database_url
+    engine = make_engine(database_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DELETE FROM job_events")
+        connection.exec_driver_sql("DELETE FROM jobs")
+    engine.dispose()
+
+
+@dataclass
+class Published:
+    """Messages a runtime would have sent to Celery, for tests that run the lifecycle in-process."""
+
+    messages: list[tuple[str, str, float | None]] = field(default_factory=list)
+
+    def __call__(self, task: str, job_id: str, countdown: float | None) -> None:
+        self.messages.append((task, job_id, countdown))
+
+    def of(self, task: str) -> list[str]:
+        return [job_id for name, job_id, _ in self.messages if name == task]
+
+
+ENDPOINT_NAME = "tts"
+ENDPOINT_ID = "tts-endpoint"
+
+
+def make_settings(database_url: str, simulator: SimulatorProcess, **overrides: object) -> Settings:
+    from jobs.settings import Endpoint, Secret, Settings
+
+    fields: dict[str, object] = {
+        "runpod_api_key": Secret(simulator.api_key),
+        "runpod_serverless_url": simulator.base_url,
+        "database_url": database_url,
+        "endpoints": {ENDPOINT_NAME: Endpoint(ENDPOINT_NAME, ENDPOINT_ID)},
+        **overrides,
+    }
+    return Settings(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def runtime(migrated_db: str, simulator: SimulatorProcess) -> Iterator[Runtime]:
+    """A runtime on a migrated database and the simulator that records, not sends, Celery messages."""
+    from jobs.backoff import RetryPolicy
+    from jobs.db import make_engine
+    from jobs.runpod import RunPodClient
+    from jobs.runtime import Runtime
+
+    settings = make_settings(migrated_db, simulator)
+    rt = Runtime(
+        settings=settings,
+        engine=make_engine(migrated_db),
+        publish=Published(),
+        make_client=lambda: RunPodClient(api_key=simulator.api_key, base_url=simulator.base_url, timeout=3.0,
+                                         retry=RetryPolicy(max_attempts=2, base_delay=0.05, max_delay=1.0)),
+    )
+    yield rt
+    rt.close()
+
+
+# -- the whole pipeline: a real worker and beat, Redis, the simulator, SQLite or PostgreSQL ---------------
+
+
+@dataclass
+class Pipeline:
+    runtime: Runtime
+    simulator: SimulatorProcess
+    env: dict[str, str]
+    log_dir: Path
+    worker: subprocess.Popen[bytes] | None = None
+    beat: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def start_worker(self) -> None:
+        self.starts += 1
+        name = f"pipeline-{self.starts}-{uuid.uuid4().hex[:6]}@localhost"
+        command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", name, "-P", "threads",
+                   "-c", "8", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+        with open(self.log_dir / f"worker-{self.starts}.log", "wb") as log:
+            self.worker = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        from tasks.app import make_app
+
+        app = make_app(self.runtime.settings)
+        try:
+            wait_until(lambda: app.control.ping(destination=[name], timeout=0.5), timeout=60, interval=0.2,
+                       what=f"worker {name} to answer ping")
+        finally:
+            app.close()
+
+    def start_beat(self) -> None:
+        command = [sys.executable, "-m", "celery", "-A", "tasks", "beat", "--loglevel", "INFO",
+                   "-s", str(self.log_dir / "beat-schedule")]
+        with open(self.log_dir / "beat.log", "wb") as log:
+            self.beat = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill_worker(self) -> None:
+        """SIGKILL: no warm shutdown, nothing handed back to Redis; held countdown polls are lost."""
+        assert self.worker is not None
+        self.worker.kill()
+        self.worker.wait(10)
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.log_dir.glob("*.log"))
+
+    def stop(self) -> None:
+        for process in (self.worker, self.beat):
+            if process is not None:
+                stop_process(process)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def pipeline(
+    request: pytest.FixtureRequest,
+    start_simulator: Callable[..., SimulatorProcess],
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Pipeline]:
+    """The whole stack for a test module: `celery -A tasks worker` and `beat` as child processes."""
+    import redis as redis_lib
+
+    from jobs.db import make_engine, upgrade
+    from jobs.runtime import Runtime, celery_publisher
+
+    log_dir = tmp_path_factory.mktemp(f"pipeline-{request.param}")
+    if request.param == "sqlite":
+        database_url = f"sqlite:///{log_dir / 'rpq.db'}"
+    else:
+        database_url = str(request.getfixturevalue("postgres_url"))
+    upgrade(database_url)
+    # A Redis database of this pipeline's own, so a message meant for one never reaches another.
+    broker = redis_url.rsplit("/", 1)[0] + f"/{(int(redis_url.rsplit('/', 1)[1]) + 1 + request.param_index) % 16 or 1}"
+    redis_lib.Redis.from_url(broker).flushdb()
+    simulator = start_simulator("--cold-start-seconds", "0.2")
+    settings = make_settings(database_url, simulator, celery_broker_url=broker, runpod_timeout_seconds=2.0,
+                             reconcile_interval_seconds=1, poll_grace_seconds=2, submit_stuck_seconds=30)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CELERY_BROKER_URL": broker,
+        "RUNPOD_API_KEY": simulator.api_key,
+        "RUNPOD_SERVERLESS_URL": simulator.base_url,
+        "RUNPOD_ENDPOINTS": f"{ENDPOINT_NAME}={ENDPOINT_ID}",
+        "RUNPOD_TIMEOUT_SECONDS": "2",
+        "RPQ_RECONCILE_SECONDS": "1",
+        "RPQ_POLL_GRACE_SECONDS": "2",
+        "RPQ_SUBMIT_STUCK_SECONDS": "30",
+    }
+    from jobs.runpod import RunPodClient
+
+    runtime = Runtime(
+        settings=settings, engine=make_engine(database_url), publish=celery_publisher(settings),
+        make_client=lambda: RunPodClient(api_key=simulator.api_key, base_url=simulator.base_url),
+    )
+    stack = Pipeline(runtime=runtime, simulator=simulator, env=env, log_dir=log_dir)
+    stack.start_worker()
+    stack.start_beat()
+    yield stack
+    stack.stop()
+    runtime.close()
