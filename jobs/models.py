@@ -1,0 +1,124 @@
+"""The SQL tables: `jobs` (the record of truth) and `job_events` (every transition).
+
+Every time is an aware UTC datetime in Python, whatever the database does with zones. Table rows
+are storage; callers get the frozen `Job` view from `jobs.api`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Dialect, Index, String, Text, UniqueConstraint
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from jobs.states import JobStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC in, aware UTC out: SQLite keeps no zone, PostgreSQL converts to the session's."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use an aware UTC time")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class StatusString(TypeDecorator[JobStatus]):
+    """A JobStatus stored as plain text (not a database enum: adding a status needs no ALTER TYPE)."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: JobStatus | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
+
+
+def _time(*, required: bool = False) -> Any:
+    if required:
+        return Field(default_factory=utcnow, sa_type=UtcDateTime, nullable=False)
+    return Field(default=None, sa_type=UtcDateTime)
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        # One job per (endpoint, idempotency key): a second submit gets the first job back.
+        UniqueConstraint("endpoint_id", "idempotency_key", name="uq_jobs_endpoint_idempotency_key"),
+        # The reconciler's and the poller's question: which in-flight jobs are due?
+        Index("ix_jobs_status_next_poll_at", "status", "next_poll_at"),
+        Index("ix_jobs_created_at", "created_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    endpoint_name: str = Field(max_length=64)
+    endpoint_id: str = Field(max_length=64)
+    status: JobStatus = Field(sa_type=StatusString, index=True)
+    # Written by the same UPDATE that changes `status` (SET previous_status = status, ...), so the
+    # compare-and-set learns the status it replaced in one statement, on SQLite and PostgreSQL.
+    previous_status: JobStatus | None = Field(default=None, sa_type=StatusString)
+    runpod_job_id: str | None = Field(default=None, max_length=128, index=True)
+
+    input: Any = Field(sa_column=Column(JSON, nullable=False))
+    policy: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    webhook: str | None = Field(default=None, sa_column=Column(Text))
+    output: Any = Field(default=None, sa_column=Column(JSON))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    progress: Any = Field(default=None, sa_column=Column(JSON))
+    # "metadata" is reserved on SQLAlchemy models, so the attribute is `meta`.
+    meta: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON))
+
+    attempt: int = 1
+    poll_count: int = 0
+    poll_errors: int = 0  # consecutive failed polls, for backoff; reset by a successful one
+    polls_since_change: int = 0  # reset when RunPod's status changes: fast polls again
+    # When the next poll is due; for a PENDING job that RunPod turned away, the next submit.
+    next_poll_at: datetime | None = _time()
+    deadline_at: datetime | None = _time()  # past this, RunPod's ttl has deleted the job
+    last_runpod_status: str | None = Field(default=None, max_length=16)
+    # Set by retry(): the next submit first asks RunPod's /retry to requeue this RunPod id.
+    runpod_retry_of: str | None = Field(default=None, max_length=128)
+
+    correlation_id: str | None = Field(default=None, max_length=128, index=True)
+    idempotency_key: str | None = Field(default=None, max_length=255)
+
+    created_at: datetime = _time(required=True)
+    updated_at: datetime = _time(required=True)
+    submitted_at: datetime | None = _time()
+    started_at: datetime | None = _time()
+    finished_at: datetime | None = _time()
+    delay_time_ms: int | None = None
+    execution_time_ms: int | None = None
+    worker_id: str | None = Field(default=None, max_length=128)
+
+
+class JobEvent(SQLModel, table=True):
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", ondelete="CASCADE", max_length=36)
+    from_status: JobStatus | None = Field(default=None, sa_type=StatusString)
+    to_status: JobStatus = Field(sa_type=StatusString)
+    at: datetime = _time(required=True)
+    source: str = Field(max_length=16)  # api, submit, poll, webhook, operator, reconciler
+    detail: str | None = Field(default=None, sa_column=Column(Text))
