@@ -1,4 +1,42 @@
 """rpq: hand GPU jobs from web apps to RunPod serverless endpoints through Celery.
 
-`jobs` holds the domain: settings, the RunPod client, the local RunPod simulator and the CLI.
+The Python API for web apps::
+
+    import jobs
+
+    job = jobs.submit("tts", {"text": "hello"}, idempotency_key="order-42")
+    job = jobs.wait(job.id, timeout=300)
+    print(job.status, job.output)
 """
+
+from jobs.api import (
+    Event,
+    InvalidJob,
+    InvalidTransition,
+    Job,
+    JobNotFound,
+    cancel,
+    events,
+    get,
+    list_jobs,
+    retry,
+    submit,
+    wait,
+)
+from jobs.states import JobStatus
+
+__all__ = [
+    "Event",
+    "InvalidJob",
+    "InvalidTransition",
+    "Job",
+    "JobNotFound",
+    "JobStatus",
+    "cancel",
+    "events",
+    "get",
+    "list_jobs",
+    "retry",
+    "submit",
+    "wait",
+]

@@ -85,3 +85,43 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
     return max(seconds, 0.0)
+
+
+@dataclass(frozen=True)
+class PollSchedule:
+    """When to ask RunPod about a job again.
+
+    Fast at first and again whenever RunPod's status changes (a job that just started is likely
+    to finish soon), slower while nothing happens. `cap` keeps the gap far below both the broker's
+    visibility timeout and RunPod's 30-minute result retention.
+    """
+
+    first: float = 1.0
+    base: float = 1.0
+    cap: float = 15.0
+    error_base: float = 2.0
+    error_cap: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.base <= self.cap or not 0 < self.error_base <= self.error_cap or self.first <= 0:
+            raise ValueError("poll schedule delays must be positive, each base at most its cap")
+
+
+def poll_delay(
+    schedule: PollSchedule, *, polls_since_change: int, rand: Callable[[], float] = random.random
+) -> float:
+    """The gap before the next poll of a job whose status last changed `polls_since_change` polls ago."""
+    return exponential_delay(polls_since_change, base=schedule.base, cap=schedule.cap, rand=rand)
+
+
+def poll_error_delay(
+    schedule: PollSchedule,
+    *,
+    consecutive_errors: int,
+    retry_after: float | None = None,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """The gap after a failed poll: longer with each failure in a row, never under Retry-After."""
+    delay = exponential_delay(max(consecutive_errors - 1, 0), base=schedule.error_base, cap=schedule.error_cap,
+                              rand=rand)
+    return max(delay, retry_after or 0.0)

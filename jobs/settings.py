@@ -66,12 +66,17 @@ class Settings:
     runpod_graphql_url: str = "https://api.runpod.io/graphql"
     # REST v1 (rest.runpod.io/v1) was retired on 2026-11-15; v2 is the management API now.
     runpod_rest_url: str = "https://api.runpod.io/v2"
+    runpod_timeout_seconds: float = 30.0  # per request; a /run past this has an unknown outcome
     runpod_collection_interval_seconds: int = 300
     runpod_health_poll_seconds: int = 120
     runpod_job_retention_days: int = 90
     endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
     database_url: str = "sqlite:///rpq.db"
     celery_broker_url: str = "redis://localhost:6379/0"
+    # The reconciler: how often it runs, and when it decides a message was lost.
+    reconcile_interval_seconds: int = 30
+    poll_grace_seconds: int = 30  # a poll this overdue (or a PENDING row this old) lost its message
+    submit_stuck_seconds: int = 300  # past the submit task's hard time limit: its worker is gone
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -88,6 +93,19 @@ class Settings:
             if parts.scheme not in schemes or not (parts.netloc or parts.path):
                 problems.append(f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
             return value.rstrip("/") if parts.scheme in ("http", "https") else value
+
+        def positive_float(name: str, default: float) -> float:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                problems.append(f"{name}: expected a number of seconds, got {raw!r}")
+                return default
+            if not 0 < value < float("inf"):
+                problems.append(f"{name}: must be greater than 0, got {raw}")
+            return value
 
         def positive_int(name: str, default: int) -> int:
             raw = env.get(name, "").strip()
@@ -108,6 +126,7 @@ class Settings:
             runpod_serverless_url=url("RUNPOD_SERVERLESS_URL", defaults.runpod_serverless_url, ("http", "https")),
             runpod_graphql_url=url("RUNPOD_GRAPHQL_URL", defaults.runpod_graphql_url, ("http", "https")),
             runpod_rest_url=url("RUNPOD_REST_URL", defaults.runpod_rest_url, ("http", "https")),
+            runpod_timeout_seconds=positive_float("RUNPOD_TIMEOUT_SECONDS", defaults.runpod_timeout_seconds),
             runpod_collection_interval_seconds=positive_int(
                 "RUNPOD_COLLECTION_INTERVAL_SECONDS", defaults.runpod_collection_interval_seconds
             ),
@@ -120,6 +139,9 @@ class Settings:
             endpoints=_parse_endpoints(env.get("RUNPOD_ENDPOINTS", ""), problems),
             database_url=url("DATABASE_URL", defaults.database_url, ("sqlite", "postgresql", "postgresql+psycopg")),
             celery_broker_url=url("CELERY_BROKER_URL", defaults.celery_broker_url, ("redis", "rediss")),
+            reconcile_interval_seconds=positive_int("RPQ_RECONCILE_SECONDS", defaults.reconcile_interval_seconds),
+            poll_grace_seconds=positive_int("RPQ_POLL_GRACE_SECONDS", defaults.poll_grace_seconds),
+            submit_stuck_seconds=positive_int("RPQ_SUBMIT_STUCK_SECONDS", defaults.submit_stuck_seconds),
         )
         if problems:
             raise ConfigError(problems)

@@ -4,7 +4,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from jobs.backoff import RetryPolicy, exponential_delay, parse_retry_after, retry_delay
+from jobs.backoff import (
+    PollSchedule,
+    RetryPolicy,
+    exponential_delay,
+    parse_retry_after,
+    poll_delay,
+    poll_error_delay,
+    retry_delay,
+)
 
 
 @pytest.mark.parametrize(
@@ -68,3 +76,44 @@ def test_a_policy_that_cannot_work_is_refused() -> None:
         RetryPolicy(max_attempts=0)
     with pytest.raises(ValueError):
         RetryPolicy(base_delay=5, max_delay=1)
+
+
+# -- the poll schedule ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("polls_since_change", "low", "high"),
+    [
+        (0, 0.5, 1.0),  # a status just changed: look again within a second
+        (1, 1.0, 2.0),
+        (2, 2.0, 4.0),
+        (3, 4.0, 8.0),
+        (4, 7.5, 15.0),  # reached the cap
+        (50, 7.5, 15.0),  # and stays there however long the job runs
+    ],
+)
+def test_polls_slow_down_while_nothing_changes_and_never_exceed_the_cap(
+    polls_since_change: int, low: float, high: float
+) -> None:
+    schedule = PollSchedule()
+
+    assert poll_delay(schedule, polls_since_change=polls_since_change, rand=lambda: 0.0) == pytest.approx(low)
+    assert poll_delay(schedule, polls_since_change=polls_since_change, rand=lambda: 1.0) == pytest.approx(high)
+
+
+def test_the_cap_is_far_below_runpods_retention_and_the_visibility_timeout() -> None:
+    from tasks.app import VISIBILITY_TIMEOUT_SECONDS
+
+    schedule = PollSchedule()
+
+    assert schedule.cap * 10 < 30 * 60  # RunPod keeps results 30 minutes
+    assert (schedule.error_cap + 180) * 4 < VISIBILITY_TIMEOUT_SECONDS  # longest wait + task time limit
+
+
+@pytest.mark.parametrize(
+    ("errors", "retry_after", "expected"),
+    [(1, None, 1.0), (2, None, 2.0), (3, None, 4.0), (10, None, 30.0), (1, 12.0, 12.0), (3, 1.0, 4.0)],
+)
+def test_failed_polls_back_off_and_respect_retry_after(errors: int, retry_after: float | None, expected: float) -> None:
+    assert poll_error_delay(PollSchedule(), consecutive_errors=errors, retry_after=retry_after,
+                            rand=lambda: 0.0) == pytest.approx(expected)

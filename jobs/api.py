@@ -1,0 +1,349 @@
+"""The Python API for web apps: submit a job, read it, list, cancel, retry, wait.
+
+`submit()` commits the row and only then publishes the Celery message, and it never calls RunPod,
+so it returns in milliseconds. If publishing fails the row stays PENDING and the reconciler sends
+it later: a job is never lost between the web request and the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from jobs.db import session_scope
+from jobs.errors import ConfigError, PayloadTooLarge, RpqError
+from jobs.lifecycle import RUNPOD_RETRY_WINDOW
+from jobs.models import JobEvent, JobRow, utcnow
+from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, RequestInvalid, build_run_body, encode_body
+from jobs.runtime import CANCEL_TASK, SUBMIT_TASK, Runtime, get_runtime
+from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
+from jobs.store import Source, find_by_idempotency_key, get_row, list_rows, record_event, transition
+from jobs.store import events_of as _events_of
+
+log = logging.getLogger("rpq.api")
+
+MAX_KEY_LENGTH = 255
+MAX_CORRELATION_ID_LENGTH = 128
+
+
+class InvalidJob(RpqError):
+    """The job was not accepted; nothing was written."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("job not accepted:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class JobNotFound(RpqError):
+    """No job has that id."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class InvalidTransition(RpqError):
+    """The job is not in a status that allows this."""
+
+    def __init__(self, job_id: str, status: JobStatus, action: str) -> None:
+        self.job_id, self.status, self.action = job_id, status, action
+        super().__init__(f"cannot {action} job {job_id}: it is {status}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as callers see it: a snapshot of its row."""
+
+    id: str
+    status: JobStatus
+    endpoint: str
+    endpoint_id: str
+    runpod_job_id: str | None
+    input: Any
+    output: Any
+    error: str | None
+    progress: Any
+    attempt: int
+    poll_count: int
+    policy: dict[str, Any] | None
+    webhook: str | None
+    correlation_id: str | None
+    idempotency_key: str | None
+    metadata: dict[str, Any] | None
+    created_at: datetime
+    submitted_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    delay_time_ms: int | None
+    execution_time_ms: int | None
+    worker_id: str | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> Job:
+        return cls(
+            id=row.id, status=JobStatus(row.status), endpoint=row.endpoint_name, endpoint_id=row.endpoint_id,
+            runpod_job_id=row.runpod_job_id, input=row.input, output=row.output, error=row.error,
+            progress=row.progress, attempt=row.attempt, poll_count=row.poll_count, policy=row.policy,
+            webhook=row.webhook, correlation_id=row.correlation_id, idempotency_key=row.idempotency_key,
+            metadata=row.meta, created_at=row.created_at, submitted_at=row.submitted_at,
+            started_at=row.started_at, finished_at=row.finished_at, delay_time_ms=row.delay_time_ms,
+            execution_time_ms=row.execution_time_ms, worker_id=row.worker_id,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: times as ISO 8601 strings."""
+        data: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            data[name] = value.isoformat() if isinstance(value, datetime) else value
+        return data
+
+
+@dataclass(frozen=True)
+class Event:
+    at: datetime
+    from_status: JobStatus | None
+    to_status: JobStatus
+    source: str
+    detail: str | None
+
+    @classmethod
+    def from_row(cls, row: JobEvent) -> Event:
+        return cls(at=row.at, from_status=JobStatus(row.from_status) if row.from_status else None,
+                   to_status=JobStatus(row.to_status), source=row.source, detail=row.detail)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at.isoformat(), "from": self.from_status, "to": self.to_status,
+                "source": self.source, "detail": self.detail}
+
+
+def submit(
+    endpoint: str,
+    input: Any,
+    *,
+    policy: Mapping[str, Any] | None = None,
+    webhook: str | None = None,
+    idempotency_key: str | None = None,
+    correlation_id: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    runtime: Runtime | None = None,
+) -> Job:
+    """Accept a job for `endpoint` (a configured name or a RunPod endpoint id) and return it.
+
+    Every problem with the arguments is reported at once in `InvalidJob`, and nothing is written.
+    With `idempotency_key`, a second submit to the same endpoint returns the first job.
+    """
+    rt = runtime or get_runtime()
+    problems: list[str] = []
+    endpoint_name = endpoint_id = ""
+    try:
+        resolved = rt.settings.resolve_endpoint(endpoint)
+        endpoint_name, endpoint_id = resolved.name, resolved.id
+    except ConfigError as exc:
+        problems += exc.problems
+    body: dict[str, Any] = {"input": input}
+    try:
+        body = build_run_body(input, webhook=webhook, policy=policy)
+    except RequestInvalid as exc:
+        problems += exc.problems
+    try:  # the input is checked even when the options were wrong: every problem at once
+        encode_body(body, limit=MAX_RUN_PAYLOAD_BYTES, operation="submit")
+    except RequestInvalid as exc:
+        problems += exc.problems
+    except PayloadTooLarge as exc:
+        problems.append(f"input: too large: {exc}")
+    for name, value, limit in (("idempotency_key", idempotency_key, MAX_KEY_LENGTH),
+                               ("correlation_id", correlation_id, MAX_CORRELATION_ID_LENGTH)):
+        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > limit):
+            problems.append(f"{name}: must be a non-empty string of at most {limit} characters")
+    problems += _metadata_problems(metadata)
+    if problems:
+        raise InvalidJob(problems)
+
+    if idempotency_key is not None:
+        with session_scope(rt.engine) as session:
+            existing = find_by_idempotency_key(session, endpoint_id, idempotency_key)
+        if existing is not None:
+            return Job.from_row(existing)
+
+    row = JobRow(
+        id=str(uuid.uuid4()), endpoint_name=endpoint_name, endpoint_id=endpoint_id, status=JobStatus.PENDING,
+        input=input, policy=dict(policy) if policy else None, webhook=webhook, correlation_id=correlation_id,
+        idempotency_key=idempotency_key, meta=dict(metadata) if metadata else None,
+    )
+    try:
+        with session_scope(rt.engine) as session:
+            session.add(row)
+            session.flush()  # the event's foreign key needs the job row first
+            record_event(session, row.id, from_status=None, to_status=JobStatus.PENDING, source=Source.API,
+                         detail=f"submitted to {endpoint_name}")
+    except IntegrityError:
+        # A concurrent submit with the same key won the race: return its job.
+        with session_scope(rt.engine) as session:
+            existing = find_by_idempotency_key(session, endpoint_id, idempotency_key or "")
+        if existing is None:
+            raise
+        return Job.from_row(existing)
+
+    _publish(rt, SUBMIT_TASK, row.id)
+    return Job.from_row(row)
+
+
+def _metadata_problems(metadata: object) -> list[str]:
+    if metadata is None:
+        return []
+    if not isinstance(metadata, Mapping):
+        return ["metadata: must be an object"]
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return [f"metadata: not JSON-serialisable ({exc})"]
+    return []
+
+
+def get(job_id: str, *, runtime: Runtime | None = None) -> Job:
+    rt = runtime or get_runtime()
+    with session_scope(rt.engine) as session:
+        row = get_row(session, job_id)
+    if row is None:
+        raise JobNotFound(job_id)
+    return Job.from_row(row)
+
+
+def events(job_id: str, *, runtime: Runtime | None = None) -> list[Event]:
+    """The job's history, oldest first."""
+    rt = runtime or get_runtime()
+    with session_scope(rt.engine) as session:
+        if get_row(session, job_id) is None:
+            raise JobNotFound(job_id)
+        return [Event.from_row(e) for e in _events_of(session, job_id)]
+
+
+def list_jobs(
+    *,
+    status: JobStatus | str | Iterable[JobStatus | str] | None = None,
+    endpoint: str | Iterable[str] | None = None,
+    since: datetime | timedelta | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    runtime: Runtime | None = None,
+) -> list[Job]:
+    """Jobs newest first. `since` is a time or an age (`timedelta(hours=1)`)."""
+    rt = runtime or get_runtime()
+    problems: list[str] = []
+    statuses: list[JobStatus] | None = None
+    if status is not None:
+        statuses = []
+        for value in [status] if isinstance(status, str) else list(status):
+            try:
+                statuses.append(JobStatus(str(value).upper()))
+            except ValueError:
+                problems.append(f"status: unknown status {value!r} (known: {', '.join(JobStatus)})")
+    endpoint_ids: list[str] | None = None
+    if endpoint is not None:
+        endpoint_ids = []
+        for name in [endpoint] if isinstance(endpoint, str) else list(endpoint):
+            try:
+                endpoint_ids.append(rt.settings.resolve_endpoint(name).id)
+            except ConfigError as exc:
+                problems += exc.problems
+    if not 1 <= limit <= 10_000:
+        problems.append("limit: must be between 1 and 10000")
+    if offset < 0:
+        problems.append("offset: must be 0 or more")
+    if problems:
+        raise InvalidJob(problems)
+    after = utcnow() - since if isinstance(since, timedelta) else since
+    with session_scope(rt.engine) as session:
+        rows = list_rows(session, statuses=statuses, endpoint_ids=endpoint_ids, since=after, limit=limit,
+                         offset=offset)
+        return [Job.from_row(r) for r in rows]
+
+
+def cancel(job_id: str, *, source: str = Source.API, runtime: Runtime | None = None) -> Job:
+    """Cancel a job that has not finished. The row is CANCELLED at once; RunPod is told by a task.
+
+    Cancelling a finished job changes nothing and returns it as it is.
+    """
+    rt = runtime or get_runtime()
+    with session_scope(rt.engine) as session:
+        left = transition(session, job_id, to=JobStatus.CANCELLED, source=source,
+                          values={"finished_at": utcnow(), "next_poll_at": None}, detail="cancel requested")
+        row = get_row(session, job_id)
+    if row is None:
+        raise JobNotFound(job_id)
+    if left in AT_RUNPOD:
+        _publish(rt, CANCEL_TASK, job_id)
+    return Job.from_row(row)
+
+
+def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = None) -> Job:
+    """Start a new attempt of a finished (not completed) job, keeping its id and history.
+
+    A FAILED or TIMED_OUT job still within RunPod's retention is requeued with RunPod's own
+    `/retry` (same RunPod id, original input); anything else is submitted afresh.
+    """
+    rt = runtime or get_runtime()
+    now = utcnow()
+    with session_scope(rt.engine) as session:
+        row = get_row(session, job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        reuse = (row.status in (JobStatus.FAILED, JobStatus.TIMED_OUT) and row.runpod_job_id is not None
+                 and row.finished_at is not None and now - row.finished_at < RUNPOD_RETRY_WINDOW)
+        left = transition(session, job_id, to=JobStatus.PENDING, source=source, expected=RETRYABLE,
+                          detail=f"attempt {row.attempt + 1}" + (" via RunPod /retry" if reuse else ""),
+                          values={
+                              "attempt": row.attempt + 1, "runpod_retry_of": row.runpod_job_id if reuse else None,
+                              "runpod_job_id": None, "output": None, "error": None, "progress": None,
+                              "submitted_at": None, "started_at": None, "finished_at": None,
+                              "next_poll_at": None, "deadline_at": None, "last_runpod_status": None,
+                              "polls_since_change": 0, "poll_errors": 0, "delay_time_ms": None,
+                              "execution_time_ms": None, "worker_id": None,
+                          })
+        if left is None:
+            raise InvalidTransition(job_id, JobStatus(row.status), "retry")
+        row = get_row(session, job_id)
+        assert row is not None
+    _publish(rt, SUBMIT_TASK, job_id)
+    return Job.from_row(row)
+
+
+def wait(job_id: str, *, timeout: float = 600.0, runtime: Runtime | None = None) -> Job:
+    """Block until the job reaches a final status; `TimeoutError` after `timeout` seconds.
+
+    Reads the table, never RunPod: waiting costs no API calls.
+    """
+    rt = runtime or get_runtime()
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        job = get(job_id, runtime=rt)
+        if job.is_terminal:
+            return job
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"job {job_id} is still {job.status} after {timeout}s")
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 1.0)
+
+
+def _publish(rt: Runtime, task: str, job_id: str) -> None:
+    try:
+        rt.publish(task, job_id, None)
+    except Exception:
+        # The row is committed; the reconciler will send it. Never fail the caller for this.
+        log.warning("could not publish %s for job %s; the reconciler will pick it up", task, job_id,
+                    exc_info=True)

@@ -1,0 +1,289 @@
+"""What the submit, poll and cancel tasks do, without Celery.
+
+Each function reads the row, talks to RunPod outside any transaction, and writes the result with
+a compare-and-set. Each returns a `Next` telling its task what to schedule; the task only obeys.
+Any message may arrive twice or never: a duplicate finds the row already moved and does nothing,
+and a lost one is found again by the reconciler from the table alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from jobs.backoff import poll_delay, poll_error_delay
+from jobs.db import session_scope
+from jobs.errors import (
+    RunOutcomeUnknown,
+    RunPodAuthError,
+    RunPodError,
+    RunPodNotFound,
+    RunPodProtocolError,
+    RunPodRejected,
+    RunPodTransient,
+)
+from jobs.models import JobRow, utcnow
+from jobs.runpod import JobState, RunPodStatus
+from jobs.runtime import Runtime
+from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
+from jobs.store import Source, claim_poll, get_row, record_event, transition, update_fields
+
+log = logging.getLogger("rpq.lifecycle")
+
+#: RunPod's default ttl, used for the poll deadline when a job's policy sets none.
+DEFAULT_TTL_MS = 24 * 3600 * 1000
+#: Past ttl, RunPod has deleted the job; poll a little longer to see its 404 rather than guess.
+DEADLINE_GRACE = timedelta(minutes=5)
+#: A poll that claims a job owns it this long (the poll task's hard time limit, so the claimant is
+#: surely gone by then); a worker killed mid-poll is healed by the reconciler after it.
+POLL_LEASE = timedelta(seconds=180)
+#: A poll hint that arrives this much before the job's next_poll_at is a duplicate: drop it.
+EARLY_SLACK = timedelta(seconds=1)
+#: RunPod keeps a result 30 minutes; past 25 its /retry may not find the job any more.
+RUNPOD_RETRY_WINDOW = timedelta(minutes=25)
+
+
+@dataclass(frozen=True)
+class Next:
+    """What a task should do after its step: poll in N seconds, run again in N seconds, or stop."""
+
+    poll_in: float | None = None
+    again_in: float | None = None
+    reason: str = ""
+
+    @classmethod
+    def stop(cls, reason: str) -> Next:
+        return cls(reason=reason)
+
+
+# -- submit ---------------------------------------------------------------------------------------------
+
+
+def submit_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
+    """Send a PENDING job to RunPod, exactly once, and hand it to the poller."""
+    now = utcnow()
+    with session_scope(rt.engine) as session:
+        claimed = transition(session, job_id, to=JobStatus.SUBMITTING, source=Source.SUBMIT,
+                             expected={JobStatus.PENDING}, values={"submitted_at": now})
+        row = get_row(session, job_id)
+    if row is None:
+        return Next.stop("no such job")
+    if claimed is None:
+        return Next.stop(f"job is {row.status}, not PENDING: nothing to submit")
+
+    try:
+        state = _send(rt, row)
+    except RunOutcomeUnknown as exc:
+        _move(rt, job_id, JobStatus.SUBMIT_UNKNOWN, f"{exc}; not resubmitted: an operator must decide")
+        return Next.stop("outcome unknown")
+    except RunPodProtocolError as exc:
+        _move(rt, job_id, JobStatus.SUBMIT_UNKNOWN, f"RunPod's answer could not be read ({exc}); a job may exist")
+        return Next.stop("outcome unknown")
+    except RunPodTransient as exc:
+        # Only errors RunPod provably never acted on reach here for /run (see jobs.runpod).
+        delay = poll_error_delay(rt.schedule, consecutive_errors=row.attempt, retry_after=exc.retry_after, rand=rand)
+        _move(rt, job_id, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
+              values={"next_poll_at": utcnow() + timedelta(seconds=delay)})
+        return Next(again_in=delay, reason="transient")
+    except (RunPodRejected, RunPodAuthError, RunPodNotFound) as exc:
+        _move(rt, job_id, JobStatus.FAILED, f"RunPod refused the job: {exc}",
+              values={"error": str(exc), "finished_at": utcnow()})
+        return Next.stop("rejected")
+
+    return _accepted(rt, row, state)
+
+
+def _send(rt: Runtime, row: JobRow) -> JobState:
+    """`/retry` the previous RunPod job when a retry can reuse it, else `/run` a new one."""
+    if row.runpod_retry_of:
+        adopted = _runpod_retry(rt, row.endpoint_id, row.runpod_retry_of)
+        if adopted is not None:
+            return adopted
+    return rt.runpod.run(row.endpoint_id, row.input, webhook=row.webhook, policy=row.policy)
+
+
+def _runpod_retry(rt: Runtime, endpoint_id: str, runpod_job_id: str) -> JobState | None:
+    try:
+        return rt.runpod.retry(endpoint_id, runpod_job_id)
+    except RunPodNotFound:
+        return None  # gone from RunPod: a fresh /run
+    except RunPodRejected:
+        # Refused: either not FAILED any more because an earlier /retry of ours went through
+        # (adopt it) or truly not retryable (run anew).
+        state = rt.runpod.status(endpoint_id, runpod_job_id)
+        return state if not state.is_terminal else None
+    except RunPodTransient as exc:
+        # The /retry may have requeued the job: like an unknown /run, leave it to an operator.
+        raise RunOutcomeUnknown(f"retry of RunPod job {runpod_job_id} got no clear answer ({exc})") from exc
+
+
+def _accepted(rt: Runtime, row: JobRow, state: JobState) -> Next:
+    now = utcnow()
+    first = rt.schedule.first
+    values = {
+        "runpod_job_id": state.id,
+        "last_runpod_status": state.status.value,
+        "next_poll_at": now + timedelta(seconds=first),
+        "deadline_at": now + timedelta(milliseconds=(row.policy or {}).get("ttl", DEFAULT_TTL_MS)) + DEADLINE_GRACE,
+        "polls_since_change": 0,
+        "poll_errors": 0,
+    }
+    with session_scope(rt.engine) as session:
+        moved = transition(session, row.id, to=JobStatus.IN_QUEUE, source=Source.SUBMIT,
+                           expected={JobStatus.SUBMITTING}, detail=f"RunPod job {state.id}", values=values)
+        current = get_row(session, row.id)
+        if moved is None and current is not None:
+            # The row moved while /run was in flight (cancelled by a user, say). Keep RunPod's id
+            # on it so nothing at RunPod is untracked.
+            update_fields(session, row.id, while_status=set(JobStatus), values={"runpod_job_id": state.id})
+            record_event(session, row.id, from_status=current.status, to_status=current.status,
+                         source=Source.SUBMIT, detail=f"RunPod job {state.id} created while {current.status}")
+    if moved is not None:
+        return Next(poll_in=first, reason="submitted")
+    if current is not None and current.status is JobStatus.CANCELLED:
+        cancel_on_runpod(rt, row.id)
+    return Next.stop("row moved during submit")
+
+
+def _move(rt: Runtime, job_id: str, to: JobStatus, detail: str, *, values: dict[str, Any] | None = None,
+          source: str = Source.SUBMIT) -> None:
+    with session_scope(rt.engine) as session:
+        transition(session, job_id, to=to, source=source, detail=detail, expected={JobStatus.SUBMITTING},
+                   values=values)
+
+
+# -- poll -------------------------------------------------------------------------------------------------
+
+
+def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
+    """Ask RunPod about a job once, store what it says, and say when to ask again."""
+    now = utcnow()
+    with session_scope(rt.engine) as session:
+        row = get_row(session, job_id)
+        if row is None or row.status not in AT_RUNPOD or row.runpod_job_id is None:
+            return Next.stop("not at RunPod")
+        if row.next_poll_at is not None and now < row.next_poll_at - EARLY_SLACK:
+            return Next.stop("early: another poll owns this job")
+        # Claim this poll: of two hints for the same job, only one gets past here.
+        if not claim_poll(session, job_id, seen=row.next_poll_at, lease_until=now + POLL_LEASE):
+            return Next.stop("another poll claimed this job")
+
+    try:
+        state = rt.runpod.status(row.endpoint_id, row.runpod_job_id)
+    except RunPodNotFound as exc:
+        with session_scope(rt.engine) as session:
+            transition(session, job_id, to=JobStatus.EXPIRED, source=Source.POLL,
+                       detail=f"RunPod no longer knows the job (404: result retention or ttl passed): {exc}",
+                       values={"finished_at": utcnow(), "next_poll_at": None, "poll_count": row.poll_count + 1})
+        return Next.stop("expired")
+    except RunPodError as exc:
+        return _poll_failed(rt, row, exc, rand)
+
+    return _store_status(rt, row, state, rand)
+
+
+def _poll_failed(rt: Runtime, row: JobRow, exc: RunPodError, rand: Any) -> Next:
+    """A failed poll changes nothing but the schedule: RunPod's silence is not a job outcome."""
+    errors = row.poll_errors + 1
+    retry_after = exc.retry_after if isinstance(exc, RunPodTransient) else None
+    delay = poll_error_delay(rt.schedule, consecutive_errors=errors, retry_after=retry_after, rand=rand)
+    if isinstance(exc, RunPodAuthError | RunPodRejected | RunPodProtocolError):
+        log.error("job %s: polling RunPod failed and will not fix itself: %s", row.id, exc)
+    with session_scope(rt.engine) as session:
+        update_fields(session, row.id, while_status=AT_RUNPOD, values={
+            "poll_errors": errors, "poll_count": row.poll_count + 1,
+            "next_poll_at": utcnow() + timedelta(seconds=delay),
+        })
+    return Next(poll_in=delay, reason=f"poll failed: {type(exc).__name__}")
+
+
+def _store_status(rt: Runtime, row: JobRow, state: JobState, rand: Any) -> Next:
+    now = utcnow()
+    status = FROM_RUNPOD[state.status]
+    changed = state.status.value != row.last_runpod_status
+    polls_since_change = 0 if changed else row.polls_since_change + 1
+    values: dict[str, Any] = {
+        "poll_count": row.poll_count + 1,
+        "poll_errors": 0,
+        "polls_since_change": polls_since_change,
+        "last_runpod_status": state.status.value,
+    }
+    for name, value in (("delay_time_ms", state.delay_time_ms), ("execution_time_ms", state.execution_time_ms),
+                        ("worker_id", state.worker_id)):
+        if value is not None:
+            values[name] = value
+    if status is JobStatus.IN_PROGRESS and row.started_at is None:
+        values["started_at"] = now
+    if status is JobStatus.IN_PROGRESS and state.output is not None:
+        values["progress"] = state.output  # RunPod shows progress updates as output while running
+    if status.is_terminal:
+        values.update(finished_at=now, next_poll_at=None, output=state.output, error=_error_text(state.error))
+
+    past_deadline = row.deadline_at is not None and now > row.deadline_at
+    if not status.is_terminal and past_deadline:
+        status = JobStatus.EXPIRED
+        values.update(finished_at=now, next_poll_at=None)
+
+    delay = poll_delay(rt.schedule, polls_since_change=polls_since_change, rand=rand)
+    if not status.is_terminal:
+        values["next_poll_at"] = now + timedelta(seconds=delay)
+
+    with session_scope(rt.engine) as session:
+        if status is row.status:
+            stored = update_fields(session, row.id, while_status={row.status}, values=values)
+        else:
+            detail = "ttl deadline passed and RunPod still answers" if past_deadline else _detail(state)
+            stored = transition(session, row.id, to=status, source=Source.POLL, detail=detail,
+                                expected={row.status}, values=values) is not None
+        current = get_row(session, row.id) if not stored else None
+    if not stored:
+        # The row moved under us (a cancel, or another poll). Keep polling only if it still needs it.
+        if current is not None and current.status in AT_RUNPOD:
+            return Next(poll_in=delay, reason="row moved; polling on")
+        return Next.stop("row moved to a final status")
+    return Next.stop(f"final: {status}") if status.is_terminal else Next(poll_in=delay, reason=str(status))
+
+
+def _detail(state: JobState) -> str:
+    parts = [f"RunPod says {state.status.value}"]
+    if state.status is RunPodStatus.COMPLETED and not state.has_output:
+        parts.append("with no output")
+    if state.execution_time_ms is not None:
+        parts.append(f"ran {state.execution_time_ms} ms")
+    return ", ".join(parts)
+
+
+def _error_text(error: Any) -> str | None:
+    if error is None or isinstance(error, str):
+        return error
+    return json.dumps(error, default=str)
+
+
+# -- cancel -----------------------------------------------------------------------------------------------
+
+
+def cancel_on_runpod(rt: Runtime, job_id: str) -> Next:
+    """Tell RunPod to stop a job that our table already says is CANCELLED."""
+    with session_scope(rt.engine) as session:
+        row = get_row(session, job_id)
+    if row is None or row.status is not JobStatus.CANCELLED or row.runpod_job_id is None:
+        return Next.stop("nothing to cancel at RunPod")
+    try:
+        state = rt.runpod.cancel(row.endpoint_id, row.runpod_job_id)
+    except RunPodNotFound:
+        detail = "RunPod no longer knows the job"
+    except RunPodTransient as exc:
+        return Next(again_in=poll_error_delay(rt.schedule, consecutive_errors=1, retry_after=exc.retry_after),
+                    reason="RunPod unavailable")
+    except RunPodError as exc:
+        detail = f"RunPod refused the cancel: {exc}"
+    else:
+        detail = f"RunPod answered {state.status.value}"
+    with session_scope(rt.engine) as session:
+        record_event(session, job_id, from_status=JobStatus.CANCELLED, to_status=JobStatus.CANCELLED,
+                     source=Source.CANCEL, detail=f"cancel sent to RunPod: {detail}")
+    return Next.stop(detail)

@@ -1,0 +1,97 @@
+"""The reconciler: rebuild every lost wake-up from the job table alone.
+
+Redis may lose any message (a worker killed with SIGKILL holding countdown polls, a FLUSHALL, a
+publish that failed after the row was committed). Run periodically by beat, this finds:
+
+* PENDING rows whose submit message is overdue: publish it again;
+* SUBMITTING rows older than any live submit could be: the worker died mid-call, so whether
+  RunPod got the job is unknown. Mark them SUBMIT_UNKNOWN for an operator; never resubmit;
+* IN_QUEUE / IN_PROGRESS rows whose poll is overdue: publish a poll again.
+
+Every action is idempotent (the tasks compare-and-set), so a second reconciler running at the same
+moment wastes a little work but cannot double-submit or double-poll.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func
+from sqlmodel import col, or_, select
+
+from jobs.db import session_scope
+from jobs.models import JobRow, utcnow
+from jobs.runtime import POLL_TASK, SUBMIT_TASK, Runtime
+from jobs.states import AT_RUNPOD, JobStatus
+from jobs.store import Source, transition, update_fields
+
+log = logging.getLogger("rpq.reconcile")
+
+
+@dataclass
+class Report:
+    resubmitted: list[str] = field(default_factory=list)
+    repolled: list[str] = field(default_factory=list)
+    marked_unknown: list[str] = field(default_factory=list)
+    publish_failures: int = 0
+
+    @property
+    def acted(self) -> bool:
+        return bool(self.resubmitted or self.repolled or self.marked_unknown)
+
+
+def reconcile(rt: Runtime, *, now: datetime | None = None, limit: int = 1000) -> Report:
+    now = now or utcnow()
+    grace = timedelta(seconds=rt.settings.poll_grace_seconds)
+    stuck = timedelta(seconds=rt.settings.submit_stuck_seconds)
+    report = Report()
+    due = func.coalesce(col(JobRow.next_poll_at), col(JobRow.updated_at))
+
+    with session_scope(rt.engine) as session:
+        pending = session.exec(
+            select(JobRow.id).where(JobRow.status == JobStatus.PENDING, due < now - grace).limit(limit)
+        ).all()
+        submitting = session.exec(
+            select(JobRow.id).where(JobRow.status == JobStatus.SUBMITTING, col(JobRow.updated_at) < now - stuck)
+            .limit(limit)
+        ).all()
+        polling = session.exec(
+            select(JobRow.id).where(
+                col(JobRow.status).in_(sorted(AT_RUNPOD)),
+                or_(col(JobRow.next_poll_at).is_(None), col(JobRow.next_poll_at) < now - grace),
+            ).limit(limit)
+        ).all()
+
+    for job_id in submitting:
+        with session_scope(rt.engine) as session:
+            moved = transition(
+                session, job_id, to=JobStatus.SUBMIT_UNKNOWN, source=Source.RECONCILER,
+                expected={JobStatus.SUBMITTING},
+                detail=f"submit in flight for over {stuck.total_seconds():.0f}s: its worker died mid-call, so "
+                       "RunPod may or may not have the job; not resubmitted, an operator must decide",
+            )
+        if moved is not None:
+            report.marked_unknown.append(job_id)
+
+    for task, job_ids, done in ((SUBMIT_TASK, pending, report.resubmitted), (POLL_TASK, polling, report.repolled)):
+        for job_id in job_ids:
+            try:
+                rt.publish(task, job_id, None)
+            except Exception:
+                report.publish_failures += 1
+                log.warning("reconciler could not publish %s for %s", task, job_id, exc_info=True)
+            else:
+                done.append(job_id)
+                if task == SUBMIT_TASK:
+                    # Not again for a while: under a long submit backlog the first copy may just be
+                    # waiting its turn, and re-publishing every run would grow the queue.
+                    with session_scope(rt.engine) as session:
+                        update_fields(session, job_id, while_status={JobStatus.PENDING},
+                                      values={"next_poll_at": now + 5 * grace})
+
+    if report.acted:
+        log.info("reconciler: resubmitted %d, re-polled %d, marked %d SUBMIT_UNKNOWN",
+                 len(report.resubmitted), len(report.repolled), len(report.marked_unknown))
+    return report
