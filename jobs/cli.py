@@ -1,0 +1,288 @@
+"""The `rpq` command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+
+from jobs import api
+from jobs.api import Job
+from jobs.errors import ConfigError
+from jobs.settings import Settings
+from jobs.simulator import SimulatorConfig
+from jobs.store import Source
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+def main(verbose: bool) -> None:
+    """rpq: a Celery job queue in front of RunPod serverless GPUs."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every request at INFO; that is noise for a person at a terminal.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _simulator_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per SimulatorConfig field, so the two can never drift apart."""
+    hints = typing.get_type_hints(SimulatorConfig)
+    for spec in reversed(dataclasses.fields(SimulatorConfig)):
+        if spec.name == "api_key":
+            continue  # declared by hand below: it falls back to RUNPOD_API_KEY
+        kind = hints[spec.name]
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = spec.metadata.get("help", "")
+        if kind is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", default=spec.default, show_default=True, help=help_text)
+        else:
+            base = _optional_base(kind)
+            option = click.option(
+                flag, type=base, default=spec.default, show_default=spec.default is not None, help=help_text
+            )
+        command = option(command)
+    return command
+
+
+def _optional_base(kind: Any) -> Any:
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return kind
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to bind.")
+@click.option(
+    "--api-key",
+    default=None,
+    help="Key that clients must send as 'Authorization: Bearer KEY'. Default: $RUNPOD_API_KEY.",
+)
+@_simulator_options
+def simulator(host: str, port: int, api_key: str | None, **options: Any) -> None:
+    """Serve a local RunPod serverless API at http://HOST:PORT/v2 (no account needed)."""
+    from jobs.simulator import serve
+
+    key = api_key or os.environ.get("RUNPOD_API_KEY", "").strip()
+    if not key:
+        raise click.UsageError("set --api-key or RUNPOD_API_KEY: the simulator refuses requests without a key")
+    try:
+        config = SimulatorConfig(api_key=key, **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    serve(config, host=host, port=port)
+
+
+@main.command()
+@click.option("--jobs", "job_count", default=12, show_default=True, type=click.IntRange(1, 1000),
+              help="How many jobs to submit.")
+@click.option("--seed", type=int, default=None, help="Seed for the mix of jobs (default: random).")
+@click.option("--database-url", default=None,
+              help="Where to keep the demo's jobs (default: a fresh rpq-demo.db in this directory).")
+def demo(job_count: int, seed: int | None, database_url: str | None) -> None:
+    """Run the whole pipeline locally: simulator, worker, beat, Redis; submit jobs and watch them."""
+    from jobs.demo import run_demo
+
+    sys.exit(run_demo(job_count=job_count, echo=click.echo, database_url=database_url, seed=seed))
+
+
+# -- jobs ------------------------------------------------------------------------------------------------
+
+
+def _json_option(name: str) -> Callable[[str | None], Any]:
+    def parse(raw: str | None) -> Any:
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from exc
+
+    return parse
+
+
+_AGE = re.compile(r"^(\d+)([smhd])$")
+
+
+def _parse_since(raw: str | None) -> datetime | timedelta | None:
+    if raw is None:
+        return None
+    match = _AGE.match(raw.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return timedelta(**{unit: int(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError as exc:
+        raise click.BadParameter("use an age like 30m, 1h, 2d or an ISO 8601 time", param_hint="--since") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _print_jobs(found: list[Job], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([job.to_dict() for job in found], indent=2, default=str))
+        return
+    if not found:
+        click.echo("no jobs")
+        return
+    rows = [("ID", "STATUS", "ENDPOINT", "ATTEMPT", "POLLS", "CREATED", "FINISHED", "RUNPOD ID")]
+    for job in found:
+        rows.append((job.id, job.status.value, job.endpoint, str(job.attempt), str(job.poll_count),
+                     _when(job.created_at), _when(job.finished_at), job.runpod_job_id or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+@main.command()
+@click.argument("endpoint")
+@click.option("--input", "input_json", required=True, help="The handler's input, as JSON.")
+@click.option("--policy", "policy_json", help='RunPod policy as JSON, e.g. \'{"ttl": 3600000}\'.')
+@click.option("--webhook", help="URL RunPod calls when the job ends.")
+@click.option("--idempotency-key", help="A second submit with the same key returns the first job.")
+@click.option("--correlation-id", help="Your request id, stored on the job.")
+@click.option("--metadata", "metadata_json", help="Your own JSON object, stored on the job.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+def submit(endpoint: str, input_json: str, policy_json: str | None, webhook: str | None,
+           idempotency_key: str | None, correlation_id: str | None, metadata_json: str | None,
+           as_json: bool) -> None:
+    """Submit a job to ENDPOINT (a name from RUNPOD_ENDPOINTS or a RunPod endpoint id)."""
+    job = api.submit(
+        endpoint, _json_option("--input")(input_json), policy=_json_option("--policy")(policy_json),
+        webhook=webhook, idempotency_key=idempotency_key, correlation_id=correlation_id,
+        metadata=_json_option("--metadata")(metadata_json),
+    )
+    if as_json:
+        click.echo(json.dumps(job.to_dict(), indent=2, default=str))
+    else:
+        click.echo(f"{job.id} {job.status}")
+
+
+@main.group(name="jobs")
+def jobs_group() -> None:
+    """Look at jobs, cancel them, retry them."""
+
+
+@jobs_group.command(name="list")
+@click.option("--status", multiple=True, help="Only jobs in this status (repeatable).")
+@click.option("--endpoint", multiple=True, help="Only jobs of this endpoint (repeatable).")
+@click.option("--since", help="Only jobs created since: an age (30m, 1h, 2d) or an ISO 8601 time.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_command(status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None, limit: int, offset: int,
+                 as_json: bool) -> None:
+    """List jobs, newest first."""
+    found = api.list_jobs(status=list(status) or None, endpoint=list(endpoint) or None, since=_parse_since(since),
+                          limit=limit, offset=offset)
+    _print_jobs(found, as_json)
+
+
+@jobs_group.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(job_id: str, as_json: bool) -> None:
+    """Show one job and its history."""
+    job = api.get(job_id)
+    history = api.events(job_id)
+    if as_json:
+        click.echo(json.dumps({**job.to_dict(), "events": [e.to_dict() for e in history]}, indent=2, default=str))
+        return
+    for name, value in job.to_dict().items():
+        if value is not None:
+            shown = value if isinstance(value, str) else json.dumps(value, default=str)
+            click.echo(f"{name:>18}: {shown[:500]}")
+    click.echo("\nhistory:")
+    for event in history:
+        came_from = event.from_status or "-"
+        detail = f"  {event.detail}" if event.detail else ""
+        click.echo(f"  {_when(event.at)}  {came_from:>14} -> {event.to_status:<14} [{event.source}]{detail}")
+
+
+def _each(job_ids: tuple[str, ...], action: Callable[[str], Job], verb: str, as_json: bool) -> None:
+    results: list[dict[str, Any]] = []
+    failed = False
+    for job_id in job_ids:
+        try:
+            job = action(job_id)
+        except (api.JobNotFound, api.InvalidTransition) as exc:
+            failed = True
+            results.append({"id": job_id, "error": str(exc)})
+            if not as_json:
+                click.echo(f"{job_id}: {exc}", err=True)
+            continue
+        results.append(job.to_dict())
+        if not as_json:
+            click.echo(f"{job.id} {verb}: now {job.status}")
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str))
+    if failed:
+        sys.exit(1)
+
+
+@jobs_group.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cancel(job_ids: tuple[str, ...], as_json: bool) -> None:
+    """Cancel jobs (a finished job is left as it is)."""
+    _each(job_ids, lambda job_id: api.cancel(job_id, source=Source.OPERATOR), "cancel", as_json)
+
+
+@jobs_group.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def retry(job_ids: tuple[str, ...], as_json: bool) -> None:
+    """Start a new attempt of failed, timed-out, cancelled, expired or unknown jobs."""
+    _each(job_ids, lambda job_id: api.retry(job_id, source=Source.OPERATOR), "retry", as_json)
+
+
+@main.group()
+def db() -> None:
+    """The job table's schema."""
+
+
+@db.command()
+def upgrade() -> None:
+    """Create or migrate the tables at DATABASE_URL."""
+    from jobs.db import upgrade as upgrade_schema
+
+    url = Settings.from_env().database_url
+    upgrade_schema(url)
+    click.echo(f"database at {_redact(url)} is up to date")
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
+
+
+def run() -> None:
+    """Entry point: bad input and configuration become a clean message and exit code 2."""
+    try:
+        main(standalone_mode=True)
+    except (ConfigError, api.InvalidJob) as exc:
+        click.echo(f"rpq: {exc}", err=True)
+        sys.exit(2)
+    except api.JobNotFound as exc:
+        click.echo(f"rpq: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()
