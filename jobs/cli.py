@@ -259,13 +259,17 @@ def db() -> None:
 
 
 @db.command()
-def upgrade() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def upgrade(as_json: bool) -> None:
     """Create or migrate the tables at DATABASE_URL."""
     from jobs.db import upgrade as upgrade_schema
 
     url = Settings.from_env().database_url
     upgrade_schema(url)
-    click.echo(f"database at {_redact(url)} is up to date")
+    if as_json:
+        click.echo(json.dumps({"database": _redact(url), "up_to_date": True}))
+    else:
+        click.echo(f"database at {_redact(url)} is up to date")
 
 
 def _redact(url: str) -> str:
