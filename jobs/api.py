@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from jobs.db import session_scope
-from jobs.errors import ConfigError, PayloadTooLarge, RpqError
+from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
 from jobs.lifecycle import RUNPOD_RETRY_WINDOW
 from jobs.models import JobEvent, JobRow, utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, RequestInvalid, build_run_body, encode_body
@@ -37,7 +37,7 @@ MAX_CORRELATION_ID_LENGTH = 128
 class InvalidJob(RpqError):
     """The job was not accepted; nothing was written."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("job not accepted:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -146,13 +146,13 @@ def submit(
     With `idempotency_key`, a second submit to the same endpoint returns the first job.
     """
     rt = runtime or get_runtime()
-    problems: list[str] = []
+    problems: list[Problem] = []
     endpoint_name = endpoint_id = ""
     try:
         resolved = rt.settings.resolve_endpoint(endpoint)
         endpoint_name, endpoint_id = resolved.name, resolved.id
     except ConfigError as exc:
-        problems += exc.problems
+        problems += [Problem("endpoint", "known", text) for text in exc.problems]
     body: dict[str, Any] = {"input": input}
     try:
         body = build_run_body(input, webhook=webhook, policy=policy)
@@ -163,11 +163,11 @@ def submit(
     except RequestInvalid as exc:
         problems += exc.problems
     except PayloadTooLarge as exc:
-        problems.append(f"input: too large: {exc}")
+        problems.append(Problem("input", "size", f"too large: {exc}"))
     for name, value, limit in (("idempotency_key", idempotency_key, MAX_KEY_LENGTH),
                                ("correlation_id", correlation_id, MAX_CORRELATION_ID_LENGTH)):
         if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > limit):
-            problems.append(f"{name}: must be a non-empty string of at most {limit} characters")
+            problems.append(Problem(name, "format", f"must be a non-empty string of at most {limit} characters"))
     problems += _metadata_problems(metadata)
     if problems:
         raise InvalidJob(problems)
@@ -201,15 +201,15 @@ def submit(
     return Job.from_row(row)
 
 
-def _metadata_problems(metadata: object) -> list[str]:
+def _metadata_problems(metadata: object) -> list[Problem]:
     if metadata is None:
         return []
     if not isinstance(metadata, Mapping):
-        return ["metadata: must be an object"]
+        return [Problem("metadata", "type", "must be an object")]
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        return [f"metadata: not JSON-serialisable ({exc})"]
+        return [Problem("metadata", "type", f"not JSON-serialisable ({exc})")]
     return []
 
 
@@ -242,7 +242,7 @@ def list_jobs(
 ) -> list[Job]:
     """Jobs newest first. `since` is a time or an age (`timedelta(hours=1)`)."""
     rt = runtime or get_runtime()
-    problems: list[str] = []
+    problems: list[Problem] = []
     statuses: list[JobStatus] | None = None
     if status is not None:
         statuses = []
@@ -250,7 +250,7 @@ def list_jobs(
             try:
                 statuses.append(JobStatus(str(value).upper()))
             except ValueError:
-                problems.append(f"status: unknown status {value!r} (known: {', '.join(JobStatus)})")
+                problems.append(Problem("status", "known", f"unknown status {value!r} (known: {', '.join(JobStatus)})"))
     endpoint_ids: list[str] | None = None
     if endpoint is not None:
         endpoint_ids = []
@@ -258,11 +258,11 @@ def list_jobs(
             try:
                 endpoint_ids.append(rt.settings.resolve_endpoint(name).id)
             except ConfigError as exc:
-                problems += exc.problems
+                problems += [Problem("endpoint", "known", text) for text in exc.problems]
     if not 1 <= limit <= 10_000:
-        problems.append("limit: must be between 1 and 10000")
+        problems.append(Problem("limit", "range", "must be between 1 and 10000"))
     if offset < 0:
-        problems.append("offset: must be 0 or more")
+        problems.append(Problem("offset", "range", "must be 0 or more"))
     if problems:
         raise InvalidJob(problems)
     after = utcnow() - since if isinstance(since, timedelta) else since

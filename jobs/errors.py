@@ -21,6 +21,24 @@ RunPod's own error text only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a request: which field, which rule it broke, and a message for people.
+
+    `constraint` is a short stable word (required, type, range, format, unknown, size, known) that
+    programs can branch on; `message` may change. Messages never quote the offending value's content.
+    """
+
+    field: str
+    constraint: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
 
 class RpqError(Exception):
     """Base of every error rpq raises on purpose."""

@@ -32,6 +32,7 @@ import httpx
 from jobs.backoff import RetryPolicy, parse_retry_after, retry_delay
 from jobs.errors import (
     PayloadTooLarge,
+    Problem,
     RunOutcomeUnknown,
     RunPodAuthError,
     RunPodError,
@@ -181,9 +182,9 @@ class EndpointHealth:
 class RequestInvalid(RunPodRejected):
     """The request is malformed; nothing was sent."""
 
-    def __init__(self, problems: list[str], *, operation: str) -> None:
+    def __init__(self, problems: list[Problem], *, operation: str) -> None:
         self.problems = problems
-        super().__init__(f"{operation}: " + "; ".join(problems), operation=operation)
+        super().__init__(f"{operation}: " + "; ".join(map(str, problems)), operation=operation)
 
 
 def build_run_body(
@@ -198,18 +199,18 @@ def build_run_body(
 
     Every problem is reported at once in one `RequestInvalid`.
     """
-    problems: list[str] = []
+    problems: list[Problem] = []
     body: dict[str, Any] = {"input": input}
     if webhook is not None:
         if not isinstance(webhook, str) or not webhook.startswith(("http://", "https://")):
-            problems.append("webhook: must be an http:// or https:// URL")
+            problems.append(Problem("webhook", "format", "must be an http:// or https:// URL"))
         body["webhook"] = webhook
     if policy is not None:
         problems.extend(_policy_problems(policy))
         body["policy"] = dict(policy) if isinstance(policy, Mapping) else policy
     if s3_config is not None:
         if not isinstance(s3_config, Mapping):
-            problems.append("s3Config: must be an object")
+            problems.append(Problem("s3Config", "type", "must be an object"))
         body["s3Config"] = dict(s3_config) if isinstance(s3_config, Mapping) else s3_config
     if problems:
         raise RequestInvalid(problems, operation=operation)
@@ -221,7 +222,8 @@ def encode_body(body: Mapping[str, Any], *, limit: int, operation: str) -> bytes
     try:
         data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
-        raise RequestInvalid([f"input: not JSON-serialisable ({exc})"], operation=operation) from exc
+        raise RequestInvalid([Problem("input", "type", f"not JSON-serialisable ({exc})")],
+                             operation=operation) from exc
     if len(data) > limit:
         raise PayloadTooLarge(
             f"{operation}: request body is {len(data):,} bytes; RunPod accepts at most {limit:,}",
@@ -481,7 +483,8 @@ def _error_detail(response: httpx.Response) -> str:
 def _path(endpoint_id: str, operation: str, job_id: str | None = None) -> str:
     for label, value in (("endpoint id", endpoint_id), ("job id", job_id)):
         if value is not None and (not isinstance(value, str) or not value or "/" in value):
-            raise RequestInvalid([f"{label}: {value!r} is not a valid id"], operation=operation)
+            raise RequestInvalid([Problem(label.replace(" ", "_"), "format", f"{value!r} is not a valid id")],
+                                 operation=operation)
     parts = [quote(endpoint_id, safe=""), operation]
     if job_id is not None:
         parts.append(quote(job_id, safe=""))
@@ -492,26 +495,28 @@ def _wait_params(wait_ms: int | None, *, operation: str) -> dict[str, str] | Non
     if wait_ms is None:
         return None
     if not MIN_WAIT_MS <= wait_ms <= MAX_WAIT_MS:
-        raise RequestInvalid([f"wait: must be between {MIN_WAIT_MS} and {MAX_WAIT_MS} ms"], operation=operation)
+        raise RequestInvalid([Problem("wait", "range", f"must be between {MIN_WAIT_MS} and {MAX_WAIT_MS} ms")],
+                             operation=operation)
     return {"wait": str(wait_ms)}
 
 
-def _policy_problems(policy: object) -> list[str]:
+def _policy_problems(policy: object) -> list[Problem]:
     if not isinstance(policy, Mapping):
-        return ["policy: must be an object"]
+        return [Problem("policy", "type", "must be an object")]
     problems = []
     for key, value in policy.items():
         if key in POLICY_BOUNDS_MS:
             low, high = POLICY_BOUNDS_MS[key]
             if not isinstance(value, int) or isinstance(value, bool):
-                problems.append(f"policy.{key}: must be a whole number of milliseconds")
+                problems.append(Problem(f"policy.{key}", "type", "must be a whole number of milliseconds"))
             elif not low <= value <= high:
-                problems.append(f"policy.{key}: must be between {low} and {high} ms, got {value}")
+                problems.append(Problem(f"policy.{key}", "range", f"must be between {low} and {high} ms, got {value}"))
         elif key == "lowPriority":
             if not isinstance(value, bool):
-                problems.append("policy.lowPriority: must be true or false")
+                problems.append(Problem("policy.lowPriority", "type", "must be true or false"))
         else:
-            problems.append(f"policy.{key}: unknown field (RunPod knows executionTimeout, ttl, lowPriority)")
+            problems.append(Problem(f"policy.{key}", "unknown",
+                                    "unknown field (RunPod knows executionTimeout, ttl, lowPriority)"))
     return problems
 
 
