@@ -122,3 +122,39 @@ class JobEvent(SQLModel, table=True):
     at: datetime = _time(required=True)
     source: str = Field(max_length=16)  # api, submit, poll, webhook, operator, reconciler
     detail: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class EndpointHealthRow(SQLModel, table=True):
+    """One observation of an endpoint's /health. A failed call is stored as a failure, with its error,
+    and NULL counters: never as zeros, which would read as an idle endpoint."""
+
+    __tablename__ = "endpoint_health"
+    __table_args__ = (Index("ix_endpoint_health_endpoint_observed", "endpoint_name", "observed_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    endpoint_name: str = Field(max_length=64)
+    endpoint_id: str = Field(max_length=64)
+    observed_at: datetime = _time(required=True)
+    ok: bool
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    jobs_completed: int | None = None
+    jobs_failed: int | None = None
+    jobs_in_progress: int | None = None
+    jobs_in_queue: int | None = None
+    jobs_retried: int | None = None
+    workers_idle: int | None = None
+    workers_initializing: int | None = None
+    workers_ready: int | None = None
+    workers_running: int | None = None
+    workers_throttled: int | None = None
+    workers_unhealthy: int | None = None
+
+
+class Lock(SQLModel, table=True):
+    """A named lease, so that of two beats (or two overlapping runs) only one does a periodic job."""
+
+    __tablename__ = "rpq_locks"
+
+    name: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(max_length=128)
+    expires_at: datetime = _time(required=True)

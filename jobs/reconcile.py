@@ -8,8 +8,8 @@ publish that failed after the row was committed). Run periodically by beat, this
   RunPod got the job is unknown. Mark them SUBMIT_UNKNOWN for an operator; never resubmit;
 * IN_QUEUE / IN_PROGRESS rows whose poll is overdue: publish a poll again.
 
-Every action is idempotent (the tasks compare-and-set), so a second reconciler running at the same
-moment wastes a little work but cannot double-submit or double-poll.
+Every action is idempotent (the tasks compare-and-set), and a lease in the database lets only one
+reconciler act at a time, so two beats, or a run that overlaps the last, never act twice.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sqlalchemy import func
 from sqlmodel import col, or_, select
 
 from jobs.db import session_scope
+from jobs.locks import held
 from jobs.models import JobRow, utcnow
 from jobs.runtime import POLL_TASK, SUBMIT_TASK, Runtime
 from jobs.states import AT_RUNPOD, JobStatus
@@ -30,8 +31,13 @@ from jobs.store import Source, transition, update_fields
 log = logging.getLogger("rpq.reconcile")
 
 
+LOCK = "reconciler"
+LOCK_LEASE = timedelta(minutes=5)  # far longer than a run; a holder that dies frees it by then
+
+
 @dataclass
 class Report:
+    skipped: bool = False  # another reconciler held the lease
     resubmitted: list[str] = field(default_factory=list)
     repolled: list[str] = field(default_factory=list)
     marked_unknown: list[str] = field(default_factory=list)
@@ -43,7 +49,13 @@ class Report:
 
 
 def reconcile(rt: Runtime, *, now: datetime | None = None, limit: int = 1000) -> Report:
-    now = now or utcnow()
+    with held(rt.engine, LOCK, lease=LOCK_LEASE) as mine:
+        if not mine:
+            return Report(skipped=True)
+        return _reconcile(rt, now=now or utcnow(), limit=limit)
+
+
+def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
     grace = timedelta(seconds=rt.settings.poll_grace_seconds)
     stuck = timedelta(seconds=rt.settings.submit_stuck_seconds)
     report = Report()
