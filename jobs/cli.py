@@ -21,6 +21,7 @@ from jobs.api import Job
 from jobs.errors import ConfigError
 from jobs.settings import Settings
 from jobs.simulator import SimulatorConfig
+from jobs.states import RETRYABLE, TERMINAL, JobStatus
 from jobs.store import Source
 
 
@@ -237,20 +238,178 @@ def _each(job_ids: tuple[str, ...], action: Callable[[str], Job], verb: str, as_
         sys.exit(1)
 
 
-@jobs_group.command()
-@click.argument("job_ids", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def cancel(job_ids: tuple[str, ...], as_json: bool) -> None:
-    """Cancel jobs (a finished job is left as it is)."""
-    _each(job_ids, lambda job_id: api.cancel(job_id, source=Source.OPERATOR), "cancel", as_json)
+def _bulk_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.argument("job_ids", nargs=-1),
+        click.option("--status", multiple=True, help="Select jobs in this status (repeatable)."),
+        click.option("--endpoint", multiple=True, help="Select jobs of this endpoint (repeatable)."),
+        click.option("--since", help="Select jobs created since an age (30m, 1h, 2d) or an ISO 8601 time."),
+        click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000),
+                     help="At most this many selected jobs."),
+        click.option("--dry-run", is_flag=True, help="List what would be touched; change nothing."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _select(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
+            limit: int, *, allowed: frozenset[JobStatus]) -> list[str]:
+    """The ids named, or the jobs the filters select (only those in `allowed` statuses)."""
+    filtered = bool(status or endpoint or since)
+    if job_ids and filtered:
+        raise click.UsageError("give job ids or filters (--status/--endpoint/--since), not both")
+    if job_ids:
+        return list(job_ids)
+    if not filtered:
+        raise click.UsageError("give job ids, or select jobs with --status, --endpoint or --since")
+    try:
+        wanted = {JobStatus(s.upper()) for s in status} if status else set(allowed)
+    except ValueError as exc:
+        raise click.BadParameter(f"known statuses: {', '.join(JobStatus)}", param_hint="--status") from exc
+    selected = sorted(wanted & allowed)
+    if not selected:
+        return []
+    found = api.list_jobs(status=selected, endpoint=list(endpoint) or None, since=_parse_since(since), limit=limit)
+    return [job.id for job in found]
+
+
+def _bulk(job_ids: list[str], action: Callable[[str], Job], verb: str, dry_run: bool, as_json: bool) -> None:
+    if dry_run:
+        found = [api.get(job_id) for job_id in job_ids]
+        if as_json:
+            click.echo(json.dumps({"dry_run": True, "would_" + verb: [j.to_dict() for j in found]}, indent=2,
+                                  default=str))
+        else:
+            click.echo(f"would {verb} {len(found)} job(s):")
+            _print_jobs(found, as_json=False)
+        return
+    _each(tuple(job_ids), action, verb, as_json)
 
 
 @jobs_group.command()
-@click.argument("job_ids", nargs=-1, required=True)
+@_bulk_options
+def cancel(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
+           limit: int, dry_run: bool, as_json: bool) -> None:
+    """Cancel jobs by id, or every unfinished job the filters select (a finished job is left as it is)."""
+    ids = _select(job_ids, status, endpoint, since, limit, allowed=frozenset(JobStatus) - TERMINAL)
+    _bulk(ids, lambda job_id: api.cancel(job_id, source=Source.OPERATOR), "cancel", dry_run, as_json)
+
+
+@jobs_group.command()
+@_bulk_options
+def retry(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
+          limit: int, dry_run: bool, as_json: bool) -> None:
+    """Start a new attempt of jobs by id, or of every retryable job the filters select.
+
+    Retryable: FAILED, TIMED_OUT, CANCELLED, EXPIRED and SUBMIT_UNKNOWN (decide first whether RunPod got it).
+    """
+    ids = _select(job_ids, status, endpoint, since, limit, allowed=RETRYABLE)
+    _bulk(ids, lambda job_id: api.retry(job_id, source=Source.OPERATOR), "retry", dry_run, as_json)
+
+
+# -- endpoints, queues, metrics -----------------------------------------------------------------------------
+
+
+@main.group()
+def endpoints() -> None:
+    """RunPod endpoints: health and warm-up."""
+
+
+@endpoints.command(name="health")
+@click.argument("name", required=False)
+@click.option("--live", is_flag=True, help="Ask RunPod now instead of reading beat's last observation.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def retry(job_ids: tuple[str, ...], as_json: bool) -> None:
-    """Start a new attempt of failed, timed-out, cancelled, expired or unknown jobs."""
-    _each(job_ids, lambda job_id: api.retry(job_id, source=Source.OPERATOR), "retry", as_json)
+def endpoints_health(name: str | None, live: bool, as_json: bool) -> None:
+    """Workers, jobs, a state label and an estimated wait, per endpoint."""
+    from jobs import health
+    from jobs.db import session_scope
+    from jobs.runtime import get_runtime
+
+    rt = get_runtime()
+    targets = [rt.settings.resolve_endpoint(name)] if name else list(rt.settings.endpoints.values())
+    if not targets:
+        raise click.UsageError("no endpoints configured (RUNPOD_ENDPOINTS); name one")
+    panels: list[dict[str, Any]] = []
+    for target in targets:
+        with session_scope(rt.engine) as session:
+            row = health.observe(rt, target) if live else health.latest(session, target.name)
+            execution_ms, delay_ms = health.recent_timings(session, target.id)
+        if row is None:
+            panels.append({"endpoint": target.name, "endpoint_id": target.id, "state": "unknown",
+                           "reason": "no observation yet (beat collects them; or use --live)"})
+            continue
+        verdict = health.assess(row, execution_ms=execution_ms, delay_ms=delay_ms)
+        panels.append({
+            "endpoint": target.name, "endpoint_id": target.id, "observed_at": row.observed_at.isoformat(),
+            "state": verdict.state, "reason": verdict.reason, "estimated_wait_seconds": verdict.estimated_wait_seconds,
+            "workers": {s: getattr(row, f"workers_{s}") for s in
+                        ("ready", "idle", "running", "initializing", "throttled", "unhealthy")},
+            "jobs": {s: getattr(row, f"jobs_{s}") for s in ("in_queue", "in_progress", "completed", "failed")},
+            "error": row.error,
+        })
+    if as_json:
+        click.echo(json.dumps(panels, indent=2))
+        return
+    for panel in panels:
+        click.echo(f"{panel['endpoint']} ({panel['endpoint_id']}): {str(panel['state']).upper()}  {panel['reason']}")
+        if "workers" in panel and panel.get("error") is None:
+            workers, counts = panel["workers"], panel["jobs"]
+            click.echo("  workers  " + "  ".join(f"{k} {v}" for k, v in workers.items()))
+            click.echo("  jobs     " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
+        wait = panel.get("estimated_wait_seconds")
+        if "observed_at" in panel:
+            shown = "unknown" if wait is None else f"~{wait:.0f}s"
+            click.echo(f"  a new job would wait {shown} to start   (observed {panel['observed_at']})")
+
+
+@endpoints.command()
+@click.argument("name")
+@click.option("--input", "input_json", help="Warm-up job input as JSON (default: {\"warmup\": true}).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def warmup(name: str, input_json: str | None, as_json: bool) -> None:
+    """Start a worker on NAME with one warm-up job, unless workers are already warm or starting."""
+    from jobs import ops
+    from jobs.runtime import get_runtime
+
+    result = ops.warmup(get_runtime(), name, input=_json_option("--input")(input_json))
+    if as_json:
+        click.echo(json.dumps({"action": result.action, "reason": result.reason, "job_id": result.job_id}))
+    else:
+        did = "sent a warm-up job" if result.action == "submitted" else "nothing to do"
+        click.echo(f"{name}: {did}: {result.reason}" + (f" (job {result.job_id})" if result.job_id else ""))
+
+
+@main.group()
+def queue() -> None:
+    """RunPod's queue of an endpoint."""
+
+
+@queue.command()
+@click.argument("endpoint")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def purge(endpoint: str, yes: bool, as_json: bool) -> None:
+    """Remove every queued job of ENDPOINT at RunPod (running jobs go on)."""
+    from jobs import ops
+    from jobs.runtime import get_runtime
+
+    if not yes:
+        click.confirm(f"Remove every job queued at RunPod for {endpoint}?", abort=True)
+    removed = ops.purge_queue(get_runtime(), endpoint)
+    click.echo(json.dumps({"endpoint": endpoint, "removed": removed}) if as_json
+               else f"{endpoint}: RunPod removed {removed} queued job(s)")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=9464, show_default=True, type=int, help="Port to bind.")
+def metrics(host: str, port: int) -> None:
+    """Serve Prometheus metrics at http://HOST:PORT/metrics."""
+    from jobs import metrics as exporter
+    from jobs.runtime import get_runtime
+
+    exporter.serve(get_runtime(), host=host, port=port)
 
 
 @main.group()

@@ -38,9 +38,11 @@ log = logging.getLogger("rpq.lifecycle")
 DEFAULT_TTL_MS = 24 * 3600 * 1000
 #: Past ttl, RunPod has deleted the job; poll a little longer to see its 404 rather than guess.
 DEADLINE_GRACE = timedelta(minutes=5)
-#: A poll that claims a job owns it this long (the poll task's hard time limit, so the claimant is
-#: surely gone by then); a worker killed mid-poll is healed by the reconciler after it.
-POLL_LEASE = timedelta(seconds=180)
+def poll_lease(rt: Runtime) -> timedelta:
+    """How long a claimed poll owns its job: two RunPod timeouts and a margin. A worker killed
+    mid-poll is healed by the reconciler once this has passed; a poll that overruns it (retrying a
+    slow RunPod) at worst overlaps one other poll, whose compare-and-set writes make that harmless."""
+    return timedelta(seconds=2 * rt.settings.runpod_timeout_seconds + 5)
 #: A poll hint that arrives this much before the job's next_poll_at is a duplicate: drop it.
 EARLY_SLACK = timedelta(seconds=1)
 #: RunPod keeps a result 30 minutes; past 25 its /retry may not find the job any more.
@@ -77,24 +79,38 @@ def submit_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
 
     try:
         state = _send(rt, row)
-    except RunOutcomeUnknown as exc:
-        _move(rt, job_id, JobStatus.SUBMIT_UNKNOWN, f"{exc}; not resubmitted: an operator must decide")
-        return Next.stop("outcome unknown")
-    except RunPodProtocolError as exc:
-        _move(rt, job_id, JobStatus.SUBMIT_UNKNOWN, f"RunPod's answer could not be read ({exc}); a job may exist")
-        return Next.stop("outcome unknown")
-    except RunPodTransient as exc:
-        # Only errors RunPod provably never acted on reach here for /run (see jobs.runpod).
-        delay = poll_error_delay(rt.schedule, consecutive_errors=row.attempt, retry_after=exc.retry_after, rand=rand)
-        _move(rt, job_id, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
-              values={"next_poll_at": utcnow() + timedelta(seconds=delay)})
-        return Next(again_in=delay, reason="transient")
-    except (RunPodRejected, RunPodAuthError, RunPodNotFound) as exc:
-        _move(rt, job_id, JobStatus.FAILED, f"RunPod refused the job: {exc}",
-              values={"error": str(exc), "finished_at": utcnow()})
-        return Next.stop("rejected")
-
+    except RunPodError as exc:
+        rt.metrics.runpod_error("run", exc)
+        rt.metrics.submitted(row.endpoint_name, _submit_outcome(exc))
+        return _submit_failed(rt, row, exc, rand)
+    rt.metrics.submitted(row.endpoint_name, "accepted")
     return _accepted(rt, row, state)
+
+
+def _submit_outcome(exc: RunPodError) -> str:
+    if isinstance(exc, RunOutcomeUnknown | RunPodProtocolError):
+        return "unknown"
+    return "deferred" if isinstance(exc, RunPodTransient) else "rejected"
+
+
+def _submit_failed(rt: Runtime, row: JobRow, exc: RunPodError, rand: Any) -> Next:
+    if isinstance(exc, RunPodTransient) and not isinstance(exc, RunOutcomeUnknown):
+        # For /run only errors RunPod provably never acted on get here (see jobs.runpod): send later.
+        errors = row.poll_errors + 1
+        delay = poll_error_delay(rt.schedule, consecutive_errors=errors, retry_after=exc.retry_after, rand=rand)
+        _move(rt, row.id, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
+              values={"next_poll_at": utcnow() + timedelta(seconds=delay), "poll_errors": errors})
+        return Next(again_in=delay, reason="transient")
+    if isinstance(exc, RunPodRejected | RunPodAuthError | RunPodNotFound):
+        _move(rt, row.id, JobStatus.FAILED, f"RunPod refused the job: {exc}",
+              values={"error": str(exc), "finished_at": utcnow()})
+        rt.metrics.finished(row.endpoint_name, JobStatus.FAILED.value, row.created_at)
+        return Next.stop("rejected")
+    # RunOutcomeUnknown, an unreadable answer, or anything unforeseen: a job may exist at RunPod.
+    detail = (f"{exc}" if isinstance(exc, RunOutcomeUnknown)
+              else f"RunPod's answer could not be read ({exc}); a job may exist")
+    _move(rt, row.id, JobStatus.SUBMIT_UNKNOWN, f"{detail}; not resubmitted: an operator must decide")
+    return Next.stop("outcome unknown")
 
 
 def _send(rt: Runtime, row: JobRow) -> JobState:
@@ -169,18 +185,21 @@ def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
         if row.next_poll_at is not None and now < row.next_poll_at - EARLY_SLACK:
             return Next.stop("early: another poll owns this job")
         # Claim this poll: of two hints for the same job, only one gets past here.
-        if not claim_poll(session, job_id, seen=row.next_poll_at, lease_until=now + POLL_LEASE):
+        if not claim_poll(session, job_id, seen=row.next_poll_at, lease_until=now + poll_lease(rt)):
             return Next.stop("another poll claimed this job")
 
+    rt.metrics.polled(row.endpoint_name)
     try:
         state = rt.runpod.status(row.endpoint_id, row.runpod_job_id)
     except RunPodNotFound as exc:
+        rt.metrics.finished(row.endpoint_name, JobStatus.EXPIRED.value, row.created_at)
         with session_scope(rt.engine) as session:
             transition(session, job_id, to=JobStatus.EXPIRED, source=Source.POLL,
                        detail=f"RunPod no longer knows the job (404: result retention or ttl passed): {exc}",
                        values={"finished_at": utcnow(), "next_poll_at": None, "poll_count": row.poll_count + 1})
         return Next.stop("expired")
     except RunPodError as exc:
+        rt.metrics.runpod_error("status", exc)
         return _poll_failed(rt, row, exc, rand)
 
     return _store_status(rt, row, state, rand)
@@ -240,6 +259,8 @@ def _store_status(rt: Runtime, row: JobRow, state: JobState, rand: Any) -> Next:
             stored = transition(session, row.id, to=status, source=Source.POLL, detail=detail,
                                 expected={row.status}, values=values) is not None
         current = get_row(session, row.id) if not stored else None
+    if stored and status.is_terminal:
+        rt.metrics.finished(row.endpoint_name, status.value, row.created_at)
     if not stored:
         # The row moved under us (a cancel, or another poll). Keep polling only if it still needs it.
         if current is not None and current.status in AT_RUNPOD:

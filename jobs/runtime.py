@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from jobs.backoff import PollSchedule
 from jobs.db import make_engine
+from jobs.metrics_recorder import NullRecorder, Recorder, RedisRecorder
 from jobs.runpod import RunPodClient
 from jobs.settings import Settings
 
@@ -24,6 +25,15 @@ log = logging.getLogger("rpq")
 SUBMIT_TASK = "rpq.submit"
 POLL_TASK = "rpq.poll"
 CANCEL_TASK = "rpq.cancel"
+RECONCILE_TASK = "rpq.reconcile"
+HEALTH_TASK = "rpq.health"
+PURGE_TASK = "rpq.purge"
+
+# Queues split by role so a flood of polls never starves submissions or maintenance.
+SUBMIT_QUEUE = "rpq.submit"
+POLL_QUEUE = "rpq.poll"
+MAINTENANCE_QUEUE = "rpq.maintenance"
+QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, MAINTENANCE_QUEUE)
 
 Publisher = Callable[[str, str, float | None], None]
 
@@ -35,6 +45,7 @@ class Runtime:
     publish: Publisher
     make_client: Callable[[], RunPodClient]
     schedule: PollSchedule = field(default_factory=PollSchedule)
+    metrics: Recorder = field(default_factory=NullRecorder)
     _client: RunPodClient | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -66,6 +77,7 @@ class Runtime:
             engine=make_engine(settings.database_url),
             publish=celery_publisher(settings, celery_app),
             make_client=make_client,
+            metrics=RedisRecorder(settings.celery_broker_url),
         )
 
 

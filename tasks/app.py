@@ -6,19 +6,31 @@ message may be lost or delivered twice and the tasks are written to survive both
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu import Queue
 
+from jobs.runtime import (
+    CANCEL_TASK,
+    HEALTH_TASK,
+    MAINTENANCE_QUEUE,
+    POLL_QUEUE,
+    POLL_TASK,
+    PURGE_TASK,
+    QUEUES,
+    RECONCILE_TASK,
+    SUBMIT_QUEUE,
+    SUBMIT_TASK,
+)
 from jobs.settings import Settings
-
-# Queues split by role so a flood of polls never starves submissions or maintenance.
-SUBMIT_QUEUE = "rpq.submit"
-POLL_QUEUE = "rpq.poll"
-MAINTENANCE_QUEUE = "rpq.maintenance"
-QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, MAINTENANCE_QUEUE)
 
 # Every countdown and task runtime stays far below this, or Redis re-delivers held messages.
 VISIBILITY_TIMEOUT_SECONDS = 1800
+
+
+def _every(task: str, seconds: int) -> dict[str, Any]:
+    return {"task": task, "schedule": float(seconds), "options": {"expires": float(seconds)}}
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -52,15 +64,19 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_default_queue=SUBMIT_QUEUE,
         task_queues=[Queue(name) for name in QUEUES],
         task_routes={
-            "rpq.submit": {"queue": SUBMIT_QUEUE},
-            "rpq.cancel": {"queue": SUBMIT_QUEUE},  # user-facing, like submits
-            "rpq.poll": {"queue": POLL_QUEUE},
-            "rpq.reconcile": {"queue": MAINTENANCE_QUEUE},
+            SUBMIT_TASK: {"queue": SUBMIT_QUEUE},
+            CANCEL_TASK: {"queue": SUBMIT_QUEUE},  # user-facing, like submits
+            POLL_TASK: {"queue": POLL_QUEUE},
+            RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
+            HEALTH_TASK: {"queue": MAINTENANCE_QUEUE},
+            PURGE_TASK: {"queue": MAINTENANCE_QUEUE},
         },
+        # Each periodic task expires after its own interval: a backlog of them is pointless, the
+        # next run sees everything. Each also holds a lease in the database, so two beats are safe.
         beat_schedule={
-            "reconcile": {"task": "rpq.reconcile", "schedule": float(settings.reconcile_interval_seconds),
-                          # a backlog of reconciles is pointless: the next one sees everything
-                          "options": {"expires": float(settings.reconcile_interval_seconds)}},
+            "reconcile": _every(RECONCILE_TASK, settings.reconcile_interval_seconds),
+            "endpoint-health": _every(HEALTH_TASK, settings.runpod_health_poll_seconds),
+            "retention": _every(PURGE_TASK, 3600),
         },
         worker_send_task_events=True,  # Flower's live view
         task_send_sent_event=True,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from jobs import lifecycle
+from jobs import health as endpoint_health
+from jobs import lifecycle, retention
 from jobs.reconcile import reconcile as reconcile_jobs
-from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime
+from jobs.runtime import CANCEL_TASK, HEALTH_TASK, POLL_TASK, PURGE_TASK, RECONCILE_TASK, SUBMIT_TASK, Runtime
 from jobs.runtime import get_runtime as _get_runtime
 from jobs.settings import Settings
 from tasks.app import app
@@ -53,8 +54,18 @@ def cancel(self: Any, job_id: str) -> None:
     _follow(self, job_id, lifecycle.cancel_on_runpod(get_runtime(), job_id))
 
 
-@app.task(name="rpq.reconcile", expires=60)  # type: ignore[untyped-decorator]
-def reconcile() -> dict[str, int]:
-    report = reconcile_jobs(get_runtime())
-    return {"resubmitted": len(report.resubmitted), "repolled": len(report.repolled),
-            "marked_unknown": len(report.marked_unknown)}
+@app.task(name=RECONCILE_TASK)  # type: ignore[untyped-decorator]
+def reconcile() -> None:
+    reconcile_jobs(get_runtime())
+
+
+@app.task(name=HEALTH_TASK)  # type: ignore[untyped-decorator]
+def health() -> None:
+    endpoint_health.collect_on_schedule(get_runtime())
+
+
+@app.task(name=PURGE_TASK)  # type: ignore[untyped-decorator]
+def purge() -> None:
+    purged = retention.purge(get_runtime())
+    if purged.jobs or purged.health_rows:
+        log.info("retention: deleted %d jobs and %d health rows", purged.jobs, purged.health_rows)

@@ -279,10 +279,12 @@ def migrated_db(database_url: str) -> Iterator[str]:
 
     upgrade(database_url)
     yield database_url
+    from sqlmodel import SQLModel
+
     engine = make_engine(database_url)
     with engine.begin() as connection:
-        connection.exec_driver_sql("DELETE FROM job_events")
-        connection.exec_driver_sql("DELETE FROM jobs")
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            connection.execute(table.delete())
     engine.dispose()
 
 
@@ -341,6 +343,8 @@ def runtime(migrated_db: str, simulator: SimulatorProcess) -> Iterator[Runtime]:
 
 @dataclass
 class Pipeline:
+    """The whole stack for a test module; `run_cli` and `spawn` start more processes with its environment."""
+
     runtime: Runtime
     simulator: SimulatorProcess
     env: dict[str, str]
@@ -370,6 +374,15 @@ class Pipeline:
                    "-s", str(self.log_dir / "beat-schedule")]
         with open(self.log_dir / "beat.log", "wb") as log:
             self.beat = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def run_cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=self.env, input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(self.log_dir / f"{name}.log", "wb") as log:
+            return subprocess.Popen(command, cwd=ROOT, env={**self.env, **(env or {})}, stdout=log,
+                                    stderr=subprocess.STDOUT)
 
     def kill_worker(self) -> None:
         """SIGKILL: no warm shutdown, nothing handed back to Redis; held countdown polls are lost."""
@@ -410,7 +423,8 @@ def pipeline(
     redis_lib.Redis.from_url(broker).flushdb()
     simulator = start_simulator("--cold-start-seconds", "0.2")
     settings = make_settings(database_url, simulator, celery_broker_url=broker, runpod_timeout_seconds=2.0,
-                             reconcile_interval_seconds=1, poll_grace_seconds=2, submit_stuck_seconds=30)
+                             reconcile_interval_seconds=1, poll_grace_seconds=2, submit_stuck_seconds=30,
+                             runpod_health_poll_seconds=2)
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -422,6 +436,7 @@ def pipeline(
         "RPQ_RECONCILE_SECONDS": "1",
         "RPQ_POLL_GRACE_SECONDS": "2",
         "RPQ_SUBMIT_STUCK_SECONDS": "30",
+        "RUNPOD_HEALTH_POLL_SECONDS": "2",
     }
     from jobs.runpod import RunPodClient
 

@@ -1,0 +1,92 @@
+"""What workers count for the metrics: submits, polls, RunPod errors, job latency.
+
+Workers run in many processes, so their counters live in one Redis hash (HINCRBY is atomic); the
+exporter (`jobs.metrics`) reads it at each scrape. Losing the hash (a FLUSHALL) only resets the
+counters, which Prometheus handles like a restart. Recording never fails a job: a Redis error is
+logged (once a minute at most) and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Protocol
+
+import redis
+
+from jobs.errors import RunPodError
+from jobs.models import utcnow
+
+log = logging.getLogger("rpq.metrics")
+
+COUNTERS_KEY = "rpq:metrics"
+LATENCY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+SEP = "|"  # endpoint names and operations cannot contain it (see settings.ENDPOINT_NAME_RE)
+
+
+class Recorder(Protocol):
+    def submitted(self, endpoint: str, outcome: str) -> None: ...
+    def polled(self, endpoint: str) -> None: ...
+    def runpod_error(self, operation: str, error: RunPodError) -> None: ...
+    def finished(self, endpoint: str, status: str, created_at: datetime) -> None: ...
+
+
+class NullRecorder:
+    def submitted(self, endpoint: str, outcome: str) -> None:
+        pass
+
+    def polled(self, endpoint: str) -> None:
+        pass
+
+    def runpod_error(self, operation: str, error: RunPodError) -> None:
+        pass
+
+    def finished(self, endpoint: str, status: str, created_at: datetime) -> None:
+        pass
+
+
+def error_kind(error: RunPodError) -> str:
+    """RunPodRateLimited -> rate_limited, RunOutcomeUnknown -> outcome_unknown, ..."""
+    name = type(error).__name__.removeprefix("RunPod")
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_") or "error"
+
+
+class RedisRecorder:
+    def __init__(self, url: str) -> None:
+        self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._last_warning = 0.0
+
+    def _add(self, increments: dict[str, float]) -> None:
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for field, amount in increments.items():
+                if isinstance(amount, int):
+                    pipe.hincrby(COUNTERS_KEY, field, amount)
+                else:
+                    pipe.hincrbyfloat(COUNTERS_KEY, field, amount)
+            pipe.execute()
+        except redis.RedisError as exc:
+            if time.monotonic() - self._last_warning > 60:  # say it once a minute, not per job
+                self._last_warning = time.monotonic()
+                log.warning("metrics not recorded (Redis: %s)", exc)
+
+    def submitted(self, endpoint: str, outcome: str) -> None:
+        self._add({SEP.join(("submits", endpoint, outcome)): 1})
+
+    def polled(self, endpoint: str) -> None:
+        self._add({SEP.join(("polls", endpoint)): 1})
+
+    def runpod_error(self, operation: str, error: RunPodError) -> None:
+        self._add({SEP.join(("runpod_errors", operation, error_kind(error))): 1})
+
+    def finished(self, endpoint: str, status: str, created_at: datetime) -> None:
+        seconds = max((utcnow() - created_at).total_seconds(), 0.0)
+        increments: dict[str, float] = {
+            SEP.join(("latency_count", endpoint, status)): 1,
+            SEP.join(("latency_sum", endpoint, status)): seconds,
+        }
+        for bound in LATENCY_BUCKETS:
+            if seconds <= bound:
+                increments[SEP.join(("latency_bucket", endpoint, status, str(bound)))] = 1
+        self._add(increments)

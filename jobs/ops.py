@@ -1,0 +1,56 @@
+"""Operator actions that go beyond one job: warming an endpoint up, purging RunPod's queue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import col, select
+
+from jobs import api, health
+from jobs.db import session_scope
+from jobs.models import JobRow, utcnow
+from jobs.runtime import Runtime
+from jobs.states import TERMINAL
+
+WARMUP_MARK = "rpq_warmup"
+DEFAULT_WARMUP_INPUT: dict[str, Any] = {"warmup": True}
+
+
+@dataclass(frozen=True)
+class Warmup:
+    action: str  # "none" or "submitted"
+    reason: str
+    job_id: str | None = None
+
+
+def warmup(rt: Runtime, endpoint: str, *, input: Any = None) -> Warmup:
+    """Send one warm-up job unless the endpoint has warm or starting workers, or a warm-up is in flight.
+
+    Idempotent: however often it is called, at most one warm-up job is in flight per endpoint.
+    """
+    target = rt.settings.resolve_endpoint(endpoint)
+    row = health.observe(rt, target)
+    if row.ok:
+        warm = (row.workers_idle or 0) + (row.workers_ready or 0) + (row.workers_running or 0)
+        if warm:
+            return Warmup("none", f"{warm} worker(s) already warm")
+        if row.workers_initializing:
+            return Warmup("none", f"{row.workers_initializing} worker(s) already starting")
+    with session_scope(rt.engine) as session:
+        for live in session.exec(select(JobRow).where(
+                JobRow.endpoint_id == target.id, col(JobRow.status).not_in(sorted(TERMINAL)))).all():
+            if (live.meta or {}).get(WARMUP_MARK):
+                return Warmup("none", "a warm-up job is already in flight", live.id)
+    # A key per ten-minute window: two operators warming up at the same moment share one job.
+    window = utcnow().strftime("%Y%m%d%H%M")[:-1]
+    job = api.submit(endpoint, DEFAULT_WARMUP_INPUT if input is None else input,
+                     metadata={WARMUP_MARK: True}, idempotency_key=f"{WARMUP_MARK}-{window}", runtime=rt)
+    cold = "no workers" if row.ok else f"health unknown ({row.error})"
+    return Warmup("submitted", f"{cold}: sent one warm-up job", job.id)
+
+
+def purge_queue(rt: Runtime, endpoint: str) -> int:
+    """RunPod's purge-queue: removes the endpoint's queued jobs (running ones go on). Polls then see them
+    end, as RunPod reports them."""
+    return rt.runpod.purge_queue(rt.settings.resolve_endpoint(endpoint).id)
