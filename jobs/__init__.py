@@ -15,13 +15,16 @@ from jobs.api import (
     InvalidTransition,
     Job,
     JobNotFound,
+    StreamItem,
     cancel,
     events,
     get,
     list_jobs,
     retry,
+    stream_events,
     submit,
     wait,
+    webhook_received,
 )
 from jobs.states import JobStatus
 
@@ -32,11 +35,14 @@ __all__ = [
     "Job",
     "JobNotFound",
     "JobStatus",
+    "StreamItem",
     "cancel",
     "events",
     "get",
     "list_jobs",
     "retry",
+    "stream_events",
     "submit",
     "wait",
+    "webhook_received",
 ]

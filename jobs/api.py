@@ -17,15 +17,25 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
 
+from jobs import streams
 from jobs.db import session_scope
 from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
-from jobs.lifecycle import RUNPOD_RETRY_WINDOW
+from jobs.lifecycle import RUNPOD_RETRY_WINDOW, hash_token
 from jobs.models import JobEvent, JobRow, utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, RequestInvalid, build_run_body, encode_body
-from jobs.runtime import CANCEL_TASK, SUBMIT_TASK, Runtime, get_runtime
+from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime, get_runtime
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
-from jobs.store import Source, find_by_idempotency_key, get_row, list_rows, record_event, transition
+from jobs.store import (
+    Source,
+    find_by_idempotency_key,
+    get_row,
+    list_rows,
+    record_event,
+    transition,
+    update_fields,
+)
 from jobs.store import events_of as _events_of
 
 log = logging.getLogger("rpq.api")
@@ -78,6 +88,7 @@ class Job:
     correlation_id: str | None
     idempotency_key: str | None
     metadata: dict[str, Any] | None
+    stream: bool
     created_at: datetime
     submitted_at: datetime | None
     started_at: datetime | None
@@ -97,7 +108,7 @@ class Job:
             runpod_job_id=row.runpod_job_id, input=row.input, output=row.output, error=row.error,
             progress=row.progress, attempt=row.attempt, poll_count=row.poll_count, policy=row.policy,
             webhook=row.webhook, correlation_id=row.correlation_id, idempotency_key=row.idempotency_key,
-            metadata=row.meta, created_at=row.created_at, submitted_at=row.submitted_at,
+            metadata=row.meta, stream=row.stream, created_at=row.created_at, submitted_at=row.submitted_at,
             started_at=row.started_at, finished_at=row.finished_at, delay_time_ms=row.delay_time_ms,
             execution_time_ms=row.execution_time_ms, worker_id=row.worker_id,
         )
@@ -138,9 +149,13 @@ def submit(
     idempotency_key: str | None = None,
     correlation_id: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    stream: bool = False,
     runtime: Runtime | None = None,
 ) -> Job:
     """Accept a job for `endpoint` (a configured name or a RunPod endpoint id) and return it.
+
+    `stream=True` is for generator handlers: their chunks are collected from RunPod's /stream as
+    they come and replayed by `stream_events()` (and the HTTP API's SSE route).
 
     Every problem with the arguments is reported at once in `InvalidJob`, and nothing is written.
     With `idempotency_key`, a second submit to the same endpoint returns the first job.
@@ -181,7 +196,7 @@ def submit(
     row = JobRow(
         id=str(uuid.uuid4()), endpoint_name=endpoint_name, endpoint_id=endpoint_id, status=JobStatus.PENDING,
         input=input, policy=dict(policy) if policy else None, webhook=webhook, correlation_id=correlation_id,
-        idempotency_key=idempotency_key, meta=dict(metadata) if metadata else None,
+        idempotency_key=idempotency_key, meta=dict(metadata) if metadata else None, stream=bool(stream),
     )
     try:
         with session_scope(rt.engine) as session:
@@ -319,6 +334,49 @@ def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = No
         assert row is not None
     _publish(rt, SUBMIT_TASK, job_id)
     return Job.from_row(row)
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """One event of a job's stream: `seq` is its SSE id."""
+
+    seq: int
+    kind: str  # started, progress, output, end, error
+    data: Any
+    at: datetime
+
+
+def stream_events(job_id: str, *, after: int = 0, runtime: Runtime | None = None) -> tuple[Job, list[StreamItem]]:
+    """The job and its current attempt's stream events after `after` (a Last-Event-ID), oldest first."""
+    rt = runtime or get_runtime()
+    with session_scope(rt.engine) as session:
+        row = get_row(session, job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        items = [StreamItem(e.seq, e.kind, e.data, e.at) for e in streams.read(session, job_id, attempt=row.attempt,
+                                                                                 after=after)]
+        return Job.from_row(row), items
+
+
+def webhook_received(token: str, *, runtime: Runtime | None = None) -> bool:
+    """RunPod called a job's webhook: poll that job now. False when no job has that token.
+
+    The body is never trusted: RunPod's webhooks carry no signature, and once delivered null
+    bodies for hours. The status always comes from /status. A duplicate or late call is harmless:
+    it only moves an in-flight job's next poll to now, and the poll's claim lets one poll through.
+    """
+    rt = runtime or get_runtime()
+    digest = hash_token(token)
+    with session_scope(rt.engine) as session:
+        row = session.exec(select(JobRow).where(JobRow.webhook_token_hash == digest)).first()
+        if row is None:
+            return False
+        woke = update_fields(session, row.id, while_status=AT_RUNPOD, values={"next_poll_at": utcnow()})
+        record_event(session, row.id, from_status=row.status, to_status=row.status, source=Source.WEBHOOK,
+                     detail="RunPod called the webhook" + ("; polling now" if woke else "; job already final"))
+    if woke:
+        _publish(rt, POLL_TASK, row.id)
+    return True
 
 
 def wait(job_id: str, *, timeout: float = 600.0, runtime: Runtime | None = None) -> Job:

@@ -160,15 +160,16 @@ def _when(moment: datetime | None) -> str:
 @click.option("--idempotency-key", help="A second submit with the same key returns the first job.")
 @click.option("--correlation-id", help="Your request id, stored on the job.")
 @click.option("--metadata", "metadata_json", help="Your own JSON object, stored on the job.")
+@click.option("--stream", is_flag=True, help="A generator handler: collect its chunks as they come.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 def submit(endpoint: str, input_json: str, policy_json: str | None, webhook: str | None,
            idempotency_key: str | None, correlation_id: str | None, metadata_json: str | None,
-           as_json: bool) -> None:
+           stream: bool, as_json: bool) -> None:
     """Submit a job to ENDPOINT (a name from RUNPOD_ENDPOINTS or a RunPod endpoint id)."""
     job = api.submit(
         endpoint, _json_option("--input")(input_json), policy=_json_option("--policy")(policy_json),
         webhook=webhook, idempotency_key=idempotency_key, correlation_id=correlation_id,
-        metadata=_json_option("--metadata")(metadata_json),
+        metadata=_json_option("--metadata")(metadata_json), stream=stream,
     )
     if as_json:
         click.echo(json.dumps(job.to_dict(), indent=2, default=str))

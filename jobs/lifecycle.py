@@ -8,13 +8,19 @@ and a lost one is found again by the reconciler from the table alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlencode
 
+from sqlmodel import select
+
+from jobs import logcontext, streams
 from jobs.backoff import poll_delay, poll_error_delay
 from jobs.db import session_scope
 from jobs.errors import (
@@ -77,14 +83,16 @@ def submit_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
     if claimed is None:
         return Next.stop(f"job is {row.status}, not PENDING: nothing to submit")
 
+    logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
     try:
-        state = _send(rt, row)
+        state, token_hash = _send(rt, row)
     except RunPodError as exc:
         rt.metrics.runpod_error("run", exc)
         rt.metrics.submitted(row.endpoint_name, _submit_outcome(exc))
         return _submit_failed(rt, row, exc, rand)
     rt.metrics.submitted(row.endpoint_name, "accepted")
-    return _accepted(rt, row, state)
+    log.info("job %s is RunPod job %s (attempt %d)", row.id, state.id, row.attempt)
+    return _accepted(rt, row, state, token_hash)
 
 
 def _submit_outcome(exc: RunPodError) -> str:
@@ -97,7 +105,8 @@ def _submit_failed(rt: Runtime, row: JobRow, exc: RunPodError, rand: Any) -> Nex
     if isinstance(exc, RunPodTransient) and not isinstance(exc, RunOutcomeUnknown):
         # For /run only errors RunPod provably never acted on get here (see jobs.runpod): send later.
         errors = row.poll_errors + 1
-        delay = poll_error_delay(rt.schedule, consecutive_errors=errors, retry_after=exc.retry_after, rand=rand)
+        delay = poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=errors,
+                                 retry_after=exc.retry_after, rand=rand)
         _move(rt, row.id, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
               values={"next_poll_at": utcnow() + timedelta(seconds=delay), "poll_errors": errors})
         return Next(again_in=delay, reason="transient")
@@ -113,13 +122,33 @@ def _submit_failed(rt: Runtime, row: JobRow, exc: RunPodError, rand: Any) -> Nex
     return Next.stop("outcome unknown")
 
 
-def _send(rt: Runtime, row: JobRow) -> JobState:
-    """`/retry` the previous RunPod job when a retry can reuse it, else `/run` a new one."""
+def _send(rt: Runtime, row: JobRow) -> tuple[JobState, str | None]:
+    """`/retry` the previous RunPod job when a retry can reuse it (it keeps its webhook), else `/run`
+    a new one. Returns RunPod's answer and the hash of a new webhook token, if one was made."""
     if row.runpod_retry_of:
         adopted = _runpod_retry(rt, row.endpoint_id, row.runpod_retry_of)
         if adopted is not None:
-            return adopted
-    return rt.runpod.run(row.endpoint_id, row.input, webhook=row.webhook, policy=row.policy)
+            return adopted, None
+    webhook, token_hash = row.webhook, None
+    if webhook is None and rt.settings.runpod_webhook_base_url:
+        webhook, token_hash = webhook_url(rt.settings.runpod_webhook_base_url, row.correlation_id)
+    return rt.runpod.run(row.endpoint_id, row.input, webhook=webhook, policy=row.policy), token_hash
+
+
+def webhook_url(base: str, correlation_id: str | None) -> tuple[str, str]:
+    """A webhook URL with a fresh unguessable token, and the token's hash (all rpq ever stores).
+
+    The correlation id rides along in the query: RunPod's API has no metadata field, and this puts
+    it in the one place RunPod keeps and shows beside the job."""
+    token = secrets.token_urlsafe(32)
+    url = f"{base.rstrip('/')}/v1/webhooks/runpod/{token}"
+    if correlation_id:
+        url += "?" + urlencode({"correlation_id": correlation_id})
+    return url, hash_token(token)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _runpod_retry(rt: Runtime, endpoint_id: str, runpod_job_id: str) -> JobState | None:
@@ -137,10 +166,10 @@ def _runpod_retry(rt: Runtime, endpoint_id: str, runpod_job_id: str) -> JobState
         raise RunOutcomeUnknown(f"retry of RunPod job {runpod_job_id} got no clear answer ({exc})") from exc
 
 
-def _accepted(rt: Runtime, row: JobRow, state: JobState) -> Next:
+def _accepted(rt: Runtime, row: JobRow, state: JobState, token_hash: str | None) -> Next:
     now = utcnow()
-    first = rt.schedule.first
-    values = {
+    first = rt.schedule_for(webhooks=bool(token_hash or row.webhook_token_hash)).first
+    values: dict[str, Any] = {
         "runpod_job_id": state.id,
         "last_runpod_status": state.status.value,
         "next_poll_at": now + timedelta(seconds=first),
@@ -148,6 +177,8 @@ def _accepted(rt: Runtime, row: JobRow, state: JobState) -> Next:
         "polls_since_change": 0,
         "poll_errors": 0,
     }
+    if token_hash:
+        values["webhook_token_hash"] = token_hash
     with session_scope(rt.engine) as session:
         moved = transition(session, row.id, to=JobStatus.IN_QUEUE, source=Source.SUBMIT,
                            expected={JobStatus.SUBMITTING}, detail=f"RunPod job {state.id}", values=values)
@@ -188,6 +219,7 @@ def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
         if not claim_poll(session, job_id, seen=row.next_poll_at, lease_until=now + poll_lease(rt)):
             return Next.stop("another poll claimed this job")
 
+    logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
     rt.metrics.polled(row.endpoint_name)
     try:
         state = rt.runpod.status(row.endpoint_id, row.runpod_job_id)
@@ -209,7 +241,8 @@ def _poll_failed(rt: Runtime, row: JobRow, exc: RunPodError, rand: Any) -> Next:
     """A failed poll changes nothing but the schedule: RunPod's silence is not a job outcome."""
     errors = row.poll_errors + 1
     retry_after = exc.retry_after if isinstance(exc, RunPodTransient) else None
-    delay = poll_error_delay(rt.schedule, consecutive_errors=errors, retry_after=retry_after, rand=rand)
+    schedule = rt.schedule_for(webhooks=row.webhook_token_hash is not None)
+    delay = poll_error_delay(schedule, consecutive_errors=errors, retry_after=retry_after, rand=rand)
     if isinstance(exc, RunPodAuthError | RunPodRejected | RunPodProtocolError):
         log.error("job %s: polling RunPod failed and will not fix itself: %s", row.id, exc)
     with session_scope(rt.engine) as session:
@@ -223,6 +256,16 @@ def _poll_failed(rt: Runtime, row: JobRow, exc: RunPodError, rand: Any) -> Next:
 def _store_status(rt: Runtime, row: JobRow, state: JobState, rand: Any) -> Next:
     now = utcnow()
     status = FROM_RUNPOD[state.status]
+    chunks: list[Any] = []
+    if row.stream and (status is JobStatus.IN_PROGRESS or status.is_terminal):
+        try:
+            chunks = rt.runpod.stream(row.endpoint_id, row.runpod_job_id or "", wait_ms=1000).chunks
+        except RunPodError as exc:
+            if status.is_terminal:
+                # Finishing now would end the event stream before its last chunks: try again.
+                rt.metrics.runpod_error("stream", exc)
+                return _poll_failed(rt, row, exc, rand)
+            log.warning("job %s: /stream failed (%s); its chunks wait at RunPod for the next poll", row.id, exc)
     changed = state.status.value != row.last_runpod_status
     polls_since_change = 0 if changed else row.polls_since_change + 1
     values: dict[str, Any] = {
@@ -237,7 +280,8 @@ def _store_status(rt: Runtime, row: JobRow, state: JobState, rand: Any) -> Next:
             values[name] = value
     if status is JobStatus.IN_PROGRESS and row.started_at is None:
         values["started_at"] = now
-    if status is JobStatus.IN_PROGRESS and state.output is not None:
+    progressed = status is JobStatus.IN_PROGRESS and state.output is not None and state.output != row.progress
+    if progressed:
         values["progress"] = state.output  # RunPod shows progress updates as output while running
     if status.is_terminal:
         values.update(finished_at=now, next_poll_at=None, output=state.output, error=_error_text(state.error))
@@ -247,18 +291,22 @@ def _store_status(rt: Runtime, row: JobRow, state: JobState, rand: Any) -> Next:
         status = JobStatus.EXPIRED
         values.update(finished_at=now, next_poll_at=None)
 
-    delay = poll_delay(rt.schedule, polls_since_change=polls_since_change, rand=rand)
+    schedule = rt.schedule_for(webhooks=row.webhook_token_hash is not None)
+    delay = poll_delay(schedule, polls_since_change=polls_since_change, rand=rand)
     if not status.is_terminal:
         values["next_poll_at"] = now + timedelta(seconds=delay)
 
+    extra = [(streams.PROGRESS, state.output)] if progressed else []
+    extra += [(streams.OUTPUT, chunk) for chunk in chunks]
+    detail = "ttl deadline passed and RunPod still answers" if past_deadline else _detail(state)
     with session_scope(rt.engine) as session:
-        if status is row.status:
-            stored = update_fields(session, row.id, while_status={row.status}, values=values)
-        else:
-            detail = "ttl deadline passed and RunPod still answers" if past_deadline else _detail(state)
-            stored = transition(session, row.id, to=status, source=Source.POLL, detail=detail,
-                                expected={row.status}, values=values) is not None
+        # Lock the row first (PostgreSQL; SQLite's write lock is already held): stream events get
+        # their sequence numbers from one writer at a time.
+        session.exec(select(JobRow.id).where(JobRow.id == row.id).with_for_update()).first()
+        stored = _write_poll(session, row, status, values, extra, detail, now)
         current = get_row(session, row.id) if not stored else None
+    if stored and changed:
+        log.info("job %s: RunPod says %s", row.id, state.status.value)
     if stored and status.is_terminal:
         rt.metrics.finished(row.endpoint_name, status.value, row.created_at)
     if not stored:
@@ -267,6 +315,33 @@ def _store_status(rt: Runtime, row: JobRow, state: JobState, rand: Any) -> Next:
             return Next(poll_in=delay, reason="row moved; polling on")
         return Next.stop("row moved to a final status")
     return Next.stop(f"final: {status}") if status.is_terminal else Next(poll_in=delay, reason=str(status))
+
+
+def _write_poll(session: Any, row: JobRow, status: JobStatus, values: dict[str, Any],
+                extra: list[tuple[str, Any]], detail: str, now: Any) -> bool:
+    """Store one poll's findings so the event stream reads started, progress/output, then end|error.
+
+    A job seen finished straight from IN_QUEUE with chunks to deliver is first moved to IN_PROGRESS,
+    which is true (it ran) and puts `started` before its chunks.
+    """
+    current = row.status
+    if status is not current and (status is JobStatus.IN_PROGRESS or (status.is_terminal and extra)) \
+            and current is JobStatus.IN_QUEUE:
+        step = values if status is JobStatus.IN_PROGRESS else {"started_at": now}
+        moved = transition(session, row.id, to=JobStatus.IN_PROGRESS, source=Source.POLL, expected={current},
+                           detail=detail if status is JobStatus.IN_PROGRESS else "seen running by its output",
+                           values=step)
+        if moved is None:
+            return False
+        current = JobStatus.IN_PROGRESS
+        if status is JobStatus.IN_PROGRESS:
+            streams.append(session, row.id, row.attempt, extra)
+            return True
+    streams.append(session, row.id, row.attempt, extra)
+    if status is current:
+        return update_fields(session, row.id, while_status={current}, values=values)
+    return transition(session, row.id, to=status, source=Source.POLL, detail=detail, expected={current},
+                      values=values) is not None
 
 
 def _detail(state: JobState) -> str:
@@ -298,7 +373,8 @@ def cancel_on_runpod(rt: Runtime, job_id: str) -> Next:
     except RunPodNotFound:
         detail = "RunPod no longer knows the job"
     except RunPodTransient as exc:
-        return Next(again_in=poll_error_delay(rt.schedule, consecutive_errors=1, retry_after=exc.retry_after),
+        return Next(again_in=poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=1,
+                                              retry_after=exc.retry_after),
                     reason="RunPod unavailable")
     except RunPodError as exc:
         detail = f"RunPod refused the cancel: {exc}"

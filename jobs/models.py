@@ -97,6 +97,10 @@ class JobRow(SQLModel, table=True):
     last_runpod_status: str | None = Field(default=None, max_length=16)
     # Set by retry(): the next submit first asks RunPod's /retry to requeue this RunPod id.
     runpod_retry_of: str | None = Field(default=None, max_length=128)
+    # Collect a generator handler's chunks from RunPod's /stream as they come (see job_stream).
+    stream: bool = False
+    # SHA-256 of the token in the webhook URL rpq gave RunPod; the token itself is never stored.
+    webhook_token_hash: str | None = Field(default=None, max_length=64, unique=True)
 
     correlation_id: str | None = Field(default=None, max_length=128, index=True)
     idempotency_key: str | None = Field(default=None, max_length=255)
@@ -158,3 +162,19 @@ class Lock(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     owner: str = Field(max_length=128)
     expires_at: datetime = _time(required=True)
+
+
+class StreamEvent(SQLModel, table=True):
+    """What a job's event stream (SSE) replays, in order: started, progress and output chunks, then
+    exactly one of end or error. Written by the poll in the transaction that observed it."""
+
+    __tablename__ = "job_stream"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_stream_job_seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", ondelete="CASCADE", max_length=36)
+    seq: int  # 1, 2, 3 ... per job across attempts; the SSE event id, so a client resumes with Last-Event-ID
+    attempt: int  # a retry starts a new stream: started ... end|error again
+    kind: str = Field(max_length=16)  # started, progress, output, end, error
+    data: Any = Field(default=None, sa_column=Column(JSON))
+    at: datetime = _time(required=True)

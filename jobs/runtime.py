@@ -45,9 +45,14 @@ class Runtime:
     publish: Publisher
     make_client: Callable[[], RunPodClient]
     schedule: PollSchedule = field(default_factory=PollSchedule)
+    # With a webhook to wake it, polling is only the safety net: start later, settle at a minute.
+    webhook_schedule: PollSchedule = field(default_factory=lambda: PollSchedule(first=5.0, base=5.0, cap=60.0))
     metrics: Recorder = field(default_factory=NullRecorder)
     _client: RunPodClient | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def schedule_for(self, *, webhooks: bool) -> PollSchedule:
+        return self.webhook_schedule if webhooks else self.schedule
 
     @property
     def runpod(self) -> RunPodClient:

@@ -66,6 +66,9 @@ class Settings:
     runpod_graphql_url: str = "https://api.runpod.io/graphql"
     # REST v1 (rest.runpod.io/v1) was retired on 2026-11-15; v2 is the management API now.
     runpod_rest_url: str = "https://api.runpod.io/v2"
+    # Where RunPod can reach rpq's HTTP API: each job then carries a webhook that triggers an
+    # immediate poll, and polls slow down to a safety net. None: polling only.
+    runpod_webhook_base_url: str | None = None
     runpod_timeout_seconds: float = 30.0  # per request; a /run past this has an unknown outcome
     runpod_collection_interval_seconds: int = 300
     runpod_health_poll_seconds: int = 120
@@ -126,6 +129,8 @@ class Settings:
             runpod_serverless_url=url("RUNPOD_SERVERLESS_URL", defaults.runpod_serverless_url, ("http", "https")),
             runpod_graphql_url=url("RUNPOD_GRAPHQL_URL", defaults.runpod_graphql_url, ("http", "https")),
             runpod_rest_url=url("RUNPOD_REST_URL", defaults.runpod_rest_url, ("http", "https")),
+            runpod_webhook_base_url=(url("RUNPOD_WEBHOOK_BASE_URL", "", ("http", "https"))
+                                     if env.get("RUNPOD_WEBHOOK_BASE_URL", "").strip() else None),
             runpod_timeout_seconds=positive_float("RUNPOD_TIMEOUT_SECONDS", defaults.runpod_timeout_seconds),
             runpod_collection_interval_seconds=positive_int(
                 "RUNPOD_COLLECTION_INTERVAL_SECONDS", defaults.runpod_collection_interval_seconds

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col, select
 
+from jobs import streams
 from jobs.models import JobEvent, JobRow, utcnow
 from jobs.states import AT_RUNPOD, JobStatus, sources_of
 
@@ -51,13 +52,18 @@ def transition(
         update(JobRow)
         .where(col(JobRow.id) == job_id, col(JobRow.status).in_(allowed))
         .values(previous_status=JobRow.status, status=to, updated_at=now, **dict(values or {}))
-        .returning(col(JobRow.previous_status))
+        .returning(col(JobRow.previous_status), col(JobRow.attempt), col(JobRow.stream), col(JobRow.output),
+                   col(JobRow.error))
     )
-    previous = session.execute(statement).scalar_one_or_none()
-    if previous is None:
+    changed = session.execute(statement).one_or_none()
+    if changed is None:
         return None
-    record_event(session, job_id, from_status=JobStatus(previous), to_status=to, source=source, detail=detail, at=now)
-    return JobStatus(previous)
+    previous, attempt, streaming, output, error = changed
+    previous = JobStatus(previous)
+    record_event(session, job_id, from_status=previous, to_status=to, source=source, detail=detail, at=now)
+    streams.append(session, job_id, attempt, streams.for_transition(
+        previous, to, streaming=streaming, output=output, error=error, detail=detail))
+    return previous
 
 
 def update_fields(

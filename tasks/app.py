@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger
 from kombu import Queue
 
+from jobs import logcontext
 from jobs.runtime import (
     CANCEL_TASK,
     HEALTH_TASK,
@@ -82,6 +84,14 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_send_sent_event=True,
     )
     return celery
+
+
+def _tag_log_lines_with_the_job(logger: Any, **_: Any) -> None:
+    logcontext.install(logger)
+
+
+after_setup_logger.connect(_tag_log_lines_with_the_job, weak=False)
+after_setup_task_logger.connect(_tag_log_lines_with_the_job, weak=False)
 
 
 app = make_app()

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from jobs import health as endpoint_health
-from jobs import lifecycle, retention
+from jobs import lifecycle, logcontext, retention
 from jobs.reconcile import reconcile as reconcile_jobs
 from jobs.runtime import CANCEL_TASK, HEALTH_TASK, POLL_TASK, PURGE_TASK, RECONCILE_TASK, SUBMIT_TASK, Runtime
 from jobs.runtime import get_runtime as _get_runtime
@@ -37,12 +37,14 @@ def _follow(task: Any, job_id: str, step: lifecycle.Next) -> None:
 
 @app.task(name=SUBMIT_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def submit(self: Any, job_id: str) -> None:
-    _follow(self, job_id, lifecycle.submit_job(get_runtime(), job_id))
+    with logcontext.scope():
+        _follow(self, job_id, lifecycle.submit_job(get_runtime(), job_id))
 
 
 @app.task(name=POLL_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def poll(self: Any, job_id: str) -> None:
-    step = lifecycle.poll_job(get_runtime(), job_id)
+    with logcontext.scope():
+        step = lifecycle.poll_job(get_runtime(), job_id)
     log.debug("%s %s: %s", self.name, job_id, step.reason)
     if step.poll_in is not None:
         # Re-enqueue itself: same task id, so one chain per job shows in Flower.
@@ -51,7 +53,8 @@ def poll(self: Any, job_id: str) -> None:
 
 @app.task(name=CANCEL_TASK, bind=True, max_retries=20)  # type: ignore[untyped-decorator]
 def cancel(self: Any, job_id: str) -> None:
-    _follow(self, job_id, lifecycle.cancel_on_runpod(get_runtime(), job_id))
+    with logcontext.scope():
+        _follow(self, job_id, lifecycle.cancel_on_runpod(get_runtime(), job_id))
 
 
 @app.task(name=RECONCILE_TASK)  # type: ignore[untyped-decorator]

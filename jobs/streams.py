@@ -1,0 +1,60 @@
+"""A job's event stream: what `GET /v1/jobs/{id}/events` replays over Server-Sent Events.
+
+Each attempt of a job streams `started`, then `progress` and `output` events, then exactly one of
+`end` or `error`. Status events are written by `store.transition` in the same transaction as the
+status change; progress and output by the poll that saw them, after it has updated the job row
+(which, on PostgreSQL, locks it), so `seq` is assigned by one writer at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from jobs.models import StreamEvent, utcnow
+from jobs.states import JobStatus
+
+STARTED, PROGRESS, OUTPUT, END, ERROR = "started", "progress", "output", "end", "error"
+FINAL_KINDS = frozenset({END, ERROR})
+
+
+def for_transition(
+    previous: JobStatus, to: JobStatus, *, streaming: bool, output: Any, error: str | None, detail: str | None
+) -> list[tuple[str, Any]]:
+    """The stream events a status change means. Pure: the table of cases is tested on its own."""
+    events: list[tuple[str, Any]] = []
+    ran = to is JobStatus.IN_PROGRESS or (
+        to in (JobStatus.COMPLETED, JobStatus.FAILED) and previous in (JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS))
+    if ran and previous is not JobStatus.IN_PROGRESS:
+        events.append((STARTED, {}))
+    if to is JobStatus.COMPLETED:
+        if not streaming:
+            events.append((OUTPUT, output))  # a plain handler's whole output is its one chunk
+        events.append((END, {"status": to.value}))
+    elif to.is_terminal:
+        events.append((ERROR, {"status": to.value, "error": error or detail}))
+    return events
+
+
+def append(session: Session, job_id: str, attempt: int, events: Sequence[tuple[str, Any]]) -> None:
+    if not events:
+        return
+    last = session.exec(select(func.max(StreamEvent.seq)).where(StreamEvent.job_id == job_id)).one()
+    seq = int(last or 0)
+    now = utcnow()
+    for kind, data in events:
+        seq += 1
+        session.add(StreamEvent(job_id=job_id, seq=seq, attempt=attempt, kind=kind, data=data, at=now))
+
+
+def read(session: Session, job_id: str, *, attempt: int, after: int = 0, limit: int = 500) -> list[StreamEvent]:
+    """This attempt's events with seq > `after`, oldest first."""
+    statement = (
+        select(StreamEvent)
+        .where(StreamEvent.job_id == job_id, StreamEvent.attempt == attempt, col(StreamEvent.seq) > after)
+        .order_by(col(StreamEvent.seq)).limit(limit)
+    )
+    return list(session.exec(statement).all())

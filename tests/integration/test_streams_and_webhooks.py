@@ -1,0 +1,171 @@
+"""Event streams and webhooks in the lifecycle, in-process on SQLite and PostgreSQL with the simulator."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+import jobs
+from jobs.lifecycle import poll_job, submit_job
+from jobs.runtime import POLL_TASK, Runtime
+from jobs.settings import Settings
+from jobs.states import JobStatus
+from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess
+from tests.integration.test_lifecycle import make_due, poll_until_final
+
+pytestmark = pytest.mark.integration
+
+
+def kinds(rt: Runtime, job_id: str) -> list[str]:
+    return [item.kind for item in jobs.stream_events(job_id, runtime=rt)[1]]
+
+
+def test_a_streaming_job_replays_started_every_chunk_in_order_then_end(runtime: Runtime) -> None:
+    chunks = ["Once ", "upon ", "a tíme ", "🐉 ", "终"]
+    job = jobs.submit("tts", {"sleep": 1.5, "stream": chunks}, stream=True, runtime=runtime)
+    submit_job(runtime, job.id)
+
+    poll_until_final(runtime, job.id)
+
+    _, items = jobs.stream_events(job.id, runtime=runtime)
+    assert [i.kind for i in items] == ["started", *["output"] * len(chunks), "end"]
+    assert [i.data for i in items if i.kind == "output"] == chunks
+    assert [i.seq for i in items] == list(range(1, len(items) + 1))
+
+
+def test_a_plain_job_streams_its_progress_then_its_output_once(runtime: Runtime) -> None:
+    job = jobs.submit("tts", {"sleep": 2, "progress": ["50%"], "output": {"url": "s3://x"}}, runtime=runtime)
+    submit_job(runtime, job.id)
+
+    poll_until_final(runtime, job.id)
+
+    _, items = jobs.stream_events(job.id, runtime=runtime)
+    assert [i.kind for i in items][0] == "started" and [i.kind for i in items][-2:] == ["output", "end"]
+    assert [i.data for i in items if i.kind == "output"] == [{"url": "s3://x"}]
+    assert all(i.data == "50%" for i in items if i.kind == "progress")
+
+
+def test_a_failed_job_streams_one_error(runtime: Runtime) -> None:
+    job = jobs.submit("tts", {"sleep": 0.3, "fail": "OOM"}, runtime=runtime)
+    submit_job(runtime, job.id)
+
+    poll_until_final(runtime, job.id)
+
+    assert kinds(runtime, job.id)[-1] == "error"
+    assert [k for k in kinds(runtime, job.id) if k in ("end", "error")] == ["error"]
+
+
+def test_a_cancelled_job_streams_one_error(runtime: Runtime) -> None:
+    job = jobs.submit("tts", {"sleep": 60}, runtime=runtime)
+
+    jobs.cancel(job.id, runtime=runtime)
+
+    _, items = jobs.stream_events(job.id, runtime=runtime)
+    assert [(i.kind, i.data["status"]) for i in items] == [("error", "CANCELLED")]
+
+
+def test_stream_events_resume_after_a_last_event_id_without_gaps_or_repeats(runtime: Runtime) -> None:
+    job = jobs.submit("tts", {"sleep": 1, "stream": list("abcdef")}, stream=True, runtime=runtime)
+    submit_job(runtime, job.id)
+    poll_until_final(runtime, job.id)
+    _, everything = jobs.stream_events(job.id, runtime=runtime)
+
+    _, first = jobs.stream_events(job.id, after=0, runtime=runtime)
+    _, rest = jobs.stream_events(job.id, after=first[2].seq, runtime=runtime)
+
+    assert first[:3] + rest == everything
+
+
+def test_a_retry_starts_a_new_stream(runtime: Runtime) -> None:
+    job = jobs.submit("tts", {"sleep": 0.2, "fail": "flaky"}, runtime=runtime)
+    submit_job(runtime, job.id)
+    poll_until_final(runtime, job.id)
+    old_last = jobs.stream_events(job.id, runtime=runtime)[1][-1].seq
+
+    jobs.retry(job.id, runtime=runtime)
+
+    assert jobs.stream_events(job.id, runtime=runtime)[1] == []
+    submit_job(runtime, job.id)
+    poll_until_final(runtime, job.id)
+    _, items = jobs.stream_events(job.id, runtime=runtime)
+    assert items and items[0].seq > old_last and items[-1].kind == "error"
+
+
+# -- webhooks -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def webhook_runtime(runtime: Runtime) -> Runtime:
+    runtime.settings = Settings(**{**runtime.settings.__dict__, "runpod_webhook_base_url": "http://127.0.0.1:9/"})
+    return runtime
+
+
+def webhook_of(simulator: SimulatorProcess, runpod_job_id: str) -> str:
+    [sent] = [j for j in simulator.jobs(ENDPOINT_ID) if j["id"] == runpod_job_id]
+    return str(sent["webhook"])
+
+
+def test_each_job_gets_its_own_unguessable_webhook_and_only_its_hash_is_kept(
+    webhook_runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    a = jobs.submit("tts", {"sleep": 30}, correlation_id="req-42", runtime=webhook_runtime)
+    b = jobs.submit("tts", {"sleep": 30}, runtime=webhook_runtime)
+    submit_job(webhook_runtime, a.id)
+    submit_job(webhook_runtime, b.id)
+
+    url_a = urlsplit(webhook_of(simulator, jobs.get(a.id, runtime=webhook_runtime).runpod_job_id or ""))
+    url_b = urlsplit(webhook_of(simulator, jobs.get(b.id, runtime=webhook_runtime).runpod_job_id or ""))
+    token_a = url_a.path.rsplit("/", 1)[1]
+
+    assert url_a.path.startswith("/v1/webhooks/runpod/") and url_a.path != url_b.path
+    assert len(token_a) >= 40
+    assert parse_qs(url_a.query) == {"correlation_id": ["req-42"]}  # RunPod keeps it beside the job
+    assert token_a not in str(jobs.get(a.id, runtime=webhook_runtime).to_dict())
+
+
+def test_a_webhook_triggers_an_immediate_poll_and_never_sets_state(
+    webhook_runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    job = jobs.submit("tts", {"sleep": 30}, runtime=webhook_runtime)
+    submit_job(webhook_runtime, job.id)
+    token = webhook_of(simulator, jobs.get(job.id, runtime=webhook_runtime).runpod_job_id or "").split("/")[-1]
+    published = webhook_runtime.publish
+    assert isinstance(published, Published)
+    published.messages.clear()
+
+    assert jobs.webhook_received(token, runtime=webhook_runtime) is True
+    assert jobs.webhook_received(token, runtime=webhook_runtime) is True  # a duplicate: harmless
+
+    assert published.of(POLL_TASK) == [job.id, job.id]
+    assert jobs.get(job.id, runtime=webhook_runtime).status is JobStatus.IN_QUEUE  # state comes from /status only
+    poll_job(webhook_runtime, job.id)  # due at once: the webhook moved next_poll_at to now
+    assert jobs.get(job.id, runtime=webhook_runtime).poll_count == 1
+    assert [e.source for e in jobs.events(job.id, runtime=webhook_runtime)].count("webhook") == 2
+
+
+def test_a_forged_webhook_token_is_refused_and_changes_nothing(webhook_runtime: Runtime) -> None:
+    job = jobs.submit("tts", {"sleep": 30}, runtime=webhook_runtime)
+    submit_job(webhook_runtime, job.id)
+
+    assert jobs.webhook_received("not-a-real-token", runtime=webhook_runtime) is False
+    assert [e.source for e in jobs.events(job.id, runtime=webhook_runtime)].count("webhook") == 0
+
+
+def test_with_webhooks_polls_relax_to_a_safety_net(webhook_runtime: Runtime) -> None:
+    job = jobs.submit("tts", {"sleep": 30}, runtime=webhook_runtime)
+
+    step = submit_job(webhook_runtime, job.id)
+    make_due(webhook_runtime, job.id)
+    later = poll_job(webhook_runtime, job.id)
+
+    assert step.poll_in == webhook_runtime.webhook_schedule.first > webhook_runtime.schedule.first
+    assert later.poll_in is not None and later.poll_in >= 2.5
+
+
+def test_a_user_webhook_is_sent_as_given(webhook_runtime: Runtime, simulator: SimulatorProcess) -> None:
+    job = jobs.submit("tts", {"sleep": 30}, webhook="https://example.com/mine", runtime=webhook_runtime)
+    submit_job(webhook_runtime, job.id)
+
+    assert webhook_of(simulator, jobs.get(job.id, runtime=webhook_runtime).runpod_job_id or "") == \
+        "https://example.com/mine"
