@@ -390,8 +390,10 @@ class Pipeline:
         self.worker.kill()
         self.worker.wait(10)
 
-    def logs(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.log_dir.glob("*.log"))
+    def logs(self, tail: int | None = 4000) -> str:
+        """Every log of the stack; the last `tail` characters of each (None: all of it)."""
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-(tail or 0):]}"
+                         for p in self.log_dir.glob("*.log"))
 
     def stop(self) -> None:
         for process in (self.worker, self.beat):

@@ -146,3 +146,16 @@ def test_a_worker_killed_with_sigkill_mid_poll_loses_no_job(pipeline: Pipeline) 
     done = finished(pipeline, job.id, timeout=60)
     assert (done.status, done.output) == (JobStatus.COMPLETED, "survived")
     assert len(pipeline.simulator.jobs(ep)) == 1
+
+
+def test_every_log_line_of_a_jobs_tasks_carries_its_correlation_id(pipeline: Pipeline) -> None:
+    correlation_id = f"req-{uuid.uuid4().hex[:10]}"
+    job = jobs.submit(endpoint(), {"sleep": 0.3, "output": 1}, correlation_id=correlation_id,
+                      runtime=pipeline.runtime)
+
+    finished(pipeline, job.id)
+
+    lines = [line for line in pipeline.logs(tail=None).splitlines() if job.id in line]
+    assert any("is RunPod job" in line for line in lines)
+    assert any("RunPod says COMPLETED" in line for line in lines)
+    assert all(f"cid={correlation_id}" in line for line in lines)
