@@ -41,6 +41,9 @@ from jobs.store import events_of as _events_of
 log = logging.getLogger("rpq.api")
 
 MAX_KEY_LENGTH = 255
+# Problems never quote what was sent (it may be large, or private): this one names no endpoint.
+_UNKNOWN_ENDPOINT = Problem("endpoint", "known",
+                            "unknown endpoint: not in RUNPOD_ENDPOINTS and not a RunPod endpoint id")
 MAX_CORRELATION_ID_LENGTH = 128
 
 
@@ -166,8 +169,8 @@ def submit(
     try:
         resolved = rt.settings.resolve_endpoint(endpoint)
         endpoint_name, endpoint_id = resolved.name, resolved.id
-    except ConfigError as exc:
-        problems += [Problem("endpoint", "known", text) for text in exc.problems]
+    except ConfigError:
+        problems.append(_UNKNOWN_ENDPOINT)
     body: dict[str, Any] = {"input": input}
     try:
         body = build_run_body(input, webhook=webhook, policy=policy)
@@ -265,15 +268,15 @@ def list_jobs(
             try:
                 statuses.append(JobStatus(str(value).upper()))
             except ValueError:
-                problems.append(Problem("status", "known", f"unknown status {value!r} (known: {', '.join(JobStatus)})"))
+                problems.append(Problem("status", "known", f"unknown status (known: {', '.join(JobStatus)})"))
     endpoint_ids: list[str] | None = None
     if endpoint is not None:
         endpoint_ids = []
         for name in [endpoint] if isinstance(endpoint, str) else list(endpoint):
             try:
                 endpoint_ids.append(rt.settings.resolve_endpoint(name).id)
-            except ConfigError as exc:
-                problems += [Problem("endpoint", "known", text) for text in exc.problems]
+            except ConfigError:
+                problems.append(_UNKNOWN_ENDPOINT)
     if not 1 <= limit <= 10_000:
         problems.append(Problem("limit", "range", "must be between 1 and 10000"))
     if offset < 0:

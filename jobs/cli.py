@@ -413,6 +413,28 @@ def metrics(host: str, port: int) -> None:
     exporter.serve(get_runtime(), host=host, port=port)
 
 
+@main.group(name="api", invoke_without_command=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8080, show_default=True, type=int, help="Port to bind.")
+@click.pass_context
+def api_command(ctx: click.Context, host: str, port: int) -> None:
+    """Serve the HTTP API (needs RPQ_API_TOKENS; `rpq api token` makes one)."""
+    if ctx.invoked_subcommand is None:
+        from jobs.web import serve
+
+        serve(host, port)
+
+
+@api_command.command()
+def token() -> None:
+    """Make a new API token: give the token to the client, put the sha256 line in RPQ_API_TOKENS."""
+    from jobs.web.auth import new_token
+
+    secret, line = new_token()
+    click.echo(f"token (give to the client; shown once): {secret}")
+    click.echo(f"for RPQ_API_TOKENS:                    {line}")
+
+
 @main.group()
 def db() -> None:
     """The job table's schema."""

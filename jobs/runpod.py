@@ -510,7 +510,7 @@ def _policy_problems(policy: object) -> list[Problem]:
             if not isinstance(value, int) or isinstance(value, bool):
                 problems.append(Problem(f"policy.{key}", "type", "must be a whole number of milliseconds"))
             elif not low <= value <= high:
-                problems.append(Problem(f"policy.{key}", "range", f"must be between {low} and {high} ms, got {value}"))
+                problems.append(Problem(f"policy.{key}", "range", f"must be between {low} and {high} ms"))
         elif key == "lowPriority":
             if not isinstance(value, bool):
                 problems.append(Problem("policy.lowPriority", "type", "must be true or false"))

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -349,9 +350,22 @@ class Pipeline:
     simulator: SimulatorProcess
     env: dict[str, str]
     log_dir: Path
+    api_token: str = ""
+    api_url: str | None = None
     worker: subprocess.Popen[bytes] | None = None
     beat: subprocess.Popen[bytes] | None = None
+    api: subprocess.Popen[bytes] | None = None
     starts: int = 0
+
+    def start_api(self, port: int) -> None:
+        self.api = self.spawn("api", [sys.executable, "-m", "jobs.cli", "api", "--port", str(port)])
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200,
+                   timeout=60, what="the HTTP API to answer /healthz")
+
+    def api_client(self) -> httpx.Client:
+        assert self.api_url
+        return httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {self.api_token}"},
+                            timeout=30)
 
     def start_worker(self) -> None:
         self.starts += 1
@@ -396,37 +410,39 @@ class Pipeline:
                          for p in self.log_dir.glob("*.log"))
 
     def stop(self) -> None:
-        for process in (self.worker, self.beat):
+        for process in (self.worker, self.beat, self.api):
             if process is not None:
                 stop_process(process)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def pipeline(
-    request: pytest.FixtureRequest,
-    start_simulator: Callable[..., SimulatorProcess],
-    redis_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Pipeline]:
-    """The whole stack for a test module: `celery -A tasks worker` and `beat` as child processes."""
+@contextmanager
+def _stack(request: pytest.FixtureRequest, start_simulator: Callable[..., SimulatorProcess], redis_url: str,
+           tmp_path_factory: pytest.TempPathFactory, *, name: str, broker_offset: int,
+           with_api: bool = False) -> Iterator[Pipeline]:
     import redis as redis_lib
 
     from jobs.db import make_engine, upgrade
+    from jobs.runpod import RunPodClient
     from jobs.runtime import Runtime, celery_publisher
+    from jobs.web.auth import new_token
 
-    log_dir = tmp_path_factory.mktemp(f"pipeline-{request.param}")
+    log_dir = tmp_path_factory.mktemp(f"{name}-{request.param}")
     if request.param == "sqlite":
         database_url = f"sqlite:///{log_dir / 'rpq.db'}"
     else:
         database_url = str(request.getfixturevalue("postgres_url"))
     upgrade(database_url)
-    # A Redis database of this pipeline's own, so a message meant for one never reaches another.
-    broker = redis_url.rsplit("/", 1)[0] + f"/{(int(redis_url.rsplit('/', 1)[1]) + 1 + request.param_index) % 16 or 1}"
+    # A Redis database of this stack's own, so a message meant for one never reaches another.
+    base, db = redis_url.rsplit("/", 1)
+    broker = f"{base}/{(int(db) + broker_offset + request.param_index) % 16 or 1}"
     redis_lib.Redis.from_url(broker).flushdb()
-    simulator = start_simulator("--cold-start-seconds", "0.2")
+    simulator = start_simulator("--cold-start-seconds", "0.2", "--webhook-interval-seconds", "1")
+    api_port = free_port()
+    webhook_base = f"http://127.0.0.1:{api_port}" if with_api else None
     settings = make_settings(database_url, simulator, celery_broker_url=broker, runpod_timeout_seconds=2.0,
                              reconcile_interval_seconds=1, poll_grace_seconds=2, submit_stuck_seconds=30,
-                             runpod_health_poll_seconds=2)
+                             runpod_health_poll_seconds=2, runpod_webhook_base_url=webhook_base)
+    token, token_line = new_token()
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -439,16 +455,47 @@ def pipeline(
         "RPQ_POLL_GRACE_SECONDS": "2",
         "RPQ_SUBMIT_STUCK_SECONDS": "30",
         "RUNPOD_HEALTH_POLL_SECONDS": "2",
+        "RPQ_API_TOKENS": token_line,
     }
-    from jobs.runpod import RunPodClient
-
+    if webhook_base:
+        env["RUNPOD_WEBHOOK_BASE_URL"] = webhook_base
     runtime = Runtime(
         settings=settings, engine=make_engine(database_url), publish=celery_publisher(settings),
         make_client=lambda: RunPodClient(api_key=simulator.api_key, base_url=simulator.base_url),
     )
-    stack = Pipeline(runtime=runtime, simulator=simulator, env=env, log_dir=log_dir)
-    stack.start_worker()
-    stack.start_beat()
-    yield stack
-    stack.stop()
-    runtime.close()
+    stack = Pipeline(runtime=runtime, simulator=simulator, env=env, log_dir=log_dir, api_token=token,
+                     api_url=webhook_base)
+    try:
+        stack.start_worker()
+        stack.start_beat()
+        if with_api:
+            stack.start_api(api_port)
+        yield stack
+    finally:
+        stack.stop()
+        runtime.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def pipeline(
+    request: pytest.FixtureRequest,
+    start_simulator: Callable[..., SimulatorProcess],
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Pipeline]:
+    """The whole stack for a test module: `celery -A tasks worker` and `beat` as child processes."""
+    with _stack(request, start_simulator, redis_url, tmp_path_factory, name="pipeline", broker_offset=1) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def web_pipeline(
+    request: pytest.FixtureRequest,
+    start_simulator: Callable[..., SimulatorProcess],
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Pipeline]:
+    """The whole stack with `rpq api` serving too, and jobs submitted with webhooks pointing at it."""
+    with _stack(request, start_simulator, redis_url, tmp_path_factory, name="web", broker_offset=3,
+                with_api=True) as stack:
+        yield stack

@@ -41,7 +41,7 @@ def test_a_plain_job_streams_its_progress_then_its_output_once(runtime: Runtime)
     poll_until_final(runtime, job.id)
 
     _, items = jobs.stream_events(job.id, runtime=runtime)
-    assert [i.kind for i in items][0] == "started" and [i.kind for i in items][-2:] == ["output", "end"]
+    assert items[0].kind == "started" and [i.kind for i in items[-2:]] == ["output", "end"]
     assert [i.data for i in items if i.kind == "output"] == [{"url": "s3://x"}]
     assert all(i.data == "50%" for i in items if i.kind == "progress")
 

@@ -1,0 +1,21 @@
+"""The HTTP API: web apps in any language enqueue and follow jobs over JSON.
+
+    POST /v1/jobs                       submit (202; 200 for a repeated Idempotency-Key)
+    GET  /v1/jobs                       list: ?status=&endpoint=&since=&limit=&offset=
+    GET  /v1/jobs/{id}                  one job
+    POST /v1/jobs/{id}/cancel           cancel (409 once it has finished)
+    POST /v1/jobs/{id}/retry            a new attempt (409 when not retryable)
+    GET  /v1/endpoints/{name}/health    RunPod's /health counters, live
+    GET  /v1/jobs/{id}/events           Server-Sent Events: started, progress, output, end|error
+    POST /v1/webhooks/runpod/{token}    RunPod's webhook (the per-job token is the credential)
+    GET  /healthz                       the database answers (no token)
+    GET  /openapi.json, /docs           the schema and its browsable docs (no token)
+
+`create_app()` builds the ASGI app and `serve()` runs it with uvicorn. Every /v1 route needs a
+bearer token from RPQ_API_TOKENS; `new_token()` makes one and the `sha256:` line to configure.
+"""
+
+from jobs.web.app import create_app, serve
+from jobs.web.auth import new_token
+
+__all__ = ["create_app", "new_token", "serve"]

@@ -1,0 +1,427 @@
+"""The ASGI app: thin routes over `jobs.api`, one error translation, bearer auth, correlation ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict
+from http import HTTPStatus
+from importlib.metadata import version
+from typing import Annotated, Any
+
+import anyio
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import jobs
+from jobs.api import InvalidJob, InvalidTransition, JobNotFound
+from jobs.errors import ConfigError, Problem, RpqError, RunPodError, RunPodTransient
+from jobs.models import utcnow
+from jobs.runpod import MAX_RUN_PAYLOAD_BYTES
+from jobs.runtime import Runtime, get_runtime
+from jobs.states import JobStatus
+from jobs.web.auth import Tokens
+from jobs.web.events import router as streams_and_webhooks
+from jobs.web.schemas import (
+    EndpointHealth,
+    ErrorBody,
+    Healthz,
+    JobFilter,
+    JobList,
+    JobOut,
+    JobRequest,
+    SubmitHeaders,
+    check,
+    is_usable_correlation_id,
+    problems_of,
+    query_values,
+)
+
+log = logging.getLogger("rpq.web")
+
+#: RunPod's limit on a /run body, plus room for metadata, which stays here and is not sent.
+MAX_BODY_BYTES = MAX_RUN_PAYLOAD_BYTES + 1_000_000
+HEALTHZ_TIMEOUT_SECONDS = 5.0
+CORRELATION_HEADER = "X-Correlation-ID"
+_SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def create_app(
+    runtime: Runtime | None = None,
+    *,
+    tokens: str | Iterable[str] | None = None,
+    allow_no_auth: bool | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The HTTP API over `runtime` (default: this process's, from the environment).
+
+    `tokens` are entries as in RPQ_API_TOKENS (`sha256:<hex>` or plain; a list or one comma-separated
+    string) and `allow_no_auth` is RPQ_API_ALLOW_NO_AUTH; either one left None is read from the
+    environment. With no token and no-auth not allowed this raises ConfigError: the API never
+    starts open by accident.
+    """
+    accepted = Tokens.configure(tokens, allow_no_auth=allow_no_auth)
+    if accepted.open:
+        log.warning("the HTTP API is serving WITHOUT authentication (RPQ_API_ALLOW_NO_AUTH=true)")
+    app = _Api(
+        title="rpq",
+        version=version("rpq"),
+        summary="Enqueue and follow RunPod serverless jobs.",
+        description="Every /v1 route needs `Authorization: Bearer <token>`. Every answer carries an "
+        "`X-Correlation-ID` header: the one you sent (1 to 128 visible ASCII characters), or a new one. "
+        'Errors are `{"errors": [{"field", "constraint", "message"}, ...]}`, listing every problem at '
+        "once; messages never quote what was sent.",
+    )
+    app.state.runtime = runtime or get_runtime()
+    app.state.tokens = accepted
+    app.state.max_body_bytes = max_body_bytes
+    app.add_middleware(CorrelationId)
+    for kind in (RpqError, ApiError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(kind, _error_response)
+    app.add_exception_handler(Exception, _unexpected_error_response)
+    app.include_router(v1)
+    events, webhooks = streams_and_webhooks(require_token, ApiError)
+    app.include_router(events)
+    app.include_router(webhooks)
+    app.include_router(probes)
+    return app
+
+
+def serve(host: str, port: int) -> None:
+    """Serve the API with uvicorn until interrupted. Logs the URL, never a token."""
+    import uvicorn
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app()
+    shown_host = f"[{host}]" if ":" in host else host
+    log.info("rpq HTTP API serving http://%s:%d/v1 (schema at /openapi.json, docs at /docs)", shown_host, port)
+    # The access log has the method, path and status only: no header, so no token.
+    uvicorn.run(app, host=host, port=port, log_config=None, server_header=False, timeout_graceful_shutdown=5)
+
+
+# -- errors: the one translation -----------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An answer other than success, with every problem to report."""
+
+    def __init__(self, status: int, problems: list[Problem], headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status, self.problems, self.headers = status, problems, headers or {}
+
+
+def translate(exc: Exception) -> ApiError:
+    """The one place where an exception becomes an HTTP answer. Answers never quote the request."""
+    match exc:
+        case ApiError():
+            return exc
+        case InvalidJob():
+            return ApiError(422, exc.problems)
+        case JobNotFound():
+            return ApiError(404, [Problem("id", "known", "no job has this id")])
+        case InvalidTransition():
+            return ApiError(409, [Problem("status", "transition", f"cannot {exc.action} a job that is {exc.status}")])
+        case RunPodError():
+            return _runpod_error(exc)
+        case ConfigError():
+            log.error("cannot serve a request: %s", exc)
+            return ApiError(500, [Problem("server", "config", "the server is misconfigured; its log says how")])
+        case RequestValidationError():
+            return ApiError(422, problems_of(list(exc.errors())))
+        case StarletteHTTPException(status_code=404):
+            return ApiError(404, [Problem("path", "known", "no such route")])
+        case StarletteHTTPException(status_code=405):
+            return ApiError(405, [Problem("method", "allowed", "method not allowed here")], dict(exc.headers or {}))
+        case StarletteHTTPException():
+            return ApiError(exc.status_code, [Problem("request", "http", "the request was refused")])
+    # Only the type: the server (uvicorn) logs the traceback of an exception no handler expected.
+    log.error("unexpected %s while serving a request", type(exc).__name__)
+    return ApiError(500, [Problem("server", "internal", "unexpected error; the server log has the details")])
+
+
+def _runpod_error(exc: RunPodError) -> ApiError:
+    log.warning("a RunPod call failed: %s", exc)  # RunPod errors never contain the API key (jobs/errors.py)
+    if isinstance(exc.__cause__, httpx.TimeoutException) or exc.status_code == 504:
+        return ApiError(504, [Problem("runpod", "timeout", "RunPod did not answer in time; try again later")])
+    # The public class's docstring says what happened (the private ones are markers).
+    public = next(kind for kind in type(exc).__mro__ if kind.__module__ == "jobs.errors")
+    message = (public.__doc__ or "RunPod did not do what was asked.").strip()
+    if exc.status_code is not None:
+        message += f" (RunPod answered HTTP {exc.status_code})"
+    retry_after = exc.retry_after if isinstance(exc, RunPodTransient) else None
+    headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after else None
+    return ApiError(502, [Problem("runpod", "upstream", message)], headers)
+
+
+def _error_body(error: ApiError) -> JSONResponse:
+    return JSONResponse({"errors": [asdict(p) for p in error.problems]}, status_code=error.status,
+                        headers=error.headers)
+
+
+async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    return _error_body(translate(exc))
+
+
+async def _unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
+    response = _error_body(translate(exc))
+    # This answer is sent from outside the middleware stack, so it gets its correlation id here.
+    response.headers[CORRELATION_HEADER] = getattr(request.state, "correlation_id", None) or str(uuid.uuid4())
+    return response
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error answers."""
+    return {code: {"model": ErrorBody, "description": HTTPStatus(code).phrase} for code in codes}
+
+
+# -- the schema of what is validated by hand -----------------------------------------------------
+
+
+def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(ref_template=_SCHEMA_REF)
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    schema = {"$ref": _SCHEMA_REF.format(model=model.__name__)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _query_parameters(model: type[BaseModel]) -> dict[str, Any]:
+    properties = _json_schema(model)["properties"]
+    return {"parameters": [{"name": name, "in": "query", "required": False, "schema": schema}
+                           for name, schema in properties.items()]}
+
+
+class _Api(FastAPI):
+    """FastAPI documents what it validates; our bodies and queries are validated by hand (to report
+    every problem at once), so their models are added to the schema here."""
+
+    def openapi(self) -> dict[str, Any]:
+        first = self.openapi_schema is None
+        schema = super().openapi()
+        if first:
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (JobRequest, JobFilter):
+                definition = _json_schema(model)
+                components.update(definition.pop("$defs", {}))
+                components[model.__name__] = definition
+        return schema
+
+
+# -- correlation ids and auth --------------------------------------------------------------------
+
+
+class CorrelationId:
+    """Gives each request a correlation id, the caller's X-Correlation-ID when usable or else a new
+    UUID, kept in `request.state.correlation_id` and returned on every answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})  # what `request.state` reads and writes
+        given = Headers(scope=scope).get(CORRELATION_HEADER)
+        state["correlation_id"] = given if given and is_usable_correlation_id(given) else str(uuid.uuid4())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[CORRELATION_HEADER] = state["correlation_id"]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+_bearer = HTTPBearer(auto_error=False, description="A token listed (or whose sha256 is listed) in RPQ_API_TOKENS.")
+
+
+def require_token(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    tokens: Tokens = request.app.state.tokens
+    if not tokens.accepts(credentials.credentials if credentials else None):
+        # One answer whatever was wrong (no header, another scheme, a wrong token): it reveals nothing.
+        raise ApiError(401, [Problem("authorization", "auth", "missing or invalid bearer token")],
+                       {"WWW-Authenticate": "Bearer"})
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+# 422 on every route: the schema then shows our error shape where FastAPI would show its own.
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=_errors(401, 422))
+probes = APIRouter()
+
+
+# -- routes --------------------------------------------------------------------------------------
+
+
+@v1.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobOut,
+    summary="Submit a job",
+    description="202 with the new job; 200 with the existing one when an earlier request had the same "
+    "Idempotency-Key (for the same endpoint). Nothing is written for a request with any problem.",
+    responses={200: {"model": JobOut, "description": "The job an earlier request with this Idempotency-Key made."},
+               **_errors(400, 413, 415)},
+    openapi_extra=_json_body(JobRequest),
+)
+async def submit_job(
+    request: Request,
+    response: Response,
+    runtime: RuntimeDep,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", description="At most 255 characters; a retried request gets the same job.")] = None,
+    correlation_header: Annotated[str | None, Header(
+        alias=CORRELATION_HEADER, description="Stored on the job when the body has no correlation_id.")] = None,
+) -> dict[str, Any]:
+    job_request, headers = await _read_submission(request, runtime, idempotency_key, correlation_header)
+    correlation_id = job_request.correlation_id or request.state.correlation_id
+    request.state.correlation_id = correlation_id
+    started = utcnow()
+    job = await run_in_threadpool(
+        jobs.submit, job_request.endpoint, job_request.input, policy=job_request.policy_dict(),
+        webhook=job_request.webhook, idempotency_key=headers.idempotency_key, correlation_id=correlation_id,
+        metadata=job_request.metadata, stream=job_request.stream, runtime=runtime,
+    )
+    # For a known Idempotency-Key, jobs.submit returns the first job: one made before this request
+    # began. (Two first requests racing each other may both get 202; they get the same job.)
+    if job.created_at < started:
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job.to_dict()
+
+
+@v1.get("/jobs", response_model=JobList, summary="List jobs, newest first",
+        openapi_extra=_query_parameters(JobFilter))
+def list_jobs(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    filters, problems = check(JobFilter, query_values(JobFilter, request.query_params), settings=runtime.settings)
+    if filters is None:
+        raise InvalidJob(problems)
+    found = jobs.list_jobs(status=filters.status or None, endpoint=filters.endpoint or None, since=filters.since,
+                           limit=filters.limit, offset=filters.offset, runtime=runtime)
+    return {"jobs": [job.to_dict() for job in found], "limit": filters.limit, "offset": filters.offset,
+            "next_offset": filters.offset + len(found) if len(found) == filters.limit else None}
+
+
+@v1.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job", responses=_errors(404))
+def get_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+    return jobs.get(job_id, runtime=runtime).to_dict()
+
+
+@v1.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a job that has not finished",
+         responses=_errors(404, 409))
+def cancel_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+    job = jobs.cancel(job_id, runtime=runtime)
+    if job.status is not JobStatus.CANCELLED:
+        # jobs.cancel leaves a finished job as it is; say so instead of answering as if it were cancelled.
+        raise InvalidTransition(job.id, job.status, "cancel")
+    return job.to_dict()
+
+
+@v1.post("/jobs/{job_id}/retry", status_code=202, response_model=JobOut,
+         summary="Start a new attempt of a job that failed, timed out, expired or was cancelled",
+         responses=_errors(404, 409))
+def retry_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+    return jobs.retry(job_id, runtime=runtime).to_dict()
+
+
+@v1.get("/endpoints/{name}/health", response_model=EndpointHealth, summary="RunPod's /health of an endpoint, live",
+        responses=_errors(404, 502, 504))
+def endpoint_health(name: str, runtime: RuntimeDep) -> EndpointHealth:
+    try:
+        endpoint = runtime.settings.resolve_endpoint(name)
+    except ConfigError:
+        raise ApiError(404, [Problem("name", "known", "unknown endpoint: not in RUNPOD_ENDPOINTS and not a "
+                                                      "RunPod endpoint id")]) from None
+    health = runtime.runpod.health(endpoint.id)
+    return EndpointHealth(endpoint=endpoint.name, endpoint_id=endpoint.id, jobs=health.jobs, workers=health.workers)
+
+
+@probes.get("/healthz", response_model=Healthz, summary="Is the database answering? (No token needed.)",
+            responses={503: {"model": Healthz}})
+async def healthz(request: Request) -> JSONResponse:
+    engine = _runtime(request).engine
+    try:
+        with anyio.fail_after(HEALTHZ_TIMEOUT_SECONDS):
+            await anyio.to_thread.run_sync(_select_one, engine, abandon_on_cancel=True)
+    except Exception as exc:
+        log.warning("healthz: the database did not answer: %s: %s", type(exc).__name__, exc)
+        return JSONResponse({"ok": False}, status_code=503)
+    return JSONResponse({"ok": True})
+
+
+def _select_one(engine: Engine) -> None:
+    # A DBAPI cursor, not a Session: on SQLite every SQLAlchemy transaction begins IMMEDIATE, which
+    # would queue the probe behind the writers it is not meant to wait for.
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+        cursor.close()
+    finally:
+        connection.close()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+async def _read_submission(
+    request: Request, runtime: Runtime, idempotency_key: str | None, correlation_header: str | None
+) -> tuple[JobRequest, SubmitHeaders]:
+    """The body and headers of `POST /v1/jobs`, or InvalidJob with every problem in either."""
+    job_request, problems = check(JobRequest, await _read_json(request), settings=runtime.settings)
+    headers, header_problems = check(SubmitHeaders, {"Idempotency-Key": idempotency_key,
+                                                     CORRELATION_HEADER: correlation_header})
+    if job_request is None or headers is None:
+        raise InvalidJob(problems + header_problems)
+    return job_request, headers
+
+
+async def _read_json(request: Request) -> object:
+    limit: int = request.app.state.max_body_bytes
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, [Problem("Content-Type", "format", "must be application/json")])
+    too_large = ApiError(413, [Problem("body", "size", f"must be at most {limit:,} bytes")])
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, [Problem("body", "json", f"not valid JSON (line {exc.lineno}, column {exc.colno})")]
+                       ) from None
+    except (ValueError, RecursionError):  # not UTF-8, NaN or Infinity, nested too deep
+        raise ApiError(400, [Problem("body", "json", "not valid JSON")]) from None
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+

@@ -1,0 +1,124 @@
+"""Server-Sent Events of a job, and the receiver of RunPod's webhooks.
+
+`GET /v1/jobs/{id}/events` replays the job's current attempt from the table (`jobs.streams`):
+`started`, then `progress` and `output`, then exactly one of `end` or `error`, after which the
+stream closes. Each event's id is its sequence number, so a client that reconnects with
+`Last-Event-ID` gets the events after it, without gaps or repeats. Each event is written whole,
+as one UTF-8 chunk, so no character is ever split across writes.
+
+`POST /v1/webhooks/runpod/{token}` is what RunPod calls when a job ends. It needs no bearer token
+(RunPod cannot send one): the unguessable per-job token in the path is the credential. It never
+reads the body and never sets state; it wakes the job's poll.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+import jobs
+from jobs.errors import Problem
+from jobs.runtime import Runtime
+from jobs.streams import FINAL_KINDS
+
+#: How often an open stream looks for new events in the table.
+POLL_SECONDS = 0.5
+#: A comment line this often keeps proxies from closing a quiet stream.
+HEARTBEAT_SECONDS = 15.0
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+
+def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
+    """The SSE route (behind the bearer token) and the webhook route (behind its path token)."""
+    events = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    webhooks = APIRouter(prefix="/v1")
+
+    @events.get(
+        "/jobs/{job_id}/events",
+        summary="Follow a job as Server-Sent Events",
+        description="Events `started`, `progress`, `output`, then exactly one of `end` or `error`; the "
+        "stream then closes. Reconnect with `Last-Event-ID` to resume without gaps or repeats.",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def job_events(
+        job_id: str,
+        request: Request,
+        runtime: RuntimeDep,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    ) -> StreamingResponse:
+        after = 0
+        if last_event_id is not None:
+            if not last_event_id.strip().isdigit():
+                raise api_error(422, [Problem("Last-Event-ID", "format", "must be an event id this stream sent")])
+            after = int(last_event_id)
+        job, first = await run_in_threadpool(jobs.stream_events, job_id, after=after, runtime=runtime)
+        return StreamingResponse(
+            _follow(request, runtime, job_id, after, job, first),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @webhooks.post(
+        "/webhooks/runpod/{token}",
+        summary="RunPod's webhook: wakes the job's poll",
+        description="The per-job token in the path is the credential. The body is ignored: the status "
+        "always comes from RunPod's /status. Unknown tokens get 404.",
+        responses={404: {"description": "No job has this token"}},
+    )
+    async def runpod_webhook(token: str, runtime: RuntimeDep) -> JSONResponse:
+        if not await run_in_threadpool(jobs.webhook_received, token, runtime=runtime):
+            raise api_error(404, [Problem("token", "known", "no job has this webhook")])
+        return JSONResponse({"ok": True})
+
+    return events, webhooks
+
+
+async def _follow(request: Request, runtime: Runtime, job_id: str, after: int, job: jobs.Job,
+                  batch: list[jobs.StreamItem]) -> AsyncIterator[bytes]:
+    last_write = time.monotonic()
+    while True:
+        for item in batch:
+            yield _event(item)
+            after = item.seq
+            last_write = time.monotonic()
+            if item.kind in FINAL_KINDS:
+                return
+        if job.is_terminal and not batch:
+            _, everything = await run_in_threadpool(jobs.stream_events, job_id, after=0, runtime=runtime)
+            if not any(item.kind in FINAL_KINDS for item in everything):
+                # Finished, yet its stream has no end or error (a job older than streams): say how it ended.
+                yield _closing(job).encode()
+            return  # else the client already has the final event: it resumed after it
+        if await request.is_disconnected():
+            return
+        if time.monotonic() - last_write >= HEARTBEAT_SECONDS:
+            yield b": still here\n\n"
+            last_write = time.monotonic()
+        await anyio.sleep(POLL_SECONDS)
+        job, batch = await run_in_threadpool(jobs.stream_events, job_id, after=after, runtime=runtime)
+
+
+def _event(item: jobs.StreamItem) -> bytes:
+    data = json.dumps(item.data, ensure_ascii=False, separators=(",", ":"))
+    return f"id: {item.seq}\nevent: {item.kind}\ndata: {data}\n\n".encode()
+
+
+def _closing(job: jobs.Job) -> str:
+    if job.status.value == "COMPLETED":
+        return f'event: end\ndata: {json.dumps({"status": job.status.value})}\n\n'
+    return f'event: error\ndata: {json.dumps({"status": job.status.value, "error": job.error})}\n\n'

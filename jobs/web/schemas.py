@@ -1,0 +1,280 @@
+"""The HTTP API's request and response bodies, and how validation errors become `Problem`s.
+
+Requests are validated by hand (`check`) rather than by FastAPI before the route runs: that is
+what lets one answer carry every problem at once, the static ones (types, ranges, unknown
+fields) and the one that needs the configuration (is the endpoint known?), which the models
+check through the validation context. The schema FastAPI publishes comes from the same models.
+
+The bounds are the domain's own constants, so these models can refuse earlier than `jobs.submit`
+but never differently; `jobs.submit` still checks everything (and alone knows the 10 MB limit).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, TypeVar, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH
+from jobs.errors import ConfigError, Problem
+from jobs.runpod import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
+from jobs.settings import Settings
+from jobs.states import JobStatus
+
+Model = TypeVar("Model", bound=BaseModel)
+
+MAX_WEBHOOK_LENGTH = 2048
+# Correlation ids travel in a response header, so they are kept to visible ASCII.
+CORRELATION_ID_PATTERN = r"^[!-~]+$"
+_AGE = re.compile(r"^(\d+)([smhd])$")
+_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+def _known_endpoint(value: str, info: ValidationInfo) -> str:
+    """The endpoint must resolve with the server's settings, which validation gets as its context."""
+    settings = info.context.get("settings") if isinstance(info.context, Mapping) else None
+    if isinstance(settings, Settings):
+        try:
+            settings.resolve_endpoint(value)
+        except ConfigError:
+            # Not the domain's message: that one quotes the value, and answers never echo input.
+            known = ", ".join(sorted(settings.endpoints)) or "none configured"
+            raise PydanticCustomError(
+                "known", "unknown endpoint: not in RUNPOD_ENDPOINTS ({known}) and not a RunPod endpoint id",
+                {"known": known},
+            ) from None
+    return value
+
+
+EndpointName = Annotated[str, AfterValidator(_known_endpoint)]
+
+
+class Policy(BaseModel):
+    """RunPod's execution policy for the job."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    executionTimeout: int | None = Field(  # RunPod's own field names
+        None, ge=POLICY_BOUNDS_MS["executionTimeout"][0], le=POLICY_BOUNDS_MS["executionTimeout"][1],
+        description="Milliseconds a worker may run the job before RunPod stops it.",
+    )
+    ttl: int | None = Field(
+        None, ge=POLICY_BOUNDS_MS["ttl"][0], le=POLICY_BOUNDS_MS["ttl"][1],
+        description="Milliseconds RunPod keeps the job, queued or running, before deleting it.",
+    )
+    lowPriority: bool | None = Field(
+        None, description="Queued jobs do not make RunPod start more workers.",
+    )
+
+
+class JobRequest(BaseModel):
+    """A job to run. `Idempotency-Key` and `X-Correlation-ID` come as headers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    endpoint: EndpointName = Field(description="A name from RUNPOD_ENDPOINTS, or a RunPod endpoint id.",
+                                   examples=["tts"])
+    input: Any = Field(description="The handler's input: any JSON. With policy and webhook, at most 10 MB.",
+                       examples=[{"text": "hello"}])
+    policy: Policy | None = None
+    webhook: str | None = Field(None, max_length=MAX_WEBHOOK_LENGTH,
+                                description="An http(s) URL RunPod calls when the job finishes.")
+    correlation_id: str | None = Field(
+        None, max_length=MAX_CORRELATION_ID_LENGTH, pattern=CORRELATION_ID_PATTERN,
+        description="Your request or trace id, stored on the job. Default: the X-Correlation-ID header.",
+    )
+    metadata: dict[str, Any] | None = Field(None, description="Any JSON object, stored with the job for you.")
+    stream: bool = Field(False, description="For generator handlers: collect their chunks as they come, "
+                         "for the job's event stream.")
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise PydanticCustomError("format", "must be an http:// or https:// URL")
+        return value
+
+    def policy_dict(self) -> dict[str, Any] | None:
+        return self.policy.model_dump(exclude_none=True) if self.policy else None
+
+
+def is_usable_correlation_id(value: str) -> bool:
+    return len(value) <= MAX_CORRELATION_ID_LENGTH and re.fullmatch(CORRELATION_ID_PATTERN, value) is not None
+
+
+class SubmitHeaders(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    idempotency_key: str | None = Field(None, alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LENGTH)
+    correlation_id: str | None = Field(None, alias="X-Correlation-ID", max_length=MAX_CORRELATION_ID_LENGTH,
+                                       pattern=CORRELATION_ID_PATTERN)
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+def parse_since(value: object) -> object:
+    """An age (`30m`, `1h`, `2d`) or an ISO 8601 time; a time without a zone is taken as UTC."""
+    if not isinstance(value, str):
+        return value
+    match = _AGE.match(value.strip())
+    if match:
+        return timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise PydanticCustomError("format", "use an age like 30m, 1h, 2d or an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class JobFilter(BaseModel):
+    """The query of `GET /v1/jobs`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: list[Annotated[JobStatus, BeforeValidator(_upper)]] = Field(
+        [], description="Only jobs in these statuses (repeat the parameter for several).")
+    endpoint: list[EndpointName] = Field([], description="Only jobs for these endpoints (repeat for several).")
+    since: Annotated[
+        datetime | timedelta | None,
+        BeforeValidator(parse_since),
+        WithJsonSchema({"type": "string", "examples": ["1h", "2025-01-31T12:00:00Z"]}),
+    ] = Field(None, description="Only jobs created since: an age (30s, 30m, 1h, 2d) or an ISO 8601 time.")
+    limit: int = Field(100, ge=1, le=10_000, description="At most this many jobs, newest first.")
+    offset: int = Field(0, ge=0, description="Skip this many jobs first.")
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+_Time = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+
+
+class JobOut(BaseModel):
+    """A job: exactly `jobs.Job.to_dict()`. Times are ISO 8601, in UTC."""
+
+    id: str
+    status: JobStatus
+    endpoint: str = Field(description="The endpoint's name (a bare endpoint id names itself).")
+    endpoint_id: str
+    runpod_job_id: str | None = Field(description="RunPod's id for the current attempt, once submitted.")
+    input: Any
+    output: Any
+    error: str | None
+    progress: Any
+    attempt: int
+    poll_count: int
+    policy: dict[str, Any] | None
+    webhook: str | None
+    correlation_id: str | None
+    idempotency_key: str | None
+    metadata: dict[str, Any] | None
+    stream: bool
+    created_at: _Time
+    submitted_at: _Time | None
+    started_at: _Time | None
+    finished_at: _Time | None
+    delay_time_ms: int | None
+    execution_time_ms: int | None
+    worker_id: str | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="The offset of the next page; null when this page is not full.")
+
+
+class EndpointHealth(BaseModel):
+    """RunPod's `/health` of the endpoint, read live; every counter, 0 when RunPod left it out."""
+
+    endpoint: str
+    endpoint_id: str
+    jobs: JobCounts
+    workers: WorkerCounts
+
+
+class ErrorBody(BaseModel):
+    """Every problem with the request, at once. Messages never quote what was sent."""
+
+    errors: list[Problem]
+
+
+class Healthz(BaseModel):
+    ok: bool
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def check(model: type[Model], data: object, *, settings: Settings | None = None) -> tuple[Model | None, list[Problem]]:
+    """`data` as a `model`, or every problem with it."""
+    try:
+        return model.model_validate(data, context={"settings": settings}), []
+    except ValidationError as exc:
+        return None, problems_of(exc.errors(include_input=False, include_url=False))
+
+
+def query_values(model: type[BaseModel], params: Any) -> dict[str, object]:
+    """A query string (Starlette's multi-dict) as `model` input: list fields get every value."""
+    lists = {name for name, spec in model.model_fields.items() if get_origin(spec.annotation) is list}
+    return {key: params.getlist(key) if key in lists else params[key] for key in params}
+
+
+# pydantic's error types, by the `constraint` words of `jobs.errors.Problem`.
+_CONSTRAINTS = {
+    "missing": "required",
+    "extra_forbidden": "unknown",
+    "greater_than": "range",
+    "greater_than_equal": "range",
+    "less_than": "range",
+    "less_than_equal": "range",
+    "string_too_short": "format",
+    "string_too_long": "format",
+    "string_pattern_mismatch": "format",
+    "enum": "known",
+    "literal_error": "known",
+}
+
+
+def problems_of(errors: list[ErrorDetails]) -> list[Problem]:
+    """pydantic's errors as Problems. Only `msg` is kept: pydantic's messages name the rule, never the
+    value (which pydantic keeps apart, in `input`, and which is never sent back)."""
+    problems = []
+    for error in errors:
+        kind = error["type"]
+        if kind in _CONSTRAINTS:
+            constraint = _CONSTRAINTS[kind]
+        elif kind.endswith(("_type", "_parsing")):
+            constraint = "type"
+        else:
+            constraint = kind  # our own PydanticCustomErrors are named after their constraint
+        message = {"missing": "required", "extra_forbidden": "unknown field"}.get(kind, error["msg"])
+        problems.append(Problem(field_name(error["loc"]), constraint, message))
+    return problems
+
+
+def field_name(loc: tuple[int | str, ...]) -> str:
+    """`("policy", "ttl")` → `policy.ttl`, `("status", 1)` → `status[1]`, `()` → `body`."""
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else part)
+    return name or "body"

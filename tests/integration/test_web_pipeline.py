@@ -1,0 +1,134 @@
+"""Over HTTP with a real worker: the SSE event stream, RunPod's webhooks, correlation ids end to end."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+
+import httpx
+import pytest
+
+import jobs
+from jobs.states import JobStatus
+from tests.conftest import ENDPOINT_ID, Pipeline, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def read_events(client: httpx.Client, job_id: str, *, last_event_id: int | None = None,
+                stop_after: int | None = None) -> list[dict[str, object]]:
+    """Read an SSE stream as raw bytes and parse it only at the end: proof no character was split."""
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    raw = bytearray()
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for chunk in response.iter_bytes():
+            raw += chunk
+            if stop_after is not None and raw.count(b"\n\n") >= stop_after:
+                break
+    events = []
+    for block in raw.decode("utf-8").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if fields:
+            events.append({"id": int(fields["id"]) if "id" in fields else None, "event": fields["event"],
+                           "data": json.loads(fields["data"])})
+    return events[:stop_after] if stop_after is not None else events
+
+
+def submit(web_pipeline: Pipeline, body: dict[str, object], **headers: str) -> httpx.Response:
+    with web_pipeline.api_client() as client:
+        return client.post("/v1/jobs", json=body, headers=headers)
+
+
+def test_a_streaming_job_arrives_as_started_chunks_in_order_then_one_end(web_pipeline: Pipeline) -> None:
+    chunks = ["Καλη", "μέρα ", "🐉🐉 ", "日本語の", "テキスト", " ✓"]
+    answer = submit(web_pipeline, {"endpoint": "tts", "input": {"sleep": 2, "stream": chunks}, "stream": True})
+    job_id = answer.json()["id"]
+
+    with web_pipeline.api_client() as client:
+        events = read_events(client, job_id)
+
+    assert [e["event"] for e in events] == ["started", *["output"] * len(chunks), "end"]
+    assert [e["data"] for e in events if e["event"] == "output"] == chunks
+    assert [e["id"] for e in events] == sorted({e["id"] for e in events})  # increasing, no repeats
+
+
+def test_a_failing_job_streams_exactly_one_error_and_no_end(web_pipeline: Pipeline) -> None:
+    job_id = submit(web_pipeline, {"endpoint": "tts", "input": {"sleep": 0.5, "fail": "OOM"}}).json()["id"]
+
+    with web_pipeline.api_client() as client:
+        events = read_events(client, job_id)
+
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "error" and "end" not in kinds
+    assert events[-1]["data"] == {"status": "FAILED", "error": "OOM"}
+
+
+def test_a_client_that_reconnects_with_last_event_id_resumes_without_gaps_or_repeats(web_pipeline: Pipeline) -> None:
+    chunks = [f"part {n} · ü" for n in range(8)]
+    job_id = submit(web_pipeline, {"endpoint": "tts", "input": {"sleep": 3, "stream": chunks},
+                                   "stream": True}).json()["id"]
+
+    with web_pipeline.api_client() as client:
+        first = read_events(client, job_id, stop_after=3)
+        rest = read_events(client, job_id, last_event_id=int(str(first[-1]["id"])))
+        everything = read_events(client, job_id)
+
+    assert first + rest == everything
+    assert [e["data"] for e in everything if e["event"] == "output"] == chunks
+
+
+def test_webhooks_from_runpod_end_polling_early(web_pipeline: Pipeline) -> None:
+    job_id = submit(web_pipeline, {"endpoint": "tts", "input": {"sleep": 2, "output": "fast"}}).json()["id"]
+
+    done = jobs.wait(job_id, timeout=60, runtime=web_pipeline.runtime)
+
+    [at_runpod] = [j for j in web_pipeline.simulator.jobs(ENDPOINT_ID) if j["id"] == done.runpod_job_id]
+    runpod_finished = datetime.fromisoformat(str(at_runpod["finished_at"]))
+    lag = (done.finished_at - runpod_finished).total_seconds() if done.finished_at else None
+    # Without the webhook the first safety-net poll comes 5 s after submission, then 5-10 s apart.
+    assert done.status is JobStatus.COMPLETED and lag is not None and lag < 2.0, lag
+    assert done.poll_count <= 2
+    assert "webhook" in [e.source for e in jobs.events(job_id, runtime=web_pipeline.runtime)]
+
+
+def test_forged_and_duplicate_webhooks_are_harmless(web_pipeline: Pipeline) -> None:
+    job_id = submit(web_pipeline, {"endpoint": "tts", "input": {"sleep": 30}}).json()["id"]
+    wait_until(lambda: jobs.get(job_id, runtime=web_pipeline.runtime).runpod_job_id, timeout=30, what="submission")
+    runpod_id = jobs.get(job_id, runtime=web_pipeline.runtime).runpod_job_id
+    [at_runpod] = [j for j in web_pipeline.simulator.jobs(ENDPOINT_ID) if j["id"] == runpod_id]
+    real = str(at_runpod["webhook"]).split("?")[0]
+    forged = real.rsplit("/", 1)[0] + "/" + "A" * 43
+    polls_before = jobs.get(job_id, runtime=web_pipeline.runtime).poll_count
+
+    with httpx.Client(timeout=10) as anyone:
+        assert anyone.post(forged, json={"id": runpod_id, "status": "COMPLETED", "output": "fake"}).status_code == 404
+        assert anyone.post(real, content=b"{not json").status_code == 200  # the body is never read
+        assert anyone.post(real, json={"status": "COMPLETED", "output": "lies"}).status_code == 200
+
+    # The real webhooks woke a poll; once it has run, the job must still be what /status says.
+    wait_until(lambda: jobs.get(job_id, runtime=web_pipeline.runtime).poll_count > polls_before, timeout=20,
+               what="the woken poll")
+    job = jobs.get(job_id, runtime=web_pipeline.runtime)
+    assert job.status in (JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS) and job.output is None
+    jobs.cancel(job_id, runtime=web_pipeline.runtime)
+
+
+def test_the_correlation_id_goes_from_the_request_to_runpod_and_every_log_line(web_pipeline: Pipeline) -> None:
+    correlation_id = f"web-{uuid.uuid4().hex[:10]}"
+
+    answer = submit(web_pipeline, {"endpoint": "tts", "input": {"sleep": 0.3, "output": 1}},
+                    **{"X-Correlation-ID": correlation_id})
+    job_id = answer.json()["id"]
+    done = jobs.wait(job_id, timeout=60, runtime=web_pipeline.runtime)
+
+    assert answer.headers["X-Correlation-ID"] == correlation_id
+    assert done.correlation_id == correlation_id
+    [at_runpod] = [j for j in web_pipeline.simulator.jobs(ENDPOINT_ID) if j["id"] == done.runpod_job_id]
+    assert f"correlation_id={correlation_id}" in str(at_runpod["webhook"])
+    worker_lines = [line for line in web_pipeline.logs(tail=None).splitlines() if job_id in line]
+    assert worker_lines and all(f"cid={correlation_id}" in line for line in worker_lines)
+    with web_pipeline.api_client() as client:
+        assert client.get(f"/v1/jobs/{job_id}").headers["X-Correlation-ID"]
