@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -247,6 +248,24 @@ def events(job_id: str, *, runtime: Runtime | None = None) -> list[Event]:
         if get_row(session, job_id) is None:
             raise JobNotFound(job_id)
         return [Event.from_row(e) for e in _events_of(session, job_id)]
+
+
+_AGE = re.compile(r"^(\d+)([smhd])$")
+_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_since(text: str) -> datetime | timedelta:
+    """`list_jobs`'s `since` from text: an age (`30m`, `1h`, `2d`) or an ISO 8601 time (UTC if no zone).
+
+    Raises ValueError with a message for people."""
+    match = _AGE.match(text.strip())
+    if match:
+        return timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError("use an age like 30m, 1h, 2d or an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def list_jobs(

@@ -115,21 +115,13 @@ def _json_option(name: str) -> Callable[[str | None], Any]:
     return parse
 
 
-_AGE = re.compile(r"^(\d+)([smhd])$")
-
-
 def _parse_since(raw: str | None) -> datetime | timedelta | None:
     if raw is None:
         return None
-    match = _AGE.match(raw.strip())
-    if match:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-        return timedelta(**{unit: int(match.group(1))})
     try:
-        moment = datetime.fromisoformat(raw)
+        return api.parse_since(raw)
     except ValueError as exc:
-        raise click.BadParameter("use an age like 30m, 1h, 2d or an ISO 8601 time", param_hint="--since") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        raise click.BadParameter(str(exc), param_hint="--since") from exc
 
 
 def _print_jobs(found: list[Job], as_json: bool) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar, get_origin
 
 from pydantic import (
@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from jobs import api as jobs_api
 from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH
 from jobs.errors import ConfigError, Problem
 from jobs.runpod import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
@@ -40,8 +41,6 @@ Model = TypeVar("Model", bound=BaseModel)
 MAX_WEBHOOK_LENGTH = 2048
 # Correlation ids travel in a response header, so they are kept to visible ASCII.
 CORRELATION_ID_PATTERN = r"^[!-~]+$"
-_AGE = re.compile(r"^(\d+)([smhd])$")
-_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -135,14 +134,10 @@ def parse_since(value: object) -> object:
     """An age (`30m`, `1h`, `2d`) or an ISO 8601 time; a time without a zone is taken as UTC."""
     if not isinstance(value, str):
         return value
-    match = _AGE.match(value.strip())
-    if match:
-        return timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
     try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise PydanticCustomError("format", "use an age like 30m, 1h, 2d or an ISO 8601 time") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return jobs_api.parse_since(value)
+    except ValueError as exc:
+        raise PydanticCustomError("format", str(exc)) from None
 
 
 class JobFilter(BaseModel):
