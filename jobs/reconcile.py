@@ -26,7 +26,7 @@ from jobs.locks import held
 from jobs.models import JobRow, utcnow
 from jobs.runtime import POLL_TASK, SUBMIT_TASK, Runtime
 from jobs.states import AT_RUNPOD, JobStatus
-from jobs.store import Source, transition, update_fields
+from jobs.store import Source, get_row, record_event, transition, update_fields
 
 log = logging.getLogger("rpq.reconcile")
 
@@ -87,21 +87,28 @@ def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
         if moved is not None:
             report.marked_unknown.append(job_id)
 
-    for task, job_ids, done in ((SUBMIT_TASK, pending, report.resubmitted), (POLL_TASK, polling, report.repolled)):
+    for task, job_ids, done, status in ((SUBMIT_TASK, pending, report.resubmitted, {JobStatus.PENDING}),
+                                         (POLL_TASK, polling, report.repolled, AT_RUNPOD)):
         for job_id in job_ids:
             try:
                 rt.publish(task, job_id, None)
             except Exception:
                 report.publish_failures += 1
                 log.warning("reconciler could not publish %s for %s", task, job_id, exc_info=True)
-            else:
-                done.append(job_id)
+                continue
+            done.append(job_id)
+            with session_scope(rt.engine) as session:
+                row = get_row(session, job_id)
+                if row is None or row.status not in status:
+                    continue
+                what = "submit" if task == SUBMIT_TASK else "poll"
+                record_event(session, job_id, from_status=row.status, to_status=row.status, source=Source.RECONCILER,
+                             detail=f"{what} overdue: its wake-up was lost (worker killed, Redis flushed or a "
+                                    f"failed publish); sent again")
                 if task == SUBMIT_TASK:
                     # Not again for a while: under a long submit backlog the first copy may just be
                     # waiting its turn, and re-publishing every run would grow the queue.
-                    with session_scope(rt.engine) as session:
-                        update_fields(session, job_id, while_status={JobStatus.PENDING},
-                                      values={"next_poll_at": now + 5 * grace})
+                    update_fields(session, job_id, while_status=status, values={"next_poll_at": now + 5 * grace})
 
     if report.acted:
         log.info("reconciler: resubmitted %d, re-polled %d, marked %d SUBMIT_UNKNOWN",

@@ -380,3 +380,5 @@ def test_the_reconciler_rebuilds_lost_wakeups_from_the_table_alone(runtime: Runt
     assert report.marked_unknown == [stuck.id]
     assert jobs.get(stuck.id, runtime=runtime).status is JobStatus.SUBMIT_UNKNOWN
     assert published(runtime).of(POLL_TASK)[0] == polling.id
+    said = [e.detail or "" for e in jobs.events(polling.id, runtime=runtime) if e.source == "reconciler"]
+    assert len(said) == 1 and "wake-up was lost" in said[0]

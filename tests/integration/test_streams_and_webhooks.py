@@ -169,3 +169,20 @@ def test_a_user_webhook_is_sent_as_given(webhook_runtime: Runtime, simulator: Si
 
     assert webhook_of(simulator, jobs.get(job.id, runtime=webhook_runtime).runpod_job_id or "") == \
         "https://example.com/mine"
+
+
+def test_a_late_webhook_for_a_finished_job_is_answered_and_changes_nothing(
+    webhook_runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    job = jobs.submit("tts", {"output": "done"}, runtime=webhook_runtime)
+    submit_job(webhook_runtime, job.id)
+    finished = poll_until_final(webhook_runtime, job.id)
+    token = webhook_of(simulator, finished.runpod_job_id or "").split("?")[0].split("/")[-1]
+    published = webhook_runtime.publish
+    assert isinstance(published, Published)
+    published.messages.clear()
+
+    assert jobs.webhook_received(token, runtime=webhook_runtime) is True
+
+    assert published.messages == []
+    assert jobs.get(job.id, runtime=webhook_runtime) == finished
