@@ -381,4 +381,4 @@ def test_the_reconciler_rebuilds_lost_wakeups_from_the_table_alone(runtime: Runt
     assert jobs.get(stuck.id, runtime=runtime).status is JobStatus.SUBMIT_UNKNOWN
     assert published(runtime).of(POLL_TASK)[0] == polling.id
     said = [e.detail or "" for e in jobs.events(polling.id, runtime=runtime) if e.source == "reconciler"]
-    assert len(said) == 1 and "wake-up was lost" in said[0]
+    assert said and all("wake-up was lost" in text for text in said)  # one per run that re-sent it
