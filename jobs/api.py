@@ -192,7 +192,7 @@ def submit(
         raise InvalidJob(problems)
 
     if idempotency_key is not None:
-        with session_scope(rt.engine) as session:
+        with session_scope(rt.engine, read_only=True) as session:
             existing = find_by_idempotency_key(session, endpoint_id, idempotency_key)
         if existing is not None:
             return Job.from_row(existing)
@@ -234,7 +234,7 @@ def _metadata_problems(metadata: object) -> list[Problem]:
 
 def get(job_id: str, *, runtime: Runtime | None = None) -> Job:
     rt = runtime or get_runtime()
-    with session_scope(rt.engine) as session:
+    with session_scope(rt.engine, read_only=True) as session:
         row = get_row(session, job_id)
     if row is None:
         raise JobNotFound(job_id)
@@ -244,7 +244,7 @@ def get(job_id: str, *, runtime: Runtime | None = None) -> Job:
 def events(job_id: str, *, runtime: Runtime | None = None) -> list[Event]:
     """The job's history, oldest first."""
     rt = runtime or get_runtime()
-    with session_scope(rt.engine) as session:
+    with session_scope(rt.engine, read_only=True) as session:
         if get_row(session, job_id) is None:
             raise JobNotFound(job_id)
         return [Event.from_row(e) for e in _events_of(session, job_id)]
@@ -303,7 +303,7 @@ def list_jobs(
     if problems:
         raise InvalidJob(problems)
     after = utcnow() - since if isinstance(since, timedelta) else since
-    with session_scope(rt.engine) as session:
+    with session_scope(rt.engine, read_only=True) as session:
         rows = list_rows(session, statuses=statuses, endpoint_ids=endpoint_ids, since=after, limit=limit,
                          offset=offset)
         return [Job.from_row(r) for r in rows]
@@ -371,7 +371,7 @@ class StreamItem:
 def stream_events(job_id: str, *, after: int = 0, runtime: Runtime | None = None) -> tuple[Job, list[StreamItem]]:
     """The job and its current attempt's stream events after `after` (a Last-Event-ID), oldest first."""
     rt = runtime or get_runtime()
-    with session_scope(rt.engine) as session:
+    with session_scope(rt.engine, read_only=True) as session:
         row = get_row(session, job_id)
         if row is None:
             raise JobNotFound(job_id)

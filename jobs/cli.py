@@ -325,7 +325,7 @@ def endpoints_health(name: str | None, live: bool, as_json: bool) -> None:
         raise click.UsageError("no endpoints configured (RUNPOD_ENDPOINTS); name one")
     panels: list[dict[str, Any]] = []
     for target in targets:
-        with session_scope(rt.engine) as session:
+        with session_scope(rt.engine, read_only=True) as session:
             row = health.observe(rt, target) if live else health.latest(session, target.name)
             execution_ms, delay_ms = health.recent_timings(session, target.id)
         if row is None:

@@ -32,19 +32,27 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(connection: Any) -> None:
-            # Take the write lock up front: a deferred transaction that reads and then writes
-            # fails with "database is locked" instead of waiting when another writer got in first.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(connection: Any) -> None:
+            # A transaction that may write takes the write lock up front: a deferred one that reads
+            # and then writes fails with "database is locked" instead of waiting when another writer
+            # got in first. A read-only one must not queue behind writers, and with WAL it needn't.
+            readonly = connection.get_execution_options().get(READ_ONLY, False)
+            connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
+READ_ONLY = "rpq_read_only"
+
+
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """One transaction: committed when the block ends, rolled back if it raises."""
-    with Session(engine, expire_on_commit=False) as session:
+def session_scope(engine: Engine, *, read_only: bool = False) -> Iterator[Session]:
+    """One transaction: committed when the block ends, rolled back if it raises.
+
+    `read_only` promises no writes; on SQLite it then does not take the write lock."""
+    bind = engine.execution_options(**{READ_ONLY: True}) if read_only else engine
+    with Session(bind, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()

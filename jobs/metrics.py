@@ -48,7 +48,7 @@ class RpqCollector(Collector):
                                  labels=["status", "endpoint"])
         lag = GaugeMetricFamily("rpq_poll_lag_seconds",
                                 "How overdue the most overdue poll of a job at RunPod is (0 when none is).")
-        with session_scope(self.rt.engine) as session:
+        with session_scope(self.rt.engine, read_only=True) as session:
             for status, endpoint, count in session.exec(
                 select(JobRow.status, JobRow.endpoint_name, func.count()).group_by(
                     col(JobRow.status), col(JobRow.endpoint_name))
@@ -98,7 +98,7 @@ class RpqCollector(Collector):
                                  labels=["endpoint", "state"])
         workers = GaugeMetricFamily("rpq_endpoint_workers", "RunPod's worker counters from /health.",
                                     labels=["endpoint", "state"])
-        with session_scope(self.rt.engine) as session:
+        with session_scope(self.rt.engine, read_only=True) as session:
             for name in self.rt.settings.endpoints:
                 row = health.latest(session, name)
                 if row is None:

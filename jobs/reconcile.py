@@ -61,7 +61,7 @@ def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
     report = Report()
     due = func.coalesce(col(JobRow.next_poll_at), col(JobRow.updated_at))
 
-    with session_scope(rt.engine) as session:
+    with session_scope(rt.engine, read_only=True) as session:
         pending = session.exec(
             select(JobRow.id).where(JobRow.status == JobStatus.PENDING, due < now - grace).limit(limit)
         ).all()

@@ -83,6 +83,8 @@ class Runtime:
             publish=celery_publisher(settings, celery_app),
             make_client=make_client,
             metrics=RedisRecorder(settings.celery_broker_url),
+            schedule=PollSchedule(first=settings.poll_first_seconds, base=min(1.0, settings.poll_max_seconds),
+                                  cap=settings.poll_max_seconds),
         )
 
 

@@ -18,6 +18,7 @@ from jobs.errors import ConfigError
 # RunPod endpoint ids are lowercase letters and digits ("fh46rj7dq9r3o5"); public endpoints add
 # hyphens ("black-forest-labs-flux-1-schnell").
 ENDPOINT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{4,62}[a-z0-9]$")
+MAX_POLL_GAP_SECONDS = 300.0
 ENDPOINT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
@@ -76,6 +77,10 @@ class Settings:
     endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
     database_url: str = "sqlite:///rpq.db"
     celery_broker_url: str = "redis://localhost:6379/0"
+    # Polling: how soon after submission, and the longest gap once a job's status stops changing.
+    # A lower cap notices long jobs finish sooner and costs more /status calls.
+    poll_first_seconds: float = 1.0
+    poll_max_seconds: float = 15.0
     # The reconciler: how often it runs, and when it decides a message was lost.
     reconcile_interval_seconds: int = 30
     poll_grace_seconds: int = 30  # a poll this overdue (or a PENDING row this old) lost its message
@@ -144,10 +149,15 @@ class Settings:
             endpoints=_parse_endpoints(env.get("RUNPOD_ENDPOINTS", ""), problems),
             database_url=url("DATABASE_URL", defaults.database_url, ("sqlite", "postgresql", "postgresql+psycopg")),
             celery_broker_url=url("CELERY_BROKER_URL", defaults.celery_broker_url, ("redis", "rediss")),
+            poll_first_seconds=positive_float("RPQ_POLL_FIRST_SECONDS", defaults.poll_first_seconds),
+            poll_max_seconds=positive_float("RPQ_POLL_MAX_SECONDS", defaults.poll_max_seconds),
             reconcile_interval_seconds=positive_int("RPQ_RECONCILE_SECONDS", defaults.reconcile_interval_seconds),
             poll_grace_seconds=positive_int("RPQ_POLL_GRACE_SECONDS", defaults.poll_grace_seconds),
             submit_stuck_seconds=positive_int("RPQ_SUBMIT_STUCK_SECONDS", defaults.submit_stuck_seconds),
         )
+        if not problems and not 1.0 <= settings.poll_max_seconds <= MAX_POLL_GAP_SECONDS:
+            # Far below the broker's visibility timeout and RunPod's 30-minute result retention.
+            problems.append(f"RPQ_POLL_MAX_SECONDS: must be between 1 and {MAX_POLL_GAP_SECONDS:.0f}")
         if problems:
             raise ConfigError(problems)
         return settings

@@ -174,24 +174,32 @@ def simulator(_shared_simulator: SimulatorProcess) -> SimulatorProcess:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """A Redis database number of its own for this test session, emptied before use."""
+def redis_url() -> Iterator[str]:
+    """A block of five Redis databases of this session's own (the first is this URL; pipelines take the
+    next four), claimed in database 0 so that two test sessions on one machine never share one."""
     import redis
 
     base = REDIS_URL.rstrip("/")
-    client = redis.Redis.from_url(base + "/0", socket_connect_timeout=3)
+    admin = redis.Redis.from_url(base + "/0", socket_connect_timeout=3)
     try:
-        client.ping()
+        admin.ping()
     except redis.RedisError:
+        admin.close()
         service_missing(f"Redis at {base}", "start it with: redis-server --daemonize yes --port 6379")
+    for first in (1, 6, 11):
+        claim = f"rpq:test-session:{first}"
+        if admin.set(claim, os.getpid(), nx=True, ex=3 * 3600):
+            break
+    else:
+        admin.close()
+        pytest.fail("every block of Redis test databases is claimed by another test session", pytrace=False)
+    for db in range(first, first + 5):
+        redis.Redis.from_url(f"{base}/{db}").flushdb()
+    try:
+        yield f"{base}/{first}"
     finally:
-        client.close()
-    # Databases 1..15 are ours; pick by process id so parallel sessions don't collide.
-    url = f"{base}/{1 + os.getpid() % 15}"
-    db = redis.Redis.from_url(url)
-    db.flushdb()
-    db.close()
-    return url
+        admin.delete(claim)
+        admin.close()
 
 
 @pytest.fixture(scope="session")
@@ -434,7 +442,7 @@ def _stack(request: pytest.FixtureRequest, start_simulator: Callable[..., Simula
     upgrade(database_url)
     # A Redis database of this stack's own, so a message meant for one never reaches another.
     base, db = redis_url.rsplit("/", 1)
-    broker = f"{base}/{(int(db) + broker_offset + request.param_index) % 16 or 1}"
+    broker = f"{base}/{int(db) + broker_offset + request.param_index}"  # inside redis_url's block of five
     redis_lib.Redis.from_url(broker).flushdb()
     simulator = start_simulator("--cold-start-seconds", "0.2", "--webhook-interval-seconds", "1")
     api_port = free_port()

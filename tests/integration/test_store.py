@@ -150,3 +150,27 @@ def test_times_come_back_as_aware_utc(migrated_db: str) -> None:
 def test_a_naive_time_is_refused_rather_than_guessed(migrated_db: str) -> None:
     with pytest.raises(Exception, match="naive datetime"):
         add_job(migrated_db, JobStatus.IN_QUEUE, next_poll_at=datetime(2026, 1, 1))
+
+
+def test_a_read_does_not_wait_for_a_writer_holding_the_lock(migrated_db: str) -> None:
+    job_id = add_job(migrated_db)
+    engine = make_engine(migrated_db)
+    writing, done = threading.Event(), threading.Event()
+
+    def slow_writer() -> None:
+        with session_scope(engine) as session:
+            transition(session, job_id, to=JobStatus.SUBMITTING, source=Source.SUBMIT)
+            writing.set()
+            done.wait(10)  # holds its transaction (and on SQLite the write lock) open
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    assert writing.wait(10)
+    try:
+        with session_scope(engine, read_only=True) as session:
+            row = get_row(session, job_id)
+        assert row is not None and row.status == JobStatus.PENDING  # the writer has not committed
+    finally:
+        done.set()
+        writer.join(10)
+        engine.dispose()
