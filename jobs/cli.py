@@ -408,13 +408,15 @@ def metrics(host: str, port: int) -> None:
 @main.group(name="api", invoke_without_command=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port to bind.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Processes serving requests (the API is CPU-bound: about 100 submits/s each).")
 @click.pass_context
-def api_command(ctx: click.Context, host: str, port: int) -> None:
+def api_command(ctx: click.Context, host: str, port: int, workers: int) -> None:
     """Serve the HTTP API (needs RPQ_API_TOKENS; `rpq api token` makes one)."""
     if ctx.invoked_subcommand is None:
         from jobs.web import serve
 
-        serve(host, port)
+        serve(host, port, workers=workers)
 
 
 @api_command.command()

@@ -99,17 +99,21 @@ def create_app(
     return app
 
 
-def serve(host: str, port: int) -> None:
-    """Serve the API with uvicorn until interrupted. Logs the URL, never a token."""
+def serve(host: str, port: int, *, workers: int = 1) -> None:
+    """Serve the API with uvicorn until interrupted. Logs the URL, never a token.
+
+    The API is CPU-bound (a few ms of Python per request), so past one core's worth of requests run
+    several `workers` processes, each building its app from the environment."""
     import uvicorn
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app()
+    create_app()  # fail here, once, on a bad configuration (no tokens, say) rather than in each worker
     shown_host = f"[{host}]" if ":" in host else host
     log.info("rpq HTTP API serving http://%s:%d/v1 (schema at /openapi.json, docs at /docs)", shown_host, port)
     # The access log has the method, path and status only: no header, so no token.
-    uvicorn.run(app, host=host, port=port, log_config=None, server_header=False, timeout_graceful_shutdown=5)
+    uvicorn.run("jobs.web.app:create_app", factory=True, workers=workers, host=host, port=port, log_config=None,
+                server_header=False, timeout_graceful_shutdown=5)
 
 
 # -- errors: the one translation -----------------------------------------------------------------
