@@ -23,13 +23,14 @@ from sqlmodel import select
 from jobs import streams
 from jobs.db import session_scope
 from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
-from jobs.lifecycle import RUNPOD_RETRY_WINDOW, hash_token
+from jobs.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
 from jobs.models import JobEvent, JobRow, utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, RequestInvalid, build_run_body, encode_body
 from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime, get_runtime
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
 from jobs.store import (
     Source,
+    add_runpod_cancel,
     find_by_idempotency_key,
     get_row,
     list_rows,
@@ -100,6 +101,8 @@ class Job:
     delay_time_ms: int | None
     execution_time_ms: int | None
     worker_id: str | None
+    #: RunPod said COMPLETED but gave no output to store: how it shows a result over its ~20 MB limit.
+    output_missing: bool = False
 
     @property
     def is_terminal(self) -> bool:
@@ -114,7 +117,7 @@ class Job:
             webhook=row.webhook, correlation_id=row.correlation_id, idempotency_key=row.idempotency_key,
             metadata=row.meta, stream=row.stream, created_at=row.created_at, submitted_at=row.submitted_at,
             started_at=row.started_at, finished_at=row.finished_at, delay_time_ms=row.delay_time_ms,
-            execution_time_ms=row.execution_time_ms, worker_id=row.worker_id,
+            execution_time_ms=row.execution_time_ms, worker_id=row.worker_id, output_missing=row.output_missing,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,15 +136,19 @@ class Event:
     to_status: JobStatus
     source: str
     detail: str | None
+    repeats: int = 1  # the same event again (a webhook call, a re-poll) counts here, not as new rows
+    last_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: JobEvent) -> Event:
         return cls(at=row.at, from_status=JobStatus(row.from_status) if row.from_status else None,
-                   to_status=JobStatus(row.to_status), source=row.source, detail=row.detail)
+                   to_status=JobStatus(row.to_status), source=row.source, detail=row.detail,
+                   repeats=row.repeats, last_at=row.last_at)
 
     def to_dict(self) -> dict[str, Any]:
         return {"at": self.at.isoformat(), "from": self.from_status, "to": self.to_status,
-                "source": self.source, "detail": self.detail}
+                "source": self.source, "detail": self.detail, "repeats": self.repeats,
+                "last_at": self.last_at.isoformat() if self.last_at else None}
 
 
 def submit(
@@ -312,6 +319,8 @@ def list_jobs(
 def cancel(job_id: str, *, source: str = Source.API, runtime: Runtime | None = None) -> Job:
     """Cancel a job that has not finished. The row is CANCELLED at once; RunPod is told by a task.
 
+    The RunPod job to stop goes into the cancel outbox in the same transaction, so a retry that
+    starts a new attempt before the task runs cannot make it forget which RunPod job to stop.
     Cancelling a finished job changes nothing and returns it as it is.
     """
     rt = runtime or get_runtime()
@@ -319,9 +328,14 @@ def cancel(job_id: str, *, source: str = Source.API, runtime: Runtime | None = N
         left = transition(session, job_id, to=JobStatus.CANCELLED, source=source,
                           values={"finished_at": utcnow(), "next_poll_at": None}, detail="cancel requested")
         row = get_row(session, job_id)
+        outbox = left in AT_RUNPOD and row is not None and row.runpod_job_id is not None
+        if outbox:
+            assert row is not None and row.runpod_job_id is not None
+            add_runpod_cancel(session, row, attempt=row.attempt, runpod_job_id=row.runpod_job_id,
+                              reason=f"cancelled by {source}")
     if row is None:
         raise JobNotFound(job_id)
-    if left in AT_RUNPOD:
+    if outbox:
         _publish(rt, CANCEL_TASK, job_id)
     return Job.from_row(row)
 
@@ -380,12 +394,16 @@ def stream_events(job_id: str, *, after: int = 0, runtime: Runtime | None = None
         return Job.from_row(row), items
 
 
-def webhook_received(token: str, *, runtime: Runtime | None = None) -> bool:
+def webhook_received(token: str, *, runpod_job_id: str | None = None, runtime: Runtime | None = None) -> bool:
     """RunPod called a job's webhook: poll that job now. False when no job has that token.
 
     The body is never trusted: RunPod's webhooks carry no signature, and once delivered null
     bodies for hours. The status always comes from /status. A duplicate or late call is harmless:
-    it only moves an in-flight job's next poll to now, and the poll's claim lets one poll through.
+    it only moves an in-flight job's next poll to now, the poll's claim lets one poll through, and
+    the history counts repeats on one row. For a SUBMIT_UNKNOWN job the call is the proof its /run
+    reached RunPod (the token was in that request alone): the RunPod id the body names
+    (`runpod_job_id`) is adopted once /status confirms it. Raises RunPodTransient when RunPod could
+    not be asked, so the caller can have RunPod send the webhook again.
     """
     rt = runtime or get_runtime()
     digest = hash_token(token)
@@ -394,10 +412,20 @@ def webhook_received(token: str, *, runtime: Runtime | None = None) -> bool:
         if row is None:
             return False
         woke = update_fields(session, row.id, while_status=AT_RUNPOD, values={"next_poll_at": utcnow()})
+        what = ("polling now" if woke else "its /run answer is still awaited" if row.status is JobStatus.SUBMITTING
+                else "confirming the RunPod job it names" if row.status is JobStatus.SUBMIT_UNKNOWN
+                else "job already final")
         record_event(session, row.id, from_status=row.status, to_status=row.status, source=Source.WEBHOOK,
-                     detail="RunPod called the webhook" + ("; polling now" if woke else "; job already final"))
+                     detail=f"RunPod called the webhook; {what}", coalesce=True)
     if woke:
         _publish(rt, POLL_TASK, row.id)
+    elif row.status is JobStatus.SUBMIT_UNKNOWN:
+        if runpod_job_id is None:
+            with session_scope(rt.engine) as session:
+                record_event(session, row.id, from_status=row.status, to_status=row.status, source=Source.WEBHOOK,
+                             detail="the webhook's body named no RunPod job; not adopted", coalesce=True)
+        else:
+            adopt_from_webhook(rt, row.id, runpod_job_id)
     return True
 
 

@@ -114,6 +114,13 @@ def poll_delay(
     return exponential_delay(polls_since_change, base=schedule.base, cap=schedule.cap, rand=rand)
 
 
+#: The most of a RunPod `Retry-After` a task waits out. RunPod keeps a finished job's result only 30
+#: minutes and Redis re-delivers a held countdown after its 30-minute visibility timeout, so one large
+#: header (`Retry-After: 7200`) must never park a poll past either; asking again sooner only earns
+#: another 429, which RunPod does not act on.
+MAX_RETRY_AFTER_SECONDS = 300.0
+
+
 def poll_error_delay(
     schedule: PollSchedule,
     *,
@@ -121,7 +128,8 @@ def poll_error_delay(
     retry_after: float | None = None,
     rand: Callable[[], float] = random.random,
 ) -> float:
-    """The gap after a failed poll: longer with each failure in a row, never under Retry-After."""
+    """The gap after a failed poll: longer with each failure in a row, never under Retry-After (as far
+    as `MAX_RETRY_AFTER_SECONDS`)."""
     delay = exponential_delay(max(consecutive_errors - 1, 0), base=schedule.error_base, cap=schedule.error_cap,
                               rand=rand)
-    return max(delay, retry_after or 0.0)
+    return max(delay, min(retry_after or 0.0, MAX_RETRY_AFTER_SECONDS))

@@ -4,7 +4,9 @@
     ├── ConfigError                 a setting is missing or malformed: fix the environment
     └── RunPodError                 anything that went wrong talking to RunPod
         ├── RunPodTransient         timeout, connection error, 429, 5xx: try again later
-        │   └── RunPodRateLimited   429; carries RunPod's Retry-After when it sent one
+        │   ├── RunPodRateLimited   429; carries RunPod's Retry-After when it sent one
+        │   └── StreamReadUnknown   a /stream read whose answer was lost: the chunks it handed
+        │                           out may be gone (RunPod gives each chunk out once)
         ├── RunPodRejected          any other 4xx: the request itself is wrong; do not retry
         │   └── PayloadTooLarge     refused before sending: the body is over RunPod's limit
         ├── RunPodAuthError         401/403: the API key is wrong or lacks access
@@ -87,6 +89,10 @@ class RunPodTransient(RunPodError):
 
 class RunPodRateLimited(RunPodTransient):
     """RunPod's rate limit was hit (429); back off before the next call."""
+
+
+class StreamReadUnknown(RunPodTransient):
+    """A /stream read may have taken chunks from RunPod whose answer never arrived; they may be missing."""
 
 
 class RunPodRejected(RunPodError):

@@ -2,8 +2,10 @@
 
 Each function reads the row, talks to RunPod outside any transaction, and writes the result with
 a compare-and-set. Each returns a `Next` telling its task what to schedule; the task only obeys.
-Any message may arrive twice or never: a duplicate finds the row already moved and does nothing,
-and a lost one is found again by the reconciler from the table alone.
+Any message may arrive twice or never, and any answer may arrive late: a duplicate finds the row
+already moved and does nothing, a lost one is found again by the reconciler from the table alone,
+and every write made on behalf of a RunPod job is fenced to the attempt and RunPod job it is about
+(`store.Fence`), so a late answer about an older attempt never lands on a newer one.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import logging
 import random
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
-from sqlmodel import select
+from sqlalchemy import CursorResult, case, update
+from sqlmodel import Session, col
 
 from jobs import logcontext, streams
 from jobs.backoff import poll_delay, poll_error_delay
@@ -31,28 +34,51 @@ from jobs.errors import (
     RunPodProtocolError,
     RunPodRejected,
     RunPodTransient,
+    StreamReadUnknown,
 )
-from jobs.models import JobRow, utcnow
+from jobs.jsonsafe import storable_json, storable_text
+from jobs.models import JobRow, RunPodCancel, utcnow
 from jobs.runpod import JobState, RunPodStatus
-from jobs.runtime import Runtime
+from jobs.runtime import CANCEL_TASK, POLL_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
-from jobs.store import Source, claim_poll, get_row, record_event, transition, update_fields
+from jobs.store import (
+    Fence,
+    Source,
+    add_runpod_cancel,
+    claim_poll,
+    get_row,
+    open_runpod_cancels,
+    record_event,
+    transition,
+    update_fields,
+)
 
 log = logging.getLogger("rpq.lifecycle")
 
-#: RunPod's default ttl, used for the poll deadline when a job's policy sets none.
+#: RunPod's default ttl. rpq always sends a ttl (this one when the job's policy sets none), so the
+#: poll deadline never rests on a guess about the endpoint's own setting, which may be longer.
 DEFAULT_TTL_MS = 24 * 3600 * 1000
 #: Past ttl, RunPod has deleted the job; poll a little longer to see its 404 rather than guess.
 DEADLINE_GRACE = timedelta(minutes=5)
-def poll_lease(rt: Runtime) -> timedelta:
-    """How long a claimed poll owns its job: two RunPod timeouts and a margin. A worker killed
-    mid-poll is healed by the reconciler once this has passed; a poll that overruns it (retrying a
-    slow RunPod) at worst overlaps one other poll, whose compare-and-set writes make that harmless."""
-    return timedelta(seconds=2 * rt.settings.runpod_timeout_seconds + 5)
 #: A poll hint that arrives this much before the job's next_poll_at is a duplicate: drop it.
 EARLY_SLACK = timedelta(seconds=1)
 #: RunPod keeps a result 30 minutes; past 25 its /retry may not find the job any more.
 RUNPOD_RETRY_WINDOW = timedelta(minutes=25)
+#: How long a poll's /stream read may wait at RunPod for new chunks.
+STREAM_WAIT_MS = 1000
+#: A finished streaming job's last /stream read is tried this many times before the job is stored
+#: as finished anyway (with an event saying chunks may be missing): never past RunPod's retention.
+FINAL_DRAIN_TRIES = 5
+#: The database's integer columns hold timings up to this; a larger (or negative) one is not a timing.
+MAX_STORED_MS = 2**31 - 1
+MAX_WORKER_ID_LENGTH = 128
+
+
+def poll_lease(rt: Runtime) -> timedelta:
+    """How long a claimed poll owns its job: two RunPod timeouts and a margin. A worker killed
+    mid-poll is healed by the reconciler once this has passed; a poll that overruns it (retrying a
+    slow RunPod) at worst overlaps one other poll, whose fenced compare-and-set writes make that harmless."""
+    return timedelta(seconds=2 * rt.settings.runpod_timeout_seconds + 5)
 
 
 @dataclass(frozen=True)
@@ -73,26 +99,41 @@ class Next:
 
 def submit_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
     """Send a PENDING job to RunPod, exactly once, and hand it to the poller."""
-    now = utcnow()
+    token = secrets.token_urlsafe(32) if rt.settings.runpod_webhook_base_url else None
     with session_scope(rt.engine) as session:
         claimed = transition(session, job_id, to=JobStatus.SUBMITTING, source=Source.SUBMIT,
-                             expected={JobStatus.PENDING}, values={"submitted_at": now})
+                             expected={JobStatus.PENDING},
+                             values={"submitted_at": utcnow(), **_webhook_hash_values(token)})
         row = get_row(session, job_id)
     if row is None:
         return Next.stop("no such job")
     if claimed is None:
         return Next.stop(f"job is {row.status}, not PENDING: nothing to submit")
 
+    # Everything this submit writes from here on is about this attempt, before RunPod named its job.
+    fence = Fence(attempt=row.attempt, runpod_job_id=None)
     logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
     try:
-        state, token_hash = _send(rt, row)
+        state = _send(rt, row, fence, token if token and row.webhook_token_hash == hash_token(token) else None)
     except RunPodError as exc:
         rt.metrics.runpod_error("run", exc)
         rt.metrics.submitted(row.endpoint_name, _submit_outcome(exc))
-        return _submit_failed(rt, row, exc, rand)
+        return _submit_failed(rt, row, fence, exc, rand)
+    if state is None:
+        return Next.stop("row moved before /run: nothing sent")
     rt.metrics.submitted(row.endpoint_name, "accepted")
     log.info("job %s is RunPod job %s (attempt %d)", row.id, state.id, row.attempt)
-    return _accepted(rt, row, state, token_hash)
+    return _accepted(rt, row, fence, state)
+
+
+def _webhook_hash_values(token: str | None) -> dict[str, Any]:
+    """The claim stores the new token's hash before /run is sent, so a webhook can prove the job ours
+    even if /run's answer is lost. Not for a job with its own webhook, nor for one whose RunPod job
+    is requeued by /retry (it keeps its original webhook, and that token's hash)."""
+    if token is None:
+        return {}
+    ours = col(JobRow.webhook).is_(None) & col(JobRow.runpod_retry_of).is_(None)
+    return {"webhook_token_hash": case((ours, hash_token(token)), else_=col(JobRow.webhook_token_hash))}
 
 
 def _submit_outcome(exc: RunPodError) -> str:
@@ -101,50 +142,67 @@ def _submit_outcome(exc: RunPodError) -> str:
     return "deferred" if isinstance(exc, RunPodTransient) else "rejected"
 
 
-def _submit_failed(rt: Runtime, row: JobRow, exc: RunPodError, rand: Any) -> Next:
+def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand: Any) -> Next:
     if isinstance(exc, RunPodTransient) and not isinstance(exc, RunOutcomeUnknown):
         # For /run only errors RunPod provably never acted on get here (see jobs.runpod): send later.
         errors = row.poll_errors + 1
         delay = poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=errors,
                                  retry_after=exc.retry_after, rand=rand)
-        _move(rt, row.id, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
+        _move(rt, row.id, fence, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
               values={"next_poll_at": utcnow() + timedelta(seconds=delay), "poll_errors": errors})
         return Next(again_in=delay, reason="transient")
     if isinstance(exc, RunPodRejected | RunPodAuthError | RunPodNotFound):
-        _move(rt, row.id, JobStatus.FAILED, f"RunPod refused the job: {exc}",
-              values={"error": str(exc), "finished_at": utcnow()})
-        rt.metrics.finished(row.endpoint_name, JobStatus.FAILED.value, row.created_at)
+        reason = (f"RunPod does not know endpoint {row.endpoint_id} (404): it was deleted, or the id is wrong"
+                  if isinstance(exc, RunPodNotFound) else f"RunPod refused the job: {exc}")
+        if _move(rt, row.id, fence, JobStatus.FAILED, reason, values={"error": reason, "finished_at": utcnow()}):
+            rt.metrics.finished(row.endpoint_name, JobStatus.FAILED.value, row.created_at)
         return Next.stop("rejected")
     # RunOutcomeUnknown, an unreadable answer, or anything unforeseen: a job may exist at RunPod.
     detail = (f"{exc}" if isinstance(exc, RunOutcomeUnknown)
               else f"RunPod's answer could not be read ({exc}); a job may exist")
-    _move(rt, row.id, JobStatus.SUBMIT_UNKNOWN, f"{detail}; not resubmitted: an operator must decide")
+    _move(rt, row.id, fence, JobStatus.SUBMIT_UNKNOWN,
+          f"{detail}; not resubmitted: adopted if RunPod's answer or webhook still comes, else an operator decides")
     return Next.stop("outcome unknown")
 
 
-def _send(rt: Runtime, row: JobRow) -> tuple[JobState, str | None]:
+def _send(rt: Runtime, row: JobRow, fence: Fence, token: str | None) -> JobState | None:
     """`/retry` the previous RunPod job when a retry can reuse it (it keeps its webhook), else `/run`
-    a new one. Returns RunPod's answer and the hash of a new webhook token, if one was made."""
+    a new one. Returns RunPod's answer; None when the row moved on before anything was sent."""
     if row.runpod_retry_of:
         adopted = _runpod_retry(rt, row.endpoint_id, row.runpod_retry_of)
         if adopted is not None:
-            return adopted, None
-    webhook, token_hash = row.webhook, None
-    if webhook is None and rt.settings.runpod_webhook_base_url:
-        webhook, token_hash = webhook_url(rt.settings.runpod_webhook_base_url, row.correlation_id)
-    return rt.runpod.run(row.endpoint_id, row.input, webhook=webhook, policy=row.policy), token_hash
+            return adopted
+        if row.webhook is None and rt.settings.runpod_webhook_base_url:
+            # A fresh /run after all: its webhook needs a token of its own, stored before /run as usual.
+            token = secrets.token_urlsafe(32)
+            with session_scope(rt.engine) as session:
+                if not update_fields(session, row.id, while_status={JobStatus.SUBMITTING}, fence=fence,
+                                     values={"webhook_token_hash": hash_token(token)}):
+                    return None
+    webhook = row.webhook
+    if webhook is None and token is not None and rt.settings.runpod_webhook_base_url:
+        webhook = webhook_url(rt.settings.runpod_webhook_base_url, token, row.correlation_id)
+    return rt.runpod.run(row.endpoint_id, row.input, webhook=webhook, policy=runpod_policy(row.policy),
+                         budget_seconds=rt.settings.submit_budget_seconds)
 
 
-def webhook_url(base: str, correlation_id: str | None) -> tuple[str, str]:
-    """A webhook URL with a fresh unguessable token, and the token's hash (all rpq ever stores).
+def runpod_policy(policy: dict[str, Any] | None) -> dict[str, Any]:
+    """The policy sent to RunPod: the job's own, always with an explicit ttl."""
+    return {**(policy or {}), "ttl": ttl_ms(policy)}
 
-    The correlation id rides along in the query: RunPod's API has no metadata field, and this puts
-    it in the one place RunPod keeps and shows beside the job."""
-    token = secrets.token_urlsafe(32)
+
+def ttl_ms(policy: dict[str, Any] | None) -> int:
+    ttl = (policy or {}).get("ttl")
+    return ttl if isinstance(ttl, int) and not isinstance(ttl, bool) else DEFAULT_TTL_MS
+
+
+def webhook_url(base: str, token: str, correlation_id: str | None) -> str:
+    """The webhook URL for a job: the token in its path, its correlation id in the query (RunPod's API
+    has no metadata field, and this puts it in the one place RunPod keeps and shows beside the job)."""
     url = f"{base.rstrip('/')}/v1/webhooks/runpod/{token}"
     if correlation_id:
         url += "?" + urlencode({"correlation_id": correlation_id})
-    return url, hash_token(token)
+    return url
 
 
 def hash_token(token: str) -> str:
@@ -166,41 +224,63 @@ def _runpod_retry(rt: Runtime, endpoint_id: str, runpod_job_id: str) -> JobState
         raise RunOutcomeUnknown(f"retry of RunPod job {runpod_job_id} got no clear answer ({exc})") from exc
 
 
-def _accepted(rt: Runtime, row: JobRow, state: JobState, token_hash: str | None) -> Next:
-    now = utcnow()
-    first = rt.schedule_for(webhooks=bool(token_hash or row.webhook_token_hash)).first
-    values: dict[str, Any] = {
+def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState) -> Next:
+    first = rt.schedule_for(webhooks=bool(row.webhook_token_hash)).first
+    values = _at_runpod_values(row, state, poll_at=utcnow() + timedelta(seconds=first))
+    with session_scope(rt.engine) as session:
+        moved = transition(session, row.id, to=JobStatus.IN_QUEUE, source=Source.SUBMIT,
+                           expected={JobStatus.SUBMITTING}, fence=fence, detail=f"RunPod job {state.id}",
+                           values=values)
+        if moved is None:
+            # The reconciler may have called this submit lost while /run was still answering: its
+            # answer is the proof that was missing.
+            moved = transition(session, row.id, to=JobStatus.IN_QUEUE, source=Source.SUBMIT,
+                               expected={JobStatus.SUBMIT_UNKNOWN}, fence=fence, values=values,
+                               detail=f"RunPod job {state.id}: /run's answer came late; adopted")
+        if moved is None:
+            _orphaned(session, row, fence, state.id)
+    if moved is not None:
+        return Next(poll_in=first, reason="submitted")
+    rt.publish(CANCEL_TASK, row.id, None)
+    return Next.stop("row moved during submit: its RunPod job is being cancelled")
+
+
+def _at_runpod_values(row: JobRow, state: JobState, *, poll_at: datetime) -> dict[str, Any]:
+    """The fields a job gets when it becomes known at RunPod. The deadline runs from now: for a /retry
+    that is the later of RunPod's two possible readings (ttl restarts, or runs from the first submit)."""
+    return {
         "runpod_job_id": state.id,
         "last_runpod_status": state.status.value,
-        "next_poll_at": now + timedelta(seconds=first),
-        "deadline_at": now + timedelta(milliseconds=(row.policy or {}).get("ttl", DEFAULT_TTL_MS)) + DEADLINE_GRACE,
+        "next_poll_at": poll_at,
+        "deadline_at": utcnow() + timedelta(milliseconds=ttl_ms(row.policy)) + DEADLINE_GRACE,
         "polls_since_change": 0,
         "poll_errors": 0,
     }
-    if token_hash:
-        values["webhook_token_hash"] = token_hash
-    with session_scope(rt.engine) as session:
-        moved = transition(session, row.id, to=JobStatus.IN_QUEUE, source=Source.SUBMIT,
-                           expected={JobStatus.SUBMITTING}, detail=f"RunPod job {state.id}", values=values)
-        current = get_row(session, row.id)
-        if moved is None and current is not None:
-            # The row moved while /run was in flight (cancelled by a user, say). Keep RunPod's id
-            # on it so nothing at RunPod is untracked.
-            update_fields(session, row.id, while_status=set(JobStatus), values={"runpod_job_id": state.id})
-            record_event(session, row.id, from_status=current.status, to_status=current.status,
-                         source=Source.SUBMIT, detail=f"RunPod job {state.id} created while {current.status}")
-    if moved is not None:
-        return Next(poll_in=first, reason="submitted")
-    if current is not None and current.status is JobStatus.CANCELLED:
-        cancel_on_runpod(rt, row.id)
-    return Next.stop("row moved during submit")
 
 
-def _move(rt: Runtime, job_id: str, to: JobStatus, detail: str, *, values: dict[str, Any] | None = None,
-          source: str = Source.SUBMIT) -> None:
+def _orphaned(session: Session, row: JobRow, fence: Fence, runpod_job_id: str) -> None:
+    """A RunPod job was created for an attempt that no longer owns the row (cancelled while /run was in
+    flight, perhaps retried since): record it and put it in the cancel outbox, in one transaction."""
+    current = get_row(session, row.id)
+    if current is None:
+        return
+    if current.attempt == fence.attempt:
+        # The same attempt, cancelled meanwhile: keep RunPod's id on it, so its history is whole.
+        update_fields(session, row.id, while_status=set(JobStatus), fence=fence,
+                      values={"runpod_job_id": runpod_job_id})
+    add_runpod_cancel(session, current, attempt=fence.attempt, runpod_job_id=runpod_job_id,
+                      reason=f"created for attempt {fence.attempt} after the job became {current.status} "
+                             f"(attempt {current.attempt})")
+    record_event(session, row.id, from_status=current.status, to_status=current.status, source=Source.SUBMIT,
+                 detail=f"RunPod job {runpod_job_id} was created for attempt {fence.attempt}, which no longer "
+                        f"owns the job; cancelling it at RunPod")
+
+
+def _move(rt: Runtime, job_id: str, fence: Fence, to: JobStatus, detail: str, *,
+          values: dict[str, Any] | None = None) -> bool:
     with session_scope(rt.engine) as session:
-        transition(session, job_id, to=to, source=source, detail=detail, expected={JobStatus.SUBMITTING},
-                   values=values)
+        return transition(session, job_id, to=to, source=Source.SUBMIT, detail=detail,
+                          expected={JobStatus.SUBMITTING}, fence=fence, values=values) is not None
 
 
 # -- poll -------------------------------------------------------------------------------------------------
@@ -215,8 +295,9 @@ def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
             return Next.stop("not at RunPod")
         if row.next_poll_at is not None and now < row.next_poll_at - EARLY_SLACK:
             return Next.stop("early: another poll owns this job")
+        fence = Fence.of(row)
         # Claim this poll: of two hints for the same job, only one gets past here.
-        if not claim_poll(session, job_id, seen=row.next_poll_at, lease_until=now + poll_lease(rt)):
+        if not claim_poll(session, job_id, seen=row.next_poll_at, lease_until=now + poll_lease(rt), fence=fence):
             return Next.stop("another poll claimed this job")
 
     logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
@@ -224,21 +305,48 @@ def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
     try:
         state = rt.runpod.status(row.endpoint_id, row.runpod_job_id)
     except RunPodNotFound as exc:
-        rt.metrics.finished(row.endpoint_name, JobStatus.EXPIRED.value, row.created_at)
-        with session_scope(rt.engine) as session:
-            transition(session, job_id, to=JobStatus.EXPIRED, source=Source.POLL,
-                       detail=f"RunPod no longer knows the job (404: result retention or ttl passed): {exc}",
-                       values={"finished_at": utcnow(), "next_poll_at": None, "poll_count": row.poll_count + 1})
-        return Next.stop("expired")
+        return _status_not_found(rt, row, fence, exc, rand)
     except RunPodError as exc:
         rt.metrics.runpod_error("status", exc)
-        return _poll_failed(rt, row, exc, rand)
+        return _poll_failed(rt, row, fence, exc, rand)
+    return _store_status(rt, row, fence, state, rand)
 
-    return _store_status(rt, row, state, rand)
+
+def _status_not_found(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodNotFound, rand: Any) -> Next:
+    """A 404 from /status means the job is gone (retention or ttl) or the endpoint is: ask /health which."""
+    try:
+        rt.runpod.health(row.endpoint_id)
+    except RunPodNotFound as endpoint_gone:
+        rt.metrics.runpod_error("status", endpoint_gone)
+        reason = (f"RunPod does not know endpoint {row.endpoint_id} (404 from /status and /health): it was "
+                  "deleted, or the id is wrong")
+        if row.deadline_at is not None and utcnow() > row.deadline_at:
+            with session_scope(rt.engine) as session:
+                transition(session, row.id, to=JobStatus.FAILED, source=Source.POLL, fence=fence,
+                           detail=f"{reason}; the job's ttl has passed, so it cannot be followed any more",
+                           values={"error": reason, "finished_at": utcnow(), "next_poll_at": None,
+                                   "poll_count": row.poll_count + 1})
+            return Next.stop("endpoint unknown past the deadline")
+        log.error("job %s: %s; holding the job and asking again slowly", row.id, reason)
+        return _poll_failed(rt, row, fence, endpoint_gone, rand,
+                            note=f"{reason}; holding the job and asking again slowly until its ttl passes")
+    except RunPodError as health_failed:
+        rt.metrics.runpod_error("health", health_failed)
+        return _poll_failed(rt, row, fence, health_failed, rand)
+    rt.metrics.runpod_error("status", exc)
+    with session_scope(rt.engine) as session:
+        expired = transition(session, row.id, to=JobStatus.EXPIRED, source=Source.POLL, fence=fence,
+                             detail=f"RunPod no longer knows the job (404: result retention or ttl passed): {exc}",
+                             values={"finished_at": utcnow(), "next_poll_at": None, "poll_count": row.poll_count + 1})
+    if expired is not None:
+        rt.metrics.finished(row.endpoint_name, JobStatus.EXPIRED.value, row.created_at)
+    return Next.stop("expired")
 
 
-def _poll_failed(rt: Runtime, row: JobRow, exc: RunPodError, rand: Any) -> Next:
-    """A failed poll changes nothing but the schedule: RunPod's silence is not a job outcome."""
+def _poll_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand: Any, *,
+                 note: str | None = None) -> Next:
+    """A failed poll changes nothing but the schedule (and, with a `note`, the job's history): RunPod's
+    silence is not a job outcome."""
     errors = row.poll_errors + 1
     retry_after = exc.retry_after if isinstance(exc, RunPodTransient) else None
     schedule = rt.schedule_for(webhooks=row.webhook_token_hash is not None)
@@ -246,26 +354,48 @@ def _poll_failed(rt: Runtime, row: JobRow, exc: RunPodError, rand: Any) -> Next:
     if isinstance(exc, RunPodAuthError | RunPodRejected | RunPodProtocolError):
         log.error("job %s: polling RunPod failed and will not fix itself: %s", row.id, exc)
     with session_scope(rt.engine) as session:
-        update_fields(session, row.id, while_status=AT_RUNPOD, values={
+        written = update_fields(session, row.id, while_status=AT_RUNPOD, fence=fence, values={
             "poll_errors": errors, "poll_count": row.poll_count + 1,
             "next_poll_at": utcnow() + timedelta(seconds=delay),
         })
+        if written and note:
+            record_event(session, row.id, from_status=row.status, to_status=row.status, source=Source.POLL,
+                         detail=note, coalesce=True)
+    if not written:
+        return Next.stop("the job moved on while RunPod was asked")
     return Next(poll_in=delay, reason=f"poll failed: {type(exc).__name__}")
 
 
-def _store_status(rt: Runtime, row: JobRow, state: JobState, rand: Any) -> Next:
+@dataclass
+class _Drained:
+    """What a poll read from /stream: the chunks, and a note when some may be missing."""
+
+    chunks: list[Any]
+    missing_note: str | None = None
+
+
+def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any) -> Next:
     now = utcnow()
     status = FROM_RUNPOD[state.status]
-    chunks: list[Any] = []
-    if row.stream and (status is JobStatus.IN_PROGRESS or status.is_terminal):
+    drained = _Drained(chunks=[])
+    if _should_drain(row, state, status):
         try:
-            chunks = rt.runpod.stream(row.endpoint_id, row.runpod_job_id or "", wait_ms=1000).chunks
+            batch = rt.runpod.stream(row.endpoint_id, row.runpod_job_id or "", wait_ms=STREAM_WAIT_MS)
+            drained.chunks = [storable_json(chunk) for chunk in batch.chunks]
         except RunPodError as exc:
-            if status.is_terminal:
-                # Finishing now would end the event stream before its last chunks: try again.
-                rt.metrics.runpod_error("stream", exc)
-                return _poll_failed(rt, row, exc, rand)
-            log.warning("job %s: /stream failed (%s); its chunks wait at RunPod for the next poll", row.id, exc)
+            rt.metrics.runpod_error("stream", exc)
+            if isinstance(exc, StreamReadUnknown):
+                drained.missing_note = f"{exc}: chunks RunPod handed out may be missing from the job's stream"
+            if row.stream and status.is_terminal and row.poll_errors + 1 < FINAL_DRAIN_TRIES:
+                # Finishing now would end the event stream before its last chunks: read again later.
+                return _poll_failed(rt, row, fence, exc, rand, note=drained.missing_note)
+            log.warning("job %s: /stream failed (%s)%s", row.id, exc,
+                        "" if status.is_terminal else "; its chunks wait at RunPod for the next poll")
+            if row.stream and status.is_terminal:
+                drained.missing_note = (drained.missing_note or
+                                        f"the last /stream read failed {FINAL_DRAIN_TRIES} times ({exc}); "
+                                        "stored as finished, the last chunks may be missing")
+
     changed = state.status.value != row.last_runpod_status
     polls_since_change = 0 if changed else row.polls_since_change + 1
     values: dict[str, Any] = {
@@ -274,17 +404,20 @@ def _store_status(rt: Runtime, row: JobRow, state: JobState, rand: Any) -> Next:
         "polls_since_change": polls_since_change,
         "last_runpod_status": state.status.value,
     }
-    for name, value in (("delay_time_ms", state.delay_time_ms), ("execution_time_ms", state.execution_time_ms),
-                        ("worker_id", state.worker_id)):
-        if value is not None:
-            values[name] = value
+    for name, ms in (("delay_time_ms", state.delay_time_ms), ("execution_time_ms", state.execution_time_ms)):
+        if ms is not None and 0 <= ms <= MAX_STORED_MS:
+            values[name] = ms
+    if state.worker_id is not None:
+        values["worker_id"] = storable_text(state.worker_id)[:MAX_WORKER_ID_LENGTH]
     if status is JobStatus.IN_PROGRESS and row.started_at is None:
         values["started_at"] = now
-    progressed = status is JobStatus.IN_PROGRESS and state.output is not None and state.output != row.progress
+    progress = storable_json(state.output) if status is JobStatus.IN_PROGRESS else None
+    progressed = progress is not None and progress != row.progress
     if progressed:
-        values["progress"] = state.output  # RunPod shows progress updates as output while running
+        values["progress"] = progress  # RunPod shows progress updates as output while running
     if status.is_terminal:
-        values.update(finished_at=now, next_poll_at=None, output=state.output, error=_error_text(state.error))
+        values.update(finished_at=now, next_poll_at=None, output=storable_json(state.output),
+                      error=_error_text(state.error))
 
     past_deadline = row.deadline_at is not None and now > row.deadline_at
     if not status.is_terminal and past_deadline:
@@ -296,91 +429,184 @@ def _store_status(rt: Runtime, row: JobRow, state: JobState, rand: Any) -> Next:
     if not status.is_terminal:
         values["next_poll_at"] = now + timedelta(seconds=delay)
 
-    extra = [(streams.PROGRESS, state.output)] if progressed else []
-    extra += [(streams.OUTPUT, chunk) for chunk in chunks]
-    detail = "ttl deadline passed and RunPod still answers" if past_deadline else _detail(state)
+    extra = [(streams.PROGRESS, progress)] if progressed else []
+    extra += [(streams.OUTPUT, chunk) for chunk in drained.chunks]
     with session_scope(rt.engine) as session:
-        # Lock the row first (PostgreSQL; SQLite's write lock is already held): stream events get
-        # their sequence numbers from one writer at a time.
-        session.exec(select(JobRow.id).where(JobRow.id == row.id).with_for_update()).first()
-        stored = _write_poll(session, row, status, values, extra, detail, now)
+        if status is JobStatus.COMPLETED:
+            _settle_output(session, row, state, values, drained.chunks)
+        detail = "ttl deadline passed and RunPod still answers" if past_deadline else _detail(state, values)
+        stored = _write_poll(session, row, fence, status, values, extra, detail)
+        if stored and drained.missing_note:
+            record_event(session, row.id, from_status=status, to_status=status, source=Source.POLL,
+                         detail=drained.missing_note, coalesce=True)
         current = get_row(session, row.id) if not stored else None
-    if stored and changed:
-        log.info("job %s: RunPod says %s", row.id, state.status.value)
-    if stored and status.is_terminal:
-        rt.metrics.finished(row.endpoint_name, status.value, row.created_at)
     if not stored:
-        # The row moved under us (a cancel, or another poll). Keep polling only if it still needs it.
-        if current is not None and current.status in AT_RUNPOD:
-            return Next(poll_in=delay, reason="row moved; polling on")
-        return Next.stop("row moved to a final status")
+        if drained.chunks:
+            log.warning("job %s: %d chunk(s) read for attempt %d dropped: the job moved on", row.id,
+                        len(drained.chunks), fence.attempt)
+        if current is not None and current.status in AT_RUNPOD and Fence.of(current) == fence:
+            return Next(poll_in=delay, reason="row changed; polling on")
+        return Next.stop("the job moved on: this poll's answer is about an attempt that no longer owns it")
+    if changed:
+        log.info("job %s: RunPod says %s", row.id, state.status.value)
+    if drained.missing_note:
+        rt.metrics.stream_gap(row.endpoint_name)
+    if status.is_terminal:
+        rt.metrics.finished(row.endpoint_name, status.value, row.created_at)
+        if values.get("output_missing"):
+            rt.metrics.output_missing(row.endpoint_name)
     return Next.stop(f"final: {status}") if status.is_terminal else Next(poll_in=delay, reason=str(status))
 
 
-def _write_poll(session: Any, row: JobRow, status: JobStatus, values: dict[str, Any],
-                extra: list[tuple[str, Any]], detail: str, now: Any) -> bool:
-    """Store one poll's findings so the event stream reads started, progress/output, then end|error.
+def _should_drain(row: JobRow, state: JobState, status: JobStatus) -> bool:
+    """Read /stream for a streaming job while it runs and once it is final; and once for any other job
+    that completed without output, in case a generator handler left its results only there (RunPod's
+    default when the worker does not set return_aggregate_stream)."""
+    if row.stream:
+        return status is JobStatus.IN_PROGRESS or status.is_terminal
+    return status is JobStatus.COMPLETED and _empty(state.output)
+
+
+def _empty(output: Any) -> bool:
+    return output is None or output == []
+
+
+def _settle_output(session: Session, row: JobRow, state: JobState, values: dict[str, Any],
+                   chunks: list[Any]) -> None:
+    """A completed job's output: RunPod's, or when RunPod gives none, the chunks its handler streamed.
+    With neither, the job is flagged `output_missing`: RunPod drops results over about 20 MB this way."""
+    if not _empty(state.output):
+        return
+    streamed = (streams.outputs(session, row.id, attempt=row.attempt) if row.stream else []) + chunks
+    if streamed:
+        values["output"] = streamed
+    elif state.output is None:
+        values["output_missing"] = True
+
+
+def _write_poll(session: Session, row: JobRow, fence: Fence, status: JobStatus, values: dict[str, Any],
+                extra: list[tuple[str, Any]], detail: str) -> bool:
+    """Store one poll's findings, fenced to the attempt and RunPod job polled, so the event stream reads
+    started, progress/output, then end|error; nothing (chunks included) is written if the row moved on.
 
     A job seen finished straight from IN_QUEUE with chunks to deliver is first moved to IN_PROGRESS,
     which is true (it ran) and puts `started` before its chunks.
     """
     current = row.status
-    if status is not current and (status is JobStatus.IN_PROGRESS or (status.is_terminal and extra)) \
-            and current is JobStatus.IN_QUEUE:
-        step = values if status is JobStatus.IN_PROGRESS else {"started_at": now}
-        moved = transition(session, row.id, to=JobStatus.IN_PROGRESS, source=Source.POLL, expected={current},
-                           detail=detail if status is JobStatus.IN_PROGRESS else "seen running by its output",
-                           values=step)
-        if moved is None:
+    if status is current:
+        if not update_fields(session, row.id, while_status={current}, fence=fence, values=values):
+            return False
+        streams.append(session, row.id, row.attempt, extra)
+        return True
+    if current is JobStatus.IN_QUEUE and status.is_terminal and extra:
+        if transition(session, row.id, to=JobStatus.IN_PROGRESS, source=Source.POLL, expected={current},
+                      fence=fence, detail="seen running by its output", values={"started_at": utcnow()}) is None:
             return False
         current = JobStatus.IN_PROGRESS
-        if status is JobStatus.IN_PROGRESS:
-            streams.append(session, row.id, row.attempt, extra)
-            return True
-    streams.append(session, row.id, row.attempt, extra)
-    if status is current:
-        return update_fields(session, row.id, while_status={current}, values=values)
     return transition(session, row.id, to=status, source=Source.POLL, detail=detail, expected={current},
-                      values=values) is not None
+                      fence=fence, values=values, chunks=extra) is not None
 
 
-def _detail(state: JobState) -> str:
+def _detail(state: JobState, values: dict[str, Any]) -> str:
     parts = [f"RunPod says {state.status.value}"]
-    if state.status is RunPodStatus.COMPLETED and not state.has_output:
-        parts.append("with no output")
+    if values.get("output_missing"):
+        parts.append("with no output (RunPod drops a result over about 20 MB this way): flagged output_missing")
+    elif state.status is RunPodStatus.COMPLETED and _empty(state.output) and "output" in values \
+            and not _empty(values["output"]):
+        parts.append("with no output of its own: the output is the chunks its handler streamed")
     if state.execution_time_ms is not None:
         parts.append(f"ran {state.execution_time_ms} ms")
     return ", ".join(parts)
 
 
 def _error_text(error: Any) -> str | None:
-    if error is None or isinstance(error, str):
-        return error
-    return json.dumps(error, default=str)
+    if error is None:
+        return None
+    text = error if isinstance(error, str) else json.dumps(storable_json(error), default=str)
+    return storable_text(text)
+
+
+# -- the webhook: proof for a submit whose answer was lost ------------------------------------------------
+
+
+def adopt_from_webhook(rt: Runtime, job_id: str, runpod_job_id: str) -> str:
+    """RunPod called the webhook of a SUBMIT_UNKNOWN job: the token in its URL was given to that
+    attempt's /run alone, so RunPod has the job. The id the body names is never trusted: /status must
+    confirm RunPod knows it on this endpoint before the job is adopted. Says what happened; raises
+    RunPodTransient when RunPod could not be asked (the webhook should then be sent again)."""
+    with session_scope(rt.engine, read_only=True) as session:
+        row = get_row(session, job_id)
+    if row is None or row.status is not JobStatus.SUBMIT_UNKNOWN or row.runpod_job_id is not None:
+        return "nothing to adopt"
+    fence = Fence(attempt=row.attempt, runpod_job_id=None)
+    try:
+        state = rt.runpod.status(row.endpoint_id, runpod_job_id)
+    except (RunPodNotFound, RunPodRejected, RunPodProtocolError) as exc:
+        with session_scope(rt.engine) as session:
+            record_event(session, row.id, from_status=row.status, to_status=row.status, source=Source.WEBHOOK,
+                         detail=f"the webhook named a RunPod job that /status does not confirm ({exc}); not adopted",
+                         coalesce=True)
+        return "not confirmed by /status"
+    values = _at_runpod_values(row, state, poll_at=utcnow())
+    values["last_runpod_status"] = None  # the poll that follows stores what /status says, as a change
+    with session_scope(rt.engine) as session:
+        adopted = transition(session, row.id, to=JobStatus.IN_QUEUE, source=Source.WEBHOOK,
+                             expected={JobStatus.SUBMIT_UNKNOWN}, fence=fence, values=values,
+                             detail=f"RunPod called this attempt's webhook for RunPod job {state.id}, and /status "
+                                    f"confirms it ({state.status.value}): adopted")
+    if adopted is None:
+        return "the job moved on"
+    rt.publish(POLL_TASK, row.id, None)
+    return "adopted"
 
 
 # -- cancel -----------------------------------------------------------------------------------------------
 
 
 def cancel_on_runpod(rt: Runtime, job_id: str) -> Next:
-    """Tell RunPod to stop a job that our table already says is CANCELLED."""
-    with session_scope(rt.engine) as session:
-        row = get_row(session, job_id)
-    if row is None or row.status is not JobStatus.CANCELLED or row.runpod_job_id is None:
+    """Tell RunPod to stop every RunPod job in the job's cancel outbox: the one of a job cancelled
+    here, and any created for an attempt that no longer owned the row."""
+    with session_scope(rt.engine, read_only=True) as session:
+        pending = list(open_runpod_cancels(session, job_id))
+    if not pending:
         return Next.stop("nothing to cancel at RunPod")
-    try:
-        state = rt.runpod.cancel(row.endpoint_id, row.runpod_job_id)
-    except RunPodNotFound:
-        detail = "RunPod no longer knows the job"
-    except RunPodTransient as exc:
-        return Next(again_in=poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=1,
-                                              retry_after=exc.retry_after),
-                    reason="RunPod unavailable")
-    except RunPodError as exc:
-        detail = f"RunPod refused the cancel: {exc}"
-    else:
-        detail = f"RunPod answered {state.status.value}"
+    again: float | None = None
+    for cancel in pending:
+        try:
+            state = rt.runpod.cancel(cancel.endpoint_id, cancel.runpod_job_id)
+        except RunPodNotFound:
+            result = "RunPod no longer knows the job"
+        except RunPodTransient as exc:
+            delay = poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=cancel.tries + 1,
+                                     retry_after=exc.retry_after)
+            _cancel_tried(rt, cancel, delay)
+            again = delay if again is None else min(again, delay)
+            continue
+        except RunPodError as exc:
+            result = f"RunPod refused the cancel: {exc}"
+        else:
+            result = f"RunPod answered {state.status.value}"
+        _cancel_done(rt, cancel, result)
+    if again is not None:
+        return Next(again_in=again, reason="RunPod unavailable")
+    return Next.stop(f"{len(pending)} cancel(s) sent to RunPod")
+
+
+def _cancel_tried(rt: Runtime, cancel: RunPodCancel, delay: float) -> None:
     with session_scope(rt.engine) as session:
-        record_event(session, job_id, from_status=JobStatus.CANCELLED, to_status=JobStatus.CANCELLED,
-                     source=Source.CANCEL, detail=f"cancel sent to RunPod: {detail}")
-    return Next.stop(detail)
+        session.execute(update(RunPodCancel).where(col(RunPodCancel.id) == cancel.id)
+                        .values(tries=RunPodCancel.tries + 1, next_try_at=utcnow() + timedelta(seconds=delay)))
+
+
+def _cancel_done(rt: Runtime, cancel: RunPodCancel, result: str) -> None:
+    with session_scope(rt.engine) as session:
+        marked: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+            update(RunPodCancel).where(col(RunPodCancel.id) == cancel.id, col(RunPodCancel.done_at).is_(None))
+            .values(done_at=utcnow(), tries=RunPodCancel.tries + 1, result=storable_text(result))
+        )
+        done = marked.rowcount == 1
+        row = get_row(session, cancel.job_id)
+        if done and row is not None:
+            record_event(session, cancel.job_id, from_status=row.status, to_status=row.status, source=Source.CANCEL,
+                         detail=f"cancel of RunPod job {cancel.runpod_job_id} (attempt {cancel.attempt}) sent to "
+                                f"RunPod: {result}")

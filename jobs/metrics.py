@@ -118,6 +118,10 @@ class RpqCollector(Collector):
         polls = CounterMetricFamily("rpq_polls", "RunPod /status calls made by polls.", labels=["endpoint"])
         errors = CounterMetricFamily("rpq_runpod_errors", "RunPod API errors by operation and kind.",
                                      labels=["operation", "kind"])
+        missing = CounterMetricFamily("rpq_output_missing", "Jobs RunPod reported COMPLETED with no output "
+                                      "(how it shows a result over its ~20 MB limit).", labels=["endpoint"])
+        gaps = CounterMetricFamily("rpq_stream_gaps", "Streaming jobs whose /stream read was lost: chunks may be "
+                                   "missing.", labels=["endpoint"])
         latency = HistogramMetricFamily("rpq_job_latency_seconds",
                                         "From submit() to the final status stored, by endpoint and status.",
                                         labels=["endpoint", "status"])
@@ -137,6 +141,10 @@ class RpqCollector(Collector):
                 polls.add_metric(labels, value)
             elif kind == "runpod_errors" and len(labels) == 2:
                 errors.add_metric(labels, value)
+            elif kind == "output_missing" and len(labels) == 1:
+                missing.add_metric(labels, value)
+            elif kind == "stream_gaps" and len(labels) == 1:
+                gaps.add_metric(labels, value)
             elif kind == "latency_sum" and len(labels) == 2:
                 sums[(labels[0], labels[1])] = value
             elif kind == "latency_count" and len(labels) == 2:
@@ -147,7 +155,7 @@ class RpqCollector(Collector):
             observed = buckets.get(series, {})
             cumulative = [(str(bound), observed.get(bound, 0.0)) for bound in LATENCY_BUCKETS]
             latency.add_metric(list(series), [*cumulative, ("+Inf", count)], sums.get(series, 0.0))
-        yield from (submits, polls, errors, latency)
+        yield from (submits, polls, errors, missing, gaps, latency)
 
 
 def serve(rt: Runtime, *, host: str, port: int) -> None:

@@ -30,6 +30,8 @@ class Recorder(Protocol):
     def polled(self, endpoint: str) -> None: ...
     def runpod_error(self, operation: str, error: RunPodError) -> None: ...
     def finished(self, endpoint: str, status: str, created_at: datetime) -> None: ...
+    def output_missing(self, endpoint: str) -> None: ...
+    def stream_gap(self, endpoint: str) -> None: ...
 
 
 class NullRecorder:
@@ -43,6 +45,12 @@ class NullRecorder:
         pass
 
     def finished(self, endpoint: str, status: str, created_at: datetime) -> None:
+        pass
+
+    def output_missing(self, endpoint: str) -> None:
+        pass
+
+    def stream_gap(self, endpoint: str) -> None:
         pass
 
 
@@ -79,6 +87,12 @@ class RedisRecorder:
 
     def runpod_error(self, operation: str, error: RunPodError) -> None:
         self._add({SEP.join(("runpod_errors", operation, error_kind(error))): 1})
+
+    def output_missing(self, endpoint: str) -> None:
+        self._add({SEP.join(("output_missing", endpoint)): 1})
+
+    def stream_gap(self, endpoint: str) -> None:
+        self._add({SEP.join(("stream_gaps", endpoint)): 1})
 
     def finished(self, endpoint: str, status: str, created_at: datetime) -> None:
         seconds = max((utcnow() - created_at).total_seconds(), 0.0)

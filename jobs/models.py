@@ -99,8 +99,13 @@ class JobRow(SQLModel, table=True):
     runpod_retry_of: str | None = Field(default=None, max_length=128)
     # Collect a generator handler's chunks from RunPod's /stream as they come (see job_stream).
     stream: bool = False
-    # SHA-256 of the token in the webhook URL rpq gave RunPod; the token itself is never stored.
+    # SHA-256 of the token in the webhook URL rpq gave RunPod for the current attempt, stored before
+    # /run is called, so a webhook can prove a job ours even when /run's own answer was lost. The token
+    # itself is never stored.
     webhook_token_hash: str | None = Field(default=None, max_length=64, unique=True)
+    # RunPod said COMPLETED but gave no output (and no stream chunks to build one from): what RunPod
+    # shows when a result over its ~20 MB limit was dropped. Not a silent success: flagged, evented, counted.
+    output_missing: bool = False
 
     correlation_id: str | None = Field(default=None, max_length=128, index=True)
     idempotency_key: str | None = Field(default=None, max_length=255)
@@ -126,6 +131,10 @@ class JobEvent(SQLModel, table=True):
     at: datetime = _time(required=True)
     source: str = Field(max_length=16)  # api, submit, poll, webhook, operator, reconciler
     detail: str | None = Field(default=None, sa_column=Column(Text))
+    # The same event again (a webhook call, a reconciler re-poll) bumps these instead of adding a row,
+    # so a chatty job's history stays bounded.
+    repeats: int = 1
+    last_at: datetime | None = _time()
 
 
 class EndpointHealthRow(SQLModel, table=True):
@@ -162,6 +171,32 @@ class Lock(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     owner: str = Field(max_length=128)
     expires_at: datetime = _time(required=True)
+
+
+class RunPodCancel(SQLModel, table=True):
+    """A RunPod job that must be cancelled at RunPod: the outbox of cancels.
+
+    Written in the same transaction as the decision (a job cancelled here, or a RunPod job created for
+    an attempt that no longer owns its row), so the RunPod id is never lost with a message: the cancel
+    task works through the open rows, and the reconciler re-sends it for rows left open."""
+
+    __tablename__ = "runpod_cancels"
+    __table_args__ = (
+        UniqueConstraint("job_id", "attempt", "runpod_job_id", name="uq_runpod_cancels_job_attempt_runpod"),
+        Index("ix_runpod_cancels_open", "done_at", "next_try_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", ondelete="CASCADE", max_length=36)
+    attempt: int
+    endpoint_id: str = Field(max_length=64)
+    runpod_job_id: str = Field(max_length=128)
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _time(required=True)
+    next_try_at: datetime = _time(required=True)
+    tries: int = 0
+    done_at: datetime | None = _time()
+    result: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class StreamEvent(SQLModel, table=True):

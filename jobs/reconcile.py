@@ -4,9 +4,11 @@ Redis may lose any message (a worker killed with SIGKILL holding countdown polls
 publish that failed after the row was committed). Run periodically by beat, this finds:
 
 * PENDING rows whose submit message is overdue: publish it again;
-* SUBMITTING rows older than any live submit could be: the worker died mid-call, so whether
-  RunPod got the job is unknown. Mark them SUBMIT_UNKNOWN for an operator; never resubmit;
-* IN_QUEUE / IN_PROGRESS rows whose poll is overdue: publish a poll again.
+* SUBMITTING rows older than any live submit could be (past the client's own bound on a /run, so
+  never while its answer can still come): the worker died mid-call, so whether RunPod got the job
+  is unknown. Mark them SUBMIT_UNKNOWN; never resubmit (a late answer or webhook still adopts it);
+* IN_QUEUE / IN_PROGRESS rows whose poll is overdue: publish a poll again;
+* open rows of the cancel outbox whose task is overdue: publish the cancel again.
 
 Every action is idempotent (the tasks compare-and-set), and a lease in the database lets only one
 reconciler act at a time, so two beats, or a run that overlaps the last, never act twice.
@@ -18,13 +20,13 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlmodel import col, or_, select
 
 from jobs.db import session_scope
 from jobs.locks import held
-from jobs.models import JobRow, utcnow
-from jobs.runtime import POLL_TASK, SUBMIT_TASK, Runtime
+from jobs.models import JobRow, RunPodCancel, utcnow
+from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime
 from jobs.states import AT_RUNPOD, JobStatus
 from jobs.store import Source, get_row, record_event, transition, update_fields
 
@@ -41,11 +43,12 @@ class Report:
     resubmitted: list[str] = field(default_factory=list)
     repolled: list[str] = field(default_factory=list)
     marked_unknown: list[str] = field(default_factory=list)
+    recancelled: list[str] = field(default_factory=list)
     publish_failures: int = 0
 
     @property
     def acted(self) -> bool:
-        return bool(self.resubmitted or self.repolled or self.marked_unknown)
+        return bool(self.resubmitted or self.repolled or self.marked_unknown or self.recancelled)
 
 
 def reconcile(rt: Runtime, *, now: datetime | None = None, limit: int = 1000) -> Report:
@@ -57,7 +60,7 @@ def reconcile(rt: Runtime, *, now: datetime | None = None, limit: int = 1000) ->
 
 def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
     grace = timedelta(seconds=rt.settings.poll_grace_seconds)
-    stuck = timedelta(seconds=rt.settings.submit_stuck_seconds)
+    stuck = timedelta(seconds=rt.settings.submit_stuck_after_seconds)
     report = Report()
     due = func.coalesce(col(JobRow.next_poll_at), col(JobRow.updated_at))
 
@@ -75,14 +78,19 @@ def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
                 or_(col(JobRow.next_poll_at).is_(None), col(JobRow.next_poll_at) < now - grace),
             ).limit(limit)
         ).all()
+        cancels = session.exec(
+            select(RunPodCancel.job_id).where(col(RunPodCancel.done_at).is_(None),
+                                              col(RunPodCancel.next_try_at) < now - grace).distinct().limit(limit)
+        ).all()
 
     for job_id in submitting:
         with session_scope(rt.engine) as session:
             moved = transition(
                 session, job_id, to=JobStatus.SUBMIT_UNKNOWN, source=Source.RECONCILER,
                 expected={JobStatus.SUBMITTING},
-                detail=f"submit in flight for over {stuck.total_seconds():.0f}s: its worker died mid-call, so "
-                       "RunPod may or may not have the job; not resubmitted, an operator must decide",
+                detail=f"submit in flight for over {stuck.total_seconds():.0f}s, longer than any /run can take: "
+                       "its worker died mid-call, so RunPod may or may not have the job; not resubmitted: "
+                       "adopted if RunPod's answer or webhook still comes, else an operator decides",
             )
         if moved is not None:
             report.marked_unknown.append(job_id)
@@ -104,13 +112,28 @@ def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
                 what = "submit" if task == SUBMIT_TASK else "poll"
                 record_event(session, job_id, from_status=row.status, to_status=row.status, source=Source.RECONCILER,
                              detail=f"{what} overdue: its wake-up was lost (worker killed, Redis flushed or a "
-                                    f"failed publish); sent again")
+                                    f"failed publish); sent again", coalesce=True)
                 if task == SUBMIT_TASK:
                     # Not again for a while: under a long submit backlog the first copy may just be
                     # waiting its turn, and re-publishing every run would grow the queue.
                     update_fields(session, job_id, while_status=status, values={"next_poll_at": now + 5 * grace})
 
+    for job_id in cancels:
+        try:
+            rt.publish(CANCEL_TASK, job_id, None)
+        except Exception:
+            report.publish_failures += 1
+            log.warning("reconciler could not publish %s for %s", CANCEL_TASK, job_id, exc_info=True)
+            continue
+        report.recancelled.append(job_id)
+        with session_scope(rt.engine) as session:
+            # Not again for a while: the task may just be waiting its turn, or RunPod its recovery.
+            session.execute(update(RunPodCancel).where(col(RunPodCancel.job_id) == job_id,
+                                                       col(RunPodCancel.done_at).is_(None))
+                            .values(next_try_at=now + 5 * grace))
+
     if report.acted:
-        log.info("reconciler: resubmitted %d, re-polled %d, marked %d SUBMIT_UNKNOWN",
-                 len(report.resubmitted), len(report.repolled), len(report.marked_unknown))
+        log.info("reconciler: resubmitted %d, re-polled %d, marked %d SUBMIT_UNKNOWN, re-sent %d cancels",
+                 len(report.resubmitted), len(report.repolled), len(report.marked_unknown),
+                 len(report.recancelled))
     return report

@@ -4,13 +4,16 @@ Facts it relies on (statuses, shapes, limits) are in RunPod's docs; the team's f
 them. The client speaks the documented API exactly, so it works against RunPod and against the
 simulator (`rpq simulator`) alike.
 
-Three kinds of operation, by what is safe to repeat:
+Four kinds of operation, by what is safe to repeat:
 
-* idempotent (status, stream, health, cancel): every transient error is retried with backoff;
+* idempotent (status, health, cancel): every transient error is retried with backoff;
 * submits (run, runsync): retried only when the request provably did not reach RunPod (the
-  connection was refused, or RunPod answered 429). Anything else ambiguous — a read timeout, a
-  dropped connection, a 5xx — raises `RunOutcomeUnknown`: a job may exist, and a blind resubmit
-  could pay for the GPU twice;
+  connection was refused, or RunPod answered 429), and never past the caller's time budget.
+  Anything else ambiguous — a read timeout, a dropped connection, a 5xx — raises
+  `RunOutcomeUnknown`: a job may exist, and a blind resubmit could pay for the GPU twice;
+* consuming reads (stream): RunPod hands each chunk out once, so a read whose answer was lost may
+  have taken chunks with it. Retried like submits; an ambiguous failure raises `StreamReadUnknown`,
+  and the caller records that chunks may be missing;
 * other writes (retry, purge-queue): retried like submits; an ambiguous failure raises
   `RunPodTransient` without a retry, and the caller checks the job's status before trying again.
 """
@@ -41,6 +44,7 @@ from jobs.errors import (
     RunPodRateLimited,
     RunPodRejected,
     RunPodTransient,
+    StreamReadUnknown,
 )
 from jobs.settings import Secret
 
@@ -56,6 +60,9 @@ MAX_RUNSYNC_PAYLOAD_BYTES = 20_000_000
 # `?wait=` bounds for /runsync and /stream, in milliseconds.
 MIN_WAIT_MS = 1_000
 MAX_WAIT_MS = 300_000
+
+# The longest RunPod job id rpq stores (the jobs table's column); RunPod's are about 40 characters.
+MAX_JOB_ID_LENGTH = 128
 
 # policy bounds, in milliseconds (RunPod: executionTimeout >= 5 s, ttl >= 10 s, both <= 7 days).
 _SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
@@ -117,7 +124,7 @@ class JobState:
 
     @classmethod
     def from_json(cls, body: object, *, operation: str) -> JobState:
-        if not isinstance(body, Mapping) or not isinstance(body.get("id"), str):
+        if not isinstance(body, Mapping) or not _is_job_id(body.get("id")):
             raise RunPodProtocolError(f"{operation}: expected a job object with an id", operation=operation)
         return cls(
             id=body["id"],
@@ -235,8 +242,8 @@ def encode_body(body: Mapping[str, Any], *, limit: int, operation: str) -> bytes
 class RunPodClient:
     """Synchronous client for one RunPod account (or one simulator).
 
-    `transport` is injectable (an `httpx.MockTransport` in unit tests); `sleep` and `rand` too, so
-    retry timing can be tested without waiting.
+    `transport` is injectable (an `httpx.MockTransport` in unit tests); `sleep`, `rand` and `clock`
+    too, so retry timing and time budgets can be tested without waiting.
     """
 
     def __init__(
@@ -249,6 +256,7 @@ class RunPodClient:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         key = api_key if isinstance(api_key, Secret) else Secret(api_key)
         if not key.reveal():
@@ -256,6 +264,7 @@ class RunPodClient:
         self.base_url = base_url.rstrip("/")
         self.retry_policy = retry
         self._sleep = sleep
+        self._clock = clock
         self._rand = rand
         self._http = httpx.Client(
             base_url=self.base_url + "/",
@@ -286,11 +295,16 @@ class RunPodClient:
         webhook: str | None = None,
         policy: Mapping[str, Any] | None = None,
         s3_config: Mapping[str, Any] | None = None,
+        budget_seconds: float | None = None,
     ) -> JobState:
-        """Queue a job (`POST /run`). Returns its id and status (IN_QUEUE)."""
+        """Queue a job (`POST /run`). Returns its id and status (IN_QUEUE).
+
+        With `budget_seconds`, no attempt starts once the budget is spent, and each attempt's timeouts
+        are cut to what is left of it (`Settings.submit_bound_seconds` is the worst case)."""
         body = build_run_body(input, webhook=webhook, policy=policy, s3_config=s3_config, operation="run")
         data = encode_body(body, limit=MAX_RUN_PAYLOAD_BYTES, operation="run")
-        answer = self._call("run", "POST", _path(endpoint_id, "run"), content=data, kind=_SUBMIT)
+        answer = self._call("run", "POST", _path(endpoint_id, "run"), content=data, kind=_SUBMIT,
+                            budget=budget_seconds)
         return JobState.from_json(answer, operation="run")
 
     def runsync(
@@ -322,10 +336,13 @@ class RunPodClient:
         return JobState.from_json(answer, operation="status")
 
     def stream(self, endpoint_id: str, job_id: str, *, wait_ms: int | None = None) -> StreamBatch:
-        """Drain the chunks a generator handler produced since the last call (`GET /stream`)."""
+        """Drain the chunks a generator handler produced since the last call (`GET /stream`).
+
+        A consuming read: RunPod gives each chunk out once. Never retried once it may have reached
+        RunPod; an answer lost on the way raises `StreamReadUnknown` (those chunks may be gone)."""
         params = _wait_params(wait_ms, operation="stream")
         answer = self._call(
-            "stream", "GET", _path(endpoint_id, "stream", job_id), params=params, kind=_IDEMPOTENT,
+            "stream", "GET", _path(endpoint_id, "stream", job_id), params=params, kind=_CONSUMING,
             read_timeout=(wait_ms or 10_000) / 1000 + 15,
         )
         if not isinstance(answer, Mapping) or not isinstance(answer.get("stream", []), list):
@@ -372,6 +389,7 @@ class RunPodClient:
         content: bytes | None = None,
         params: Mapping[str, str] | None = None,
         read_timeout: float | None = None,
+        budget: float | None = None,
     ) -> Any:
         headers = {"Content-Type": "application/json"} if content is not None else None
         timeout = self._http.timeout
@@ -381,11 +399,13 @@ class RunPodClient:
                 connect=timeout.connect, read=max(read_timeout, timeout.read or 0),
                 write=timeout.write, pool=timeout.pool,
             )
+        started = self._clock()
         attempt = 0
         while True:
+            request_timeout = timeout if budget is None else _within(timeout, budget - (self._clock() - started))
             try:
                 response = self._http.request(
-                    method, path, content=content, params=params, headers=headers, timeout=timeout
+                    method, path, content=content, params=params, headers=headers, timeout=request_timeout
                 )
                 return _read_answer(operation, path, response, kind=kind)
             except RunPodTransient as exc:
@@ -395,7 +415,7 @@ class RunPodClient:
             if not isinstance(error, RunPodTransient) or not _may_retry(error, kind):
                 raise error
             delay = retry_delay(attempt, self.retry_policy, retry_after=error.retry_after, rand=self._rand)
-            if delay is None:
+            if delay is None or (budget is not None and self._clock() - started + delay >= budget):
                 raise error
             log.info("runpod %s %s failed (%s); retry %d in %.2fs", operation, path, error, attempt + 1, delay)
             self._sleep(delay)
@@ -404,10 +424,21 @@ class RunPodClient:
 
 _IDEMPOTENT = "idempotent"
 _SUBMIT = "submit"
+_CONSUMING = "consuming"
 _WRITE = "write"
 
 # Transport errors raised before a single byte of the request could have been processed.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+def _within(timeout: httpx.Timeout, remaining: float) -> httpx.Timeout:
+    """`timeout` with each phase cut to what is left of a budget (never below a tenth of a second)."""
+    left = max(remaining, 0.1)
+
+    def cut(phase: float | None) -> float:
+        return left if phase is None else min(phase, left)
+
+    return httpx.Timeout(connect=cut(timeout.connect), read=cut(timeout.read), write=cut(timeout.write),
+                         pool=cut(timeout.pool))
 
 
 class _NotSent(RunPodTransient):
@@ -430,6 +461,11 @@ def _translate_transport_error(operation: str, path: str, exc: httpx.TransportEr
             f"{operation} {path}: the request may have reached RunPod but no answer came back ({what}); "
             "a job may exist", operation=operation,
         )
+    elif kind == _CONSUMING:
+        error = StreamReadUnknown(
+            f"{operation} {path}: the read may have reached RunPod but no answer came back ({what}); "
+            "chunks it handed out may be missing", operation=operation,
+        )
     else:
         error = RunPodTransient(f"{operation} {path}: no answer from RunPod ({what})", operation=operation)
     error.__cause__ = exc
@@ -441,9 +477,11 @@ def _read_answer(operation: str, path: str, response: httpx.Response, *, kind: s
     if 200 <= code < 300:
         try:
             return response.json()
-        except ValueError as exc:
-            raise RunPodProtocolError(
-                f"{operation} {path}: HTTP {code} with a body that is not JSON", status_code=code, operation=operation
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past Python's stack
+            error_type = StreamReadUnknown if kind == _CONSUMING else RunPodProtocolError
+            raise error_type(
+                f"{operation} {path}: HTTP {code} with a body that is not JSON (or nests too deep to read)",
+                status_code=code, operation=operation,
             ) from exc
     detail = _error_detail(response)
     message = f"{operation} {path}: HTTP {code}" + (f": {detail}" if detail else "")
@@ -461,6 +499,9 @@ def _read_answer(operation: str, path: str, response: httpx.Response, *, kind: s
     if code >= 500 and kind == _SUBMIT:
         # A 5xx after the body was read does not say whether a job was queued.
         raise RunOutcomeUnknown(message + "; a job may exist", status_code=code, operation=operation)
+    if code >= 500 and kind == _CONSUMING:
+        # Nor whether the chunks were handed out before the failure.
+        raise StreamReadUnknown(message + "; chunks may be missing", status_code=code, operation=operation)
     if code >= 500:
         raise RunPodTransient(message, status_code=code, operation=operation,
                               retry_after=parse_retry_after(response.headers.get("Retry-After")))
@@ -518,6 +559,11 @@ def _policy_problems(policy: object) -> list[Problem]:
             problems.append(Problem(f"policy.{key}", "unknown",
                                     "unknown field (RunPod knows executionTimeout, ttl, lowPriority)"))
     return problems
+
+
+def _is_job_id(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_JOB_ID_LENGTH and value.isprintable() and \
+        "/" not in value
 
 
 def _optional_int(body: Mapping[str, Any], key: str, operation: str) -> int | None:

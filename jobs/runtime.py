@@ -74,7 +74,7 @@ class Runtime:
                 api_key=settings.require_api_key(),
                 base_url=settings.runpod_serverless_url,
                 timeout=httpx.Timeout(settings.runpod_timeout_seconds,
-                                      connect=min(5.0, settings.runpod_timeout_seconds)),
+                                      connect=settings.runpod_connect_timeout_seconds),
             )
 
         return cls(

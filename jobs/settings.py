@@ -19,6 +19,7 @@ from jobs.errors import ConfigError
 # hyphens ("black-forest-labs-flux-1-schnell").
 ENDPOINT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{4,62}[a-z0-9]$")
 MAX_POLL_GAP_SECONDS = 300.0
+SUBMIT_STUCK_MARGIN_SECONDS = 30.0  # past a /run's worst case, for a busy worker to write its answer
 ENDPOINT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
@@ -84,7 +85,34 @@ class Settings:
     # The reconciler: how often it runs, and when it decides a message was lost.
     reconcile_interval_seconds: int = 30
     poll_grace_seconds: int = 30  # a poll this overdue (or a PENDING row this old) lost its message
-    submit_stuck_seconds: int = 300  # past the submit task's hard time limit: its worker is gone
+    # A SUBMITTING row older than this lost its worker mid-/run. None: derived from the client's own
+    # bound on a /run (`submit_stuck_after_seconds`); a value at or below that bound is refused.
+    submit_stuck_seconds: int | None = None
+
+    @property
+    def runpod_connect_timeout_seconds(self) -> float:
+        return min(5.0, self.runpod_timeout_seconds)
+
+    @property
+    def submit_budget_seconds(self) -> float:
+        """How long a submit keeps trying /run: room for one retry after a refused connection or a 429
+        (the only failures it retries). No attempt starts once it is spent."""
+        return 2 * self.runpod_timeout_seconds + 10
+
+    @property
+    def submit_bound_seconds(self) -> float:
+        """The longest one /run call can take: the budget, plus the last attempt's pool, connect, write
+        and read timeouts, each cut to the budget by the client."""
+        timeout = self.runpod_timeout_seconds
+        return self.submit_budget_seconds + 3 * timeout + self.runpod_connect_timeout_seconds
+
+    @property
+    def submit_stuck_after_seconds(self) -> float:
+        """When the reconciler calls a SUBMITTING row's worker lost: past anything a live /run can take,
+        so a slow /run is never marked SUBMIT_UNKNOWN while its answer can still come."""
+        if self.submit_stuck_seconds is not None:
+            return float(self.submit_stuck_seconds)
+        return self.submit_bound_seconds + SUBMIT_STUCK_MARGIN_SECONDS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -153,11 +181,17 @@ class Settings:
             poll_max_seconds=positive_float("RPQ_POLL_MAX_SECONDS", defaults.poll_max_seconds),
             reconcile_interval_seconds=positive_int("RPQ_RECONCILE_SECONDS", defaults.reconcile_interval_seconds),
             poll_grace_seconds=positive_int("RPQ_POLL_GRACE_SECONDS", defaults.poll_grace_seconds),
-            submit_stuck_seconds=positive_int("RPQ_SUBMIT_STUCK_SECONDS", defaults.submit_stuck_seconds),
+            submit_stuck_seconds=(positive_int("RPQ_SUBMIT_STUCK_SECONDS", 1)
+                                  if env.get("RPQ_SUBMIT_STUCK_SECONDS", "").strip() else None),
         )
         if not problems and not 1.0 <= settings.poll_max_seconds <= MAX_POLL_GAP_SECONDS:
             # Far below the broker's visibility timeout and RunPod's 30-minute result retention.
             problems.append(f"RPQ_POLL_MAX_SECONDS: must be between 1 and {MAX_POLL_GAP_SECONDS:.0f}")
+        if not problems and settings.submit_stuck_seconds is not None \
+                and settings.submit_stuck_seconds <= settings.submit_bound_seconds:
+            problems.append(f"RPQ_SUBMIT_STUCK_SECONDS: must be more than {settings.submit_bound_seconds:.0f} "
+                            "(the longest a /run can take with RUNPOD_TIMEOUT_SECONDS); a slower /run would "
+                            "be called lost while its answer can still come")
         if problems:
             raise ConfigError(problems)
         return settings

@@ -17,6 +17,7 @@ stateDiagram-v2
     IN_PROGRESS --> EXPIRED: /status says 404 (retention or ttl)
     PENDING --> CANCELLED
     IN_PROGRESS --> CANCELLED
+    SUBMIT_UNKNOWN --> IN_QUEUE: proof arrives (the late /run answer, or the job's own webhook)
     SUBMIT_UNKNOWN --> CANCELLED: operator gives up on it
     COMPLETED --> [*]
 ```
@@ -24,8 +25,10 @@ stateDiagram-v2
 (IN_QUEUE may also go straight to TIMED_OUT, EXPIRED or CANCELLED; the table below is the full truth.)
 
 A *retry* is not part of the lifecycle: it starts a new attempt of a finished job and is allowed
-from `RETRYABLE` only. `SUBMIT_UNKNOWN` is never left automatically: an operator decides whether
-the job reached RunPod (retry it, or cancel it).
+from `RETRYABLE` only. `SUBMIT_UNKNOWN` is never resubmitted automatically: it is left on its own
+only with proof that RunPod has the job (the /run answer arriving late, or RunPod calling the
+webhook whose token only that /run carried, confirmed with /status); otherwise an operator decides
+(retry it, or cancel it).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from jobs.runpod import RunPodStatus
 class JobStatus(enum.StrEnum):
     PENDING = "PENDING"  #: the row is written; nothing sent to RunPod yet
     SUBMITTING = "SUBMITTING"  #: a worker is calling /run right now
-    SUBMIT_UNKNOWN = "SUBMIT_UNKNOWN"  #: /run's outcome is unknown; an operator must decide
+    SUBMIT_UNKNOWN = "SUBMIT_UNKNOWN"  #: /run's outcome is unknown; never resubmitted blindly
     IN_QUEUE = "IN_QUEUE"  #: RunPod has it, waiting for a GPU worker
     IN_PROGRESS = "IN_PROGRESS"  #: a RunPod worker is running it
     COMPLETED = "COMPLETED"  #: finished; output stored
@@ -59,7 +62,7 @@ _RUNPOD_OUTCOMES = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.TIMED_OU
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     _S.PENDING: frozenset({_S.SUBMITTING, _S.CANCELLED}),
     _S.SUBMITTING: frozenset({_S.PENDING, _S.IN_QUEUE, _S.FAILED, _S.SUBMIT_UNKNOWN, _S.CANCELLED}),
-    _S.SUBMIT_UNKNOWN: frozenset({_S.CANCELLED}),
+    _S.SUBMIT_UNKNOWN: frozenset({_S.IN_QUEUE, _S.CANCELLED}),
     _S.IN_QUEUE: frozenset({_S.IN_PROGRESS}) | _RUNPOD_OUTCOMES,
     _S.IN_PROGRESS: _RUNPOD_OUTCOMES,
     _S.COMPLETED: frozenset(),

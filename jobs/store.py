@@ -2,19 +2,26 @@
 
 Functions take a session and never commit: the caller owns the transaction, so a status change
 and its event row are written together or not at all.
+
+A write made on behalf of a RunPod job (a poll's findings, a submit's answer) carries a `Fence`:
+the attempt and RunPod job it is about. The UPDATE then matches only while the row still belongs to
+that attempt and that RunPod job, so a late answer about an older attempt changes nothing, and the
+side rows (events, stream chunks) that belong to the write are added only when it matched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, update
+from sqlalchemy import ColumnElement, CursorResult, update
 from sqlmodel import Session, col, select
 
 from jobs import streams
-from jobs.models import JobEvent, JobRow, utcnow
+from jobs.jsonsafe import storable_text
+from jobs.models import JobEvent, JobRow, RunPodCancel, utcnow
 from jobs.states import AT_RUNPOD, JobStatus, sources_of
 
 
@@ -30,6 +37,24 @@ class Source:
     CANCEL = "cancel"  # a worker telling RunPod to stop a job already CANCELLED here
 
 
+@dataclass(frozen=True)
+class Fence:
+    """The attempt, and the RunPod job of that attempt (None before /run answered), that a write is
+    made on behalf of. A write fenced to them matches only while the row still belongs to both."""
+
+    attempt: int
+    runpod_job_id: str | None
+
+    @classmethod
+    def of(cls, row: JobRow) -> Fence:
+        return cls(attempt=row.attempt, runpod_job_id=row.runpod_job_id)
+
+    def clauses(self) -> list[ColumnElement[bool]]:
+        runpod = (col(JobRow.runpod_job_id).is_(None) if self.runpod_job_id is None
+                  else col(JobRow.runpod_job_id) == self.runpod_job_id)
+        return [col(JobRow.attempt) == self.attempt, runpod]
+
+
 def transition(
     session: Session,
     job_id: str,
@@ -39,56 +64,66 @@ def transition(
     detail: str | None = None,
     expected: Iterable[JobStatus] | None = None,
     values: Mapping[str, Any] | None = None,
+    fence: Fence | None = None,
+    chunks: Sequence[tuple[str, Any]] = (),
 ) -> JobStatus | None:
-    """Move a job to `to` if, and only if, its status is one of `expected`.
+    """Move a job to `to` if, and only if, its status is one of `expected` (and, with a `fence`, it
+    still belongs to that attempt and RunPod job).
 
     `expected` defaults to every status the lifecycle allows into `to`. One UPDATE does the
     compare and the set, so a duplicate or late message is a no-op however the writers race.
+    Only when it matched are the event row and the stream events written: `chunks` (progress and
+    output seen by the same poll) go between the attempt's `started` and its `end` or `error`.
     Returns the status the job left, or None when nothing changed.
     """
     allowed = sorted(sources_of(to) if expected is None else set(expected))
     now = utcnow()
     statement = (
         update(JobRow)
-        .where(col(JobRow.id) == job_id, col(JobRow.status).in_(allowed))
+        .where(col(JobRow.id) == job_id, col(JobRow.status).in_(allowed), *(fence.clauses() if fence else ()))
         .values(previous_status=JobRow.status, status=to, updated_at=now, **dict(values or {}))
         .returning(col(JobRow.previous_status), col(JobRow.attempt), col(JobRow.stream), col(JobRow.output),
-                   col(JobRow.error))
+                   col(JobRow.error), col(JobRow.output_missing))
     )
     changed = session.execute(statement).one_or_none()
     if changed is None:
         return None
-    previous, attempt, streaming, output, error = changed
+    previous, attempt, streaming, output, error, output_missing = changed
     previous = JobStatus(previous)
     record_event(session, job_id, from_status=previous, to_status=to, source=source, detail=detail, at=now)
     streams.append(session, job_id, attempt, streams.for_transition(
-        previous, to, streaming=streaming, output=output, error=error, detail=detail))
+        previous, to, streaming=streaming, output=output, error=error, detail=detail, chunks=chunks,
+        output_missing=output_missing))
     return previous
 
 
 def update_fields(
-    session: Session, job_id: str, *, while_status: Iterable[JobStatus], values: Mapping[str, Any]
+    session: Session, job_id: str, *, while_status: Iterable[JobStatus], values: Mapping[str, Any],
+    fence: Fence | None = None,
 ) -> bool:
-    """Change non-status fields, but only while the job is still in one of `while_status`."""
+    """Change non-status fields, but only while the job is still in one of `while_status` (and, with a
+    `fence`, still belongs to that attempt and RunPod job)."""
     statement = (
         update(JobRow)
-        .where(col(JobRow.id) == job_id, col(JobRow.status).in_(sorted(set(while_status))))
+        .where(col(JobRow.id) == job_id, col(JobRow.status).in_(sorted(set(while_status))),
+               *(fence.clauses() if fence else ()))
         .values(updated_at=utcnow(), **dict(values))
     )
     result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
     return result.rowcount == 1
 
 
-def claim_poll(session: Session, job_id: str, *, seen: datetime | None, lease_until: datetime) -> bool:
-    """Take the right to poll a job now: succeeds for exactly one of several racing polls.
+def claim_poll(session: Session, job_id: str, *, seen: datetime | None, lease_until: datetime, fence: Fence) -> bool:
+    """Take the right to poll a job's RunPod job now: succeeds for exactly one of several racing polls.
 
-    The claim is a compare-and-set on next_poll_at; the winner pushes it to `lease_until`, so a
-    poll that dies mid-call is found overdue by the reconciler once the lease runs out.
+    The claim is a compare-and-set on next_poll_at, fenced to the attempt and RunPod job the poll is
+    about; the winner pushes next_poll_at to `lease_until`, so a poll that dies mid-call is found
+    overdue by the reconciler once the lease runs out.
     """
     due = col(JobRow.next_poll_at).is_(None) if seen is None else col(JobRow.next_poll_at) == seen
     statement = (
         update(JobRow)
-        .where(col(JobRow.id) == job_id, col(JobRow.status).in_(sorted(AT_RUNPOD)), due)
+        .where(col(JobRow.id) == job_id, col(JobRow.status).in_(sorted(AT_RUNPOD)), due, *fence.clauses())
         .values(next_poll_at=lease_until)
     )
     result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
@@ -104,9 +139,44 @@ def record_event(
     source: str,
     detail: str | None = None,
     at: datetime | None = None,
+    coalesce: bool = False,
 ) -> None:
+    """Add a row to the job's history. `detail` often quotes RunPod, so it is made storable first.
+
+    With `coalesce`, an event identical to the job's latest one (the same webhook call again, the
+    same reconciler re-poll) bumps that row's `repeats` and `last_at` instead of adding a row."""
+    at = at or utcnow()
+    detail = storable_text(detail) if detail is not None else None
+    if coalesce:
+        latest = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
+                              .order_by(col(JobEvent.id).desc()).limit(1)).first()
+        if latest is not None and (latest.from_status, latest.to_status, latest.source, latest.detail) == (
+                from_status, to_status, source, detail):
+            latest.repeats += 1
+            latest.last_at = at
+            session.add(latest)
+            return
     session.add(JobEvent(job_id=job_id, from_status=from_status, to_status=to_status, source=source,
-                         detail=detail, at=at or utcnow()))
+                         detail=detail, at=at))
+
+
+def add_runpod_cancel(session: Session, row: JobRow, *, attempt: int, runpod_job_id: str, reason: str) -> bool:
+    """Put a RunPod job in the cancel outbox (once per job, attempt and RunPod id). True when added."""
+    exists = session.exec(select(RunPodCancel.id).where(
+        RunPodCancel.job_id == row.id, RunPodCancel.attempt == attempt,
+        RunPodCancel.runpod_job_id == runpod_job_id)).first()
+    if exists is not None:
+        return False
+    now = utcnow()
+    session.add(RunPodCancel(job_id=row.id, attempt=attempt, endpoint_id=row.endpoint_id,
+                             runpod_job_id=runpod_job_id, reason=reason, created_at=now, next_try_at=now))
+    return True
+
+
+def open_runpod_cancels(session: Session, job_id: str) -> Sequence[RunPodCancel]:
+    statement = (select(RunPodCancel).where(RunPodCancel.job_id == job_id, col(RunPodCancel.done_at).is_(None))
+                 .order_by(col(RunPodCancel.id)))
+    return session.exec(statement).all()
 
 
 def get_row(session: Session, job_id: str) -> JobRow | None:

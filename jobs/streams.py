@@ -1,9 +1,10 @@
 """A job's event stream: what `GET /v1/jobs/{id}/events` replays over Server-Sent Events.
 
 Each attempt of a job streams `started`, then `progress` and `output` events, then exactly one of
-`end` or `error`. Status events are written by `store.transition` in the same transaction as the
-status change; progress and output by the poll that saw them, after it has updated the job row
-(which, on PostgreSQL, locks it), so `seq` is assigned by one writer at a time.
+`end` or `error`. Every event is written in the transaction of the job-row UPDATE it belongs to
+(`store.transition` for status changes, with the chunks the same poll saw between `started` and
+the final event; a fenced `store.update_fields` otherwise), only when that UPDATE matched, and after
+it, so the row lock (PostgreSQL) or the write lock (SQLite) lets one writer at a time assign `seq`.
 """
 
 from __future__ import annotations
@@ -22,18 +23,24 @@ FINAL_KINDS = frozenset({END, ERROR})
 
 
 def for_transition(
-    previous: JobStatus, to: JobStatus, *, streaming: bool, output: Any, error: str | None, detail: str | None
+    previous: JobStatus, to: JobStatus, *, streaming: bool, output: Any, error: str | None, detail: str | None,
+    chunks: Sequence[tuple[str, Any]] = (), output_missing: bool = False,
 ) -> list[tuple[str, Any]]:
-    """The stream events a status change means. Pure: the table of cases is tested on its own."""
+    """The stream events a status change means, with `chunks` (progress and output seen by the same
+    poll) after `started` and before the final event. Pure: the table of cases is tested on its own."""
     events: list[tuple[str, Any]] = []
     ran = to is JobStatus.IN_PROGRESS or (
         to in (JobStatus.COMPLETED, JobStatus.FAILED) and previous in (JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS))
     if ran and previous is not JobStatus.IN_PROGRESS:
         events.append((STARTED, {}))
+    events.extend(chunks)
     if to is JobStatus.COMPLETED:
-        if not streaming:
+        if not streaming and not output_missing:
             events.append((OUTPUT, output))  # a plain handler's whole output is its one chunk
-        events.append((END, {"status": to.value}))
+        end: dict[str, Any] = {"status": to.value}
+        if output_missing:
+            end["output_missing"] = True
+        events.append((END, end))
     elif to.is_terminal:
         events.append((ERROR, {"status": to.value, "error": error or detail}))
     return events
@@ -48,6 +55,13 @@ def append(session: Session, job_id: str, attempt: int, events: Sequence[tuple[s
     for kind, data in events:
         seq += 1
         session.add(StreamEvent(job_id=job_id, seq=seq, attempt=attempt, kind=kind, data=data, at=now))
+
+
+def outputs(session: Session, job_id: str, *, attempt: int) -> list[Any]:
+    """Every output chunk stored for this attempt, in order: a streamed job's output when RunPod gives none."""
+    statement = (select(StreamEvent.data).where(StreamEvent.job_id == job_id, StreamEvent.attempt == attempt,
+                                                StreamEvent.kind == OUTPUT).order_by(col(StreamEvent.seq)))
+    return list(session.exec(statement).all())
 
 
 def read(session: Session, job_id: str, *, attempt: int, after: int = 0, limit: int = 500) -> list[StreamEvent]:

@@ -61,8 +61,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,  # held countdown polls go back to Redis on shutdown
         worker_soft_shutdown_timeout=10,
         worker_cancel_long_running_tasks_on_connection_loss=True,  # no double run after a reconnect
-        task_soft_time_limit=120,  # RunPod calls are short; a stuck one is cut long before the VT
-        task_time_limit=180,
+        # RunPod calls are short; a stuck one is cut long before the VT, but never a /run that is still
+        # within its own bound (cutting it would make its outcome unknown for nothing).
+        task_soft_time_limit=max(120, settings.submit_bound_seconds + 15),
+        task_time_limit=max(180, settings.submit_bound_seconds + 75),
         task_default_queue=SUBMIT_QUEUE,
         task_queues=[Queue(name) for name in QUEUES],
         task_routes={

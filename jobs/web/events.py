@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import jobs
-from jobs.errors import Problem
+from jobs.errors import Problem, RunPodTransient
+from jobs.runpod import MAX_JOB_ID_LENGTH, MAX_RUNSYNC_PAYLOAD_BYTES
 from jobs.runtime import Runtime
 from jobs.streams import FINAL_KINDS
 
@@ -32,6 +33,8 @@ from jobs.streams import FINAL_KINDS
 POLL_SECONDS = 0.5
 #: A comment line this often keeps proxies from closing a quiet stream.
 HEARTBEAT_SECONDS = 15.0
+#: RunPod's webhook carries the job's input and output; a result is at most about 20 MB.
+MAX_WEBHOOK_BODY_BYTES = MAX_RUNSYNC_PAYLOAD_BYTES + 1_000_000
 
 
 def _runtime(request: Request) -> Runtime:
@@ -76,12 +79,21 @@ def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
     @webhooks.post(
         "/webhooks/runpod/{token}",
         summary="RunPod's webhook: wakes the job's poll",
-        description="The per-job token in the path is the credential. The body is ignored: the status "
-        "always comes from RunPod's /status. Unknown tokens get 404.",
-        responses={404: {"description": "No job has this token"}},
+        description="The per-job token in the path is the credential. The body never sets state: the status "
+        "always comes from RunPod's /status. Its `id` is read only for a job whose submit outcome is unknown, "
+        "and adopted once /status confirms it. Unknown tokens get 404; 503 asks RunPod to send it again.",
+        responses={404: {"description": "No job has this token"},
+                   503: {"description": "RunPod could not be asked to confirm the job; send again"}},
     )
-    async def runpod_webhook(token: str, runtime: RuntimeDep) -> JSONResponse:
-        if not await run_in_threadpool(jobs.webhook_received, token, runtime=runtime):
+    async def runpod_webhook(token: str, request: Request, runtime: RuntimeDep) -> JSONResponse:
+        named = await _named_job(request)
+        try:
+            known = await run_in_threadpool(jobs.webhook_received, token, runpod_job_id=named, runtime=runtime)
+        except RunPodTransient:
+            # RunPod sends a webhook again (twice, 10 s apart) unless it gets a 200.
+            raise api_error(503, [Problem("runpod", "upstream", "RunPod could not be asked; send again")],
+                            {"Retry-After": "10"}) from None
+        if not known:
             raise api_error(404, [Problem("token", "known", "no job has this webhook")])
         return JSONResponse({"ok": True})
 
@@ -113,6 +125,24 @@ async def _follow(request: Request, runtime: Runtime, job_id: str, after: int, j
         job, batch = await run_in_threadpool(jobs.stream_events, job_id, after=after, runtime=runtime)
 
 
+async def _named_job(request: Request) -> str | None:
+    """The RunPod job id a webhook's body names, if it is readable and looks like one; else None.
+    Read with a bound (RunPod's payload carries the job's input and output); never trusted as such."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_WEBHOOK_BODY_BYTES:
+            return None
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    named = payload.get("id") if isinstance(payload, dict) else None
+    if isinstance(named, str) and 0 < len(named) <= MAX_JOB_ID_LENGTH and named.isprintable() and "/" not in named:
+        return named
+    return None
+
+
 def _event(item: jobs.StreamItem) -> bytes:
     data = json.dumps(item.data, ensure_ascii=False, separators=(",", ":"))
     return f"id: {item.seq}\nevent: {item.kind}\ndata: {data}\n\n".encode()
@@ -120,5 +150,8 @@ def _event(item: jobs.StreamItem) -> bytes:
 
 def _closing(job: jobs.Job) -> str:
     if job.status.value == "COMPLETED":
-        return f'event: end\ndata: {json.dumps({"status": job.status.value})}\n\n'
+        end: dict[str, Any] = {"status": job.status.value}
+        if job.output_missing:
+            end["output_missing"] = True
+        return f'event: end\ndata: {json.dumps(end)}\n\n'
     return f'event: error\ndata: {json.dumps({"status": job.status.value, "error": job.error})}\n\n'

@@ -189,6 +189,9 @@ class JobOut(BaseModel):
     delay_time_ms: int | None
     execution_time_ms: int | None
     worker_id: str | None
+    output_missing: bool = Field(
+        description="RunPod reported COMPLETED with no output to store (and no streamed chunks to build one "
+        "from): how RunPod shows a result over its ~20 MB limit. Never a silent success.")
 
 
 class JobList(BaseModel):

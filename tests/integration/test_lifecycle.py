@@ -155,7 +155,7 @@ def test_a_run_that_times_out_is_marked_unknown_and_never_resubmitted(
     assert stored.status is JobStatus.SUBMIT_UNKNOWN and step.poll_in is None
     assert job.id not in report.resubmitted
     assert len(simulator.jobs()) == 1  # it did reach RunPod, once; an operator decides what next
-    assert "an operator must decide" in (jobs.events(job.id, runtime=runtime)[-1].detail or "")
+    assert "else an operator decides" in (jobs.events(job.id, runtime=runtime)[-1].detail or "")
 
 
 def test_a_run_refused_for_now_goes_back_to_pending_and_is_sent_later(
@@ -216,6 +216,8 @@ def test_a_job_cancelled_while_its_run_is_in_flight_is_cancelled_at_runpod_too(
 
     jobs.cancel(job.id, runtime=runtime)
     submitter.join(10)
+    assert published(runtime).of(CANCEL_TASK) == [job.id]  # sent by the submit that found the row moved
+    cancel_on_runpod(runtime, job.id)
 
     stored = jobs.get(job.id, runtime=runtime)
     assert stored.status is JobStatus.CANCELLED and stored.runpod_job_id

@@ -15,7 +15,7 @@ from sqlmodel import SQLModel
 from jobs.db import make_engine, session_scope
 from jobs.models import JobRow
 from jobs.states import JobStatus
-from jobs.store import Source, claim_poll, events_of, get_row, transition
+from jobs.store import Fence, Source, claim_poll, events_of, get_row, transition
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +122,8 @@ def test_of_two_racing_polls_exactly_one_claims_the_job(migrated_db: str) -> Non
     def poller() -> None:
         start.wait()
         with session_scope(engine) as session:
-            wins.append(claim_poll(session, job_id, seen=due, lease_until=due + timedelta(minutes=3)))
+            wins.append(claim_poll(session, job_id, seen=due, lease_until=due + timedelta(minutes=3),
+                                   fence=Fence(attempt=1, runpod_job_id="rp-1")))
 
     threads = [threading.Thread(target=poller) for _ in range(4)]
     for thread in threads:

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 import pytest
 
 from jobs.backoff import (
+    MAX_RETRY_AFTER_SECONDS,
     PollSchedule,
     RetryPolicy,
     exponential_delay,
@@ -117,3 +118,13 @@ def test_the_cap_is_far_below_runpods_retention_and_the_visibility_timeout() -> 
 def test_failed_polls_back_off_and_respect_retry_after(errors: int, retry_after: float | None, expected: float) -> None:
     assert poll_error_delay(PollSchedule(), consecutive_errors=errors, retry_after=retry_after,
                             rand=lambda: 0.0) == pytest.approx(expected)
+
+
+def test_a_huge_retry_after_never_parks_a_poll_past_runpods_retention_or_the_visibility_timeout() -> None:
+    from tasks.app import VISIBILITY_TIMEOUT_SECONDS
+
+    delay = poll_error_delay(PollSchedule(), consecutive_errors=1, retry_after=7200.0, rand=lambda: 1.0)
+
+    assert delay == MAX_RETRY_AFTER_SECONDS
+    assert delay < 30 * 60 and delay < VISIBILITY_TIMEOUT_SECONDS
+    assert poll_error_delay(PollSchedule(), consecutive_errors=1, retry_after=45.0, rand=lambda: 0.0) == 45.0

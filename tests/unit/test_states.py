@@ -20,9 +20,10 @@ def test_every_runpod_status_maps_to_a_status_of_the_same_name() -> None:
     assert all(ours.value == theirs.value for theirs, ours in FROM_RUNPOD.items())
 
 
-def test_an_unknown_submit_outcome_is_never_left_automatically_except_to_cancel() -> None:
-    assert TRANSITIONS[JobStatus.SUBMIT_UNKNOWN] == {JobStatus.CANCELLED}
+def test_an_unknown_submit_outcome_is_never_resubmitted_only_adopted_or_cancelled() -> None:
+    assert TRANSITIONS[JobStatus.SUBMIT_UNKNOWN] == {JobStatus.IN_QUEUE, JobStatus.CANCELLED}
     assert not may_move(JobStatus.SUBMIT_UNKNOWN, JobStatus.SUBMITTING)
+    assert not may_move(JobStatus.SUBMIT_UNKNOWN, JobStatus.PENDING)
     assert JobStatus.SUBMIT_UNKNOWN not in TERMINAL
 
 

@@ -49,3 +49,19 @@ def test_an_error_event_carries_the_error_or_else_the_reason() -> None:
 
     assert failed == {"status": "FAILED", "error": "OOM"}
     assert cancelled == {"status": "CANCELLED", "error": "cancel requested"}
+
+
+def test_chunks_seen_by_the_same_poll_go_after_started_and_before_the_end() -> None:
+    chunks = [("output", "a"), ("progress", "50%"), ("output", "b")]
+
+    events = for_transition(S.IN_QUEUE, S.COMPLETED, streaming=True, output=None, error=None, detail=None,
+                            chunks=chunks)
+
+    assert [kind for kind, _ in events] == ["started", "output", "progress", "output", "end"]
+
+
+def test_a_completion_without_output_ends_with_the_flag_and_no_empty_output_chunk() -> None:
+    events = for_transition(S.IN_PROGRESS, S.COMPLETED, streaming=False, output=None, error=None, detail=None,
+                            output_missing=True)
+
+    assert events == [("end", {"status": "COMPLETED", "output_missing": True})]
