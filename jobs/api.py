@@ -29,6 +29,7 @@ from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, RequestInvalid, build_run_body, e
 from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime, get_runtime
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
 from jobs.store import (
+    Fence,
     Source,
     add_runpod_cancel,
     find_by_idempotency_key,
@@ -362,7 +363,8 @@ def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = No
                               "submitted_at": None, "started_at": None, "finished_at": None,
                               "next_poll_at": None, "deadline_at": None, "last_runpod_status": None,
                               "polls_since_change": 0, "poll_errors": 0, "delay_time_ms": None,
-                              "execution_time_ms": None, "worker_id": None,
+                              "execution_time_ms": None, "worker_id": None, "output_missing": False,
+                              "webhook_runpod_job_id": None,
                           })
         if left is None:
             raise InvalidTransition(job_id, JobStatus(row.status), "retry")
@@ -412,6 +414,11 @@ def webhook_received(token: str, *, runpod_job_id: str | None = None, runtime: R
         if row is None:
             return False
         woke = update_fields(session, row.id, while_status=AT_RUNPOD, values={"next_poll_at": utcnow()})
+        if row.status is JobStatus.SUBMITTING and runpod_job_id is not None:
+            # Faster than /run's own answer: kept (unverified) in case that answer is lost.
+            update_fields(session, row.id, while_status={JobStatus.SUBMITTING},
+                          fence=Fence(attempt=row.attempt, runpod_job_id=None),
+                          values={"webhook_runpod_job_id": runpod_job_id})
         what = ("polling now" if woke else "its /run answer is still awaited" if row.status is JobStatus.SUBMITTING
                 else "confirming the RunPod job it names" if row.status is JobStatus.SUBMIT_UNKNOWN
                 else "job already final")

@@ -162,7 +162,23 @@ def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, ran
               else f"RunPod's answer could not be read ({exc}); a job may exist")
     _move(rt, row.id, fence, JobStatus.SUBMIT_UNKNOWN,
           f"{detail}; not resubmitted: adopted if RunPod's answer or webhook still comes, else an operator decides")
+    adopt_named(rt, row.id)
     return Next.stop("outcome unknown")
+
+
+def adopt_named(rt: Runtime, job_id: str) -> str:
+    """A SUBMIT_UNKNOWN job whose webhook came while /run's answer was still awaited (a fast job): the
+    RunPod id it named is the proof the submit lacked, once /status confirms it."""
+    with session_scope(rt.engine, read_only=True) as session:
+        row = get_row(session, job_id)
+    if row is None or row.status is not JobStatus.SUBMIT_UNKNOWN or row.webhook_runpod_job_id is None:
+        return "nothing named"
+    try:
+        return adopt_from_webhook(rt, job_id, row.webhook_runpod_job_id)
+    except RunPodError as exc:
+        log.warning("job %s: could not confirm the RunPod job its webhook named (%s); left SUBMIT_UNKNOWN",
+                    job_id, exc)
+        return "not confirmed"
 
 
 def _send(rt: Runtime, row: JobRow, fence: Fence, token: str | None) -> JobState | None:
@@ -390,7 +406,8 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
                 # Finishing now would end the event stream before its last chunks: read again later.
                 return _poll_failed(rt, row, fence, exc, rand, note=drained.missing_note)
             log.warning("job %s: /stream failed (%s)%s", row.id, exc,
-                        "" if status.is_terminal else "; its chunks wait at RunPod for the next poll")
+                        "" if status.is_terminal or drained.missing_note else
+                        "; its chunks wait at RunPod for the next poll")
             if row.stream and status.is_terminal:
                 drained.missing_note = (drained.missing_note or
                                         f"the last /stream read failed {FINAL_DRAIN_TRIES} times ({exc}); "

@@ -106,6 +106,9 @@ class JobRow(SQLModel, table=True):
     # RunPod said COMPLETED but gave no output (and no stream chunks to build one from): what RunPod
     # shows when a result over its ~20 MB limit was dropped. Not a silent success: flagged, evented, counted.
     output_missing: bool = False
+    # The RunPod job id a webhook for this attempt named while /run's answer was still awaited. Not
+    # trusted: used only if /run's outcome turns out unknown, and only once /status confirms it.
+    webhook_runpod_job_id: str | None = Field(default=None, max_length=128)
 
     correlation_id: str | None = Field(default=None, max_length=128, index=True)
     idempotency_key: str | None = Field(default=None, max_length=255)

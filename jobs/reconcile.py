@@ -24,6 +24,7 @@ from sqlalchemy import func, update
 from sqlmodel import col, or_, select
 
 from jobs.db import session_scope
+from jobs.lifecycle import adopt_named
 from jobs.locks import held
 from jobs.models import JobRow, RunPodCancel, utcnow
 from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime
@@ -94,6 +95,7 @@ def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
             )
         if moved is not None:
             report.marked_unknown.append(job_id)
+            adopt_named(rt, job_id)  # its webhook may already have named the RunPod job
 
     for task, job_ids, done, status in ((SUBMIT_TASK, pending, report.resubmitted, {JobStatus.PENDING}),
                                          (POLL_TASK, polling, report.repolled, AT_RUNPOD)):

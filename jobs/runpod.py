@@ -326,7 +326,7 @@ class RunPodClient:
         data = encode_body(body, limit=MAX_RUNSYNC_PAYLOAD_BYTES, operation="runsync")
         answer = self._call(
             "runsync", "POST", _path(endpoint_id, "runsync"), content=data, params=params,
-            kind=_SUBMIT, read_timeout=(wait_ms or 90_000) / 1000 + 15,
+            kind=_SUBMIT, server_wait=(wait_ms or 90_000) / 1000,
         )
         return JobState.from_json(answer, operation="runsync")
 
@@ -343,7 +343,7 @@ class RunPodClient:
         params = _wait_params(wait_ms, operation="stream")
         answer = self._call(
             "stream", "GET", _path(endpoint_id, "stream", job_id), params=params, kind=_CONSUMING,
-            read_timeout=(wait_ms or 10_000) / 1000 + 15,
+            server_wait=(wait_ms or 10_000) / 1000,
         )
         if not isinstance(answer, Mapping) or not isinstance(answer.get("stream", []), list):
             raise RunPodProtocolError("stream: expected {status, stream: [...]}", operation="stream")
@@ -388,15 +388,15 @@ class RunPodClient:
         kind: str,
         content: bytes | None = None,
         params: Mapping[str, str] | None = None,
-        read_timeout: float | None = None,
+        server_wait: float | None = None,
         budget: float | None = None,
     ) -> Any:
         headers = {"Content-Type": "application/json"} if content is not None else None
         timeout = self._http.timeout
-        if read_timeout is not None:
-            # A long server-side wait (runsync, stream) must not trip our own read timeout first.
+        if server_wait is not None:
+            # RunPod may hold the answer this long (runsync, stream): our read timeout starts after it.
             timeout = httpx.Timeout(
-                connect=timeout.connect, read=max(read_timeout, timeout.read or 0),
+                connect=timeout.connect, read=server_wait + (timeout.read or 0),
                 write=timeout.write, pool=timeout.pool,
             )
         started = self._clock()
@@ -478,11 +478,11 @@ def _read_answer(operation: str, path: str, response: httpx.Response, *, kind: s
         try:
             return response.json()
         except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past Python's stack
-            error_type = StreamReadUnknown if kind == _CONSUMING else RunPodProtocolError
-            raise error_type(
-                f"{operation} {path}: HTTP {code} with a body that is not JSON (or nests too deep to read)",
-                status_code=code, operation=operation,
-            ) from exc
+            message = f"{operation} {path}: HTTP {code} with a body that is not JSON (or nests too deep to read)"
+            if kind == _CONSUMING:  # the chunks it carried were handed out all the same
+                raise StreamReadUnknown(message + "; chunks it carried may be missing", status_code=code,
+                                        operation=operation) from exc
+            raise RunPodProtocolError(message, status_code=code, operation=operation) from exc
     detail = _error_detail(response)
     message = f"{operation} {path}: HTTP {code}" + (f": {detail}" if detail else "")
     if code in (401, 403):

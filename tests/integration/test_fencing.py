@@ -1,76 +1,28 @@
 """Races between attempts, driven deterministically: RunPod's answer is held at the chosen moment.
 
 Each test runs the real lifecycle against the simulator over HTTP, on SQLite and PostgreSQL. The
-client is the real one; `Interposed` only runs a hook after RunPod has answered and before the
-caller sees the answer, which is exactly where a slow answer lets the world move on.
+client is the real one; `Interposed` (tests/integration/conftest.py) only runs a hook after RunPod
+has answered and before the caller sees the answer, which is exactly where a slow answer lets the
+world move on.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from sqlmodel import col, select
 
 import jobs
-from jobs.backoff import RetryPolicy
 from jobs.db import session_scope
 from jobs.lifecycle import cancel_on_runpod, poll_job, submit_job
 from jobs.models import RunPodCancel
-from jobs.runpod import JobState, RunPodClient, StreamBatch
+from jobs.runpod import JobState
 from jobs.runtime import CANCEL_TASK, Runtime
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess, wait_until
+from tests.integration.conftest import Interposed
 from tests.integration.test_lifecycle import make_due, poll_until_final
 
 pytestmark = pytest.mark.integration
-
-Hook = Callable[[], object]
-
-
-class Interposed(RunPodClient):
-    """The real client, with a one-shot hook per operation run after RunPod answered (or failed) and
-    before the caller gets the answer; `replace` swaps the answer itself for a crafted one."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.hooks: dict[str, Hook] = {}
-        self.replace: dict[str, Callable[[Any], Any]] = {}
-
-    def _after(self, operation: str, answer: Any) -> Any:
-        hook = self.hooks.pop(operation, None)
-        if hook is not None:
-            hook()
-        swap = self.replace.pop(operation, None)
-        return swap(answer) if swap is not None else answer
-
-    def run(self, endpoint_id: str, input: Any, **kwargs: Any) -> JobState:
-        answer: JobState = self._after("run", super().run(endpoint_id, input, **kwargs))
-        return answer
-
-    def status(self, endpoint_id: str, job_id: str) -> JobState:
-        try:
-            answer = super().status(endpoint_id, job_id)
-        except Exception:
-            self._after("status", None)
-            raise
-        state: JobState = self._after("status", answer)
-        return state
-
-    def stream(self, endpoint_id: str, job_id: str, *, wait_ms: int | None = None) -> StreamBatch:
-        batch: StreamBatch = self._after("stream", super().stream(endpoint_id, job_id, wait_ms=wait_ms))
-        return batch
-
-
-@pytest.fixture
-def interposed(runtime: Runtime, simulator: SimulatorProcess) -> Iterator[Interposed]:
-    client = Interposed(api_key=simulator.api_key, base_url=simulator.base_url, timeout=3.0,
-                        retry=RetryPolicy(max_attempts=2, base_delay=0.05, max_delay=1.0))
-    runtime.make_client = lambda: client
-    runtime._client = client
-    yield client
-
 
 def published(rt: Runtime) -> Published:
     assert isinstance(rt.publish, Published)

@@ -105,7 +105,7 @@ def test_forged_and_duplicate_webhooks_are_harmless(web_pipeline: Pipeline) -> N
 
     with httpx.Client(timeout=10) as anyone:
         assert anyone.post(forged, json={"id": runpod_id, "status": "COMPLETED", "output": "fake"}).status_code == 404
-        assert anyone.post(real, content=b"{not json").status_code == 200  # the body is never read
+        assert anyone.post(real, content=b"{not json").status_code == 200  # the body never sets state
         assert anyone.post(real, json={"status": "COMPLETED", "output": "lies"}).status_code == 200
 
     # The real webhooks woke a poll; once it has run, the job must still be what /status says.
@@ -132,3 +132,19 @@ def test_the_correlation_id_goes_from_the_request_to_runpod_and_every_log_line(w
     assert worker_lines and all(f"cid={correlation_id}" in line for line in worker_lines)
     with web_pipeline.api_client() as client:
         assert client.get(f"/v1/jobs/{job_id}").headers["X-Correlation-ID"]
+
+
+def test_a_submit_whose_answer_was_lost_resolves_itself_when_runpods_webhook_arrives(web_pipeline: Pipeline) -> None:
+    # /run reaches RunPod, but its answer comes after the worker's 2 s timeout: the outcome is unknown.
+    web_pipeline.simulator.set_faults({"op": "run", "kind": "slow", "delay": 4, "count": 1, "when": "after"})
+    job_id = submit(web_pipeline, {"endpoint": "tts", "input": {"sleep": 1, "output": "kept"}}).json()["id"]
+    wait_until(lambda: JobStatus.SUBMIT_UNKNOWN in [e.to_status for e in jobs.events(job_id,
+               runtime=web_pipeline.runtime)], timeout=30, what="the submit to be called unknown")
+
+    # RunPod finishes the job and calls the webhook only that /run carried: proof enough, once /status agrees.
+    done = jobs.wait(job_id, timeout=60, runtime=web_pipeline.runtime)
+
+    assert (done.status, done.output) == (JobStatus.COMPLETED, "kept")
+    assert [j["id"] for j in web_pipeline.simulator.jobs(ENDPOINT_ID) if j["input"] == {"sleep": 1, "output": "kept"}
+            ] == [done.runpod_job_id]  # adopted, never sent twice
+    assert "adopted" in " ".join(e.detail or "" for e in jobs.events(job_id, runtime=web_pipeline.runtime))

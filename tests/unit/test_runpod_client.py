@@ -19,6 +19,7 @@ from jobs.errors import (
     RunPodRateLimited,
     RunPodRejected,
     RunPodTransient,
+    StreamReadUnknown,
 )
 from jobs.runpod import (
     MAX_RUN_PAYLOAD_BYTES,
@@ -288,6 +289,74 @@ def test_a_retry_call_that_times_out_is_not_repeated_blindly() -> None:
     assert len(recorder.requests) == 1
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("dropped"), ok({"error": "oops"}, status=503),
+     httpx.Response(200, text='{"status": "IN_PROGRESS", "stream": [{"output": "a"}')],
+)
+def test_a_stream_read_whose_answer_was_lost_is_never_repeated(failure: httpx.Response | Exception) -> None:
+    # RunPod hands each chunk out once: a second read would silently skip what the lost one took.
+    recorder = Recorder(failure, ok({"status": "IN_PROGRESS", "stream": [{"output": "later"}]}))
+
+    with pytest.raises(StreamReadUnknown, match="may be missing"):
+        make_client(recorder).stream("ep1abc", "j1")
+
+    assert len(recorder.requests) == 1
+
+
+@pytest.mark.parametrize("failure", [httpx.ConnectError("refused"), ok({"error": "slow down"}, status=429)])
+def test_a_stream_read_that_provably_took_nothing_is_retried(failure: httpx.Response | Exception) -> None:
+    recorder = Recorder(failure, ok({"status": "IN_PROGRESS", "stream": [{"output": "a"}]}))
+
+    assert make_client(recorder).stream("ep1abc", "j1").chunks == ["a"]
+    assert len(recorder.requests) == 2
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_run_stops_retrying_when_its_budget_is_spent() -> None:
+    clock = FakeClock()
+    recorder = Recorder(httpx.ConnectError("refused"))
+    client = RunPodClient(api_key=API_KEY, transport=httpx.MockTransport(recorder), sleep=clock.sleep,
+                          clock=clock, rand=lambda: 1.0, retry=RetryPolicy(max_attempts=50, base_delay=1.0,
+                                                                           max_delay=8.0))
+
+    with pytest.raises(RunPodTransient):
+        client.run("ep1abc", {"prompt": "x"}, budget_seconds=10.0)
+
+    assert clock.now < 10.0  # never slept into a retry that could not start within the budget
+    assert 1 < len(recorder.requests) < 50
+
+
+def test_each_run_attempt_gets_only_what_is_left_of_the_budget() -> None:
+    clock = FakeClock()
+    seen: list[dict[str, float]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        clock.now += 7.0  # the refused connection took a while
+        raise httpx.ConnectError("refused")
+
+    client = RunPodClient(api_key=API_KEY, transport=httpx.MockTransport(answer), sleep=clock.sleep, clock=clock,
+                          rand=lambda: 0.0, timeout=httpx.Timeout(30.0, connect=5.0),
+                          retry=RetryPolicy(max_attempts=4, base_delay=0.5, max_delay=1.0))
+
+    with pytest.raises(RunPodTransient):
+        client.run("ep1abc", {"prompt": "x"}, budget_seconds=10.0)
+
+    assert seen[0]["read"] == 10.0 and seen[0]["connect"] == 5.0
+    assert seen[1]["read"] == pytest.approx(10.0 - 7.0 - 0.25)
+
+
 def test_a_2xx_that_is_not_json_is_a_protocol_error() -> None:
     with pytest.raises(RunPodProtocolError, match="not JSON"):
         make_client(Recorder(httpx.Response(200, text="<html>"))).status("ep1abc", "j1")
@@ -341,6 +410,19 @@ def test_wait_outside_runpods_range_is_refused_before_any_request() -> None:
         make_client(recorder).runsync("ep1abc", {}, wait_ms=500)
 
     assert recorder.requests == []
+
+
+def test_a_body_nested_past_pythons_stack_is_a_protocol_error_not_a_crash() -> None:
+    body = '{"id": "j1", "status": "COMPLETED", "output": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+    with pytest.raises(RunPodProtocolError):
+        make_client(Recorder(httpx.Response(200, text=body))).status("ep1abc", "j1")
+
+
+@pytest.mark.parametrize("job_id", ["", "x" * 129, "a/b", "line\nbreak", 42])
+def test_a_job_id_rpq_could_not_store_or_address_is_a_protocol_error(job_id: object) -> None:
+    with pytest.raises(RunPodProtocolError):
+        make_client(Recorder(ok({"id": job_id, "status": "IN_QUEUE"}))).run("ep1abc", {"prompt": "x"})
 
 
 def test_ids_cannot_escape_their_path_segment() -> None:

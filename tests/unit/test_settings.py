@@ -106,3 +106,19 @@ def test_the_poll_schedule_is_tunable_within_safe_bounds() -> None:
     assert (tuned.poll_first_seconds, tuned.poll_max_seconds) == (0.5, 5.0)
     with pytest.raises(ConfigError, match="RPQ_POLL_MAX_SECONDS: must be between 1 and 300"):
         Settings.from_env({"RPQ_POLL_MAX_SECONDS": "3600"})
+
+
+def test_a_submit_is_called_lost_only_after_the_longest_a_run_can_take() -> None:
+    settings = Settings.from_env({"RUNPOD_TIMEOUT_SECONDS": "30"})
+
+    # The client gives up retrying /run at the budget; the last attempt may still use its timeouts.
+    assert settings.submit_budget_seconds == 70
+    assert settings.submit_bound_seconds == 70 + 30 + 30 + 30 + 5
+    assert settings.submit_stuck_after_seconds > settings.submit_bound_seconds
+    assert Settings.from_env({"RUNPOD_TIMEOUT_SECONDS": "5"}).submit_stuck_after_seconds < 120
+
+
+def test_a_stuck_threshold_a_live_run_could_outlast_is_refused() -> None:
+    with pytest.raises(ConfigError, match="RPQ_SUBMIT_STUCK_SECONDS: must be more than 165"):
+        Settings.from_env({"RPQ_SUBMIT_STUCK_SECONDS": "120"})
+    assert Settings.from_env({"RPQ_SUBMIT_STUCK_SECONDS": "600"}).submit_stuck_after_seconds == 600

@@ -1,4 +1,4 @@
-"""jobs.output_missing, job_events.repeats/last_at, runpod_cancels
+"""jobs.output_missing and webhook_runpod_job_id, job_events.repeats/last_at, runpod_cancels
 
 Revision ID: 0004
 Revises: 0003
@@ -19,6 +19,7 @@ depends_on = None
 def upgrade() -> None:
     # Plain ADD COLUMN with a server default: no table rebuild on SQLite, existing rows keep their data.
     op.add_column("jobs", sa.Column("output_missing", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column("jobs", sa.Column("webhook_runpod_job_id", sa.String(128)))
     op.add_column("job_events", sa.Column("repeats", sa.Integer(), nullable=False, server_default="1"))
     op.add_column("job_events", sa.Column("last_at", sa.DateTime(timezone=True)))
     op.create_table(
@@ -46,4 +47,5 @@ def downgrade() -> None:
         batch.drop_column("last_at")
         batch.drop_column("repeats")
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("webhook_runpod_job_id")
         batch.drop_column("output_missing")
