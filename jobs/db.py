@@ -61,6 +61,10 @@ def session_scope(engine: Engine, *, read_only: bool = False) -> Iterator[Sessio
             raise
 
 
+class ForeignKeyViolation(RuntimeError):
+    """A migration left rows that refer to rows that are not there; it was not committed."""
+
+
 def sqlite_foreign_keys_off(connection: Connection) -> None:
     """Stop SQLite enforcing foreign keys on `connection`, for a migration run.
 
@@ -81,6 +85,19 @@ def sqlite_foreign_keys_off(connection: Connection) -> None:
         cursor.close()
     if row is None or row[0] != 0:
         raise RuntimeError("SQLite still enforces foreign keys: a transaction was open when they were turned off")
+
+
+def check_foreign_keys(connection: Connection, *, after: str) -> None:
+    """Raise ForeignKeyViolation if any row refers to a row that is not there (SQLite only).
+
+    With enforcement off for a migration, nothing else would notice a step that orphans rows. Run it
+    inside the step's transaction, so that a failing step is rolled back rather than committed."""
+    violations = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if violations:
+        listed = "; ".join(f"{table} rowid {rowid} -> {parent}" for table, rowid, parent, _fk in violations[:10])
+        more = f" and {len(violations) - 10} more" if len(violations) > 10 else ""
+        raise ForeignKeyViolation(f"after {after}, {len(violations)} row(s) refer to rows that are not there "
+                                  f"({listed}{more}); the step was rolled back")
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -11,6 +11,7 @@ That the schema at head is exactly the models' is tested in test_store.py.
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -21,10 +22,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from alembic.config import Config
+from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
-from jobs.db import MIGRATIONS, make_engine, upgrade
+from jobs.db import MIGRATIONS, ForeignKeyViolation, make_engine, upgrade
 from tests.conftest import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
@@ -168,6 +170,15 @@ def read_every_table(url: str) -> Rows:
         engine.dispose()
 
 
+def current_revision(url: str) -> str | None:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
 def every_table_has_rows(rows: Rows) -> bool:
     return bool(rows) and all(len(table) == ROWS_PER_TABLE for table in rows.values())
 
@@ -204,3 +215,40 @@ def test_upgrading_from_any_revision_to_head_keeps_every_row(fresh_db: str, revi
     upgrade(fresh_db)
 
     assert lost_or_changed(before, read_every_table(fresh_db)) == []
+
+
+def test_on_sqlite_a_step_that_leaves_rows_referring_to_nothing_fails_and_is_rolled_back(tmp_path: Path) -> None:
+    # Foreign keys are off while migrations run on SQLite, so the check after each step is all that
+    # notices a step orphaning rows. Rows orphaned beforehand (by any tool that left foreign keys off,
+    # as SQLite does by default) stand in for such a step here.
+    path = tmp_path / "rpq.db"
+    url = f"sqlite:///{path}"
+    revision = revisions_before_head()[-1]
+    upgrade(url, revision)
+    fill_every_table(url)
+    delete_every_referred_row(path)
+    before = read_every_table(url)
+
+    with pytest.raises(ForeignKeyViolation, match="refer to rows that are not there"):
+        upgrade(url)
+
+    assert current_revision(url) == revision
+    assert lost_or_changed(before, read_every_table(url)) == []
+
+
+def delete_every_referred_row(path: Path) -> None:
+    """Empty every table another table refers to, with foreign keys off, orphaning every child row."""
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as connection:
+            parents = {constraint.referred_table.name for table in reflect(connection).tables.values()
+                       for constraint in table.foreign_key_constraints}
+    finally:
+        engine.dispose()
+    raw = sqlite3.connect(path, isolation_level=None)  # each statement commits by itself
+    try:
+        raw.execute("PRAGMA foreign_keys=OFF")
+        for parent in parents:
+            raw.execute(f'DELETE FROM "{parent}"')
+    finally:
+        raw.close()
