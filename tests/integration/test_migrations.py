@@ -1,10 +1,11 @@
 """Every migration keeps every row, on SQLite and on PostgreSQL.
 
 For each revision before head, a fresh database is built at that revision, every column of every table
-in it gets a value, and the upgrade to head must keep every row and every value that still has a column.
-Tables and columns are reflected from the database, never written out here, and the revisions are read
-from the migration files: a new migration is covered by this file as it stands. A migration that means
-to drop or rewrite data fails here, and should, until this file is told so.
+in it gets a value, and the upgrade to head must keep every row and every value that still has a column
+(and the downgrade from head, every row of the tables the revision still has). Tables and columns are
+reflected from the database, never written out here, and the revisions are read from the migration
+files: a new migration is covered by this file as it stands. A migration that means to drop or rewrite
+data fails here, and should, until this file is told so.
 
 That the schema at head is exactly the models' is tested in test_store.py.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -38,10 +40,15 @@ MOMENT = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 Rows = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
 
 
-def scripts() -> ScriptDirectory:
+def alembic_config(url: str | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    return ScriptDirectory.from_config(config)
+    config.attributes["database_url"] = url
+    return config
+
+
+def scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
 
 
 def revisions_before_head() -> list[str]:
@@ -215,6 +222,19 @@ def test_upgrading_from_any_revision_to_head_keeps_every_row(fresh_db: str, revi
     upgrade(fresh_db)
 
     assert lost_or_changed(before, read_every_table(fresh_db)) == []
+
+
+@pytest.mark.parametrize("revision", revisions_before_head())
+def test_downgrading_from_head_keeps_every_row_of_the_tables_the_revision_has(fresh_db: str, revision: str) -> None:
+    upgrade(fresh_db)
+    fill_every_table(fresh_db)
+    before = read_every_table(fresh_db)
+    assert every_table_has_rows(before)
+
+    command.downgrade(alembic_config(fresh_db), revision)
+
+    after = read_every_table(fresh_db)
+    assert lost_or_changed({table: rows for table, rows in before.items() if table in after}, after) == []
 
 
 def test_on_sqlite_a_step_that_leaves_rows_referring_to_nothing_fails_and_is_rolled_back(tmp_path: Path) -> None:
