@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
 from sqlmodel import Session, create_engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -59,6 +59,45 @@ def session_scope(engine: Engine, *, read_only: bool = False) -> Iterator[Sessio
         except BaseException:
             session.rollback()
             raise
+
+
+class ForeignKeyViolation(RuntimeError):
+    """A migration left rows that refer to rows that are not there; it was not committed."""
+
+
+def sqlite_foreign_keys_off(connection: Connection) -> None:
+    """Stop SQLite enforcing foreign keys on `connection`, for a migration run.
+
+    SQLite cannot ALTER most things, so Alembic's batch mode rebuilds a table: create a new one, copy
+    the rows, DROP the old one, rename. With foreign keys enforced, that DROP first deletes every row
+    of the old table, with the usual actions: rows referring to it ON DELETE CASCADE go too (rebuilding
+    `jobs` emptied `job_events`), SET NULL references are cleared, and any other reference fails the
+    migration. Alembic's batch documentation says the pragma must be off while batch mode runs.
+    SQLite ignores the pragma inside a transaction, so this must run before anything on `connection`
+    begins one; it reads the setting back and raises if it did not take.
+    """
+    cursor = connection.connection.cursor()  # the driver's own: no SQLAlchemy autobegin
+    try:
+        cursor.execute("PRAGMA foreign_keys=OFF")
+        cursor.execute("PRAGMA foreign_keys")
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    if row is None or row[0] != 0:
+        raise RuntimeError("SQLite still enforces foreign keys: a transaction was open when they were turned off")
+
+
+def check_foreign_keys(connection: Connection, *, after: str) -> None:
+    """Raise ForeignKeyViolation if any row refers to a row that is not there (SQLite only).
+
+    With enforcement off for a migration, nothing else would notice a step that orphans rows. Run it
+    inside the step's transaction, so that a failing step is rolled back rather than committed."""
+    violations = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if violations:
+        listed = "; ".join(f"{table} rowid {rowid} -> {parent}" for table, rowid, parent, _fk in violations[:10])
+        more = f" and {len(violations) - 10} more" if len(violations) > 10 else ""
+        raise ForeignKeyViolation(f"after {after}, {len(violations)} row(s) refer to rows that are not there "
+                                  f"({listed}{more}); the step was rolled back")
 
 
 def upgrade(url: str, revision: str = "head") -> None:
