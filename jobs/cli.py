@@ -200,14 +200,18 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps({**job.to_dict(), "events": [e.to_dict() for e in history]}, indent=2, default=str))
         return
     for name, value in job.to_dict().items():
-        if value is not None:
+        if value is not None and not (name == "output_missing" and not value):
             shown = value if isinstance(value, str) else json.dumps(value, default=str)
             click.echo(f"{name:>18}: {shown[:500]}")
+    if job.output_missing:
+        click.echo("                    RunPod said COMPLETED but gave no output: a result over its ~20 MB "
+                   "limit is dropped this way")
     click.echo("\nhistory:")
     for event in history:
         came_from = event.from_status or "-"
         detail = f"  {event.detail}" if event.detail else ""
-        click.echo(f"  {_when(event.at)}  {came_from:>14} -> {event.to_status:<14} [{event.source}]{detail}")
+        again = f"  (x{event.repeats}, last {_when(event.last_at)})" if event.repeats > 1 and event.last_at else ""
+        click.echo(f"  {_when(event.at)}  {came_from:>14} -> {event.to_status:<14} [{event.source}]{detail}{again}")
 
 
 def _each(job_ids: tuple[str, ...], action: Callable[[str], Job], verb: str, as_json: bool) -> None:

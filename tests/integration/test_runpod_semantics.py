@@ -157,6 +157,23 @@ def test_a_job_runpod_completed_without_output_is_flagged_evented_and_counted(
     assert metrics.seen == [("output_missing", "tts")]
     last = jobs.stream_events(job.id, runtime=runtime)[1][-1]
     assert (last.kind, last.data) == ("end", {"status": "COMPLETED", "output_missing": True})
+    assert "gave no output" in show(runtime, job.id)
+
+
+def show(rt: Runtime, job_id: str) -> str:
+    """`rpq jobs show ID`, in-process on this test's runtime."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+    from jobs.runtime import set_runtime
+
+    previous = set_runtime(rt)
+    try:
+        result = CliRunner().invoke(main, ["jobs", "show", job_id])
+    finally:
+        set_runtime(previous)
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 def test_a_job_with_real_output_is_not_flagged(runtime: Runtime) -> None:
@@ -307,3 +324,4 @@ def test_repeated_webhooks_and_reconciler_resends_keep_one_history_row_each(
     resends = [e for e in history if e.source == "reconciler"]
     assert [e.repeats for e in webhooks] == [5] and webhooks[0].last_at is not None
     assert [e.repeats for e in resends] == [5]
+    assert "(x5, last " in show(webhook_runtime, job.id)
