@@ -402,6 +402,7 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
             rt.metrics.runpod_error("stream", exc)
             if isinstance(exc, StreamReadUnknown):
                 drained.missing_note = f"{exc}: chunks RunPod handed out may be missing from the job's stream"
+                rt.metrics.stream_gap(row.endpoint_name)
             if row.stream and status.is_terminal and row.poll_errors + 1 < FINAL_DRAIN_TRIES:
                 # Finishing now would end the event stream before its last chunks: read again later.
                 return _poll_failed(rt, row, fence, exc, rand, note=drained.missing_note)
@@ -466,8 +467,6 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
         return Next.stop("the job moved on: this poll's answer is about an attempt that no longer owns it")
     if changed:
         log.info("job %s: RunPod says %s", row.id, state.status.value)
-    if drained.missing_note:
-        rt.metrics.stream_gap(row.endpoint_name)
     if status.is_terminal:
         rt.metrics.finished(row.endpoint_name, status.value, row.created_at)
         if values.get("output_missing"):
