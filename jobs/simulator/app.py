@@ -1,8 +1,9 @@
 """The HTTP layer: RunPod's serverless job API under ``/v2`` and the simulator's control API under ``/_sim``.
 
-Every ``/v2`` request goes through the same steps, in this order: authentication (401), the rate limiter
-(429), a "before" fault, the operation itself (400/404/413/429 from :mod:`jobs.simulator.engine`), then an
-"after" fault. The control API needs no key: it is a loopback tool for tests and operators.
+Every ``/v2`` request goes through the same steps, in this order: authentication (401), the endpoint id
+(404 unless the endpoint was created), the rate limiter (429), a "before" fault, the operation itself
+(400/404/413/429 from :mod:`jobs.simulator.engine`), then an "after" fault. The control API needs no key:
+it is a loopback tool for tests and operators.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from jobs.simulator.config import SimulatorConfig
 from jobs.simulator.engine import (
     TERMINAL,
     BadRequest,
+    Endpoint,
+    EndpointNotFound,
     Engine,
     Job,
     JobNotFound,
@@ -156,6 +159,9 @@ class Simulator:
         endpoint_id: str = request.path_params["endpoint_id"]
         if not self.authorized(request):
             return error(401, "Unauthorized")
+        if endpoint_id not in self.engine.endpoints:
+            # Before the rate limiter, so that requests to ids that do not exist use up no endpoint's budget.
+            return error(EndpointNotFound.status, EndpointNotFound().message)
         holds_slot = False
         if self.config.rate_limits:
             try:
@@ -358,7 +364,12 @@ def _job_record(sim: Simulator, job: Job) -> dict[str, Any]:
         "attempts": job.attempts,
         "sync": job.sync,
         "worker_id": job.worker_id,
+        "dropped_result_bytes": job.dropped_result_bytes,
     }
+
+
+def _endpoint_record(ep: Endpoint) -> dict[str, Any]:
+    return {"id": ep.id, **vars(ep.settings)}
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -415,10 +426,12 @@ def _control_routes(sim: Simulator) -> list[Route]:
     async def endpoint_settings(request: Request) -> dict[str, Any]:
         endpoint_id = request.path_params["endpoint_id"]
         if request.method == "POST":
-            settings = engine.configure_endpoint(endpoint_id, await _json_object(request))
-        else:
-            settings = engine.endpoint(endpoint_id).settings
-        return {"id": endpoint_id, **vars(settings)}
+            # Creates the endpoint (defaults plus these settings) if it does not exist yet.
+            return _endpoint_record(engine.create_endpoint(endpoint_id, await _json_object(request)))
+        return _endpoint_record(engine.endpoint(endpoint_id))
+
+    async def list_endpoints(request: Request) -> dict[str, Any]:
+        return {"endpoints": [_endpoint_record(ep) for ep in engine.endpoints.values()]}
 
     async def advance(request: Request) -> dict[str, Any]:
         seconds = (await _json_object(request)).get("seconds")
@@ -440,6 +453,7 @@ def _control_routes(sim: Simulator) -> list[Route]:
         Route("/_sim/faults", guarded(set_faults), methods=["POST"]),
         Route("/_sim/faults", guarded(get_faults), methods=["GET"]),
         Route("/_sim/faults", guarded(clear_faults), methods=["DELETE"]),
+        Route("/_sim/endpoints", guarded(list_endpoints), methods=["GET"]),
         Route("/_sim/endpoints/{endpoint_id}", guarded(endpoint_settings), methods=["GET", "POST"]),
         Route("/_sim/clock/advance", guarded(advance), methods=["POST"]),
         Route("/_sim/reset", guarded(reset), methods=["POST"]),
