@@ -15,6 +15,11 @@ from typing import Any
 #: job is "marked as failed"; whether the API shows FAILED or TIMED_OUT is UNCONFIRMED.
 EXECUTION_TIMEOUT_STATUSES = frozenset({"FAILED", "TIMED_OUT"})
 
+#: How ``/status-sync`` holds a request; RunPod documents the route but not its semantics (UNCONFIRMED).
+#: ``final``: answer once the job is final or ``wait`` runs out. ``change``: answer as soon as the status
+#: differs from the one the request arrived with (or ``wait`` runs out).
+STATUS_SYNC_MODES = frozenset({"final", "change"})
+
 #: The smallest stream chunk limit that can always make progress: one UTF-8 character is up to 4 bytes.
 MIN_STREAM_CHUNK_BYTES = 4
 
@@ -36,6 +41,7 @@ class SimulatorConfig:
     --execution-timeout-status     FAILED or TIMED_OUT for a job over policy.executionTimeout
     --retention-seconds / --sync-retention-seconds   result retention of /run and /runsync jobs
     --stream-hold-seconds          how long an empty /stream poll is held open
+    --status-sync-mode             final or change: when a held /status-sync answers (UNCONFIRMED)
     --return-aggregate-stream      default handler: /status shows a streaming job's chunks (off, as RunPod)
     --max-result-bytes             a bigger result is dropped: COMPLETED with no output (RunPod: ~20 MB)
     --max-stream-chunk-bytes       a bigger streamed chunk is split into several (RunPod: 1 MB)
@@ -73,6 +79,11 @@ class SimulatorConfig:
     sync_retention_seconds: float = _opt(60.0, "Seconds a finished /runsync job stays readable (RunPod: 1 min).")
     stream_hold_seconds: float = _opt(
         9.0, "Seconds an empty /stream poll is held open (RunPod ~10; the SDK reads for 10, so stay under)."
+    )
+    status_sync_mode: str = _opt(
+        "final",
+        "When a held /status-sync answers: 'final' (job final or wait over) or 'change' (status changed "
+        "since the call arrived); RunPod's semantics are UNCONFIRMED.",
     )
     return_aggregate_stream: bool = _opt(
         False,
@@ -120,6 +131,8 @@ class SimulatorConfig:
             raise ValueError("execution_timeout_status must be FAILED or TIMED_OUT")
         if self.workers_min < 0 or self.workers_max < 0:
             raise ValueError("workers_min and workers_max must be >= 0")
+        if self.status_sync_mode not in STATUS_SYNC_MODES:
+            raise ValueError("status_sync_mode must be final or change")
         if self.max_result_bytes < 1:
             raise ValueError("max_result_bytes must be >= 1")
         if self.max_stream_chunk_bytes < MIN_STREAM_CHUNK_BYTES:

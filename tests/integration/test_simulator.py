@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -79,6 +80,18 @@ class Api:
     def record(self, job_id: str) -> dict[str, Any]:
         (found,) = [job for job in self.sim.jobs(self.endpoint) if job["id"] == job_id]
         return found
+
+    def held_open(self, call: Callable[[], httpx.Response], job_id: str) -> Future[httpx.Response]:
+        """Make a long-poll ``call`` in the background; return once the simulator holds it for ``job_id``."""
+        pending = BACKGROUND.submit(call)
+        wait_until(lambda: pending.done() or self.record(job_id)["held_requests"] == 1, timeout=10,
+                   what=f"a request held open for {job_id}")
+        assert not pending.done(), pending.result().text
+        return pending
+
+
+#: Threads for requests that a test keeps open while it moves the simulator's clock.
+BACKGROUND = ThreadPoolExecutor(max_workers=4, thread_name_prefix="held-request")
 
 
 @contextlib.contextmanager
@@ -221,6 +234,7 @@ def test_an_endpoint_that_was_never_created_is_404_on_every_operation_as_on_runp
         "run": lambda: api.http.post("/no-such-endpoint/run", json={"input": {}}),
         "runsync": lambda: api.http.post("/no-such-endpoint/runsync", json={"input": {}}),
         "status": lambda: api.http.get(f"/no-such-endpoint/status/{job_id}"),
+        "status-sync": lambda: api.http.get(f"/no-such-endpoint/status-sync/{job_id}"),
         "stream": lambda: api.http.get(f"/no-such-endpoint/stream/{job_id}"),
         "cancel": lambda: api.http.post(f"/no-such-endpoint/cancel/{job_id}"),
         "retry": lambda: api.http.post(f"/no-such-endpoint/retry/{job_id}"),
@@ -541,6 +555,57 @@ def test_status_shows_the_latest_progress_update_while_the_job_runs(api: Api) ->
     assert api.status(job_id)["output"] == "final"
 
 
+# -- status-sync ----------------------------------------------------------------------------------------
+
+
+def test_status_sync_holds_until_the_job_is_final_and_answers_what_status_shows(api: Api) -> None:
+    job_id = api.run({"sleep": 30, "output": "done"})
+    api.wait_status(job_id, "IN_PROGRESS")
+    held = api.held_open(lambda: api.get(f"status-sync/{job_id}", params={"wait": 60_000}), job_id)
+
+    api.advance(10)
+    assert api.record(job_id)["held_requests"] == 1  # IN_PROGRESS is not final: still held
+    api.advance(21)
+
+    answer = held.result(timeout=10)
+    assert answer.status_code == 200 and answer.json() == api.status(job_id)
+    assert answer.json()["status"] == "COMPLETED" and answer.json()["output"] == "done"
+
+
+def test_status_sync_answers_the_current_status_when_its_wait_runs_out(api: Api) -> None:
+    api.configure(workers_max=0)
+    job_id = api.run({})
+    held = api.held_open(lambda: api.http.post(f"/{api.endpoint}/status-sync/{job_id}", params={"wait": 5000}), job_id)
+
+    api.advance(5)
+
+    assert held.result(timeout=10).json() == {"id": job_id, "status": "IN_QUEUE"}
+
+
+def test_status_sync_of_a_finished_job_answers_at_once(api: Api) -> None:
+    job_id = api.run({"output": 7})
+    api.wait_status(job_id, "COMPLETED")
+    started = time.monotonic()
+
+    answer = api.get(f"status-sync/{job_id}", params={"wait": 90_000})
+
+    assert answer.json()["output"] == 7 and time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("wait", ["999", "90001", "soon"])
+def test_status_sync_wait_outside_the_js_sdks_1000_to_90000_ms_is_400(api: Api, wait: str) -> None:
+    job_id = api.run({})
+
+    response = api.get(f"status-sync/{job_id}", params={"wait": wait})
+
+    assert response.status_code == 400
+    assert response.json() == {"error": "wait is invalid; must be between 1000 and 90000"}
+
+
+def test_status_sync_of_an_unknown_job_is_404(api: Api) -> None:
+    assert api.get("status-sync/not-a-job", params={"wait": 1000}).status_code == 404
+
+
 # -- health and workers ---------------------------------------------------------------------------------
 
 
@@ -657,6 +722,18 @@ def test_over_the_rate_limit_is_429_with_retry_after_until_the_window_passes(tun
     assert len(tuned.sim.jobs()) == 10
     tuned.advance(10)
     assert tuned.post("run", {"input": {}}).status_code == 200
+
+
+def test_status_sync_counts_against_the_status_rate_limit(tuned: Api) -> None:
+    job_id = tuned.post("runsync", {"input": {}}).json()["id"]
+    allowed = [tuned.get(f"status/{job_id}").status_code for _ in range(20)]  # 1 % of 2000 per 10 s
+
+    refused = tuned.get(f"status-sync/{job_id}", params={"wait": 1000})
+    tuned.advance(10)
+
+    assert allowed == [200] * 20
+    assert refused.status_code == 429 and "status" in refused.json()["error"]
+    assert tuned.get(f"status-sync/{job_id}", params={"wait": 1000}).status_code == 200
 
 
 def test_purge_queue_allows_only_a_couple_of_calls_per_ten_seconds(api: Api) -> None:
@@ -824,6 +901,7 @@ def _variant(start_simulator: Callable[..., SimulatorProcess]) -> SimulatorProce
         "--cold-start-seconds", "0",
         "--max-result-bytes", "200",
         "--max-stream-chunk-bytes", "16",
+        "--status-sync-mode", "change",
         "--return-aggregate-stream",
         *endpoint_flags("startup-a", "startup-b"),
     )  # fmt: skip
@@ -831,7 +909,7 @@ def _variant(start_simulator: Callable[..., SimulatorProcess]) -> SimulatorProce
 
 @pytest.fixture
 def variant(_variant: SimulatorProcess) -> Iterator[Api]:
-    """A simulator with tiny result and chunk limits and aggregated streams."""
+    """A simulator with tiny result and chunk limits, status-sync answering on change, aggregated streams."""
     _variant.reset()
     with open_api(_variant) as opened:
         yield opened
@@ -870,6 +948,17 @@ def test_the_aggregate_flag_is_each_new_endpoints_default_and_can_be_switched_of
 
     assert variant.wait_status(aggregated, "COMPLETED")["output"] == ["a"]
     assert variant.wait_status(not_aggregated, "COMPLETED")["output"] == []
+
+
+def test_status_sync_in_change_mode_answers_as_soon_as_the_status_moves(variant: Api) -> None:
+    variant.configure(workers_max=0)
+    job_id = variant.run({"sleep": 60})
+    held = variant.held_open(lambda: variant.get(f"status-sync/{job_id}", params={"wait": 60_000}), job_id)
+
+    variant.configure(workers_max=1)
+
+    answer = held.result(timeout=10).json()
+    assert answer["status"] == "IN_PROGRESS" and answer["id"] == job_id
 
 
 def test_startup_endpoints_exist_at_once_and_come_back_with_their_startup_settings_after_reset(

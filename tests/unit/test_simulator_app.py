@@ -44,7 +44,8 @@ def test_simulator_help_lists_every_flag_and_endpoint_is_repeatable(monkeypatch:
     shown = runner.invoke(cli.main, ["simulator", "--help"]).output
     runner.invoke(cli.main, ["simulator", "--api-key", "k", "--endpoint", "a", "--endpoint", "b"])
 
-    for flag in ("--endpoint", "--return-aggregate-stream", "--max-result-bytes", "--max-stream-chunk-bytes"):
+    for flag in ("--endpoint", "--return-aggregate-stream", "--max-result-bytes", "--max-stream-chunk-bytes",
+                 "--status-sync-mode"):
         assert flag in shown
     assert [config.endpoints for config in started] == [("a", "b")]
 
@@ -77,6 +78,7 @@ def test_the_api_key_never_shows_in_the_configs_repr() -> None:
         {"fault_drop_rate": 1.5},
         {"webhook_attempts": 0},
         {"rate_limit_scale": 0},
+        {"status_sync_mode": "eventually"},
         {"max_result_bytes": 0},
         {"max_stream_chunk_bytes": 3},
         {"endpoints": ("a/b",)},
