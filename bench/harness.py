@@ -136,10 +136,11 @@ class Simulator:
 
 @contextmanager
 def simulator(log_dir: Path, *flags: str) -> Iterator[Simulator]:
-    """`rpq simulator` as a child process on a free port, with `flags` added."""
+    """`rpq simulator` as a child process on a free port, with `flags` added. Like RunPod it answers 404 for
+    an endpoint that does not exist, so the benchmarks' endpoint is created at startup."""
     sim = Simulator(api_key="bench-" + secrets.token_hex(12), port=free_port())
     command = [sys.executable, "-m", "jobs.cli", "simulator", "--port", str(sim.port), "--api-key", sim.api_key,
-               *flags]
+               "--endpoint", ENDPOINT_ID, *flags]
     with child("simulator", command, log_dir) as process:
         sim.pid = process.pid
 

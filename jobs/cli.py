@@ -44,9 +44,12 @@ def _simulator_options(command: Callable[..., Any]) -> Callable[..., Any]:
         if spec.name == "api_key":
             continue  # declared by hand below: it falls back to RUNPOD_API_KEY
         kind = hints[spec.name]
-        flag = "--" + spec.name.replace("_", "-")
+        flag = "--" + spec.metadata.get("flag", spec.name).replace("_", "-")
         help_text = spec.metadata.get("help", "")
-        if kind is bool:
+        if typing.get_origin(kind) is tuple:
+            # A repeatable flag (`--endpoint A --endpoint B`) filling a tuple field.
+            option = click.option(flag, spec.name, multiple=True, type=typing.get_args(kind)[0], help=help_text)
+        elif kind is bool:
             option = click.option(f"{flag}/--no-{flag[2:]}", default=spec.default, show_default=True, help=help_text)
         else:
             base = _optional_base(kind)
@@ -80,11 +83,25 @@ def simulator(host: str, port: int, api_key: str | None, **options: Any) -> None
     key = api_key or os.environ.get("RUNPOD_API_KEY", "").strip()
     if not key:
         raise click.UsageError("set --api-key or RUNPOD_API_KEY: the simulator refuses requests without a key")
+    if not options["endpoints"]:
+        options["endpoints"] = _endpoint_ids(os.environ.get("RUNPOD_ENDPOINTS", ""))
     try:
         config = SimulatorConfig(api_key=key, **options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     serve(config, host=host, port=port)
+
+
+def _endpoint_ids(raw: str) -> tuple[str, ...]:
+    """The endpoint ids of a RUNPOD_ENDPOINTS value (`tts=fh46rj7dq9r3o5,abc123`), so that a simulator
+    started next to rpq knows the endpoints rpq will call."""
+    ids = []
+    for item in (part.strip() for part in raw.split(",")):
+        name, sep, endpoint_id = item.partition("=")
+        endpoint_id = endpoint_id.strip() if sep else name
+        if endpoint_id:
+            ids.append(endpoint_id)
+    return tuple(ids)
 
 
 @main.command()

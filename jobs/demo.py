@@ -52,7 +52,7 @@ def run_demo(*, job_count: int, echo: Echo, database_url: str | None = None, see
             stack.enter_context(_child(
                 "simulator",
                 [sys.executable, "-m", "jobs.cli", "simulator", "--port", str(sim_port), "--api-key", api_key,
-                 "--workers-max", "6", "--cold-start-seconds", "1"],
+                 "--workers-max", "6", "--cold-start-seconds", "1", "--endpoint", ENDPOINT_ID],
                 Path(scratch), env=None, ready=lambda: _answers(f"http://127.0.0.1:{sim_port}/_sim/health"),
             ))
             url = database_url or f"sqlite:///{Path.cwd() / 'rpq-demo.db'}"

@@ -82,16 +82,21 @@ def assess(row: EndpointHealthRow, *, execution_ms: list[int], delay_ms: list[in
     """Label an endpoint from one health row and estimate how long a new job would wait to start.
 
     `execution_ms` and `delay_ms` are recent jobs' executionTime and delayTime on this endpoint.
+
+    Only `ready` and `running` workers can serve a job now. RunPod's `idle` workers are scaled down
+    ("Scaled down, waiting for requests", not billed: docs serverless/workers/overview; runpodctl's
+    health.go says the same), so a job they take starts with a cold start.
     """
     if not row.ok:
         return Assessment("unreachable", f"RunPod's /health failed: {row.error}", None)
-    idle = (row.workers_idle or 0) + (row.workers_ready or 0)
+    ready = row.workers_ready or 0
     running = row.workers_running or 0
+    scaled_down = row.workers_idle or 0
     initializing = row.workers_initializing or 0
     unhealthy = row.workers_unhealthy or 0
     throttled = row.workers_throttled or 0
     queued = row.jobs_in_queue or 0
-    warm = idle + running
+    warm = ready + running
 
     if unhealthy and not warm:
         state, reason = "unhealthy", (f"{unhealthy} worker(s) crashing on start: jobs will wait until the "
@@ -100,11 +105,13 @@ def assess(row: EndpointHealthRow, *, execution_ms: list[int], delay_ms: list[in
         state, reason = "warming", f"{initializing} worker(s) starting (cold start)"
     elif not warm:
         reason = "no workers running; a job starts with a cold start"
+        if scaled_down:
+            reason = f"{scaled_down} worker(s) scaled down (idle); a job starts with a cold start"
         if throttled:
             reason = f"{throttled} worker(s) throttled: RunPod has no capacity on their hosts"
         state = "cold"
-    elif idle > queued:
-        state, reason = "ready", f"{idle} idle worker(s)"
+    elif ready > queued:
+        state, reason = "ready", f"{ready} ready worker(s)"
     else:
         state, reason = "busy", f"{running} worker(s) running, {queued} job(s) queued"
 
@@ -112,12 +119,12 @@ def assess(row: EndpointHealthRow, *, execution_ms: list[int], delay_ms: list[in
     typical_delay = statistics.median(delay_ms) / 1000 if delay_ms else None
     wait: float | None
     if state == "ready":
-        wait = 0.0  # an idle worker takes it now
+        wait = 0.0  # a ready worker takes it now
     elif state in ("unhealthy", "unreachable") or per_job is None:
         wait = None  # no honest number: it depends on a fix, or we have no history
     elif warm:
         # Jobs ahead of it share the warm workers; assume no scale-up (the pessimistic case).
-        waves = math.ceil((queued - idle + 1) / warm)
+        waves = math.ceil((queued - ready + 1) / warm)
         wait = waves * per_job
     else:
         # Cold or warming: the delay recent jobs saw (cold starts included), plus the queue ahead.

@@ -27,12 +27,14 @@ class Warmup:
 def warmup(rt: Runtime, endpoint: str, *, input: Any = None) -> Warmup:
     """Send one warm-up job unless the endpoint has warm or starting workers, or a warm-up is in flight.
 
-    Idempotent: however often it is called, at most one warm-up job is in flight per endpoint.
+    Warm means `ready` or `running`: RunPod's `idle` workers are scaled down, so an endpoint with only
+    those is cold and gets its warm-up job. Idempotent: however often it is called, at most one warm-up
+    job is in flight per endpoint.
     """
     target = rt.settings.resolve_endpoint(endpoint)
     row = health.observe(rt, target)
     if row.ok:
-        warm = (row.workers_idle or 0) + (row.workers_ready or 0) + (row.workers_running or 0)
+        warm = (row.workers_ready or 0) + (row.workers_running or 0)
         if warm:
             return Warmup("none", f"{warm} worker(s) already warm")
         if row.workers_initializing:

@@ -101,8 +101,11 @@ class SimulatorProcess:
         self.log_path = log_dir / f"simulator-{self.port}.log"
         command = [sys.executable, "-m", "jobs.cli", "simulator", "--host", "127.0.0.1",
                    "--port", str(self.port), "--api-key", self.api_key, *self.args]
+        # Without --endpoint flags the simulator would create the ids in RUNPOD_ENDPOINTS: a test's
+        # endpoints must not depend on the developer's environment.
+        env = {name: value for name, value in os.environ.items() if name != "RUNPOD_ENDPOINTS"}
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.control = httpx.Client(base_url=self.root_url, timeout=10)
 
         def ready() -> bool:
@@ -130,7 +133,14 @@ class SimulatorProcess:
         self.control.post("/_sim/faults", json={"faults": list(rules)}).raise_for_status()
 
     def configure_endpoint(self, endpoint_id: str, **config: object) -> None:
+        """Change an endpoint's settings, creating it (with the defaults plus these) if it does not exist."""
         self.control.post(f"/_sim/endpoints/{endpoint_id}", json=config).raise_for_status()
+
+    def create_endpoint(self, endpoint_id: str | None = None, **config: object) -> str:
+        """A new endpoint (a fresh id unless given) with the defaults plus ``config``; returns its id."""
+        endpoint_id = endpoint_id or f"ep-{uuid.uuid4().hex[:12]}"
+        self.configure_endpoint(endpoint_id, **config)
+        return endpoint_id
 
     def advance(self, seconds: float) -> None:
         self.control.post("/_sim/clock/advance", json={"seconds": seconds}).raise_for_status()
@@ -157,10 +167,16 @@ def start_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
         sim.stop()
 
 
+def endpoint_flags(*endpoint_ids: str) -> tuple[str, ...]:
+    """`--endpoint ID` for each id: endpoints the simulator creates at startup and keeps across resets."""
+    return tuple(arg for endpoint_id in endpoint_ids for arg in ("--endpoint", endpoint_id))
+
+
 @pytest.fixture(scope="session")
 def _shared_simulator(start_simulator: Callable[..., SimulatorProcess]) -> SimulatorProcess:
-    # Short cold starts keep the suite fast; everything else is RunPod's default.
-    return start_simulator("--cold-start-seconds", "0.2")
+    # Short cold starts keep the suite fast; everything else is RunPod's default. Only the endpoints named
+    # here exist (other ids are 404, as on RunPod): tests that want another one create it.
+    return start_simulator("--cold-start-seconds", "0.2", *endpoint_flags(*SHARED_ENDPOINTS))
 
 
 @pytest.fixture
@@ -321,6 +337,9 @@ class Published:
 
 ENDPOINT_NAME = "tts"
 ENDPOINT_ID = "tts-endpoint"
+#: The endpoints the shared simulators create at startup: rpq's configured one, and the fixed ids of the
+#: simulator and client tests.
+SHARED_ENDPOINTS = (ENDPOINT_ID, "ep", "ep-client-test")
 
 
 def make_settings(database_url: str, simulator: SimulatorProcess, **overrides: object) -> Settings:
@@ -453,7 +472,8 @@ def _stack(request: pytest.FixtureRequest, start_simulator: Callable[..., Simula
     base, db = redis_url.rsplit("/", 1)
     broker = f"{base}/{int(db) + broker_offset + request.param_index}"  # inside redis_url's block of five
     redis_lib.Redis.from_url(broker).flushdb()
-    simulator = start_simulator("--cold-start-seconds", "0.2", "--webhook-interval-seconds", "1")
+    simulator = start_simulator("--cold-start-seconds", "0.2", "--webhook-interval-seconds", "1",
+                                *endpoint_flags(*SHARED_ENDPOINTS))
     api_port = free_port()
     webhook_base = f"http://127.0.0.1:{api_port}" if with_api else None
     settings = make_settings(database_url, simulator, celery_broker_url=broker, runpod_timeout_seconds=2.0,

@@ -35,6 +35,11 @@ def serve(config: SimulatorConfig, *, host: str, port: int) -> None:
     simulator: Simulator = app.state.simulator
     shown_host = f"[{host}]" if ":" in host else host
     log.info("RunPod simulator serving http://%s:%d/v2 (control API at /_sim)", shown_host, port)
+    if config.endpoints:
+        log.info("endpoints: %s", ", ".join(config.endpoints))
+    else:
+        log.warning("no endpoints yet: /v2 answers 404 (as RunPod does for an unknown id) until --endpoint ID "
+                    "or POST /_sim/endpoints/ID creates one")
     server = Server(
         uvicorn.Config(
             app,

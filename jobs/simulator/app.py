@@ -1,8 +1,9 @@
 """The HTTP layer: RunPod's serverless job API under ``/v2`` and the simulator's control API under ``/_sim``.
 
-Every ``/v2`` request goes through the same steps, in this order: authentication (401), the rate limiter
-(429), a "before" fault, the operation itself (400/404/413/429 from :mod:`jobs.simulator.engine`), then an
-"after" fault. The control API needs no key: it is a loopback tool for tests and operators.
+Every ``/v2`` request goes through the same steps, in this order: authentication (401), the endpoint id
+(404 unless the endpoint was created), the rate limiter (429), a "before" fault, the operation itself
+(400/404/413/429 from :mod:`jobs.simulator.engine`), then an "after" fault. The control API needs no key:
+it is a loopback tool for tests and operators.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,6 +29,8 @@ from jobs.simulator.config import SimulatorConfig
 from jobs.simulator.engine import (
     TERMINAL,
     BadRequest,
+    Endpoint,
+    EndpointNotFound,
     Engine,
     Job,
     JobNotFound,
@@ -43,6 +47,11 @@ log = logging.getLogger(__name__)
 WAIT_MIN_MS = 1000
 WAIT_MAX_MS = 300_000
 RUNSYNC_DEFAULT_WAIT_MS = 90_000
+#: /status-sync's ``wait`` bounds and default are UNCONFIRMED (RunPod lists the route, not its parameters).
+#: RunPod's JS SDK (runpod-sdk 1.1.2, ``statusSync``) always sends ``clamp(1000, 90000, timeout)``, so that
+#: is the range we accept; its default timeout, 90 s, is our default.
+STATUS_SYNC_WAIT_MAX_MS = 90_000
+STATUS_SYNC_DEFAULT_WAIT_MS = 90_000
 
 
 class SimulatedDrop(Exception):
@@ -118,6 +127,9 @@ class Simulator:
         )
         self.limiter = RateLimiter(scale=config.rate_limit_scale)
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: Requests held open right now (runsync, stream, status-sync) per job id, shown by /_sim/jobs so that
+        #: a test can tell a long poll is in place before it changes what the poll waits for.
+        self.held: Counter[str] = Counter()
 
     async def reset(self) -> None:
         await self.engine.reset()
@@ -152,16 +164,28 @@ class Simulator:
             return True
         return hmac.compare_digest(token.encode(), self.config.api_key.encode())
 
-    async def handle(self, request: Request, op: str, action: Callable[[], Awaitable[Response]]) -> Response:
+    async def handle(
+        self,
+        request: Request,
+        op: str,
+        action: Callable[[], Awaitable[Response]],
+        *,
+        limit_as: str | None = None,
+    ) -> Response:
+        """Run one ``/v2`` operation through the pipeline; ``limit_as`` names the rate limit it shares."""
         endpoint_id: str = request.path_params["endpoint_id"]
         if not self.authorized(request):
             return error(401, "Unauthorized")
+        if endpoint_id not in self.engine.endpoints:
+            # Before the rate limiter, so that requests to ids that do not exist use up no endpoint's budget.
+            return error(EndpointNotFound.status, EndpointNotFound().message)
         holds_slot = False
+        limit_op = limit_as or op
         if self.config.rate_limits:
             try:
                 holds_slot = self.limiter.acquire(
                     endpoint_id,
-                    op,
+                    limit_op,
                     now=self.clock.now(),
                     running_workers=self.engine.running_workers(endpoint_id),
                 )
@@ -185,7 +209,7 @@ class Simulator:
             return response
         finally:
             if holds_slot:
-                self.limiter.release(endpoint_id, op)
+                self.limiter.release(endpoint_id, limit_op)
 
     async def _fault_response(self, fault: FaultRule) -> Response | None:
         """The response a fault replaces the real one with; None to carry on (slow, once delayed)."""
@@ -219,17 +243,27 @@ class Simulator:
     def job(self, request: Request) -> Job:
         return self.engine.get(request.path_params["endpoint_id"], request.path_params["job_id"])
 
+    async def hold(self, job: Job, until: Callable[[], bool], wait_ms: int) -> None:
+        """Hold a request open until ``until()`` holds or ``wait_ms`` pass on the simulator clock."""
+        self.held[job.id] += 1
+        try:
+            await self.engine.wait_until(until, self.clock.now() + wait_ms / 1000)
+        finally:
+            self.held[job.id] -= 1
+            if not self.held[job.id]:
+                del self.held[job.id]
 
-def parse_wait(raw: str | None, default: int) -> int:
-    """RunPod's ``?wait=`` in milliseconds, 1000-300000."""
+
+def parse_wait(raw: str | None, default: int, *, maximum: int = WAIT_MAX_MS) -> int:
+    """RunPod's ``?wait=`` in milliseconds, 1000 to ``maximum`` (300000 unless the operation says less)."""
     if raw is None:
         return default
     try:
         value = int(raw)
     except ValueError:
         value = -1
-    if not WAIT_MIN_MS <= value <= WAIT_MAX_MS:
-        raise BadRequest(f"wait is invalid; must be between {WAIT_MIN_MS} and {WAIT_MAX_MS}")
+    if not WAIT_MIN_MS <= value <= maximum:
+        raise BadRequest(f"wait is invalid; must be between {WAIT_MIN_MS} and {maximum}")
     return value
 
 
@@ -265,7 +299,7 @@ def _api_routes(sim: Simulator) -> list[Route]:
                 enforce_policy_max=sim.config.enforce_policy_max,
             )
             job = engine.submit(request.path_params["endpoint_id"], job_request, sync=True)
-            await engine.wait_until(lambda: job.status in TERMINAL or job.deleted, sim.clock.now() + wait_ms / 1000)
+            await sim.hold(job, lambda: job.status in TERMINAL or job.deleted, wait_ms)
             if job.deleted:
                 raise JobNotFound()
             if job.status in TERMINAL:
@@ -281,14 +315,34 @@ def _api_routes(sim: Simulator) -> list[Route]:
 
         return await sim.handle(request, "status", action)
 
+    async def status_sync(request: Request) -> Response:
+        async def action() -> Response:
+            wait_ms = parse_wait(
+                request.query_params.get("wait"), STATUS_SYNC_DEFAULT_WAIT_MS, maximum=STATUS_SYNC_WAIT_MAX_MS
+            )
+            job = sim.job(request)
+            arrived = job.status
+            # How long RunPod holds /status-sync is UNCONFIRMED; --status-sync-mode picks a reading. Either
+            # way a final job answers at once: a COMPLETED or CANCELLED job never changes again.
+            on_change = sim.config.status_sync_mode == "change"
+
+            def answered() -> bool:
+                return job.deleted or job.status in TERMINAL or (on_change and job.status is not arrived)
+
+            await sim.hold(job, answered, wait_ms)
+            if job.deleted:
+                raise JobNotFound()
+            return _ok(job.view())
+
+        # Older RunPod docs: status, status-sync and stream share one 2000 / 10 s, 400-concurrent budget. The
+        # status budget is shared here; a held call keeps its concurrency slot for as long as it is held.
+        return await sim.handle(request, "status-sync", action, limit_as="status")
+
     async def stream(request: Request) -> Response:
         async def action() -> Response:
             hold_ms = parse_wait(request.query_params.get("wait"), round(sim.config.stream_hold_seconds * 1000))
             job = sim.job(request)
-            await engine.wait_until(
-                lambda: job.drained < len(job.chunks) or job.status in TERMINAL or job.deleted,
-                sim.clock.now() + hold_ms / 1000,
-            )
+            await sim.hold(job, lambda: job.drained < len(job.chunks) or job.status in TERMINAL or job.deleted, hold_ms)
             if job.deleted:
                 raise JobNotFound()
             chunks = engine.drain_stream(job)
@@ -330,6 +384,8 @@ def _api_routes(sim: Simulator) -> list[Route]:
         Route(f"{prefix}/runsync", runsync, methods=["POST"]),
         # Current docs say GET for status and stream; older ones say GET or POST. Both are served.
         Route(f"{prefix}/status/{{job_id}}", status, methods=["GET", "POST"]),
+        # Listed (GET|POST) in RunPod's older operations page; RunPod's JS SDK runSync polls it with GET.
+        Route(f"{prefix}/status-sync/{{job_id}}", status_sync, methods=["GET", "POST"]),
         Route(f"{prefix}/stream/{{job_id}}", stream, methods=["GET", "POST"]),
         Route(f"{prefix}/cancel/{{job_id}}", cancel, methods=["POST"]),
         Route(f"{prefix}/retry/{{job_id}}", retry, methods=["POST"]),
@@ -358,7 +414,13 @@ def _job_record(sim: Simulator, job: Job) -> dict[str, Any]:
         "attempts": job.attempts,
         "sync": job.sync,
         "worker_id": job.worker_id,
+        "dropped_result_bytes": job.dropped_result_bytes,
+        "held_requests": sim.held[job.id],
     }
+
+
+def _endpoint_record(ep: Endpoint) -> dict[str, Any]:
+    return {"id": ep.id, **vars(ep.settings)}
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -415,10 +477,12 @@ def _control_routes(sim: Simulator) -> list[Route]:
     async def endpoint_settings(request: Request) -> dict[str, Any]:
         endpoint_id = request.path_params["endpoint_id"]
         if request.method == "POST":
-            settings = engine.configure_endpoint(endpoint_id, await _json_object(request))
-        else:
-            settings = engine.endpoint(endpoint_id).settings
-        return {"id": endpoint_id, **vars(settings)}
+            # Creates the endpoint (defaults plus these settings) if it does not exist yet.
+            return _endpoint_record(engine.create_endpoint(endpoint_id, await _json_object(request)))
+        return _endpoint_record(engine.endpoint(endpoint_id))
+
+    async def list_endpoints(request: Request) -> dict[str, Any]:
+        return {"endpoints": [_endpoint_record(ep) for ep in engine.endpoints.values()]}
 
     async def advance(request: Request) -> dict[str, Any]:
         seconds = (await _json_object(request)).get("seconds")
@@ -440,6 +504,7 @@ def _control_routes(sim: Simulator) -> list[Route]:
         Route("/_sim/faults", guarded(set_faults), methods=["POST"]),
         Route("/_sim/faults", guarded(get_faults), methods=["GET"]),
         Route("/_sim/faults", guarded(clear_faults), methods=["DELETE"]),
+        Route("/_sim/endpoints", guarded(list_endpoints), methods=["GET"]),
         Route("/_sim/endpoints/{endpoint_id}", guarded(endpoint_settings), methods=["GET", "POST"]),
         Route("/_sim/clock/advance", guarded(advance), methods=["POST"]),
         Route("/_sim/reset", guarded(reset), methods=["POST"]),

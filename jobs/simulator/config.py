@@ -2,8 +2,8 @@
 
 Every field maps one-to-one onto a flag of ``rpq simulator`` (``workers_max`` → ``--workers-max``); the
 CLI builds its options from ``dataclasses.fields(SimulatorConfig)`` and each field's ``metadata["help"]``.
-Field types are limited to ``int``, ``float``, ``str``, ``bool`` and ``str | None`` so that mapping stays
-mechanical.
+Field types are limited to ``int``, ``float``, ``str``, ``bool``, ``str | None`` and ``tuple[str, ...]`` (a
+repeatable flag, named by ``metadata["flag"]``) so that mapping stays mechanical.
 """
 
 from __future__ import annotations
@@ -15,6 +15,14 @@ from typing import Any
 #: job is "marked as failed"; whether the API shows FAILED or TIMED_OUT is UNCONFIRMED.
 EXECUTION_TIMEOUT_STATUSES = frozenset({"FAILED", "TIMED_OUT"})
 
+#: How ``/status-sync`` holds a request; RunPod documents the route but not its semantics (UNCONFIRMED).
+#: ``final``: answer once the job is final or ``wait`` runs out. ``change``: answer as soon as the status
+#: differs from the one the request arrived with (or ``wait`` runs out).
+STATUS_SYNC_MODES = frozenset({"final", "change"})
+
+#: The smallest stream chunk limit that can always make progress: one UTF-8 character is up to 4 bytes.
+MIN_STREAM_CHUNK_BYTES = 4
+
 
 def _opt(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
@@ -25,6 +33,7 @@ class SimulatorConfig:
     """How the simulator behaves. Flags (``rpq simulator --flag``):
 
     --api-key                      key clients must send (Bearer or bare); unset accepts any non-empty key
+    --endpoint ID (repeatable)     an endpoint that exists from startup; any other id answers 404 until created
     --seed                         seed for every random choice (fault rates)
     --workers-max / --workers-min  default worker pool of a new endpoint
     --cold-start-seconds           time a worker spends initializing
@@ -32,6 +41,10 @@ class SimulatorConfig:
     --execution-timeout-status     FAILED or TIMED_OUT for a job over policy.executionTimeout
     --retention-seconds / --sync-retention-seconds   result retention of /run and /runsync jobs
     --stream-hold-seconds          how long an empty /stream poll is held open
+    --status-sync-mode             final or change: when a held /status-sync answers (UNCONFIRMED)
+    --return-aggregate-stream      default handler: /status shows a streaming job's chunks (off, as RunPod)
+    --max-result-bytes             a bigger result is dropped: COMPLETED with no output (RunPod: ~20 MB)
+    --max-stream-chunk-bytes       a bigger streamed chunk is split into several (RunPod: 1 MB)
     --webhook-attempts / --webhook-interval-seconds / --webhook-timeout-seconds
     --rate-limits / --rate-limit-scale / --queue-full-limit
     --max-run-payload-bytes / --max-runsync-payload-bytes / --enforce-policy-max
@@ -45,6 +58,15 @@ class SimulatorConfig:
         repr=False,
         metadata={"help": "API key clients must send; unset accepts any non-empty key. Never logged."},
     )
+    endpoints: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "flag": "endpoint",
+            "help": "An endpoint id that exists from startup and survives /_sim/reset (repeatable). Any other "
+            "id answers 404, as on RunPod, until POST /_sim/endpoints/{id} creates it. "
+            "Default: the ids in $RUNPOD_ENDPOINTS.",
+        },
+    )
     seed: int = _opt(0, "Seed for the simulator's random choices (fault injection rates).")
     workers_max: int = _opt(3, "Default max workers of a new endpoint.")
     workers_min: int = _opt(0, "Default active (always warm) workers of a new endpoint.")
@@ -57,6 +79,27 @@ class SimulatorConfig:
     sync_retention_seconds: float = _opt(60.0, "Seconds a finished /runsync job stays readable (RunPod: 1 min).")
     stream_hold_seconds: float = _opt(
         9.0, "Seconds an empty /stream poll is held open (RunPod ~10; the SDK reads for 10, so stay under)."
+    )
+    status_sync_mode: str = _opt(
+        "final",
+        "When a held /status-sync answers: 'final' (job final or wait over) or 'change' (status changed "
+        "since the call arrived); RunPod's semantics are UNCONFIRMED.",
+    )
+    return_aggregate_stream: bool = _opt(
+        False,
+        "Default of a new endpoint's return_aggregate_stream for the default handler: /status shows a "
+        "streaming job's chunks as its output. RunPod's default is off (output [], chunks only via /stream); "
+        "a --handler worker file's runpod.serverless.start() config decides for its own handler.",
+    )
+    max_result_bytes: int = _opt(
+        20_000_000,
+        "Largest job result (JSON-encoded) a worker can deliver. A bigger one is dropped and the job shows "
+        "COMPLETED with no output, as on RunPod (~20 MB, runpod-python#309).",
+    )
+    max_stream_chunk_bytes: int = _opt(
+        1_000_000,
+        "Largest streamed chunk (JSON-encoded); a bigger one reaches /stream split into several string "
+        "pieces (RunPod: 1 MB; its split format is UNCONFIRMED).",
     )
     webhook_attempts: int = _opt(3, "Webhook delivery attempts in total (RunPod: 3).")
     webhook_interval_seconds: float = _opt(10.0, "Seconds between webhook attempts (RunPod: 10).")
@@ -82,10 +125,21 @@ class SimulatorConfig:
     access_log: bool = _opt(False, "Log every HTTP request.")
 
     def __post_init__(self) -> None:
+        # Any iterable of ids is accepted (a list from Python callers); kept as a tuple, first mention first.
+        object.__setattr__(self, "endpoints", tuple(dict.fromkeys(self.endpoints)))
         if self.execution_timeout_status not in EXECUTION_TIMEOUT_STATUSES:
             raise ValueError("execution_timeout_status must be FAILED or TIMED_OUT")
         if self.workers_min < 0 or self.workers_max < 0:
             raise ValueError("workers_min and workers_max must be >= 0")
+        if self.status_sync_mode not in STATUS_SYNC_MODES:
+            raise ValueError("status_sync_mode must be final or change")
+        if self.max_result_bytes < 1:
+            raise ValueError("max_result_bytes must be >= 1")
+        if self.max_stream_chunk_bytes < MIN_STREAM_CHUNK_BYTES:
+            raise ValueError(f"max_stream_chunk_bytes must be >= {MIN_STREAM_CHUNK_BYTES} (one UTF-8 character)")
+        for endpoint_id in self.endpoints:
+            if not endpoint_id or "/" in endpoint_id or endpoint_id != endpoint_id.strip():
+                raise ValueError(f"endpoint id {endpoint_id!r} must be non-empty, without '/' or spaces around")
         if self.webhook_attempts < 1:
             raise ValueError("webhook_attempts must be >= 1")
         if self.rate_limit_scale <= 0:

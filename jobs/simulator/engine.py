@@ -8,10 +8,16 @@ Job lifecycle (RunPod's status names; ``ALLOWED`` below is the single source of 
     d: /retry (same id, original input)
     any state ──ttl──▶ deleted (404)        terminal ──retention──▶ deleted (404)
 
-Worker lifecycle: INITIALIZING ──cold start──▶ IDLE ──job──▶ RUNNING ──▶ IDLE ──idle timeout──▶ stopped.
-Active (``workers_min``) workers never stop; an idle active worker is reported as ``ready``, an idle flex
-worker as ``idle``. The endpoint switches ``unhealthy`` and ``throttled`` turn every worker that is not
-running into a crash-looping (UNHEALTHY) or unstartable (THROTTLED) one, so jobs stay IN_QUEUE.
+Worker lifecycle: INITIALIZING ──cold start──▶ READY ──job──▶ RUNNING ──▶ READY ──idle timeout──▶ stopped.
+Active (``workers_min``) workers never stop. ``/health`` reports every warm waiting worker, active or flex,
+as ``ready``, and as ``idle`` the worker slots that are scaled down: RunPod's "Idle" means "Scaled down,
+waiting for requests", not billed (docs: serverless/workers/overview). How RunPod counts those slots is
+UNCONFIRMED; we read it as ``max(workers_max, workers_min)`` minus the workers that exist. The endpoint
+switches ``unhealthy`` and ``throttled`` turn every worker that is not running into a crash-looping
+(UNHEALTHY) or unstartable (THROTTLED) one, so jobs stay IN_QUEUE.
+
+Endpoints exist only once created (``--endpoint`` at startup, or ``POST /_sim/endpoints/{id}``); any other
+id is :class:`EndpointNotFound` (404), as RunPod answers an unknown or deleted endpoint id.
 
 Concurrency: everything here runs on one asyncio loop, and every mutation is a plain synchronous method
 with no ``await`` inside, so requests, job tasks and the ticker can never interleave half-way through a
@@ -25,6 +31,7 @@ import contextlib
 import copy
 import heapq
 import itertools
+import json
 import logging
 import math
 import secrets
@@ -72,7 +79,7 @@ WEBHOOK_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.T
 
 class WorkerState(StrEnum):
     INITIALIZING = "initializing"  #: Cold-starting; takes no jobs yet.
-    IDLE = "idle"  #: Warm and waiting (reported as "ready" for active workers).
+    READY = "ready"  #: Warm and waiting for a job (RunPod's "idle" is a scaled-down slot, not this).
     RUNNING = "running"  #: Running one job.
     THROTTLED = "throttled"  #: Cannot start: no host capacity (endpoint switch ``throttled``).
     UNHEALTHY = "unhealthy"  #: Crashes during init, over and over (endpoint switch ``unhealthy``).
@@ -98,6 +105,14 @@ class BadRequest(SimulatorError):
 class JobNotFound(SimulatorError):
     # RunPod's 404 body for an unknown or expired job is UNCONFIRMED; this wording is ours.
     """request does not exist"""
+
+    status = 404
+
+
+class EndpointNotFound(SimulatorError):
+    # RunPod documents 404 "Check your endpoint ID" for an unknown endpoint; the body is UNCONFIRMED, so it
+    # takes the {"error": ...} shape of the bodies that are known.
+    """endpoint not found: check your endpoint ID"""
 
     status = 404
 
@@ -195,6 +210,8 @@ class EndpointSettings:
     workers_min: int
     cold_start_seconds: float
     idle_timeout_seconds: float
+    #: The default handler's stand-in for the worker's ``return_aggregate_stream`` start() flag.
+    return_aggregate_stream: bool = False
     unhealthy: bool = False
     throttled: bool = False
 
@@ -227,8 +244,6 @@ class Worker:
 
     @property
     def reported_state(self) -> str:
-        if self.state is WorkerState.IDLE and self.active:
-            return "ready"
         return self.state.value
 
 
@@ -260,6 +275,8 @@ class Job:
     progress: Any = _NO_OUTPUT
     chunks: list[Any] = field(default_factory=list)
     drained: int = 0
+    #: Size of the last result the worker could not deliver (over ``max_result_bytes``), for /_sim/jobs.
+    dropped_result_bytes: int | None = None
     attempts: int = 0
     run: int = 0  #: Bumped on every start and stop, so a stale handler task cannot touch a newer run.
     deleted_reason: str | None = None
@@ -302,14 +319,56 @@ def _new_worker_id() -> str:
     return secrets.token_hex(7)
 
 
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as the SDK sends it to RunPod (``json.dumps(..., ensure_ascii=False)``, UTF-8)."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)  # repr: a size must never crash the engine
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def result_size(outcome: Outcome) -> int:
+    """Bytes of the job-done body a worker POSTs for this outcome (SDK ``rp_job.run_job``/``handle_job``)."""
+    body: dict[str, Any] = {}
+    if outcome.has_output:
+        body["output"] = outcome.output
+    if outcome.failed:
+        body["error"] = outcome.error
+    return json_size(body)
+
+
+def split_stream_chunk(chunk: Any, limit: int) -> list[Any]:
+    """The pieces RunPod's ``/stream`` shows for one yielded chunk: the chunk itself when its JSON fits
+    ``limit`` bytes, else consecutive string pieces of at most ``limit`` UTF-8 bytes each.
+
+    RunPod: "Maximum size for a single streamed payload chunk is 1 MB. Larger outputs are split across
+    multiple chunks" (docs: operation-reference). How it splits is UNCONFIRMED. Our reading: a string is cut
+    into consecutive substrings, never inside a character, so joining the pieces gives the string back; any
+    other value is cut the same way from its JSON text, so joining and parsing gives it back. A string whose
+    JSON (quotes, escapes) is over the limit but whose text is not stays one piece.
+    """
+    if json_size(chunk) <= limit:
+        return [chunk]
+    text = chunk if isinstance(chunk, str) else json.dumps(chunk, ensure_ascii=False, default=repr)
+    data = text.encode("utf-8", "surrogatepass")
+    pieces: list[Any] = []
+    start = 0
+    while start < len(data):
+        end = min(start + limit, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # a continuation byte: back off to a char start
+            end -= 1
+        pieces.append(data[start:end].decode("utf-8", "surrogatepass"))
+        start = end
+    return pieces
+
+
 class _Runtime:
     """The :class:`~jobs.simulator.handlers.JobRuntime` handed to one run of one job."""
 
-    def __init__(self, engine: Engine, job: Job, run: int, worker_id: str) -> None:
+    def __init__(self, engine: Engine, job: Job, run: int, worker_id: str, *, return_aggregate_stream: bool) -> None:
         self._engine = engine
         self._job = job
         self._run = run
         self.worker_id = worker_id
+        self.return_aggregate_stream = return_aggregate_stream
 
     def _live(self) -> bool:
         job = self._job
@@ -322,7 +381,7 @@ class _Runtime:
 
     def emit(self, chunk: Any) -> None:
         if self._live():
-            self._job.chunks.append(chunk)
+            self._job.chunks.extend(split_stream_chunk(chunk, self._engine.config.max_stream_chunk_bytes))
             self._engine.changed.fire()
 
     async def sleep(self, seconds: float) -> None:
@@ -363,6 +422,8 @@ class Engine:
         self.history: list[Job] = []
         self._deadlines: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
+        for endpoint_id in self.config.endpoints:  # the startup endpoints, with their startup settings
+            self.create_endpoint(endpoint_id)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -381,15 +442,16 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def reset(self) -> None:
-        """Forget every job, endpoint and counter, stop all running work, and reset the clock offset."""
+        """Forget every job, counter and endpoint (but the ``--endpoint`` ones, which start afresh), stop all
+        running work, and reset the clock offset."""
         tasks = [job.task for job in self.jobs.values() if job.task is not None]
         for task in tasks:
             task.cancel()
         for job in self.jobs.values():
             job.run += 1
             job.deleted_reason = "reset"  # wakes long polls on the old jobs with a 404
-        self._clear()
         self.clock.reset()
+        self._clear()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.changed.fire()
 
@@ -436,21 +498,31 @@ class Engine:
     # -- endpoints --------------------------------------------------------------------------------------
 
     def endpoint(self, endpoint_id: str) -> Endpoint:
-        """The endpoint, created with the configured defaults on first use (RunPod ids are not checked)."""
+        """The endpoint; :class:`EndpointNotFound` unless it was created (RunPod: 404 for an unknown id)."""
         ep = self.endpoints.get(endpoint_id)
         if ep is None:
-            cfg = self.config
-            ep = Endpoint(
-                id=endpoint_id,
-                settings=EndpointSettings(
-                    workers_max=cfg.workers_max,
-                    workers_min=cfg.workers_min,
-                    cold_start_seconds=cfg.cold_start_seconds,
-                    idle_timeout_seconds=cfg.idle_timeout_seconds,
-                ),
-            )
-            self.endpoints[endpoint_id] = ep
-            self.reconcile()
+            raise EndpointNotFound()
+        return ep
+
+    def create_endpoint(self, endpoint_id: str, changes: dict[str, Any] | None = None) -> Endpoint:
+        """Create an endpoint with the configured defaults plus ``changes`` (validated before anything is
+        created); an existing endpoint is only reconfigured."""
+        ep = self.endpoints.get(endpoint_id)
+        if ep is not None:
+            self.configure_endpoint(endpoint_id, changes or {})
+            return ep
+        cfg = self.config
+        defaults = EndpointSettings(
+            workers_max=cfg.workers_max,
+            workers_min=cfg.workers_min,
+            cold_start_seconds=cfg.cold_start_seconds,
+            idle_timeout_seconds=cfg.idle_timeout_seconds,
+            return_aggregate_stream=cfg.return_aggregate_stream,
+        )
+        ep = Endpoint(id=endpoint_id, settings=defaults.updated(changes or {}))
+        self.endpoints[endpoint_id] = ep
+        self.reconcile()
+        self.changed.fire()
         return ep
 
     def configure_endpoint(self, endpoint_id: str, changes: dict[str, Any]) -> EndpointSettings:
@@ -496,6 +568,7 @@ class Engine:
 
     def get(self, endpoint_id: str, job_id: str) -> Job:
         self.reconcile()
+        self.endpoint(endpoint_id)
         job = self.jobs.get(job_id)
         if job is None or job.endpoint_id != endpoint_id:
             raise JobNotFound()
@@ -527,6 +600,7 @@ class Engine:
         job.error = None
         job.chunks = []
         job.drained = 0
+        job.dropped_result_bytes = None
         ep.queue.append(job.id)
         ep.retried += 1
         self.reconcile()
@@ -556,6 +630,9 @@ class Engine:
         workers = dict.fromkeys(("idle", "initializing", "ready", "running", "throttled", "unhealthy"), 0)
         for worker in ep.workers.values():
             workers[worker.reported_state] += 1
+        # RunPod's "idle": scaled down, waiting for requests, not billed. Read as the slots up to the
+        # endpoint's max that hold no worker (UNCONFIRMED; see the module docstring).
+        workers["idle"] = max(max(ep.settings.workers_max, ep.settings.workers_min) - len(ep.workers), 0)
         in_progress = sum(
             1 for j in self.jobs.values() if j.endpoint_id == endpoint_id and j.status is JobStatus.IN_PROGRESS
         )
@@ -601,7 +678,7 @@ class Engine:
         if stop_worker:
             del ep.workers[worker.id]
         else:
-            worker.state = WorkerState.IDLE
+            worker.state = WorkerState.READY
             worker.job_id = None
             worker.idle_since = self.clock.now()
 
@@ -662,13 +739,25 @@ class Engine:
         payload: dict[str, Any] = {"id": job.id, "input": copy.deepcopy(job.request.input)}
         if job.request.s3_config is not None:
             payload["s3Config"] = copy.deepcopy(job.request.s3_config)
+        ep = self.endpoints.get(job.endpoint_id)
+        runtime = _Runtime(
+            self, job, run, worker_id, return_aggregate_stream=ep is not None and ep.settings.return_aggregate_stream
+        )
         try:
-            outcome = await self.handler(payload, _Runtime(self, job, run, worker_id))
+            outcome = await self.handler(payload, runtime)
         except Exception as exc:  # a bug in a handler adapter still ends the job, as a worker crash would
             outcome = Outcome(error=exception_error(exc, worker_id))
         if job.run != run or job.status is not JobStatus.IN_PROGRESS or job.deleted:
             return
         job.task = None  # finishing must not cancel the task it runs in
+        size = result_size(outcome)
+        if size > self.config.max_result_bytes:
+            # RunPod rejects a worker's job-done POST over about 20 MB (400, runpod-workers/worker-comfyui#129)
+            # and the job then shows COMPLETED with no output (runpod-python#309). A failed job's oversized
+            # result (error plus output) hits the same upload, so it ends the same way (UNCONFIRMED).
+            log.warning("job %s: result of %d bytes is over %d; dropped", job.id, size, self.config.max_result_bytes)
+            job.dropped_result_bytes = size
+            outcome = Outcome()
         self._finish(job, JobStatus.FAILED if outcome.failed else JobStatus.COMPLETED, outcome)
         self.reconcile()
 
@@ -703,7 +792,7 @@ class Engine:
             for w in ep.workers.values():
                 if w.state is WorkerState.INITIALIZING:
                     upcoming.append(w.ready_at)
-                elif w.state is WorkerState.IDLE and not w.active:
+                elif w.state is WorkerState.READY and not w.active:
                     upcoming.append(w.idle_since + idle_timeout)
         future = [t for t in upcoming if t > now]
         return min(future) if future else None
@@ -730,7 +819,7 @@ class Engine:
             if blocked is not None:
                 if (
                     w.state
-                    in (WorkerState.IDLE, WorkerState.INITIALIZING, WorkerState.THROTTLED, WorkerState.UNHEALTHY)
+                    in (WorkerState.READY, WorkerState.INITIALIZING, WorkerState.THROTTLED, WorkerState.UNHEALTHY)
                     and w.state is not blocked
                 ):
                     w.state = blocked
@@ -740,20 +829,20 @@ class Engine:
                 w.ready_at = now + s.cold_start_seconds
                 changed = True
             if w.state is WorkerState.INITIALIZING and w.ready_at <= now:
-                w.state = WorkerState.IDLE
+                w.state = WorkerState.READY
                 w.idle_since = w.ready_at
                 changed = True
 
         # Hand queued jobs, oldest first, to warm workers (active ones first, as RunPod prefers them).
         idle = sorted(
-            (w for w in ep.workers.values() if w.state is WorkerState.IDLE), key=lambda w: (not w.active, w.ready_at)
+            (w for w in ep.workers.values() if w.state is WorkerState.READY), key=lambda w: (not w.active, w.ready_at)
         )
         while ep.queue and idle:
             self._start(self.jobs[ep.queue.popleft()], idle.pop(0))
             changed = True
 
         for w in list(ep.workers.values()):
-            if w.state is WorkerState.IDLE and not w.active and now - w.idle_since >= s.idle_timeout_seconds:
+            if w.state is WorkerState.READY and not w.active and now - w.idle_since >= s.idle_timeout_seconds:
                 del ep.workers[w.id]
                 changed = True
 

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-OPS = frozenset({"run", "runsync", "status", "stream", "cancel", "retry", "purge-queue", "health"})
+OPS = frozenset({"run", "runsync", "status", "status-sync", "stream", "cancel", "retry", "purge-queue", "health"})
 KINDS = frozenset({"5xx", "429", "slow", "drop"})
 
 

@@ -5,6 +5,12 @@ and a :class:`JobRuntime` (progress, stream chunks, clock-aware sleep) and retur
 The mapping from handler return values to job results follows the runpod SDK 1.12 (``rp_job.run_job`` and
 ``handle_job``): a returned dict's ``error`` fails the job and the rest is the output, ``refresh_worker`` is
 stripped, an empty dict output is dropped, and an exception becomes a JSON error string.
+
+Generator (streaming) handlers follow ``handle_job`` and ``run_job_generator``: each item is streamed; the
+job's output is the list of items only when the worker sets ``return_aggregate_stream``, else ``[]`` (RunPod
+docs: "By default, outputs from streaming handlers are only available using the /stream operation"). An item
+that is a dict with a truthy ``error`` fails the job with ``str(error)``, and an exception fails it with the
+plain string ``"handler: <message> \ntraceback: <traceback>"``; either way the job has no output.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class JobRuntime(Protocol):
     """What a running job may do besides returning: report progress, stream chunks, sleep."""
 
     worker_id: str
+    #: The endpoint's ``return_aggregate_stream`` setting, which the default handler follows.
+    return_aggregate_stream: bool
 
     def progress(self, update: Any) -> None: ...
 
@@ -82,6 +90,11 @@ def exception_error(exc: BaseException, worker_id: str) -> str:
     )
 
 
+def generator_exception_error(exc: BaseException) -> str:
+    """The SDK's error string for an exception raised inside a generator handler (rp_job.run_job_generator)."""
+    return f"handler: {exc} \ntraceback: {''.join(traceback.format_exception(exc))}"
+
+
 def outcome_from_return(value: Any) -> Outcome:
     """Turn a (non-generator) handler's return value into an outcome, as the SDK does."""
     if isinstance(value, dict):
@@ -103,8 +116,11 @@ async def default_handler(job: dict[str, Any], rt: JobRuntime) -> Outcome:
 
         sleep: seconds of "work", on the simulator clock
         progress: [updates]   reported evenly over the sleep
-        stream: [chunks]      yielded evenly over the sleep; the job's output is then the list of chunks
-        fail: "message"       fail with this error after the work
+        stream: [chunks]      a generator handler: the chunks are yielded evenly over the sleep; the output
+                              is [] (RunPod's default) or, with return_aggregate_stream, the list of chunks
+        return_aggregate_stream: bool   with stream: overrides the endpoint's setting for this job
+        fail: "message"       fail with this error after the work (a streaming job: as a yielded
+                              {"error": ...} item, so the error is str()'d and there is no output)
         error_dict: true      with fail: the error is {"message": ...} instead of a string
         output: any           the output (default {"echo": input})
     """
@@ -115,6 +131,9 @@ async def default_handler(job: dict[str, Any], rt: JobRuntime) -> Outcome:
     progress = list(inp.get("progress") or [])
     chunks = inp.get("stream")
     stream = list(chunks) if isinstance(chunks, list) else []
+    aggregate = inp.get("return_aggregate_stream")
+    if not isinstance(aggregate, bool):
+        aggregate = rt.return_aggregate_stream
     steps = max(len(progress), len(stream))
     slice_ = seconds / (steps + 1)
     for i in range(steps):
@@ -127,9 +146,11 @@ async def default_handler(job: dict[str, Any], rt: JobRuntime) -> Outcome:
     if inp.get("fail") is not None:
         message = str(inp["fail"])
         error: Any = {"message": message} if inp.get("error_dict") else message
-        return Outcome(output=stream if isinstance(chunks, list) else _MISSING, error=error)
+        if isinstance(chunks, list):
+            return Outcome(error=str(error))  # SDK handle_job: a streamed error item ends as {"error": str(...)}
+        return Outcome(error=error)
     if isinstance(chunks, list):
-        return Outcome(output=stream)
+        return Outcome(output=stream if aggregate else [])
     return Outcome(output=inp.get("output", {"echo": inp}))
 
 
@@ -173,31 +194,44 @@ def _in_thread(fn: Callable[[], Any], on_item: Callable[[Any], None] | None) -> 
     return queue
 
 
-def wrap_user_handler(fn: Callable[..., Any]) -> Handler:
-    """Adapt a RunPod handler (function, generator, async function or async generator) to :data:`Handler`."""
+def wrap_user_handler(fn: Callable[..., Any], *, return_aggregate_stream: bool = False) -> Handler:
+    """Adapt a RunPod handler (function, generator, async function or async generator) to :data:`Handler`.
+
+    ``return_aggregate_stream`` is the worker's ``runpod.serverless.start()`` flag: a generator's items
+    become its output only when it is set; otherwise the output is ``[]``, as the SDK sends it.
+    """
+
+    def streamed(chunks: list[Any]) -> Outcome:
+        return Outcome(output=chunks if return_aggregate_stream else [])
 
     async def run(job: dict[str, Any], rt: JobRuntime) -> Outcome:
         payload = dict(job)
-        try:
-            if inspect.isasyncgenfunction(fn):
-                chunks: list[Any] = []
+        chunks: list[Any] = []
+        if inspect.isasyncgenfunction(fn):
+            try:
                 async for chunk in fn(payload):
                     if (failure := _chunk_error(chunk)) is not None:
                         return Outcome(error=failure)
                     chunks.append(chunk)
                     rt.emit(chunk)
-                return Outcome(output=chunks)
-            if inspect.isgeneratorfunction(fn):
-                chunks = []
-                queue = _in_thread(lambda: fn(payload), on_item=lambda _: None)
-                while not isinstance(item := await queue.get(), _ThreadDone):
-                    if (failure := _chunk_error(item)) is not None:
-                        return Outcome(error=failure)
-                    chunks.append(item)
-                    rt.emit(item)
-                if item.exc is not None:
-                    raise item.exc
-                return Outcome(output=chunks)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                return Outcome(error=generator_exception_error(exc))
+            return streamed(chunks)
+        if inspect.isgeneratorfunction(fn):
+            queue = _in_thread(lambda: fn(payload), on_item=lambda _: None)
+            while not isinstance(item := await queue.get(), _ThreadDone):
+                if (failure := _chunk_error(item)) is not None:
+                    return Outcome(error=failure)
+                chunks.append(item)
+                rt.emit(item)
+            if isinstance(item.exc, Exception):
+                return Outcome(error=generator_exception_error(item.exc))
+            if item.exc is not None:
+                raise item.exc
+            return streamed(chunks)
+        try:
             if inspect.iscoroutinefunction(fn):
                 return outcome_from_return(await fn(payload))
             done = await _in_thread(lambda: fn(payload), on_item=None).get()
@@ -227,8 +261,10 @@ def load_handler(spec: str | None) -> Handler:
 
     The current directory is put on ``sys.path`` first (as uvicorn does for apps), so a worker file next
     to where ``rpq simulator`` runs can be named directly. Worker files usually end with
-    ``runpod.serverless.start({"handler": handler})``; that call is made a no-op during the import, so the
-    SDK does not start a real worker inside the simulator.
+    ``runpod.serverless.start({"handler": handler, ...})``; that call only records its config during the
+    import, so the SDK does not start a real worker inside the simulator, and the config's
+    ``return_aggregate_stream`` applies to the named handler as it would to the worker's. (A module that was
+    imported before, outside this function, made no recorded start() call: its flag reads as unset.)
     """
     if spec is None:
         return default_handler
@@ -237,26 +273,38 @@ def load_handler(spec: str | None) -> Handler:
         raise ValueError(f"handler must look like module:function, got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    with _runpod_start_disabled():
+    with _runpod_start_recorded() as started:
         module = importlib.import_module(module_name)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"{spec!r} is not a callable")
-    return wrap_user_handler(fn)
+    # The last start() wins: it is the worker file's own, made after whatever its imports did.
+    worker_config = _worker_configs.setdefault(module_name, started[-1] if started else {})
+    return wrap_user_handler(fn, return_aggregate_stream=bool(worker_config.get("return_aggregate_stream", False)))
+
+
+#: The start() config each worker module made while :func:`load_handler` imported it (a module runs once).
+_worker_configs: dict[str, dict[str, Any]] = {}
 
 
 @contextlib.contextmanager
-def _runpod_start_disabled() -> Iterator[None]:
+def _runpod_start_recorded() -> Iterator[list[dict[str, Any]]]:
+    """Swap ``runpod.serverless.start`` for a recorder of its config while a worker file is imported."""
+    started: list[dict[str, Any]] = []
     uvicorn_logger = logging.getLogger("uvicorn")
     uvicorn_level = uvicorn_logger.level  # importing runpod turns uvicorn's logging down to WARNING
     if importlib.util.find_spec("runpod") is None:
-        yield
+        yield started
         return
     serverless = importlib.import_module("runpod.serverless")
     original = getattr(serverless, "start", None)
-    setattr(serverless, "start", lambda config: None)  # noqa: B010 - a module attribute, swapped on purpose
+
+    def record(config: dict[str, Any]) -> None:
+        started.append(dict(config) if isinstance(config, dict) else {})
+
+    setattr(serverless, "start", record)  # noqa: B010 - a module attribute, swapped on purpose
     try:
-        yield
+        yield started
     finally:
         setattr(serverless, "start", original)  # noqa: B010
         uvicorn_logger.setLevel(uvicorn_level)

@@ -23,8 +23,10 @@ def plain(job: dict[str, Any]) -> Any:
 
 
 def tokens(job: dict[str, Any]) -> Iterator[str]:
-    """Stream the input's words one at a time."""
+    """Stream the input's words one at a time; ``raise`` raises after them."""
     yield from str(job["input"]["text"]).split()
+    if job["input"].get("raise"):
+        raise RuntimeError(job["input"]["raise"])
 
 
 runpod.serverless.start({"handler": plain})

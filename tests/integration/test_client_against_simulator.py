@@ -77,7 +77,7 @@ def test_a_running_job_can_be_cancelled(client: RunPodClient) -> None:
 def test_a_job_over_its_execution_timeout_ends_in_either_documented_reading(
     start_simulator: Callable[..., SimulatorProcess], reading: str
 ) -> None:
-    sim = start_simulator("--cold-start-seconds", "0", "--execution-timeout-status", reading)
+    sim = start_simulator("--cold-start-seconds", "0", "--execution-timeout-status", reading, "--endpoint", EP)
     with RunPodClient(api_key=sim.api_key, base_url=sim.base_url, retry=FAST_RETRIES) as client:
         job = client.run(EP, {"sleep": 600}, policy={"executionTimeout": 5_000})
         wait_until(lambda: client.status(EP, job.id).status is RunPodStatus.IN_PROGRESS, timeout=10, what="start")
@@ -116,7 +116,7 @@ def test_stream_drains_chunks_in_order_without_repeats(client: RunPodClient) -> 
     wait_until(drained, timeout=20, what="the stream to finish")
 
     assert received == chunks
-    assert final_state(client, job.id).output == chunks
+    assert final_state(client, job.id).output == []  # RunPod's default: the chunks are only in /stream
 
 
 def test_retry_requeues_a_failed_job_under_the_same_id(client: RunPodClient) -> None:
@@ -178,6 +178,18 @@ def test_a_wrong_key_is_an_auth_error_and_is_not_retried(simulator: SimulatorPro
 def test_an_unknown_job_is_not_found(client: RunPodClient) -> None:
     with pytest.raises(RunPodNotFound):
         client.status(EP, "no-such-job-u1")
+
+
+def test_an_endpoint_that_does_not_exist_is_not_found_and_nothing_is_queued(
+    client: RunPodClient, simulator: SimulatorProcess
+) -> None:
+    for call in (lambda: client.run("no-such-endpoint", {"output": 1}),
+                 lambda: client.status("no-such-endpoint", "any-u1"),
+                 lambda: client.health("no-such-endpoint")):
+        with pytest.raises(RunPodNotFound):
+            call()
+
+    assert simulator.jobs() == []
 
 
 def test_a_result_is_gone_after_runpods_retention(client: RunPodClient, simulator: SimulatorProcess) -> None:

@@ -3,8 +3,6 @@ RunPod twice (the simulator's own list of jobs is the proof)."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import redis
 
@@ -33,7 +31,7 @@ def all_finished(pipeline: Pipeline, job_ids: list[str], timeout: float) -> list
 
 
 def test_redis_flushed_mid_run_loses_no_job_and_sends_none_twice(pipeline: Pipeline) -> None:
-    endpoint = f"ep-{uuid.uuid4().hex[:12]}"
+    endpoint = pipeline.simulator.create_endpoint()
     job_ids = submit_batch(pipeline, endpoint, 8)
     wait_until(lambda: any(jobs.get(j, runtime=pipeline.runtime).status is JobStatus.IN_PROGRESS for j in job_ids),
                timeout=30, what="some jobs to start")
@@ -47,7 +45,7 @@ def test_redis_flushed_mid_run_loses_no_job_and_sends_none_twice(pipeline: Pipel
 
 
 def test_a_worker_killed_mid_run_loses_no_job_and_sends_none_twice(pipeline: Pipeline) -> None:
-    endpoint = f"ep-{uuid.uuid4().hex[:12]}"
+    endpoint = pipeline.simulator.create_endpoint()
     job_ids = submit_batch(pipeline, endpoint, 8)
     wait_until(lambda: any(jobs.get(j, runtime=pipeline.runtime).status is JobStatus.IN_PROGRESS for j in job_ids),
                timeout=30, what="some jobs to start")

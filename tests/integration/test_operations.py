@@ -151,6 +151,22 @@ def test_warmup_of_a_warm_endpoint_does_nothing(runtime: Runtime) -> None:
     assert len(jobs.list_jobs(runtime=runtime)) == 1
 
 
+def test_warmup_of_an_endpoint_whose_workers_scaled_down_to_idle_sends_a_job(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    done = jobs.submit("tts", {"output": 1}, runtime=runtime)
+    submit_job(runtime, done.id)
+    poll_until_final(runtime, done.id)
+    assert ops.warmup(runtime, "tts").reason == "1 worker(s) already warm"  # ready for its idle timeout
+
+    simulator.advance(6)  # past RunPod's 5 s idle timeout: the worker is scaled down
+    workers = runtime.runpod.health(ENDPOINT_ID).workers
+    result = ops.warmup(runtime, "tts")
+
+    assert (workers.idle, workers.ready, workers.running) == (3, 0, 0)  # RunPod's idle: scaled down, not warm
+    assert result.action == "submitted" and result.job_id
+
+
 def test_purge_queue_removes_runpods_queued_jobs(runtime: Runtime, simulator: SimulatorProcess) -> None:
     simulator.configure_endpoint(ENDPOINT_ID, workers_max=0)
     for n in range(3):

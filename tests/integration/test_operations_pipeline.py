@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -104,7 +103,7 @@ def test_rpq_metrics_serves_the_scrape_over_http(pipeline: Pipeline) -> None:
 
 
 def test_bulk_retry_touches_exactly_what_dry_run_listed(pipeline: Pipeline) -> None:
-    endpoint = f"ep-{uuid.uuid4().hex[:12]}"
+    endpoint = pipeline.simulator.create_endpoint()
     failed = [jobs.submit(endpoint, {"fail": f"bad {n}"}, runtime=pipeline.runtime).id for n in range(3)]
     ok = jobs.submit(endpoint, {"output": 1}, runtime=pipeline.runtime).id
     for job_id in [*failed, ok]:
@@ -124,7 +123,7 @@ def test_bulk_retry_touches_exactly_what_dry_run_listed(pipeline: Pipeline) -> N
 
 
 def test_bulk_cancel_dry_run_changes_nothing(pipeline: Pipeline) -> None:
-    endpoint = f"ep-{uuid.uuid4().hex[:12]}"
+    endpoint = pipeline.simulator.create_endpoint()
     slow = [jobs.submit(endpoint, {"sleep": 60}, runtime=pipeline.runtime).id for _ in range(2)]
 
     dry = pipeline.run_cli("jobs", "cancel", "--endpoint", endpoint, "--dry-run", "--json")
@@ -147,8 +146,7 @@ def test_warmup_from_the_cli_is_idempotent(pipeline: Pipeline) -> None:
 
 
 def test_queue_purge_asks_first_and_purges_with_yes(pipeline: Pipeline) -> None:
-    endpoint = f"ep-{uuid.uuid4().hex[:12]}"
-    pipeline.simulator.configure_endpoint(endpoint, workers_max=0)
+    endpoint = pipeline.simulator.create_endpoint(workers_max=0)
     queued = [jobs.submit(endpoint, {"n": n}, runtime=pipeline.runtime).id for n in range(2)]
     wait_until(lambda: len(pipeline.simulator.jobs(endpoint)) == 2, timeout=30, what="jobs at RunPod")
 

@@ -16,9 +16,10 @@ from tests.conftest import Pipeline, wait_until
 pytestmark = pytest.mark.integration
 
 
-def endpoint() -> str:
-    """A fresh endpoint id per test, so the simulator's job list speaks of this test alone."""
-    return f"ep-{uuid.uuid4().hex[:12]}"
+def endpoint(pipeline: Pipeline) -> str:
+    """A fresh endpoint per test, so the simulator's job list speaks of this test alone. It is created at
+    "RunPod" first: like RunPod, the simulator answers 404 for an endpoint that does not exist."""
+    return pipeline.simulator.create_endpoint()
 
 
 def finished(pipeline: Pipeline, job_id: str, timeout: float = 45) -> jobs.Job:
@@ -30,7 +31,7 @@ def finished(pipeline: Pipeline, job_id: str, timeout: float = 45) -> jobs.Job:
 
 
 def test_a_job_completes_with_its_output_stored(pipeline: Pipeline) -> None:
-    job = jobs.submit(endpoint(), {"sleep": 0.5, "output": {"wav": "s3://b/k.wav"}}, runtime=pipeline.runtime)
+    job = jobs.submit(endpoint(pipeline), {"sleep": 0.5, "output": {"wav": "s3://b/k.wav"}}, runtime=pipeline.runtime)
 
     done = finished(pipeline, job.id)
 
@@ -42,7 +43,7 @@ def test_a_job_completes_with_its_output_stored(pipeline: Pipeline) -> None:
 
 
 def test_a_failing_job_stores_runpods_error(pipeline: Pipeline) -> None:
-    job = jobs.submit(endpoint(), {"sleep": 0.2, "fail": "speaker model missing"}, runtime=pipeline.runtime)
+    job = jobs.submit(endpoint(pipeline), {"sleep": 0.2, "fail": "speaker model missing"}, runtime=pipeline.runtime)
 
     done = finished(pipeline, job.id)
 
@@ -51,7 +52,7 @@ def test_a_failing_job_stores_runpods_error(pipeline: Pipeline) -> None:
 
 
 def test_a_cancelled_job_is_cancelled_here_and_at_runpod(pipeline: Pipeline) -> None:
-    ep = endpoint()
+    ep = endpoint(pipeline)
     job = jobs.submit(ep, {"sleep": 120}, runtime=pipeline.runtime)
     wait_until(lambda: jobs.get(job.id, runtime=pipeline.runtime).status is JobStatus.IN_PROGRESS, timeout=30,
                what="the job to start")
@@ -64,7 +65,7 @@ def test_a_cancelled_job_is_cancelled_here_and_at_runpod(pipeline: Pipeline) -> 
 
 
 def test_a_job_past_its_ttl_ends_expired(pipeline: Pipeline) -> None:
-    job = jobs.submit(endpoint(), {"sleep": 600}, policy={"ttl": 10_000}, runtime=pipeline.runtime)
+    job = jobs.submit(endpoint(pipeline), {"sleep": 600}, policy={"ttl": 10_000}, runtime=pipeline.runtime)
     wait_until(lambda: jobs.get(job.id, runtime=pipeline.runtime).status is JobStatus.IN_PROGRESS, timeout=30,
                what="the job to start")
 
@@ -74,7 +75,7 @@ def test_a_job_past_its_ttl_ends_expired(pipeline: Pipeline) -> None:
 
 
 def test_a_result_runpod_dropped_before_we_saw_it_ends_expired_not_failed(pipeline: Pipeline) -> None:
-    ep = endpoint()
+    ep = endpoint(pipeline)
     pipeline.simulator.set_faults({"op": "status", "endpoint": ep, "kind": "5xx", "status": 502})
     job = jobs.submit(ep, {"output": "never seen"}, runtime=pipeline.runtime)
     wait_until(lambda: pipeline.simulator.jobs(ep) and pipeline.simulator.jobs(ep)[0]["status"] == "COMPLETED",
@@ -88,7 +89,7 @@ def test_a_result_runpod_dropped_before_we_saw_it_ends_expired_not_failed(pipeli
 
 
 def test_the_same_submit_message_delivered_twice_makes_one_runpod_job(pipeline: Pipeline) -> None:
-    ep = endpoint()
+    ep = endpoint(pipeline)
     job = jobs.submit(ep, {"sleep": 0.5, "output": 1}, runtime=pipeline.runtime)
 
     pipeline.runtime.publish(SUBMIT_TASK, job.id, None)
@@ -99,7 +100,7 @@ def test_the_same_submit_message_delivered_twice_makes_one_runpod_job(pipeline: 
 
 
 def test_an_idempotency_key_gives_the_first_job_and_one_runpod_job(pipeline: Pipeline) -> None:
-    ep = endpoint()
+    ep = endpoint(pipeline)
     first = jobs.submit(ep, {"output": "a"}, idempotency_key="render-9", runtime=pipeline.runtime)
     second = jobs.submit(ep, {"output": "b"}, idempotency_key="render-9", runtime=pipeline.runtime)
 
@@ -109,7 +110,7 @@ def test_an_idempotency_key_gives_the_first_job_and_one_runpod_job(pipeline: Pip
 
 
 def test_a_run_that_times_out_is_left_for_an_operator_and_not_resubmitted(pipeline: Pipeline) -> None:
-    ep = endpoint()
+    ep = endpoint(pipeline)
     pipeline.simulator.set_faults({"op": "run", "endpoint": ep, "kind": "slow", "delay": 4, "when": "after"})
     job = jobs.submit(ep, {"output": 1}, runtime=pipeline.runtime)
 
@@ -125,7 +126,7 @@ def test_a_run_that_times_out_is_left_for_an_operator_and_not_resubmitted(pipeli
 
 
 def test_polls_back_off_so_a_long_job_costs_few_status_calls(pipeline: Pipeline) -> None:
-    job = jobs.submit(endpoint(), {"sleep": 8, "output": "slow export"}, runtime=pipeline.runtime)
+    job = jobs.submit(endpoint(pipeline), {"sleep": 8, "output": "slow export"}, runtime=pipeline.runtime)
 
     done = finished(pipeline, job.id)
 
@@ -135,7 +136,7 @@ def test_polls_back_off_so_a_long_job_costs_few_status_calls(pipeline: Pipeline)
 
 
 def test_a_worker_killed_with_sigkill_mid_poll_loses_no_job(pipeline: Pipeline) -> None:
-    ep = endpoint()
+    ep = endpoint(pipeline)
     job = jobs.submit(ep, {"sleep": 6, "output": "survived"}, runtime=pipeline.runtime)
     wait_until(lambda: jobs.get(job.id, runtime=pipeline.runtime).poll_count >= 1, timeout=30,
                what="the poll chain to start")
@@ -150,7 +151,7 @@ def test_a_worker_killed_with_sigkill_mid_poll_loses_no_job(pipeline: Pipeline) 
 
 def test_every_log_line_of_a_jobs_tasks_carries_its_correlation_id(pipeline: Pipeline) -> None:
     correlation_id = f"req-{uuid.uuid4().hex[:10]}"
-    job = jobs.submit(endpoint(), {"sleep": 0.3, "output": 1}, correlation_id=correlation_id,
+    job = jobs.submit(endpoint(pipeline), {"sleep": 0.3, "output": 1}, correlation_id=correlation_id,
                       runtime=pipeline.runtime)
 
     finished(pipeline, job.id)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 import runpod
 
 from tests.conftest import SimulatorProcess, wait_until
@@ -19,8 +20,7 @@ def endpoint(simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch) -> It
     """A ``runpod.Endpoint`` aimed at the simulator the documented way: module settings, then construct."""
     monkeypatch.setattr(runpod, "api_key", simulator.api_key)
     monkeypatch.setattr(runpod, "endpoint_url_base", simulator.base_url)
-    endpoint_id = f"sdk-{uuid.uuid4().hex[:8]}"
-    simulator.configure_endpoint(endpoint_id, cold_start_seconds=0)
+    endpoint_id = simulator.create_endpoint(f"sdk-{uuid.uuid4().hex[:8]}", cold_start_seconds=0)
     ep = runpod.Endpoint(endpoint_id)
     yield ep
     ep.rp_client.rp_session.close()
@@ -48,10 +48,19 @@ def test_run_sync_returns_the_output(endpoint: Any) -> None:
     assert endpoint.run_sync({"output": [1, 2, 3]}, timeout=30) == [1, 2, 3]
 
 
-def test_stream_yields_every_chunk_of_a_generator_job(endpoint: Any) -> None:
+def test_stream_yields_every_chunk_of_a_generator_job_whose_output_is_then_empty_as_on_runpod(
+    endpoint: Any,
+) -> None:
     job = endpoint.run({"sleep": 0.5, "stream": ["a", "b", "c"]})
 
     assert list(job.stream()) == ["a", "b", "c"]
+    assert job.output(timeout=10) == []  # without return_aggregate_stream the chunks are only in /stream
+
+
+def test_with_return_aggregate_stream_the_output_is_every_chunk(endpoint: Any, simulator: SimulatorProcess) -> None:
+    simulator.configure_endpoint(endpoint.endpoint_id, return_aggregate_stream=True)
+
+    assert endpoint.run_sync({"stream": ["a", "b"]}, timeout=30) == ["a", "b"]
 
 
 def test_cancel_stops_a_running_job(endpoint: Any) -> None:
@@ -83,3 +92,20 @@ def test_a_wrong_key_is_the_sdks_401_error(simulator: SimulatorProcess, monkeypa
     with pytest.raises(RuntimeError, match="401 Unauthorized"):
         ep.run({"x": 1})
     ep.rp_client.rp_session.close()
+
+
+def test_an_endpoint_that_does_not_exist_is_an_http_404_error(
+    simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runpod, "api_key", simulator.api_key)
+    monkeypatch.setattr(runpod, "endpoint_url_base", simulator.base_url)
+    ep = runpod.Endpoint("no-such-endpoint")
+    try:
+        calls = [lambda: ep.run({"x": 1}), lambda: ep.run_sync({"x": 1}, timeout=5), ep.health, ep.purge_queue,
+                 lambda: runpod.endpoint.Job("no-such-endpoint", "some-job", ep.rp_client).status()]
+        for call in calls:
+            with pytest.raises(requests.HTTPError, match="404 Client Error"):
+                call()
+    finally:
+        ep.rp_client.rp_session.close()
+    assert simulator.jobs() == []

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import SimulatorProcess, wait_until
+from tests.conftest import SimulatorProcess, endpoint_flags, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -80,11 +81,22 @@ class Api:
         (found,) = [job for job in self.sim.jobs(self.endpoint) if job["id"] == job_id]
         return found
 
+    def held_open(self, call: Callable[[], httpx.Response], job_id: str) -> Future[httpx.Response]:
+        """Make a long-poll ``call`` in the background; return once the simulator holds it for ``job_id``."""
+        pending = BACKGROUND.submit(call)
+        wait_until(lambda: pending.done() or self.record(job_id)["held_requests"] == 1, timeout=10,
+                   what=f"a request held open for {job_id}")
+        assert not pending.done(), pending.result().text
+        return pending
+
+
+#: Threads for requests that a test keeps open while it moves the simulator's clock.
+BACKGROUND = ThreadPoolExecutor(max_workers=4, thread_name_prefix="held-request")
+
 
 @contextlib.contextmanager
 def open_api(sim: SimulatorProcess, *, cold_start_seconds: float = 0.0, timeout: float = 15) -> Iterator[Api]:
-    endpoint = f"ep-{uuid.uuid4().hex[:8]}"
-    sim.configure_endpoint(endpoint, cold_start_seconds=cold_start_seconds)
+    endpoint = sim.create_endpoint(cold_start_seconds=cold_start_seconds)
     headers = {"Authorization": f"Bearer {sim.api_key}"}
     with httpx.Client(base_url=sim.base_url, headers=headers, timeout=timeout) as http:
         yield Api(sim, http, endpoint)
@@ -205,6 +217,7 @@ def test_status_and_stream_answer_post_as_older_docs_say(api: Api) -> None:
 
 def test_an_unknown_job_or_another_endpoints_job_is_a_json_404(api: Api) -> None:
     job_id = api.run({})
+    api.sim.create_endpoint("someone-else")
 
     other = api.http.get(f"/someone-else/status/{job_id}")
     unknown = api.get("status/not-a-job")
@@ -213,6 +226,38 @@ def test_an_unknown_job_or_another_endpoints_job_is_a_json_404(api: Api) -> None
     assert "error" in other.json() and "error" in unknown.json()
     assert api.http.get("/x/nonsense").status_code == 404
     assert api.http.get(f"/{api.endpoint}/run").status_code == 405
+
+
+def test_an_endpoint_that_was_never_created_is_404_on_every_operation_as_on_runpod(api: Api) -> None:
+    job_id = api.run({})
+    calls = {
+        "run": lambda: api.http.post("/no-such-endpoint/run", json={"input": {}}),
+        "runsync": lambda: api.http.post("/no-such-endpoint/runsync", json={"input": {}}),
+        "status": lambda: api.http.get(f"/no-such-endpoint/status/{job_id}"),
+        "status-sync": lambda: api.http.get(f"/no-such-endpoint/status-sync/{job_id}"),
+        "stream": lambda: api.http.get(f"/no-such-endpoint/stream/{job_id}"),
+        "cancel": lambda: api.http.post(f"/no-such-endpoint/cancel/{job_id}"),
+        "retry": lambda: api.http.post(f"/no-such-endpoint/retry/{job_id}"),
+        "purge-queue": lambda: api.http.post("/no-such-endpoint/purge-queue"),
+        "health": lambda: api.http.get("/no-such-endpoint/health"),
+    }
+
+    answers = {op: call() for op, call in calls.items()}
+
+    assert {op: r.status_code for op, r in answers.items()} == dict.fromkeys(calls, 404)
+    assert all("check your endpoint ID" in r.json()["error"] for r in answers.values())
+    assert [job["id"] for job in api.sim.jobs()] == [job_id]
+    assert api.sim.control.get("/_sim/endpoints/no-such-endpoint").status_code == 404
+
+
+def test_an_endpoint_created_through_the_control_api_answers_from_then_on(api: Api) -> None:
+    assert api.http.get("/made-later/health").status_code == 404
+
+    created = api.sim.control.post("/_sim/endpoints/made-later", json={"workers_max": 1})
+
+    assert created.json()["workers_max"] == 1 and created.json()["cold_start_seconds"] == 0.2
+    assert api.http.get("/made-later/health").json()["workers"]["idle"] == 1
+    assert api.http.post("/made-later/runsync", json={"input": {"output": 1}}).json()["output"] == 1
 
 
 # -- auth -----------------------------------------------------------------------------------------------
@@ -398,7 +443,7 @@ def test_cancel_removes_a_queued_job_and_stops_a_running_one(api: Api) -> None:
     assert answers == [{"id": queued, "status": "CANCELLED"}, {"id": running, "status": "CANCELLED"}]
     api.advance(61)
     assert api.status(running)["status"] == "CANCELLED" and "output" not in api.status(running)
-    assert api.health()["jobs"]["completed"] == 0 and api.workers() == {}
+    assert api.health()["jobs"]["completed"] == 0 and api.workers() == {"idle": 1}
 
 
 def test_cancelling_a_finished_job_answers_its_status_unchanged(api: Api) -> None:
@@ -456,7 +501,7 @@ def test_purge_queue_cancels_only_queued_jobs(api: Api) -> None:
 # -- stream and progress --------------------------------------------------------------------------------
 
 
-def test_stream_holds_until_a_chunk_arrives_then_drains_and_the_output_is_every_chunk(api: Api) -> None:
+def test_stream_holds_until_a_chunk_arrives_then_drains_and_status_shows_an_empty_output(api: Api) -> None:
     job_id = api.run({"sleep": 0.6, "stream": ["Hello", "stream", "world"]})
     started = time.monotonic()
 
@@ -470,7 +515,17 @@ def test_stream_holds_until_a_chunk_arrives_then_drains_and_the_output_is_every_
             break
 
     assert seen == ["Hello", "stream", "world"]
-    assert api.status(job_id)["output"] == ["Hello", "stream", "world"]
+    assert api.status(job_id)["output"] == []  # RunPod: a generator's chunks are only in /stream by default
+
+
+def test_an_endpoint_set_to_return_aggregate_stream_shows_every_chunk_in_status(api: Api) -> None:
+    api.configure(return_aggregate_stream=True)
+    aggregated = api.run({"stream": ["a", "b"]})
+    opted_out = api.run({"stream": ["a", "b"], "return_aggregate_stream": False})
+
+    assert api.wait_status(aggregated, "COMPLETED")["output"] == ["a", "b"]
+    assert api.wait_status(opted_out, "COMPLETED")["output"] == []
+    assert [c["output"] for c in api.get(f"stream/{aggregated}").json()["stream"]] == ["a", "b"]
 
 
 def test_an_empty_stream_poll_is_held_for_the_wait_and_answers_no_chunks(api: Api) -> None:
@@ -500,33 +555,85 @@ def test_status_shows_the_latest_progress_update_while_the_job_runs(api: Api) ->
     assert api.status(job_id)["output"] == "final"
 
 
+# -- status-sync ----------------------------------------------------------------------------------------
+
+
+def test_status_sync_holds_until_the_job_is_final_and_answers_what_status_shows(api: Api) -> None:
+    job_id = api.run({"sleep": 30, "output": "done"})
+    api.wait_status(job_id, "IN_PROGRESS")
+    held = api.held_open(lambda: api.get(f"status-sync/{job_id}", params={"wait": 60_000}), job_id)
+
+    api.advance(10)
+    assert api.record(job_id)["held_requests"] == 1  # IN_PROGRESS is not final: still held
+    api.advance(21)
+
+    answer = held.result(timeout=10)
+    assert answer.status_code == 200 and answer.json() == api.status(job_id)
+    assert answer.json()["status"] == "COMPLETED" and answer.json()["output"] == "done"
+
+
+def test_status_sync_answers_the_current_status_when_its_wait_runs_out(api: Api) -> None:
+    api.configure(workers_max=0)
+    job_id = api.run({})
+    held = api.held_open(lambda: api.http.post(f"/{api.endpoint}/status-sync/{job_id}", params={"wait": 5000}), job_id)
+
+    api.advance(5)
+
+    assert held.result(timeout=10).json() == {"id": job_id, "status": "IN_QUEUE"}
+
+
+def test_status_sync_of_a_finished_job_answers_at_once(api: Api) -> None:
+    job_id = api.run({"output": 7})
+    api.wait_status(job_id, "COMPLETED")
+    started = time.monotonic()
+
+    answer = api.get(f"status-sync/{job_id}", params={"wait": 90_000})
+
+    assert answer.json()["output"] == 7 and time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("wait", ["999", "90001", "soon"])
+def test_status_sync_wait_outside_the_js_sdks_1000_to_90000_ms_is_400(api: Api, wait: str) -> None:
+    job_id = api.run({})
+
+    response = api.get(f"status-sync/{job_id}", params={"wait": wait})
+
+    assert response.status_code == 400
+    assert response.json() == {"error": "wait is invalid; must be between 1000 and 90000"}
+
+
+def test_status_sync_of_an_unknown_job_is_404(api: Api) -> None:
+    assert api.get("status-sync/not-a-job", params={"wait": 1000}).status_code == 404
+
+
 # -- health and workers ---------------------------------------------------------------------------------
 
 
 def test_health_follows_a_cold_start_a_running_job_and_the_idle_timeout(api: Api) -> None:
     api.configure(cold_start_seconds=5)
+    assert api.workers() == {"idle": 3}  # RunPod's idle: scaled down, waiting for requests
     job_id = api.run({"sleep": 10})
 
     assert api.health() == {
         "jobs": {"completed": 0, "failed": 0, "inProgress": 0, "inQueue": 1, "retried": 0},
-        "workers": {"idle": 0, "initializing": 1, "ready": 0, "running": 0, "throttled": 0, "unhealthy": 0},
+        "workers": {"idle": 2, "initializing": 1, "ready": 0, "running": 0, "throttled": 0, "unhealthy": 0},
     }
     api.advance(5.5)
-    assert api.workers() == {"running": 1} and api.health()["jobs"]["inProgress"] == 1
+    assert api.workers() == {"running": 1, "idle": 2} and api.health()["jobs"]["inProgress"] == 1
     api.advance(10)
-    assert api.workers() == {"idle": 1} and api.health()["jobs"]["completed"] == 1
+    assert api.workers() == {"ready": 1, "idle": 2} and api.health()["jobs"]["completed"] == 1
     assert api.status(job_id)["delayTime"] == pytest.approx(5000, abs=300)
     api.advance(5.5)
-    assert api.workers() == {}
+    assert api.workers() == {"idle": 3}
 
 
 def test_active_workers_are_reported_ready_and_never_idle_out(api: Api) -> None:
     api.configure(workers_min=2)
-    wait_until(lambda: api.workers() == {"ready": 2}, timeout=5, what="two ready workers")
+    wait_until(lambda: api.workers() == {"ready": 2, "idle": 1}, timeout=5, what="two ready workers")
 
     api.advance(3600)
 
-    assert api.workers() == {"ready": 2}
+    assert api.workers() == {"ready": 2, "idle": 1}
 
 
 def test_unhealthy_workers_crash_loop_and_jobs_stay_in_queue(api: Api) -> None:
@@ -548,7 +655,7 @@ def test_throttled_workers_cannot_start_and_jobs_stay_in_queue(api: Api) -> None
 
     api.advance(60)
 
-    assert api.workers() == {"throttled": 1} and api.status(job_id)["status"] == "IN_QUEUE"
+    assert api.workers() == {"throttled": 1, "idle": 2} and api.status(job_id)["status"] == "IN_QUEUE"
 
 
 # -- webhooks -------------------------------------------------------------------------------------------
@@ -615,6 +722,18 @@ def test_over_the_rate_limit_is_429_with_retry_after_until_the_window_passes(tun
     assert len(tuned.sim.jobs()) == 10
     tuned.advance(10)
     assert tuned.post("run", {"input": {}}).status_code == 200
+
+
+def test_status_sync_counts_against_the_status_rate_limit(tuned: Api) -> None:
+    job_id = tuned.post("runsync", {"input": {}}).json()["id"]
+    allowed = [tuned.get(f"status/{job_id}").status_code for _ in range(20)]  # 1 % of 2000 per 10 s
+
+    refused = tuned.get(f"status-sync/{job_id}", params={"wait": 1000})
+    tuned.advance(10)
+
+    assert allowed == [200] * 20
+    assert refused.status_code == 429 and "status" in refused.json()["error"]
+    assert tuned.get(f"status-sync/{job_id}", params={"wait": 1000}).status_code == 200
 
 
 def test_purge_queue_allows_only_a_couple_of_calls_per_ten_seconds(api: Api) -> None:
@@ -695,8 +814,9 @@ def test_a_dropped_connection_before_cancel_leaves_the_job_untouched(api: Api) -
 def test_a_counted_fault_on_one_endpoint_expires_and_spares_other_endpoints(api: Api) -> None:
     api.sim.set_faults({"op": "*", "endpoint": api.endpoint, "kind": "5xx", "count": 2})
 
+    other_endpoint = api.sim.create_endpoint()
     mine = [api.get("health").status_code for _ in range(3)]
-    other = api.http.get("/other-endpoint/health").status_code
+    other = api.http.get(f"/{other_endpoint}/health").status_code
 
     assert mine == [503, 503, 200] and other == 200
     assert api.sim.control.get("/_sim/faults").json() == {"faults": []}
@@ -736,7 +856,9 @@ def _check_plain_handler(api: Api) -> None:
     assert error["error_message"] == "kaboom" and "Traceback" in error["error_traceback"]
 
 
-def test_a_users_generator_handler_streams_its_items(start_simulator: Callable[..., SimulatorProcess]) -> None:
+def test_a_users_generator_handler_streams_its_items_and_fails_with_the_sdks_string_when_it_raises(
+    start_simulator: Callable[..., SimulatorProcess],
+) -> None:
     sim = start_simulator("--handler", "tests.integration.simulator_handlers:tokens", "--cold-start-seconds", "0")
     with open_api(sim) as api:
         _check_generator_handler(api)
@@ -744,12 +866,113 @@ def test_a_users_generator_handler_streams_its_items(start_simulator: Callable[.
 
 def _check_generator_handler(api: Api) -> None:
     job_id = api.run({"text": "one two three"})
+    broken = api.run({"text": "partial", "raise": "tokenizer crashed"})
 
     done = api.wait_status(job_id, "COMPLETED")
     streamed = api.get(f"stream/{job_id}").json()
+    failed = api.wait_status(broken, "FAILED")
 
-    assert done["output"] == ["one", "two", "three"]
+    # The worker file's start() does not set return_aggregate_stream: the chunks are only in /stream.
+    assert done["output"] == []
     assert streamed == {"status": "COMPLETED", "stream": [{"output": w} for w in ("one", "two", "three")]}
+    assert failed["error"].startswith("handler: tokenizer crashed \ntraceback: Traceback (most recent call last):")
+    assert failed["error"].rstrip().endswith("RuntimeError: tokenizer crashed") and "output" not in failed
+    assert api.get(f"stream/{broken}").json()["stream"] == [{"output": "partial"}]
+
+
+def test_a_worker_file_that_sets_return_aggregate_stream_gets_its_items_as_the_output(
+    start_simulator: Callable[..., SimulatorProcess],
+) -> None:
+    sim = start_simulator("--handler", "tests.integration.simulator_handlers_aggregating:tokens",
+                          "--cold-start-seconds", "0")
+    with open_api(sim) as api:
+        job_id = api.run({"text": "one two"})
+
+        assert api.wait_status(job_id, "COMPLETED")["output"] == ["one", "two"]
+        assert [c["output"] for c in api.get(f"stream/{job_id}").json()["stream"]] == ["one", "two"]
+
+
+# -- result and chunk limits, startup endpoints, the other readings --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def _variant(start_simulator: Callable[..., SimulatorProcess]) -> SimulatorProcess:
+    return start_simulator(
+        "--cold-start-seconds", "0",
+        "--max-result-bytes", "200",
+        "--max-stream-chunk-bytes", "16",
+        "--status-sync-mode", "change",
+        "--return-aggregate-stream",
+        *endpoint_flags("startup-a", "startup-b"),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def variant(_variant: SimulatorProcess) -> Iterator[Api]:
+    """A simulator with tiny result and chunk limits, status-sync answering on change, aggregated streams."""
+    _variant.reset()
+    with open_api(_variant) as opened:
+        yield opened
+
+
+def test_a_result_over_the_limit_is_dropped_and_the_job_shows_completed_without_output(variant: Api) -> None:
+    fits = variant.run({"output": "x" * 150})
+    too_big = variant.run({"output": "x" * 200})
+
+    assert variant.wait_status(fits, "COMPLETED")["output"] == "x" * 150
+    dropped = variant.wait_status(too_big, "COMPLETED")
+    assert set(dropped) == {"id", "status", "delayTime", "executionTime", "workerId"}
+    assert variant.record(too_big)["dropped_result_bytes"] == len('{"output": ""}') + 200
+    assert variant.record(fits)["dropped_result_bytes"] is None
+    assert variant.health()["jobs"]["completed"] == 2 and variant.health()["jobs"]["failed"] == 0
+
+
+def test_a_streamed_chunk_over_the_limit_arrives_as_string_pieces_and_the_output_keeps_it_whole(
+    variant: Api,
+) -> None:
+    chunks = ["short", "é" * 10, {"text": "x" * 12}]
+    job_id = variant.run({"stream": chunks})
+
+    done = variant.wait_status(job_id, "COMPLETED")
+    pieces = [item["output"] for item in variant.get(f"stream/{job_id}").json()["stream"]]
+
+    assert pieces == ["short", "é" * 8, "é" * 2, '{"text": "xxxxxx', 'xxxxxx"}']
+    assert all(len(piece.encode()) <= 16 for piece in pieces)
+    assert done["output"] == chunks  # aggregated by the worker, before any streaming limit
+
+
+def test_the_aggregate_flag_is_each_new_endpoints_default_and_can_be_switched_off(variant: Api) -> None:
+    aggregated = variant.run({"stream": ["a"]})
+    variant.configure(return_aggregate_stream=False)
+    not_aggregated = variant.run({"stream": ["a"]})
+
+    assert variant.wait_status(aggregated, "COMPLETED")["output"] == ["a"]
+    assert variant.wait_status(not_aggregated, "COMPLETED")["output"] == []
+
+
+def test_status_sync_in_change_mode_answers_as_soon_as_the_status_moves(variant: Api) -> None:
+    variant.configure(workers_max=0)
+    job_id = variant.run({"sleep": 60})
+    held = variant.held_open(lambda: variant.get(f"status-sync/{job_id}", params={"wait": 60_000}), job_id)
+
+    variant.configure(workers_max=1)
+
+    answer = held.result(timeout=10).json()
+    assert answer["status"] == "IN_PROGRESS" and answer["id"] == job_id
+
+
+def test_startup_endpoints_exist_at_once_and_come_back_with_their_startup_settings_after_reset(
+    variant: Api,
+) -> None:
+    variant.sim.configure_endpoint("startup-a", workers_max=0)
+    created = variant.endpoint
+
+    variant.sim.reset()
+
+    endpoints = {ep["id"]: ep for ep in variant.sim.control.get("/_sim/endpoints").json()["endpoints"]}
+    assert sorted(endpoints) == ["startup-a", "startup-b"] and created not in endpoints
+    assert endpoints["startup-a"]["workers_max"] == 3 and endpoints["startup-a"]["return_aggregate_stream"] is True
+    assert variant.http.post("/startup-b/runsync", json={"input": {"output": 1}}).json()["output"] == 1
 
 
 # -- control API ----------------------------------------------------------------------------------------
@@ -758,7 +981,7 @@ def _check_generator_handler(api: Api) -> None:
 def test_sim_jobs_lists_every_job_with_its_request_and_iso_timestamps(api: Api) -> None:
     run_id = api.run({"a": 1}, policy={"ttl": 60_000}, webhook="http://127.0.0.1:9/h")
     sync_id = api.post("runsync", {"input": {"b": 2}}).json()["id"]
-    api.http.post("/elsewhere/run", json={"input": {}})
+    api.http.post(f"/{api.sim.create_endpoint()}/run", json={"input": {}})
     api.wait_status(run_id, "COMPLETED")
 
     records = api.sim.jobs(api.endpoint)
@@ -772,9 +995,11 @@ def test_sim_jobs_lists_every_job_with_its_request_and_iso_timestamps(api: Api) 
     assert first["created_at"].endswith("Z") and first["finished_at"] >= first["started_at"] >= first["created_at"]
 
 
-def test_reset_forgets_jobs_endpoints_faults_and_the_clock(api: Api) -> None:
+def test_reset_forgets_jobs_faults_the_clock_and_created_endpoints_but_keeps_startup_ones_as_started(
+    api: Api,
+) -> None:
     api.run({"sleep": 60})
-    api.configure(workers_max=0)
+    api.sim.configure_endpoint("ep", workers_max=0)  # "ep" is one of the shared simulator's --endpoint ids
     api.sim.set_faults({"op": "status", "kind": "5xx"})
     advanced = api.sim.control.post("/_sim/clock/advance", json={"seconds": 100}).json()
 
@@ -782,5 +1007,7 @@ def test_reset_forgets_jobs_endpoints_faults_and_the_clock(api: Api) -> None:
 
     assert advanced["offset"] == pytest.approx(100, abs=1)
     assert api.sim.jobs() == [] and api.sim.control.get("/_sim/faults").json() == {"faults": []}
-    assert api.sim.control.get(f"/_sim/endpoints/{api.endpoint}").json()["workers_max"] == 3
+    assert api.sim.control.get(f"/_sim/endpoints/{api.endpoint}").status_code == 404
+    assert api.get("health").status_code == 404
+    assert api.sim.control.get("/_sim/endpoints/ep").json()["workers_max"] == 3
     assert api.sim.control.post("/_sim/clock/advance", json={"seconds": 0}).json()["offset"] == 0

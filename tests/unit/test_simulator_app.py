@@ -18,17 +18,52 @@ AUTH = {"Authorization": "Bearer k"}
 
 @contextmanager
 def client(**config: Any) -> Iterator[TestClient]:
-    with TestClient(create_app(SimulatorConfig(api_key="k", **config))) as test_client:
+    """The simulator in-process, with endpoint ``ep`` created at startup."""
+    with TestClient(create_app(SimulatorConfig(api_key="k", **{"endpoints": ("ep",), **config}))) as test_client:
         yield test_client
 
 
 def test_every_config_field_has_help_and_a_type_the_cli_can_map() -> None:
     hints = typing.get_type_hints(SimulatorConfig)
-    allowed = {int, float, str, bool, str | None}
+    allowed = {int, float, str, bool, str | None, tuple[str, ...]}
 
     for spec in dataclasses.fields(SimulatorConfig):
         assert spec.metadata.get("help"), spec.name
         assert hints[spec.name] in allowed, spec.name
+
+
+def test_simulator_help_lists_every_flag_and_endpoint_is_repeatable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from jobs import cli
+
+    started: list[SimulatorConfig] = []
+    monkeypatch.setattr("jobs.simulator.serve", lambda config, host, port: started.append(config))
+    runner = CliRunner()
+
+    shown = runner.invoke(cli.main, ["simulator", "--help"]).output
+    runner.invoke(cli.main, ["simulator", "--api-key", "k", "--endpoint", "a", "--endpoint", "b"])
+
+    for flag in ("--endpoint", "--return-aggregate-stream", "--max-result-bytes", "--max-stream-chunk-bytes",
+                 "--status-sync-mode"):
+        assert flag in shown
+    assert [config.endpoints for config in started] == [("a", "b")]
+
+
+def test_without_endpoint_flags_the_simulator_knows_the_ids_in_runpod_endpoints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    from jobs import cli
+
+    started: list[SimulatorConfig] = []
+    monkeypatch.setattr("jobs.simulator.serve", lambda config, host, port: started.append(config))
+    monkeypatch.setenv("RUNPOD_ENDPOINTS", "tts=fh46rj7dq9r3o5, abc123 ,export = x9")
+
+    CliRunner().invoke(cli.main, ["simulator", "--api-key", "k"])
+
+    assert [config.endpoints for config in started] == [("fh46rj7dq9r3o5", "abc123", "x9")]
 
 
 def test_the_api_key_never_shows_in_the_configs_repr() -> None:
@@ -43,6 +78,11 @@ def test_the_api_key_never_shows_in_the_configs_repr() -> None:
         {"fault_drop_rate": 1.5},
         {"webhook_attempts": 0},
         {"rate_limit_scale": 0},
+        {"status_sync_mode": "eventually"},
+        {"max_result_bytes": 0},
+        {"max_stream_chunk_bytes": 3},
+        {"endpoints": ("a/b",)},
+        {"endpoints": ("",)},
     ],
 )
 def test_impossible_settings_are_refused_at_startup(bad: dict[str, Any]) -> None:
@@ -80,7 +120,7 @@ def test_the_queue_full_rule_can_be_switched_off() -> None:
 
 
 def test_without_a_configured_key_any_non_empty_key_is_accepted() -> None:
-    with TestClient(create_app(SimulatorConfig())) as c:
+    with TestClient(create_app(SimulatorConfig(endpoints=("ep",)))) as c:
         assert c.get("/v2/ep/health", headers={"Authorization": "anything"}).status_code == 200
         assert c.get("/v2/ep/health").status_code == 401
 
@@ -98,9 +138,43 @@ def test_an_endpoint_setting_that_does_not_exist_or_has_the_wrong_type_is_400() 
         "workers_min": 0,
         "cold_start_seconds": 0.5,
         "idle_timeout_seconds": 5.0,
+        "return_aggregate_stream": False,
         "unhealthy": False,
         "throttled": False,
     }
+
+
+def test_posting_settings_for_a_new_endpoint_creates_it_with_the_defaults_plus_those_settings() -> None:
+    with client(return_aggregate_stream=True, workers_max=7) as c:
+        before = c.get("/_sim/endpoints/fresh")
+        refused = c.post("/_sim/endpoints/fresh", json={"workers_min": -1})
+        still_unknown = c.get("/v2/fresh/health", headers=AUTH)
+        created = c.post("/_sim/endpoints/fresh", json={"cold_start_seconds": 0})
+        listed = c.get("/_sim/endpoints").json()["endpoints"]
+        health = c.get("/v2/fresh/health", headers=AUTH)
+
+    assert (before.status_code, refused.status_code, still_unknown.status_code) == (404, 400, 404)
+    assert created.json()["workers_max"] == 7 and created.json()["return_aggregate_stream"] is True
+    assert [ep["id"] for ep in listed] == ["ep", "fresh"]
+    assert health.status_code == 200 and health.json()["workers"]["idle"] == 7
+
+
+def test_an_unknown_endpoint_is_404_before_it_can_use_up_a_rate_limit() -> None:
+    with client() as c:
+        answers = [c.post("/v2/nope/purge-queue", headers=AUTH).status_code for _ in range(3)]
+        c.post("/_sim/endpoints/nope")
+        purges = [c.post("/v2/nope/purge-queue", headers=AUTH).status_code for _ in range(3)]
+
+    assert answers == [404, 404, 404] and purges == [200, 200, 429]
+
+
+def test_a_job_record_says_how_big_a_dropped_result_was() -> None:
+    with client(max_result_bytes=50, cold_start_seconds=0) as c:
+        done = c.post("/v2/ep/runsync", json={"input": {"output": "x" * 100}}, headers=AUTH).json()
+        (record,) = c.get("/_sim/jobs").json()["jobs"]
+
+    assert done["status"] == "COMPLETED" and "output" not in done
+    assert record["dropped_result_bytes"] == len('{"output": "' + "x" * 100 + '"}')
 
 
 def test_advancing_the_clock_backwards_is_400() -> None:

@@ -17,12 +17,14 @@ from jobs.simulator.engine import (
     ALLOWED,
     TERMINAL,
     BadRequest,
+    EndpointNotFound,
     Engine,
     InvalidTransition,
     Job,
     JobNotFound,
     JobStatus,
     parse_job_request,
+    split_stream_chunk,
 )
 from jobs.simulator.handlers import default_handler
 
@@ -35,10 +37,11 @@ def simulate(
     webhooks: list[dict[str, Any]] | None = None,
     **config: Any,
 ) -> None:
-    """Run ``scenario`` against a started engine (cold start 1 s unless overridden) on a fresh loop."""
+    """Run ``scenario`` against a started engine (cold start 1 s unless overridden) on a fresh loop, with
+    endpoint ``EP`` created at startup unless ``endpoints`` says otherwise."""
 
     async def main() -> None:
-        settings = {"cold_start_seconds": 1.0, **config}
+        settings = {"cold_start_seconds": 1.0, "endpoints": (EP,), **config}
         engine = Engine(
             SimulatorConfig(**settings),
             Clock(),
@@ -105,6 +108,69 @@ def test_only_retry_leads_out_of_a_failed_or_timed_out_job_and_nothing_out_of_co
     assert {JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS}.isdisjoint(TERMINAL)
 
 
+# -- endpoints ------------------------------------------------------------------------------------------
+
+
+def test_an_endpoint_that_was_never_created_is_not_found_for_every_operation() -> None:
+    async def scenario(engine: Engine) -> None:
+        request = parse_job_request({"input": {}})
+        operations: list[Callable[[], object]] = [
+            lambda: engine.submit("nope", request),
+            lambda: engine.get("nope", "some-job"),
+            lambda: engine.cancel("nope", "some-job"),
+            lambda: engine.retry("nope", "some-job"),
+            lambda: engine.purge("nope"),
+            lambda: engine.health("nope"),
+            lambda: engine.configure_endpoint("nope", {"workers_max": 1}),
+        ]
+        for operation in operations:
+            with pytest.raises(EndpointNotFound, match="check your endpoint ID"):
+                operation()
+        assert "nope" not in engine.endpoints and engine.history == []
+
+    simulate(scenario)
+
+
+def test_a_created_endpoint_has_the_defaults_plus_the_given_settings_and_a_bad_setting_creates_nothing() -> None:
+    async def scenario(engine: Engine) -> None:
+        with pytest.raises(BadRequest):
+            engine.create_endpoint("new", {"workers_max": "many"})
+        assert "new" not in engine.endpoints
+
+        settings = engine.create_endpoint("new", {"workers_min": 1}).settings
+
+        assert (settings.workers_min, settings.workers_max, settings.cold_start_seconds) == (1, 4, 1.0)
+        assert settings.return_aggregate_stream is False
+        await engine.advance(1.5)
+        assert engine.health("new")["workers"]["ready"] == 1
+
+    simulate(scenario, workers_max=4)
+
+
+def test_a_job_of_one_endpoint_is_not_found_through_another() -> None:
+    async def scenario(engine: Engine) -> None:
+        engine.create_endpoint("other")
+        job = submit(engine, {})
+
+        with pytest.raises(JobNotFound):
+            engine.get("other", job.id)
+
+    simulate(scenario)
+
+
+def test_reset_keeps_the_startup_endpoints_with_their_startup_settings_and_drops_the_others() -> None:
+    async def scenario(engine: Engine) -> None:
+        engine.configure_endpoint(EP, {"workers_max": 9, "unhealthy": True})
+        engine.create_endpoint("made-at-runtime")
+
+        await engine.reset()
+
+        assert sorted(engine.endpoints) == [EP, "second"]
+        assert engine.endpoints[EP].settings.workers_max == 3 and not engine.endpoints[EP].settings.unhealthy
+
+    simulate(scenario, endpoints=(EP, "second"))
+
+
 # -- lifecycle and workers ------------------------------------------------------------------------------
 
 
@@ -112,11 +178,11 @@ def test_a_job_waits_for_a_cold_start_then_runs_and_completes_with_its_timings()
     async def scenario(engine: Engine) -> None:
         job = submit(engine, {"sleep": 2, "output": "done"})
         assert job.view() == {"id": job.id, "status": "IN_QUEUE"}
-        assert workers(engine) == {"initializing": 1}
+        assert workers(engine) == {"initializing": 1, "idle": 2}
 
         await engine.advance(1.5)
         assert job.status is JobStatus.IN_PROGRESS
-        assert workers(engine) == {"running": 1}
+        assert workers(engine) == {"running": 1, "idle": 2}
         assert "executionTime" not in job.view()
 
         await engine.advance(2.0)
@@ -124,7 +190,7 @@ def test_a_job_waits_for_a_cold_start_then_runs_and_completes_with_its_timings()
         assert view["status"] == "COMPLETED" and view["output"] == "done"
         assert view["delayTime"] == pytest.approx(1000, abs=50)
         assert view["executionTime"] == pytest.approx(2000, abs=50)
-        assert view["workerId"] and workers(engine) == {"idle": 1}
+        assert view["workerId"] and workers(engine) == {"ready": 1, "idle": 2}
 
     simulate(scenario)
 
@@ -154,27 +220,49 @@ def test_a_flex_worker_stops_after_the_idle_timeout_but_an_active_worker_stays_r
     async def scenario(engine: Engine) -> None:
         engine.configure_endpoint(EP, {"workers_min": 1})
         await engine.advance(1.5)
-        assert workers(engine) == {"ready": 1}
+        assert workers(engine) == {"ready": 1, "idle": 2}
 
         first, second = submit(engine, {"sleep": 2}), submit(engine, {"sleep": 2})
-        assert workers(engine) == {"running": 1, "initializing": 1}
+        assert workers(engine) == {"running": 1, "initializing": 1, "idle": 1}
         await engine.advance(1.5)
         assert first.status is second.status is JobStatus.IN_PROGRESS
         await engine.advance(2.0)
         assert first.status is second.status is JobStatus.COMPLETED
-        assert workers(engine) == {"ready": 1, "idle": 1}
+        assert workers(engine) == {"ready": 2, "idle": 1}
 
         await engine.advance(5.0)
-        assert workers(engine) == {"ready": 1}
+        assert workers(engine) == {"ready": 1, "idle": 2}
 
     simulate(scenario, idle_timeout_seconds=5.0)
+
+
+def test_health_reports_warm_waiting_workers_as_ready_and_the_scaled_down_slots_as_idle() -> None:
+    async def scenario(engine: Engine) -> None:
+        assert workers(engine) == {"idle": 4}  # nothing started: every slot is scaled down
+
+        engine.configure_endpoint(EP, {"workers_min": 1})
+        await engine.advance(1.5)
+        assert workers(engine) == {"ready": 1, "idle": 3}  # the active worker, warm
+
+        submit(engine, {"sleep": 1}), submit(engine, {"sleep": 1})
+        assert workers(engine) == {"running": 1, "initializing": 1, "idle": 2}
+        await engine.advance(1.5)
+        assert workers(engine) == {"ready": 1, "running": 1, "idle": 2}  # the flex worker runs the second
+
+        await engine.advance(1.0)
+        assert workers(engine) == {"ready": 2, "idle": 2}  # a warm flex worker is ready, not idle
+
+        await engine.advance(5.0)
+        assert workers(engine) == {"ready": 1, "idle": 3}  # its idle timeout scaled it down
+
+    simulate(scenario, workers_max=4, idle_timeout_seconds=5.0)
 
 
 def test_a_low_priority_job_never_starts_a_worker_but_runs_on_a_warm_one() -> None:
     async def scenario(engine: Engine) -> None:
         low = submit(engine, {"sleep": 1}, policy={"lowPriority": True})
         await engine.advance(10.0)
-        assert low.status is JobStatus.IN_QUEUE and workers(engine) == {}
+        assert low.status is JobStatus.IN_QUEUE and workers(engine) == {"idle": 3}
 
         engine.configure_endpoint(EP, {"workers_min": 1})
         await engine.advance(1.5)
@@ -189,10 +277,10 @@ def test_unhealthy_workers_crash_loop_and_the_job_stays_queued_until_they_recove
         job = submit(engine, {"sleep": 1})
         await engine.advance(30.0)
         assert job.status is JobStatus.IN_QUEUE
-        assert workers(engine) == {"unhealthy": 1}
+        assert workers(engine) == {"unhealthy": 1, "idle": 2}
 
         engine.configure_endpoint(EP, {"unhealthy": False})
-        assert workers(engine) == {"initializing": 1}
+        assert workers(engine) == {"initializing": 1, "idle": 2}
         await engine.advance(1.5)
         assert job.status is JobStatus.IN_PROGRESS
 
@@ -207,7 +295,7 @@ def test_a_throttled_endpoint_cannot_start_workers_and_idle_ones_cannot_take_job
         jobs = [submit(engine, {"sleep": 1}) for _ in range(2)]
         await engine.advance(30.0)
         assert all(j.status is JobStatus.IN_QUEUE for j in jobs)
-        assert workers(engine) == {"throttled": 2}
+        assert workers(engine) == {"throttled": 2, "idle": 1}
 
         engine.configure_endpoint(EP, {"throttled": False})
         await engine.advance(1.5)
@@ -220,10 +308,10 @@ def test_purging_throttled_demand_gives_up_the_flex_workers_it_asked_for() -> No
     async def scenario(engine: Engine) -> None:
         engine.configure_endpoint(EP, {"throttled": True})
         submit(engine, {}), submit(engine, {})
-        assert workers(engine) == {"throttled": 2}
+        assert workers(engine) == {"throttled": 2, "idle": 1}
 
         assert engine.purge(EP) == 2
-        assert workers(engine) == {}
+        assert workers(engine) == {"idle": 3}
 
     simulate(scenario)
 
@@ -256,7 +344,7 @@ def test_ttl_deletes_a_queued_job_and_a_running_job_alike() -> None:
             with pytest.raises(JobNotFound):
                 engine.get(EP, job.id)
             assert job.deleted_reason == "ttl"
-        assert workers(engine) == {"idle": 1}
+        assert workers(engine) == {"ready": 1, "idle": 2}
         assert engine.health(EP)["jobs"]["inQueue"] == 0
 
     simulate(scenario)
@@ -358,7 +446,7 @@ def test_the_queue_is_full_past_50_jobs_and_workers_max_times_500() -> None:
 # -- stream, progress, webhooks -------------------------------------------------------------------------
 
 
-def test_stream_chunks_are_drained_once_and_the_final_output_is_all_of_them() -> None:
+def test_stream_chunks_are_drained_once_and_the_final_output_is_empty_as_on_runpod() -> None:
     async def scenario(engine: Engine) -> None:
         job = submit(engine, {"sleep": 3, "stream": ["a", "b"]})
         await engine.advance(2.5)
@@ -366,9 +454,79 @@ def test_stream_chunks_are_drained_once_and_the_final_output_is_all_of_them() ->
         assert engine.drain_stream(job) == []
         await engine.advance(3.0)
         assert engine.drain_stream(job) == ["b"]
-        assert job.view()["output"] == ["a", "b"]
+        assert job.view()["status"] == "COMPLETED" and job.view()["output"] == []
 
     simulate(scenario)
+
+
+def test_an_endpoint_set_to_aggregate_shows_every_chunk_as_the_output_unless_a_job_says_otherwise() -> None:
+    async def scenario(engine: Engine) -> None:
+        engine.configure_endpoint(EP, {"return_aggregate_stream": True})
+        aggregated = submit(engine, {"stream": ["a", "b"]})
+        opted_out = submit(engine, {"stream": ["a", "b"], "return_aggregate_stream": False})
+        await engine.advance(1.5)
+
+        assert aggregated.view()["output"] == ["a", "b"] and opted_out.view()["output"] == []
+
+    simulate(scenario)
+
+
+def test_the_aggregate_flag_sets_the_default_and_a_job_can_ask_for_aggregation() -> None:
+    async def scenario(engine: Engine) -> None:
+        by_default = submit(engine, {"stream": ["x"]})
+        engine.create_endpoint("plain", {"return_aggregate_stream": False})
+        asked = engine.submit("plain", parse_job_request({"input": {"stream": ["y"], "return_aggregate_stream": True}}))
+        await engine.advance(1.5)
+
+        assert by_default.view()["output"] == ["x"] and asked.view()["output"] == ["y"]
+
+    simulate(scenario, return_aggregate_stream=True)
+
+
+def test_a_result_over_the_limit_is_dropped_and_the_job_shows_completed_without_output() -> None:
+    async def scenario(engine: Engine) -> None:
+        small = submit(engine, {"output": "x" * 80})  # {"output": "xx…"} is 94 bytes
+        large = submit(engine, {"output": "x" * 90})
+        failed = submit(engine, {"fail": "y" * 90})
+        await engine.advance(1.5)
+
+        assert small.view()["output"] == "x" * 80
+        for job in (large, failed):
+            assert job.view()["status"] == "COMPLETED"
+            assert "output" not in job.view() and "error" not in job.view()
+        assert (large.dropped_result_bytes, small.dropped_result_bytes) == (104, None)
+        assert engine.health(EP)["jobs"]["completed"] == 3
+
+    simulate(scenario, max_result_bytes=100)
+
+
+def test_a_streamed_chunk_over_the_limit_reaches_the_stream_as_string_pieces() -> None:
+    async def scenario(engine: Engine) -> None:
+        job = submit(engine, {"stream": ["small", "0123456789abcdef", {"k": "vvvvvvvv"}]})
+        await engine.advance(1.5)
+
+        assert engine.drain_stream(job) == ["small", "0123456789", "abcdef", '{"k": "vvv', 'vvvvv"}']
+
+    simulate(scenario, max_stream_chunk_bytes=10)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "limit", "pieces"),
+    [
+        ("abc", 5, ["abc"]),  # "abc" in JSON is 5 bytes: fits
+        ("abcd", 5, ["abcd"]),  # its JSON is 6 bytes, its text 4: one piece
+        ("abcdefghij", 4, ["abcd", "efgh", "ij"]),
+        ("ééé", 4, ["éé", "é"]),  # 2-byte characters: never cut in half
+        ("a🐉b🐉", 5, ["a🐉", "b🐉"]),  # 4-byte characters
+        ({"n": [1, 2, 3]}, 8, ['{"n": [1', ", 2, 3]}"]),
+        (12345678901, 5, ["12345", "67890", "1"]),
+    ],
+)
+def test_a_chunk_is_split_into_pieces_within_the_limit_that_join_back_to_it(
+    chunk: Any, limit: int, pieces: list[Any]
+) -> None:
+    assert split_stream_chunk(chunk, limit) == pieces
+    assert all(len(str(piece).encode()) <= limit for piece in pieces)
 
 
 def test_a_running_job_shows_its_latest_progress_as_output() -> None:
@@ -407,7 +565,9 @@ def test_reset_forgets_everything_and_puts_the_clock_back() -> None:
         await engine.advance(100.0)
         await engine.reset()
 
-        assert engine.history == [] and engine.endpoints == {} and engine.clock.offset == 0
+        assert engine.history == [] and engine.clock.offset == 0
+        assert engine.health(EP)["jobs"] == {"completed": 0, "failed": 0, "inProgress": 0, "inQueue": 0, "retried": 0}
+        assert engine.health(EP)["workers"]["running"] == 0
         assert job.task is None or job.task.cancelled() or job.task.done()
 
     simulate(scenario)

@@ -17,7 +17,8 @@ class Recorder:
 
     worker_id = "w-test"
 
-    def __init__(self) -> None:
+    def __init__(self, *, return_aggregate_stream: bool = False) -> None:
+        self.return_aggregate_stream = return_aggregate_stream
         self.events: list[tuple[str, Any]] = []
         self.slept = 0.0
 
@@ -31,8 +32,8 @@ class Recorder:
         self.slept += seconds
 
 
-def run(handler: Any, job_input: Any) -> tuple[Outcome, Recorder]:
-    rt = Recorder()
+def run(handler: Any, job_input: Any, *, return_aggregate_stream: bool = False) -> tuple[Outcome, Recorder]:
+    rt = Recorder(return_aggregate_stream=return_aggregate_stream)
     outcome = asyncio.run(handler({"id": "job-1", "input": job_input}, rt))
     return outcome, rt
 
@@ -73,11 +74,28 @@ def test_the_default_handler_echoes_a_non_dict_input() -> None:
     assert outcome.output == {"echo": "hello"}
 
 
-def test_the_default_handler_spreads_progress_and_chunks_over_the_sleep_and_returns_the_chunks() -> None:
+def test_the_default_handler_spreads_progress_and_chunks_over_the_sleep_and_outputs_an_empty_list() -> None:
     outcome, rt = run(default_handler, {"sleep": 3, "progress": ["p1", "p2"], "stream": ["a", "b"]})
 
     assert rt.events == [("progress", "p1"), ("chunk", "a"), ("progress", "p2"), ("chunk", "b")]
-    assert outcome.output == ["a", "b"] and rt.slept == pytest.approx(3)
+    assert outcome.output == [] and rt.slept == pytest.approx(3)
+
+
+def test_the_default_handler_outputs_the_chunks_when_the_endpoint_aggregates_unless_the_job_opts_out() -> None:
+    aggregated, _ = run(default_handler, {"stream": ["a", "b"]}, return_aggregate_stream=True)
+    opted_out, _ = run(default_handler, {"stream": ["a"], "return_aggregate_stream": False},
+                       return_aggregate_stream=True)
+    opted_in, _ = run(default_handler, {"stream": ["a"], "return_aggregate_stream": True})
+
+    assert (aggregated.output, opted_out.output, opted_in.output) == (["a", "b"], [], ["a"])
+
+
+def test_a_failing_streaming_default_job_fails_like_a_yielded_error_with_a_string_and_no_output() -> None:
+    outcome, rt = run(default_handler, {"stream": ["a"], "fail": "lost", "error_dict": True},
+                      return_aggregate_stream=True)
+
+    assert rt.events == [("chunk", "a")]
+    assert outcome.error == "{'message': 'lost'}" and not outcome.has_output
 
 
 def test_the_default_handler_fails_with_a_string_or_a_dict_error() -> None:
@@ -101,6 +119,16 @@ def broken(job: dict[str, Any]) -> None:
 
 def counting(job: dict[str, Any]) -> Iterator[int]:
     yield from range(job["input"]["n"])
+
+
+def breaking(job: dict[str, Any]) -> Iterator[int]:
+    yield 1
+    raise ValueError("disk full")
+
+
+async def async_breaking(job: dict[str, Any]) -> AsyncIterator[int]:
+    yield 1
+    raise ValueError("disk full")
 
 
 async def async_plain(job: dict[str, Any]) -> str:
@@ -129,10 +157,36 @@ def test_an_exception_becomes_the_sdks_json_error_string() -> None:
     assert error["worker_id"] == "w-test" and "no GPU" in error["error_traceback"]
 
 
-def test_a_generator_handler_streams_each_item_and_returns_them_all() -> None:
+def test_a_generator_handler_streams_each_item_and_its_output_is_an_empty_list_as_the_sdk_sends() -> None:
     outcome, rt = run(wrap_user_handler(counting), {"n": 3})
 
+    assert rt.events == [("chunk", 0), ("chunk", 1), ("chunk", 2)] and outcome.output == []
+
+
+def test_a_generator_handler_of_a_worker_that_aggregates_returns_every_item() -> None:
+    outcome, rt = run(wrap_user_handler(counting, return_aggregate_stream=True), {"n": 3})
+
     assert rt.events == [("chunk", 0), ("chunk", 1), ("chunk", 2)] and outcome.output == [0, 1, 2]
+
+
+def sdk_generator_error(handler: Any) -> str:
+    """What the SDK itself (rp_job.run_job_generator) yields as the error of a generator that raises."""
+    from runpod.serverless.modules.rp_job import run_job_generator
+
+    async def items() -> list[dict[str, Any]]:
+        return [item async for item in run_job_generator(handler, {"id": "job-1", "input": {}})]
+
+    return str(asyncio.run(items())[-1]["error"])
+
+
+@pytest.mark.parametrize("handler", [breaking, async_breaking])
+def test_an_exception_in_a_generator_fails_with_the_sdks_plain_handler_traceback_string(handler: Any) -> None:
+    outcome, rt = run(wrap_user_handler(handler, return_aggregate_stream=True), {})
+
+    assert rt.events == [("chunk", 1)] and not outcome.has_output
+    ours, sdks = outcome.error.splitlines(), sdk_generator_error(handler).splitlines()
+    assert ours[:2] == sdks[:2] == ["handler: disk full ", "traceback: Traceback (most recent call last):"]
+    assert ours[-1] == sdks[-1] == "ValueError: disk full"  # the frames in between are each runner's own
 
 
 def test_an_async_handler_is_awaited() -> None:
@@ -146,6 +200,14 @@ def test_a_streamed_error_ends_an_async_generator_job_as_failed() -> None:
 
     assert rt.events == [("chunk", {"token": "a"})]
     assert outcome.failed and outcome.error == "stream broke"
+
+
+def test_load_handler_follows_the_return_aggregate_stream_flag_of_the_worker_files_start_call() -> None:
+    aggregating, _ = run(load_handler("tests.unit.simulator_worker_aggregating:words"), {"text": "a b"})
+    again, _ = run(load_handler("tests.unit.simulator_worker_aggregating:words"), {"text": "c"})
+    plain_worker, _ = run(load_handler(f"{__name__}:counting"), {"n": 2})
+
+    assert (aggregating.output, again.output, plain_worker.output) == (["a", "b"], ["c"], [])
 
 
 def test_load_handler_imports_module_colon_function_and_refuses_anything_else() -> None:
