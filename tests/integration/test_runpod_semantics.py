@@ -325,3 +325,92 @@ def test_repeated_webhooks_and_reconciler_resends_keep_one_history_row_each(
     assert [e.repeats for e in webhooks] == [5] and webhooks[0].last_at is not None
     assert [e.repeats for e in resends] == [5]
     assert "(x5, last " in show(webhook_runtime, job.id)
+
+
+# -- end to end against the simulator's RunPod behaviours ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_results_simulator(start_simulator: Any) -> SimulatorProcess:
+    """A simulator whose RunPod drops any result over 2,000 bytes, as RunPod does over about 20 MB."""
+    from tests.conftest import endpoint_flags
+
+    sim: SimulatorProcess = start_simulator("--cold-start-seconds", "0.2", "--max-result-bytes", "2000",
+                                            *endpoint_flags(ENDPOINT_ID))
+    return sim
+
+
+@pytest.fixture
+def small_results_runtime(migrated_db: str, small_results_simulator: SimulatorProcess) -> Any:
+    from jobs.backoff import RetryPolicy
+    from jobs.db import make_engine
+    from jobs.runpod import RunPodClient
+    from tests.conftest import Published, make_settings
+
+    small_results_simulator.reset()
+    sim = small_results_simulator
+    rt = Runtime(settings=make_settings(migrated_db, sim), engine=make_engine(migrated_db), publish=Published(),
+                 make_client=lambda: RunPodClient(api_key=sim.api_key, base_url=sim.base_url, timeout=3.0,
+                                                  retry=RetryPolicy(max_attempts=2, base_delay=0.05, max_delay=1.0)))
+    yield rt
+    rt.close()
+
+
+def test_a_result_runpod_drops_for_its_size_is_flagged_not_stored_as_success(small_results_runtime: Runtime) -> None:
+    rt = small_results_runtime
+    big = jobs.submit("tts", {"sleep": 0.2, "output": "x" * 5000}, runtime=rt)
+    small = jobs.submit("tts", {"sleep": 0.2, "output": "fits"}, runtime=rt)
+    submit_job(rt, big.id)
+    submit_job(rt, small.id)
+
+    big_done, small_done = poll_until_final(rt, big.id), poll_until_final(rt, small.id)
+
+    assert (big_done.status, big_done.output, big_done.output_missing) == (JobStatus.COMPLETED, None, True)
+    assert (small_done.output, small_done.output_missing) == ("fits", False)
+
+
+def test_a_streaming_job_on_runpods_default_worker_keeps_its_chunks_as_output(runtime: Runtime) -> None:
+    # The simulator, like RunPod, shows output [] for a generator whose worker does not aggregate.
+    job = jobs.submit("tts", {"sleep": 1, "stream": ["Καλη", "μέρα", "🐉"]}, stream=True, runtime=runtime)
+    submit_job(runtime, job.id)
+
+    done = poll_until_final(runtime, job.id)
+
+    assert (done.status, done.output, done.output_missing) == (JobStatus.COMPLETED, ["Καλη", "μέρα", "🐉"], False)
+
+
+def test_a_run_to_an_endpoint_runpod_does_not_know_fails_saying_so(runtime: Runtime) -> None:
+    job = jobs.submit("abcdef123456", {"n": 1}, runtime=runtime)  # a bare id that no endpoint has
+
+    submit_job(runtime, job.id)
+
+    failed = jobs.get(job.id, runtime=runtime)
+    assert failed.status is JobStatus.FAILED
+    assert "RunPod does not know endpoint abcdef123456 (404)" in (failed.error or "")
+
+
+def test_a_404_for_the_endpoint_itself_holds_the_job_instead_of_expiring_it(runtime: Runtime) -> None:
+    from jobs.db import session_scope
+    from jobs.store import update_fields
+
+    job = jobs.submit("tts", {"sleep": 60}, runtime=runtime)
+    submit_job(runtime, job.id)
+    with session_scope(runtime.engine) as session:  # the endpoint was deleted at RunPod meanwhile
+        update_fields(session, job.id, while_status={JobStatus.IN_QUEUE}, values={"endpoint_id": "deleted-endpoint"})
+
+    make_due(runtime, job.id)
+    step = poll_job(runtime, job.id)
+
+    held = jobs.get(job.id, runtime=runtime)
+    assert held.status is JobStatus.IN_QUEUE and step.poll_in is not None
+    assert "RunPod does not know endpoint deleted-endpoint" in details(runtime, job.id)
+
+    with session_scope(runtime.engine) as session:  # ... and stays unknown past the job's ttl
+        update_fields(session, job.id, while_status={JobStatus.IN_QUEUE},
+                      values={"deadline_at": utcnow() - timedelta(seconds=1)})
+    make_due(runtime, job.id)
+    poll_job(runtime, job.id)
+
+    failed = jobs.get(job.id, runtime=runtime)
+    assert failed.status is JobStatus.FAILED and "deleted, or the id is wrong" in (failed.error or "")
+    assert JobStatus.EXPIRED not in [e.to_status for e in jobs.events(job.id, runtime=runtime)]
