@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 from jobs.errors import ConfigError
 
 # RunPod endpoint ids are lowercase letters and digits ("fh46rj7dq9r3o5"); public endpoints add
-# hyphens ("black-forest-labs-flux-1-schnell").
-ENDPOINT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{4,62}[a-z0-9]$")
+# hyphens ("black-forest-labs-flux-1-schnell"). \Z, not $: $ also matches before a final newline.
+ENDPOINT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{4,62}[a-z0-9]\Z")
 MAX_POLL_GAP_SECONDS = 300.0
-ENDPOINT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+ENDPOINT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
 
 
 class Secret:
