@@ -184,7 +184,8 @@ def submit(
             problems.append(_UNKNOWN_ENDPOINT)
     options = webhook_problems(webhook)
     try:
-        body = build_run_body(input, webhook=webhook, policy=policy)
+        # The webhook's problems are all in `options` already: build_run_body only adds it to the body.
+        body = build_run_body(input, webhook=None if options else webhook, policy=policy)
     except RequestInvalid as exc:
         options += [_unnamed_policy_field(p) for p in exc.problems]
     problems += options
@@ -244,10 +245,15 @@ def input_problems(input: object) -> list[Problem]:
 
 
 def webhook_problems(webhook: object) -> list[Problem]:
-    """What keeps a webhook URL from being kept in its column and served back (RunPod's own rule,
-    an http(s) URL, is `build_run_body`'s)."""
-    if not isinstance(webhook, str):
+    """An http(s) URL (RunPod's rule, which `build_run_body` keeps) that a text column can keep."""
+    if webhook is None:
         return []
+    if not isinstance(webhook, str):
+        return [Problem("webhook", "type", "must be a string: an http:// or https:// URL")]
+    try:
+        build_run_body({}, webhook=webhook)
+    except RequestInvalid as exc:
+        return exc.problems
     if len(webhook) > MAX_WEBHOOK_LENGTH:
         return [Problem("webhook", "format", f"must be at most {MAX_WEBHOOK_LENGTH} characters")]
     return text_problems(webhook, "webhook")
@@ -257,7 +263,9 @@ def key_problems(name: str, value: object, limit: int) -> list[Problem]:
     """An idempotency key or a correlation id: text a column can keep and an answer can carry."""
     if value is None:
         return []
-    if not isinstance(value, str) or not value.strip() or len(value) > limit:
+    if not isinstance(value, str):
+        return [Problem(name, "type", "must be a string")]
+    if not value.strip() or len(value) > limit:
         return [Problem(name, "format", f"must be a non-empty string of at most {limit} characters")]
     return text_problems(value, name)
 

@@ -33,6 +33,7 @@ from jobs.runpod import MAX_RUN_PAYLOAD_BYTES
 from jobs.runtime import Runtime, get_runtime
 from jobs.states import JobStatus
 from jobs.web.auth import Tokens
+from jobs.web.events import JobId
 from jobs.web.events import router as streams_and_webhooks
 from jobs.web.schemas import (
     EndpointHealth,
@@ -319,7 +320,8 @@ async def submit_job(
 @v1.get("/jobs", response_model=JobList, summary="List jobs, newest first",
         openapi_extra=_query_parameters(JobFilter))
 def list_jobs(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
-    filters, problems = check(JobFilter, query_values(JobFilter, request.query_params), settings=runtime.settings)
+    filters, problems = check(JobFilter, query_values(JobFilter, request.query_params), settings=runtime.settings,
+                              root="query")
     if filters is None:
         raise InvalidJob(problems)
     found = jobs.list_jobs(status=filters.status or None, endpoint=filters.endpoint or None, since=filters.since,
@@ -329,13 +331,13 @@ def list_jobs(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
 
 
 @v1.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job", responses=_errors(404))
-def get_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+def get_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     return jobs.get(job_id, runtime=runtime).to_dict()
 
 
 @v1.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a job that has not finished",
          responses=_errors(404, 409))
-def cancel_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+def cancel_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     job = jobs.cancel(job_id, runtime=runtime)
     if job.status is not JobStatus.CANCELLED:
         # jobs.cancel leaves a finished job as it is; say so instead of answering as if it were cancelled.
@@ -346,7 +348,7 @@ def cancel_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
 @v1.post("/jobs/{job_id}/retry", status_code=202, response_model=JobOut,
          summary="Start a new attempt of a job that failed, timed out, expired or was cancelled",
          responses=_errors(404, 409))
-def retry_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+def retry_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     return jobs.retry(job_id, runtime=runtime).to_dict()
 
 

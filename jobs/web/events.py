@@ -14,6 +14,7 @@ reads the body and never sets state; it wakes the job's poll.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -24,7 +25,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import jobs
+from jobs.api import JobNotFound
 from jobs.errors import Problem
+from jobs.jsonsafe import text_problems
 from jobs.runtime import Runtime
 from jobs.streams import FINAL_KINDS
 
@@ -32,6 +35,8 @@ from jobs.streams import FINAL_KINDS
 POLL_SECONDS = 0.5
 #: A comment line this often keeps proxies from closing a quiet stream.
 HEARTBEAT_SECONDS = 15.0
+#: An event id this stream could have sent: decimal digits, fewer than a 64-bit integer holds.
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
 def _runtime(request: Request) -> Runtime:
@@ -40,6 +45,18 @@ def _runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+
+def _job_id(job_id: str) -> str:
+    """A job id from the path. No job has an id that is not text a database keeps (a %00 in the path,
+    say): that is a 404 here, never a query the database refuses."""
+    if text_problems(job_id, "id"):
+        raise JobNotFound(job_id)
+    return job_id
+
+
+#: The `{job_id}` of every route that has one.
+JobId = Annotated[str, Depends(_job_id)]
 
 
 def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
@@ -56,14 +73,14 @@ def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
         responses={200: {"content": {"text/event-stream": {}}}},
     )
     async def job_events(
-        job_id: str,
+        job_id: JobId,
         request: Request,
         runtime: RuntimeDep,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> StreamingResponse:
         after = 0
         if last_event_id is not None:
-            if not last_event_id.strip().isdigit():
+            if not _EVENT_ID.fullmatch(last_event_id.strip()):
                 raise api_error(422, [Problem("Last-Event-ID", "format", "must be an event id this stream sent")])
             after = int(last_event_id)
         job, first = await run_in_threadpool(jobs.stream_events, job_id, after=after, runtime=runtime)
