@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -74,6 +75,8 @@ def create_app(
     starts open by accident.
     """
     accepted = Tokens.configure(tokens, allow_no_auth=allow_no_auth)
+    # Here rather than in serve(): each of uvicorn's worker processes builds its own app with this.
+    redact_webhook_tokens(logging.getLogger("uvicorn.access"))
     if accepted.open:
         log.warning("the HTTP API is serving WITHOUT authentication (RPQ_API_ALLOW_NO_AUTH=true)")
     app = _Api(
@@ -112,9 +115,32 @@ def serve(host: str, port: int, *, workers: int = 1) -> None:
     create_app()  # fail here, once, on a bad configuration (no tokens, say) rather than in each worker
     shown_host = f"[{host}]" if ":" in host else host
     log.info("rpq HTTP API serving http://%s:%d/v1 (schema at /openapi.json, docs at /docs)", shown_host, port)
-    # The access log has the method, path and status only: no header, so no token.
+    # The access log has the method, path and status only: no header, so no bearer token; a webhook's
+    # path holds its token, which create_app's filter masks.
     uvicorn.run("jobs.web.app:create_app", factory=True, workers=workers, host=host, port=port, log_config=None,
                 server_header=False, timeout_graceful_shutdown=5)
+
+
+_WEBHOOK_TOKEN = re.compile(r"(/webhooks/runpod/)[^/?#\s]+")
+
+
+class RedactWebhookTokens(logging.Filter):
+    """Masks the token in webhook paths: it is the only credential a webhook call needs, and an access
+    log is read by more people than the database."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_WEBHOOK_TOKEN.sub(r"\1***", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        if isinstance(record.msg, str):
+            record.msg = _WEBHOOK_TOKEN.sub(r"\1***", record.msg)
+        return True
+
+
+def redact_webhook_tokens(logger: logging.Logger) -> None:
+    """Install `RedactWebhookTokens` on `logger`, once."""
+    if not any(isinstance(f, RedactWebhookTokens) for f in logger.filters):
+        logger.addFilter(RedactWebhookTokens())
 
 
 # -- errors: the one translation -----------------------------------------------------------------

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,9 +28,10 @@ from sqlalchemy import update
 import jobs
 from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET
 from jobs.backoff import RetryPolicy
-from jobs.db import make_engine, session_scope
+from jobs.db import make_engine, session_scope, upgrade
 from jobs.errors import ConfigError
 from jobs.jsonsafe import MAX_DEPTH
+from jobs.lifecycle import hash_token
 from jobs.models import JobRow, utcnow
 from jobs.runpod import RunPodClient
 from jobs.runtime import SUBMIT_TASK, Runtime
@@ -36,7 +40,7 @@ from jobs.states import JobStatus
 from jobs.store import Source, transition
 from jobs.web import create_app, new_token
 from jobs.web.app import MAX_BODY_BYTES
-from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess, free_port, wait_until
+from tests.conftest import ENDPOINT_ID, ROOT, Published, SimulatorProcess, free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -579,6 +583,37 @@ def test_no_token_and_no_authorization_header_reaches_the_log(
     assert "POST /v1/jobs" in logged  # the access log was captured, so the check means something
     assert not [secret for secret in (TOKEN, PLAIN_TOKEN, wrong, "Bearer") if secret in logged]
     assert "authorization" not in logged.lower()
+
+
+def test_rpq_api_logs_webhook_calls_without_their_token(tmp_path: Path, redis_url: str) -> None:
+    database_url = f"sqlite:///{tmp_path / 'rpq.db'}"
+    upgrade(database_url)
+    runtime = Runtime(settings=Settings(database_url=database_url), engine=make_engine(database_url),
+                      publish=Published(), make_client=lambda: RunPodClient(api_key="unused"))
+    job = jobs.submit(ENDPOINT_ID, {}, runtime=runtime)
+    known, unknown = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    with session_scope(runtime.engine) as session:
+        session.execute(update(JobRow).where(JobRow.id == job.id)  # type: ignore[arg-type]
+                        .values(webhook_token_hash=hash_token(known)))
+    runtime.close()
+    port, log_path = free_port(), tmp_path / "api.log"
+    env = {**os.environ, "DATABASE_URL": database_url, "RPQ_API_TOKENS": TOKEN_ENTRY, "CELERY_BROKER_URL": redis_url}
+    with open(log_path, "wb") as log:
+        api = subprocess.Popen([sys.executable, "-m", "jobs.cli", "api", "--port", str(port)], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, timeout=60,
+                   what="rpq api to answer /healthz")
+        answers = [httpx.post(f"{base}/v1/webhooks/runpod/{token}?correlation_id=req-7", timeout=10).status_code
+                   for token in (known, unknown)]
+    finally:
+        stop_process(api)
+
+    logged = log_path.read_text()
+    assert answers == [200, 404]
+    assert logged.count('"POST /v1/webhooks/runpod/***?correlation_id=req-7 HTTP/1.1"') == 2  # the access log is on
+    assert known not in logged and unknown not in logged
 
 
 def test_the_app_refuses_to_start_with_no_token_unless_no_auth_is_allowed_on_purpose(
