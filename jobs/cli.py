@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import types
 import typing
@@ -19,7 +18,7 @@ import click
 from jobs import api
 from jobs.api import Job
 from jobs.errors import ConfigError
-from jobs.settings import Settings
+from jobs.settings import Settings, redact_url
 from jobs.simulator import SimulatorConfig
 from jobs.states import RETRYABLE, TERMINAL, JobStatus
 from jobs.store import Source
@@ -443,13 +442,9 @@ def upgrade(as_json: bool) -> None:
     url = Settings.from_env().database_url
     upgrade_schema(url)
     if as_json:
-        click.echo(json.dumps({"database": _redact(url), "up_to_date": True}))
+        click.echo(json.dumps({"database": redact_url(url), "up_to_date": True}))
     else:
-        click.echo(f"database at {_redact(url)} is up to date")
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
+        click.echo(f"database at {redact_url(url)} is up to date")
 
 
 def run() -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit, urlunsplit
 
 from jobs.errors import ConfigError
 
@@ -52,6 +52,21 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
 
+_PASSWORD_PARAMETER = re.compile(r"(?i)(^|&)(password=)[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password masked, wherever a URL can carry one: in the user info
+    (`postgresql://rpq:secret@db`, `redis://:secret@redis`) or as libpq's `?password=`."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")  # the last @: a password may hold one too
+    netloc = f"{userinfo.partition(':')[0]}:***@{host}" if at and ":" in userinfo else parts.netloc
+    query = _PASSWORD_PARAMETER.sub(r"\1\2***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # unchanged, rather than as urlunsplit would spell it
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """A RunPod serverless endpoint as rpq knows it: the operator's name and RunPod's id."""
@@ -85,6 +100,15 @@ class Settings:
     reconcile_interval_seconds: int = 30
     poll_grace_seconds: int = 30  # a poll this overdue (or a PENDING row this old) lost its message
     submit_stuck_seconds: int = 300  # past the submit task's hard time limit: its worker is gone
+
+    def __repr__(self) -> str:
+        # Settings get logged and land in tracebacks; the API key is a Secret, and the URLs may hold passwords.
+        shown = {spec.name: getattr(self, spec.name) for spec in fields(self)}
+        for name in ("database_url", "celery_broker_url", "runpod_serverless_url", "runpod_graphql_url",
+                     "runpod_rest_url", "runpod_webhook_base_url"):
+            if shown[name] is not None:
+                shown[name] = redact_url(shown[name])
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
