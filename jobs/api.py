@@ -27,6 +27,7 @@ from jobs.lifecycle import RUNPOD_RETRY_WINDOW, hash_token
 from jobs.models import JobEvent, JobRow, utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, RequestInvalid, build_run_body, encode_body
 from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime, get_runtime
+from jobs.settings import Settings
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
 from jobs.store import (
     Source,
@@ -173,37 +174,13 @@ def submit(
     With `idempotency_key`, a second submit to the same endpoint returns the first job.
     """
     rt = runtime or get_runtime()
-    problems: list[Problem] = []
-    endpoint_name = endpoint_id = ""
-    # The annotations say what callers should pass; callers without a type checker pass anything.
-    if _is(endpoint, str, "endpoint", "must be a string: an endpoint name or a RunPod endpoint id", problems):
-        try:
-            resolved = rt.settings.resolve_endpoint(endpoint)
-            endpoint_name, endpoint_id = resolved.name, resolved.id
-        except ConfigError:
-            problems.append(_UNKNOWN_ENDPOINT)
-    options = webhook_problems(webhook)
-    try:
-        # The webhook's problems are all in `options` already: build_run_body only adds it to the body.
-        body = build_run_body(input, webhook=None if options else webhook, policy=policy)
-    except RequestInvalid as exc:
-        options += [_unnamed_policy_field(p) for p in exc.problems]
-    problems += options
-    input_wrong = input_problems(input)
-    problems += input_wrong
-    if not input_wrong:  # only storable JSON is encoded: encoding the rest could crash or quote it
-        try:  # the input's size is checked even when the options were wrong: every problem at once
-            encode_body({"input": input} if options else body, limit=MAX_RUN_PAYLOAD_BYTES, operation="submit")
-        except RequestInvalid as exc:
-            problems += exc.problems
-        except PayloadTooLarge as exc:
-            problems.append(Problem("input", "size", f"too large: {exc}"))
-    problems += key_problems("idempotency_key", idempotency_key, MAX_KEY_LENGTH)
-    problems += key_problems("correlation_id", correlation_id, MAX_CORRELATION_ID_LENGTH)
-    problems += metadata_problems(metadata)
-    _is(stream, bool, "stream", "must be true or false", problems)
+    problems = submission_problems(endpoint, input, policy=policy, webhook=webhook, idempotency_key=idempotency_key,
+                                   correlation_id=correlation_id, metadata=metadata, stream=stream,
+                                   settings=rt.settings)
     if problems:
-        raise InvalidJob(list(dict.fromkeys(problems)))  # a rule two checks share is reported once
+        raise InvalidJob(problems)
+    resolved = rt.settings.resolve_endpoint(endpoint)
+    endpoint_name, endpoint_id = resolved.name, resolved.id
 
     if idempotency_key is not None:
         with session_scope(rt.engine, read_only=True) as session:
@@ -232,6 +209,54 @@ def submit(
 
     _publish(rt, SUBMIT_TASK, row.id)
     return Job.from_row(row)
+
+
+def submission_problems(
+    endpoint: object,
+    input: object,
+    *,
+    policy: object = None,
+    webhook: object = None,
+    idempotency_key: object = None,
+    correlation_id: object = None,
+    metadata: object = None,
+    stream: object = False,
+    settings: Settings,
+) -> list[Problem]:
+    """Every problem with `submit`'s arguments, each once, writing nothing: what `submit` checks first.
+
+    The arguments are `object`: callers without a type checker pass anything, and get a Problem for it."""
+    problems: list[Problem] = []
+    if not isinstance(endpoint, str):
+        problems.append(Problem("endpoint", "type", "must be a string: an endpoint name or a RunPod endpoint id"))
+    else:
+        try:
+            settings.resolve_endpoint(endpoint)
+        except ConfigError:
+            problems.append(_UNKNOWN_ENDPOINT)
+    options = webhook_problems(webhook)
+    body: dict[str, Any] = {"input": input}
+    try:
+        # The webhook's problems are all in `options` already: build_run_body only adds it to the body.
+        body = build_run_body(input, webhook=None if options else webhook, policy=policy)
+    except RequestInvalid as exc:
+        options += [_unnamed_policy_field(p) for p in exc.problems]
+    problems += options
+    input_wrong = input_problems(input)
+    problems += input_wrong
+    if not input_wrong:  # only storable JSON is encoded: encoding the rest could crash or quote it
+        try:  # the input's size is checked even when the options were wrong: every problem at once
+            encode_body({"input": input} if options else body, limit=MAX_RUN_PAYLOAD_BYTES, operation="submit")
+        except RequestInvalid as exc:
+            problems += exc.problems
+        except PayloadTooLarge as exc:
+            problems.append(Problem("input", "size", f"too large: {exc}"))
+    problems += key_problems("idempotency_key", idempotency_key, MAX_KEY_LENGTH)
+    problems += key_problems("correlation_id", correlation_id, MAX_CORRELATION_ID_LENGTH)
+    problems += metadata_problems(metadata)
+    if not isinstance(stream, bool):
+        problems.append(Problem("stream", "type", "must be true or false"))
+    return list(dict.fromkeys(problems))  # two unknown policy fields are one problem
 
 
 # -- the rules for each argument of submit: the HTTP API's models call these same functions -------------
@@ -276,13 +301,6 @@ def metadata_problems(metadata: object) -> list[Problem]:
     if not isinstance(metadata, Mapping):
         return [Problem("metadata", "type", "must be an object")]
     return json_problems(metadata, "metadata")
-
-
-def _is(value: object, kind: type, field: str, message: str, problems: list[Problem]) -> bool:
-    if isinstance(value, kind):
-        return True
-    problems.append(Problem(field, "type", message))
-    return False
 
 
 def _unnamed_policy_field(problem: Problem) -> Problem:
