@@ -150,3 +150,11 @@ def test_a_time_that_cannot_be_told_in_utc_is_a_range_problem_not_a_crash(runtim
 
     assert refused(lambda: jobs.list_jobs(since=earliest, runtime=runtime)) == {("since", "range")}
     assert jobs.list_jobs(since=datetime(1, 1, 1, tzinfo=UTC), runtime=runtime) == []
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 1e16, 10**20, -(10**40), 12, 1.5], ids=repr)
+def test_an_input_that_is_a_bare_number_is_read_back_as_that_number(runtime: Runtime, value: float) -> None:
+    job = jobs.submit("tts", value, runtime=runtime)
+
+    stored = jobs.get(job.id, runtime=runtime).input
+    assert (type(stored), repr(stored)) == (type(value), repr(value))  # SQLite kept 0.0 as 0 and 10**20 as 1e+20
