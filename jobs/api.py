@@ -191,7 +191,7 @@ def submit(
     row = JobRow(
         id=str(uuid.uuid4()), endpoint_name=endpoint_name, endpoint_id=endpoint_id, status=JobStatus.PENDING,
         input=input, policy=dict(policy) if policy else None, webhook=webhook, correlation_id=correlation_id,
-        idempotency_key=idempotency_key, meta=dict(metadata) if metadata else None, stream=stream,
+        idempotency_key=idempotency_key, meta=None if metadata is None else dict(metadata), stream=stream,
     )
     try:
         with session_scope(rt.engine) as session:
