@@ -25,7 +25,7 @@ from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
 from jobs.jsonsafe import json_problems, text_problems
 from jobs.lifecycle import RUNPOD_RETRY_WINDOW, hash_token
 from jobs.models import JobEvent, JobRow, utcnow
-from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, RequestInvalid, build_run_body, encode_body
+from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
 from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime, get_runtime
 from jobs.settings import Settings
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
@@ -174,6 +174,7 @@ def submit(
     With `idempotency_key`, a second submit to the same endpoint returns the first job.
     """
     rt = runtime or get_runtime()
+    policy = whole_milliseconds(policy)
     problems = submission_problems(endpoint, input, policy=policy, webhook=webhook, idempotency_key=idempotency_key,
                                    correlation_id=correlation_id, metadata=metadata, stream=stream,
                                    settings=rt.settings)
@@ -238,7 +239,7 @@ def submission_problems(
     body: dict[str, Any] = {"input": input}
     try:
         # The webhook's problems are all in `options` already: build_run_body only adds it to the body.
-        body = build_run_body(input, webhook=None if options else webhook, policy=policy)
+        body = build_run_body(input, webhook=None if options else webhook, policy=whole_milliseconds(policy))
     except RequestInvalid as exc:
         options += [_unnamed_policy_field(p) for p in exc.problems]
     problems += options
@@ -267,6 +268,19 @@ def input_problems(input: object) -> list[Problem]:
     if input is None:
         return [Problem("input", "required", "is required: RunPod refuses a job without input (send {} for none)")]
     return json_problems(input, "input")
+
+
+def whole_milliseconds(policy: Any) -> Any:
+    """`policy` with 60000.0 as 60000: JSON has one kind of number, and JSON Schema's integer includes
+    60000.0, which some clients send for 60000. 60000.5 stays, for RunPod's rule to refuse."""
+    if not isinstance(policy, Mapping):
+        return policy
+    return {key: whole_number(value) if key in POLICY_BOUNDS_MS else value for key, value in policy.items()}
+
+
+def whole_number(value: object) -> object:
+    """An integral float as an int; anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def webhook_problems(webhook: object) -> list[Problem]:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jobs
-from jobs.api import InvalidJob, InvalidTransition, JobNotFound
+from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH, InvalidJob, InvalidTransition, JobNotFound
 from jobs.errors import ConfigError, Problem, RpqError, RunPodError, RunPodTransient
 from jobs.models import utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES
@@ -37,6 +37,7 @@ from jobs.web.auth import Tokens
 from jobs.web.events import JobId
 from jobs.web.events import router as streams_and_webhooks
 from jobs.web.schemas import (
+    CORRELATION_ID_PATTERN,
     EndpointHealth,
     ErrorBody,
     Healthz,
@@ -46,6 +47,8 @@ from jobs.web.schemas import (
     JobRequest,
     SubmitHeaders,
     check,
+    endpoint_schema,
+    header_schema,
     is_usable_correlation_id,
     problems_of,
     query_values,
@@ -249,6 +252,13 @@ class _Api(FastAPI):
                 definition = _json_schema(model)
                 components.update(definition.pop("$defs", {}))
                 components[model.__name__] = definition
+            # Which strings are endpoints depends on this server's settings, not on the models alone.
+            endpoint = endpoint_schema(self.state.runtime.settings)
+            components["JobRequest"]["properties"]["endpoint"].update(endpoint)
+            components["JobFilter"]["properties"]["endpoint"]["items"] = endpoint
+            for parameter in schema["paths"]["/v1/jobs"]["get"]["parameters"]:
+                if parameter["name"] == "endpoint":
+                    parameter["schema"]["items"] = endpoint
         return schema
 
 
@@ -321,10 +331,13 @@ async def submit_job(
     request: Request,
     response: Response,
     runtime: RuntimeDep,
+    # Checked with the body by SubmitHeaders, so that one answer has every problem; documented here.
     idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", description="At most 255 characters; a retried request gets the same job.")] = None,
+        alias="Idempotency-Key", description=f"1 to {MAX_KEY_LENGTH} characters; a retried request gets the same job.",
+        json_schema_extra=header_schema(minLength=1, maxLength=MAX_KEY_LENGTH))] = None,
     correlation_header: Annotated[str | None, Header(
-        alias=CORRELATION_HEADER, description="Stored on the job when the body has no correlation_id.")] = None,
+        alias=CORRELATION_HEADER, description="Stored on the job when the body has no correlation_id.",
+        json_schema_extra=header_schema(maxLength=MAX_CORRELATION_ID_LENGTH, pattern=CORRELATION_ID_PATTERN))] = None,
 ) -> dict[str, Any]:
     job_request, headers = await _read_submission(request, runtime, idempotency_key, correlation_header)
     correlation_id = job_request.correlation_id or request.state.correlation_id

@@ -17,6 +17,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Annotated, Any
 
 import anyio
@@ -30,6 +31,7 @@ from jobs.errors import Problem
 from jobs.jsonsafe import text_problems
 from jobs.runtime import Runtime
 from jobs.streams import FINAL_KINDS
+from jobs.web.schemas import ErrorBody, header_schema
 
 #: How often an open stream looks for new events in the table.
 POLL_SECONDS = 0.5
@@ -70,13 +72,16 @@ def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
         description="Events `started`, `progress`, `output`, then exactly one of `end` or `error`; the "
         "stream then closes. Reconnect with `Last-Event-ID` to resume without gaps or repeats.",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}},
+        responses={200: {"content": {"text/event-stream": {}}},
+                   **{code: {"model": ErrorBody, "description": HTTPStatus(code).phrase} for code in (401, 404, 422)}},
     )
     async def job_events(
         job_id: JobId,
         request: Request,
         runtime: RuntimeDep,
-        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+        last_event_id: Annotated[str | None, Header(
+            alias="Last-Event-ID", description="Resume after this event (an id this stream sent).",
+            json_schema_extra=header_schema(pattern="^" + _EVENT_ID.pattern + "$"))] = None,
     ) -> StreamingResponse:
         after = 0
         if last_event_id is not None:

@@ -42,13 +42,15 @@ from jobs.api import (
 from jobs.errors import ConfigError, Problem
 from jobs.jsonsafe import MAX_DEPTH
 from jobs.runpod import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
-from jobs.settings import Settings
+from jobs.settings import ENDPOINT_ID_RE, Settings
 from jobs.states import JobStatus
 
 Model = TypeVar("Model", bound=BaseModel)
 
 # Correlation ids travel in a response header, so they are kept to visible ASCII.
 CORRELATION_ID_PATTERN = r"^[!-~]+$"
+# Documents the ages parse_since accepts within MAX_SINCE_AGE (as many digits as every value fits in).
+SINCE_AGE_PATTERN = r"^([0-9]{1,9}s|[0-9]{1,7}m|[0-9]{1,5}h|[0-9]{1,4}d)$"
 # Documents jobs.api.webhook_problems for clients (and Schemathesis): an http(s) URL without NUL.
 WEBHOOK_PATTERN = r"^https?://[^\u0000]*$"
 
@@ -91,6 +93,16 @@ def _known_endpoint(value: str, info: ValidationInfo) -> str:
 
 
 EndpointName = Annotated[str, AfterValidator(_known_endpoint)]
+# ENDPOINT_ID_RE as JSON Schema writes it (ECMA regex has no \Z; its $ ends the text).
+_ENDPOINT_ID_PATTERN = ENDPOINT_ID_RE.pattern.removesuffix(r"\Z") + "$"
+
+
+def endpoint_schema(settings: Settings) -> dict[str, Any]:
+    """What `_known_endpoint` accepts with these settings, for the published schema: a configured name
+    or a RunPod endpoint id, so a client (or Schemathesis) knows which strings are endpoints."""
+    bare_id = {"type": "string", "pattern": _ENDPOINT_ID_PATTERN}
+    names = sorted(settings.endpoints)
+    return {"anyOf": [{"type": "string", "enum": names}, bare_id]} if names else bare_id
 
 
 class Policy(BaseModel):
@@ -98,11 +110,11 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    executionTimeout: int | None = Field(  # RunPod's own field names
+    executionTimeout: Annotated[int | None, BeforeValidator(jobs_api.whole_number)] = Field(  # RunPod's names
         None, ge=POLICY_BOUNDS_MS["executionTimeout"][0], le=POLICY_BOUNDS_MS["executionTimeout"][1],
         description="Milliseconds a worker may run the job before RunPod stops it.",
     )
-    ttl: int | None = Field(
+    ttl: Annotated[int | None, BeforeValidator(jobs_api.whole_number)] = Field(
         None, ge=POLICY_BOUNDS_MS["ttl"][0], le=POLICY_BOUNDS_MS["ttl"][1],
         description="Milliseconds RunPod keeps the job, queued or running, before deleting it.",
     )
@@ -137,6 +149,17 @@ class JobRequest(BaseModel):
 
     def policy_dict(self) -> dict[str, Any] | None:
         return self.policy.model_dump(exclude_none=True) if self.policy else None
+
+
+def header_schema(**rules: Any) -> Callable[[dict[str, Any]], None]:
+    """A `json_schema_extra` for an optional header: a string with `rules`. A header is absent or text,
+    never null, so the `null` pydantic documents for `str | None` is left out."""
+
+    def document(schema: dict[str, Any]) -> None:
+        schema.pop("anyOf", None)
+        schema.update(type="string", **rules)
+
+    return document
 
 
 def is_usable_correlation_id(value: str) -> bool:
@@ -179,7 +202,8 @@ class JobFilter(BaseModel):
         datetime | timedelta | None,
         BeforeValidator(parse_since),
         domain_rule(jobs_api.since_problems),
-        WithJsonSchema({"type": "string", "examples": ["1h", "2025-01-31T12:00:00Z"]}),
+        WithJsonSchema({"type": "string", "anyOf": [{"pattern": SINCE_AGE_PATTERN}, {"format": "date-time"}],
+                        "examples": ["1h", "2025-01-31T12:00:00Z"]}),
     ] = Field(None, description="Only jobs created since: an age (30s, 30m, 1h, 2d; at most "
               f"{jobs_api.MAX_SINCE_AGE.days} days) or an ISO 8601 time.")
     limit: int = Field(100, ge=1, le=MAX_LIST_LIMIT, description="At most this many jobs, newest first.")

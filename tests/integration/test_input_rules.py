@@ -158,3 +158,12 @@ def test_an_input_that_is_a_bare_number_is_read_back_as_that_number(runtime: Run
 
     stored = jobs.get(job.id, runtime=runtime).input
     assert (type(stored), repr(stored)) == (type(value), repr(value))  # SQLite kept 0.0 as 0 and 10**20 as 1e+20
+
+
+def test_a_whole_number_of_milliseconds_written_as_a_float_is_that_number(runtime: Runtime) -> None:
+    # JSON Schema's integer includes 60000.0, and so does the published schema: clients send it.
+    job = jobs.submit("tts", {}, policy={"ttl": 60_000.0, "executionTimeout": 5_000.0}, runtime=runtime)
+
+    assert jobs.get(job.id, runtime=runtime).policy == {"ttl": 60_000, "executionTimeout": 5_000}
+    assert refused(lambda: jobs.submit("tts", {}, policy={"ttl": 60_000.5}, runtime=runtime)) == {
+        ("policy.ttl", "type")}
