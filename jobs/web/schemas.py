@@ -75,7 +75,6 @@ def domain_rule(rule: Callable[[Any], list[Problem]]) -> AfterValidator:
     return AfterValidator(check_value)
 
 
-
 def _known_endpoint(value: str, info: ValidationInfo) -> str:
     """The endpoint must resolve with the server's settings, which validation gets as its context."""
     settings = info.context.get("settings") if isinstance(info.context, Mapping) else None
