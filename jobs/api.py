@@ -7,7 +7,6 @@ it later: a job is never lost between the web request and the worker.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -23,10 +22,12 @@ from sqlmodel import select
 from jobs import streams
 from jobs.db import session_scope
 from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
+from jobs.jsonsafe import json_problems, text_problems
 from jobs.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
 from jobs.models import JobEvent, JobRow, utcnow
-from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, RequestInvalid, build_run_body, encode_body
+from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
 from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime, get_runtime
+from jobs.settings import Settings
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
 from jobs.store import (
     Fence,
@@ -48,6 +49,14 @@ MAX_KEY_LENGTH = 255
 _UNKNOWN_ENDPOINT = Problem("endpoint", "known",
                             "unknown endpoint: not in RUNPOD_ENDPOINTS and not a RunPod endpoint id")
 MAX_CORRELATION_ID_LENGTH = 128
+#: Far longer than any real webhook URL; a text column holds it, and RunPod is sent it with every job.
+MAX_WEBHOOK_LENGTH = 2048
+#: `list_jobs` pages: a page is read whole into memory, and an offset is a count of rows skipped,
+#: which every database (PostgreSQL's bigint, SQLite's 64-bit integer) can hold.
+MAX_LIST_LIMIT = 10_000
+MAX_LIST_OFFSET = 1_000_000_000
+#: How far back `since` may reach as an age: far beyond any job's life (and RunPod's retention).
+MAX_SINCE_AGE = timedelta(days=36_500)
 
 
 class InvalidJob(RpqError):
@@ -173,31 +182,14 @@ def submit(
     With `idempotency_key`, a second submit to the same endpoint returns the first job.
     """
     rt = runtime or get_runtime()
-    problems: list[Problem] = []
-    endpoint_name = endpoint_id = ""
-    try:
-        resolved = rt.settings.resolve_endpoint(endpoint)
-        endpoint_name, endpoint_id = resolved.name, resolved.id
-    except ConfigError:
-        problems.append(_UNKNOWN_ENDPOINT)
-    body: dict[str, Any] = {"input": input}
-    try:
-        body = build_run_body(input, webhook=webhook, policy=policy)
-    except RequestInvalid as exc:
-        problems += exc.problems
-    try:  # the input is checked even when the options were wrong: every problem at once
-        encode_body(body, limit=MAX_RUN_PAYLOAD_BYTES, operation="submit")
-    except RequestInvalid as exc:
-        problems += exc.problems
-    except PayloadTooLarge as exc:
-        problems.append(Problem("input", "size", f"too large: {exc}"))
-    for name, value, limit in (("idempotency_key", idempotency_key, MAX_KEY_LENGTH),
-                               ("correlation_id", correlation_id, MAX_CORRELATION_ID_LENGTH)):
-        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > limit):
-            problems.append(Problem(name, "format", f"must be a non-empty string of at most {limit} characters"))
-    problems += _metadata_problems(metadata)
+    policy = whole_milliseconds(policy)
+    problems = submission_problems(endpoint, input, policy=policy, webhook=webhook, idempotency_key=idempotency_key,
+                                   correlation_id=correlation_id, metadata=metadata, stream=stream,
+                                   settings=rt.settings)
     if problems:
         raise InvalidJob(problems)
+    resolved = rt.settings.resolve_endpoint(endpoint)
+    endpoint_name, endpoint_id = resolved.name, resolved.id
 
     if idempotency_key is not None:
         with session_scope(rt.engine, read_only=True) as session:
@@ -208,7 +200,7 @@ def submit(
     row = JobRow(
         id=str(uuid.uuid4()), endpoint_name=endpoint_name, endpoint_id=endpoint_id, status=JobStatus.PENDING,
         input=input, policy=dict(policy) if policy else None, webhook=webhook, correlation_id=correlation_id,
-        idempotency_key=idempotency_key, meta=dict(metadata) if metadata else None, stream=bool(stream),
+        idempotency_key=idempotency_key, meta=None if metadata is None else dict(metadata), stream=stream,
     )
     try:
         with session_scope(rt.engine) as session:
@@ -228,16 +220,116 @@ def submit(
     return Job.from_row(row)
 
 
-def _metadata_problems(metadata: object) -> list[Problem]:
+def submission_problems(
+    endpoint: object,
+    input: object,
+    *,
+    policy: object = None,
+    webhook: object = None,
+    idempotency_key: object = None,
+    correlation_id: object = None,
+    metadata: object = None,
+    stream: object = False,
+    settings: Settings,
+) -> list[Problem]:
+    """Every problem with `submit`'s arguments, each once, writing nothing: what `submit` checks first.
+
+    The arguments are `object`: callers without a type checker pass anything, and get a Problem for it."""
+    problems: list[Problem] = []
+    if not isinstance(endpoint, str):
+        problems.append(Problem("endpoint", "type", "must be a string: an endpoint name or a RunPod endpoint id"))
+    else:
+        try:
+            settings.resolve_endpoint(endpoint)
+        except ConfigError:
+            problems.append(_UNKNOWN_ENDPOINT)
+    options = webhook_problems(webhook)
+    body: dict[str, Any] = {"input": input}
+    try:
+        # The webhook's problems are all in `options` already: build_run_body only adds it to the body.
+        body = build_run_body(input, webhook=None if options else webhook, policy=whole_milliseconds(policy))
+    except RequestInvalid as exc:
+        options += [_unnamed_policy_field(p) for p in exc.problems]
+    problems += options
+    input_wrong = input_problems(input)
+    problems += input_wrong
+    if not input_wrong:  # only storable JSON is encoded: encoding the rest could crash or quote it
+        try:  # the input's size is checked even when the options were wrong: every problem at once
+            encode_body({"input": input} if options else body, limit=MAX_RUN_PAYLOAD_BYTES, operation="submit")
+        except RequestInvalid as exc:
+            problems += exc.problems
+        except PayloadTooLarge as exc:
+            problems.append(Problem("input", "size", f"too large: {exc}"))
+    problems += key_problems("idempotency_key", idempotency_key, MAX_KEY_LENGTH)
+    problems += key_problems("correlation_id", correlation_id, MAX_CORRELATION_ID_LENGTH)
+    problems += metadata_problems(metadata)
+    if not isinstance(stream, bool):
+        problems.append(Problem("stream", "type", "must be true or false"))
+    return list(dict.fromkeys(problems))  # two unknown policy fields are one problem
+
+
+# -- the rules for each argument of submit: the HTTP API's models call these same functions -------------
+
+
+def input_problems(input: object) -> list[Problem]:
+    """The input must be present (RunPod refuses a /run without one) and storable JSON."""
+    if input is None:
+        return [Problem("input", "required", "is required: RunPod refuses a job without input (send {} for none)")]
+    return json_problems(input, "input")
+
+
+def whole_milliseconds(policy: Any) -> Any:
+    """`policy` with 60000.0 as 60000: JSON has one kind of number, and JSON Schema's integer includes
+    60000.0, which some clients send for 60000. 60000.5 stays, for RunPod's rule to refuse."""
+    if not isinstance(policy, Mapping):
+        return policy
+    return {key: whole_number(value) if key in POLICY_BOUNDS_MS else value for key, value in policy.items()}
+
+
+def whole_number(value: object) -> object:
+    """An integral float as an int; anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def webhook_problems(webhook: object) -> list[Problem]:
+    """An http(s) URL (RunPod's rule, which `build_run_body` keeps) that a text column can keep."""
+    if webhook is None:
+        return []
+    if not isinstance(webhook, str):
+        return [Problem("webhook", "type", "must be a string: an http:// or https:// URL")]
+    try:
+        build_run_body({}, webhook=webhook)
+    except RequestInvalid as exc:
+        return exc.problems
+    if len(webhook) > MAX_WEBHOOK_LENGTH:
+        return [Problem("webhook", "format", f"must be at most {MAX_WEBHOOK_LENGTH} characters")]
+    return text_problems(webhook, "webhook")
+
+
+def key_problems(name: str, value: object, limit: int) -> list[Problem]:
+    """An idempotency key or a correlation id: text a column can keep and an answer can carry."""
+    if value is None:
+        return []
+    if not isinstance(value, str):
+        return [Problem(name, "type", "must be a string")]
+    if not value.strip() or len(value) > limit:
+        return [Problem(name, "format", f"must be a non-empty string of at most {limit} characters")]
+    return text_problems(value, name)
+
+
+def metadata_problems(metadata: object) -> list[Problem]:
     if metadata is None:
         return []
     if not isinstance(metadata, Mapping):
         return [Problem("metadata", "type", "must be an object")]
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return [Problem("metadata", "type", f"not JSON-serialisable ({exc})")]
-    return []
+    return json_problems(metadata, "metadata")
+
+
+def _unnamed_policy_field(problem: Problem) -> Problem:
+    """An unknown policy field is reported on `policy`: its name is what was sent, and is never quoted."""
+    if problem.constraint == "unknown" and problem.field.startswith("policy."):
+        return Problem("policy", problem.constraint, problem.message)
+    return problem
 
 
 def get(job_id: str, *, runtime: Runtime | None = None) -> Job:
@@ -258,22 +350,52 @@ def events(job_id: str, *, runtime: Runtime | None = None) -> list[Event]:
         return [Event.from_row(e) for e in _events_of(session, job_id)]
 
 
-_AGE = re.compile(r"^(\d+)([smhd])$")
-_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_AGE = re.compile(r"^([0-9]{1,12})([smhd])$")
+_AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SINCE_RANGE = f"an age must be at most {MAX_SINCE_AGE.days} days"
+
+
+class SinceOutOfRange(ValueError):
+    """`since` is well formed but reaches back too far (or to a time UTC cannot tell)."""
 
 
 def parse_since(text: str) -> datetime | timedelta:
     """`list_jobs`'s `since` from text: an age (`30m`, `1h`, `2d`) or an ISO 8601 time (UTC if no zone).
 
-    Raises ValueError with a message for people."""
+    Raises ValueError with a message for people (SinceOutOfRange for an age past MAX_SINCE_AGE)."""
     match = _AGE.match(text.strip())
     if match:
-        return timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+        seconds = int(match.group(1)) * _AGE_SECONDS[match.group(2)]
+        if seconds > MAX_SINCE_AGE.total_seconds():  # before building it: timedelta overflows past 10**9 days
+            raise SinceOutOfRange(_SINCE_RANGE)
+        return timedelta(seconds=seconds)
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
         raise ValueError("use an age like 30m, 1h, 2d or an ISO 8601 time") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def since_problems(since: object) -> list[Problem]:
+    """`since` is an age from 0 to MAX_SINCE_AGE, or a time that can be told in UTC."""
+    if since is None:
+        return []
+    if isinstance(since, timedelta):
+        if not timedelta(0) <= since <= MAX_SINCE_AGE:
+            return [Problem("since", "range", _SINCE_RANGE + ", and not negative")]
+        return []
+    if isinstance(since, datetime):
+        try:
+            _as_utc(since)
+        except OverflowError:  # 0001-01-01 at UTC+1 is in year 0, which Python and the databases lack
+            return [Problem("since", "range", "must be a time between the years 1 and 9999 in UTC")]
+        return []
+    return [Problem("since", "type", "must be a datetime or a timedelta (an age)")]
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # A time without a zone is UTC, as parse_since reads it.
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def list_jobs(
@@ -291,30 +413,46 @@ def list_jobs(
     statuses: list[JobStatus] | None = None
     if status is not None:
         statuses = []
-        for value in [status] if isinstance(status, str) else list(status):
+        for value in _each(status, "status", (str, JobStatus), problems):
             try:
-                statuses.append(JobStatus(str(value).upper()))
+                statuses.append(JobStatus(value.upper()))
             except ValueError:
                 problems.append(Problem("status", "known", f"unknown status (known: {', '.join(JobStatus)})"))
     endpoint_ids: list[str] | None = None
     if endpoint is not None:
         endpoint_ids = []
-        for name in [endpoint] if isinstance(endpoint, str) else list(endpoint):
+        for name in _each(endpoint, "endpoint", (str,), problems):
             try:
                 endpoint_ids.append(rt.settings.resolve_endpoint(name).id)
             except ConfigError:
                 problems.append(_UNKNOWN_ENDPOINT)
-    if not 1 <= limit <= 10_000:
-        problems.append(Problem("limit", "range", "must be between 1 and 10000"))
-    if offset < 0:
-        problems.append(Problem("offset", "range", "must be 0 or more"))
+    problems += since_problems(since)
+    problems += _count_problems("limit", limit, 1, MAX_LIST_LIMIT)
+    problems += _count_problems("offset", offset, 0, MAX_LIST_OFFSET)
     if problems:
-        raise InvalidJob(problems)
-    after = utcnow() - since if isinstance(since, timedelta) else since
+        raise InvalidJob(list(dict.fromkeys(problems)))
+    after = utcnow() - since if isinstance(since, timedelta) else _as_utc(since) if since else None
     with session_scope(rt.engine, read_only=True) as session:
         rows = list_rows(session, statuses=statuses, endpoint_ids=endpoint_ids, since=after, limit=limit,
                          offset=offset)
         return [Job.from_row(r) for r in rows]
+
+
+def _count_problems(field: str, value: object, low: int, high: int) -> list[Problem]:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return [Problem(field, "type", "must be a whole number")]
+    if not low <= value <= high:
+        return [Problem(field, "range", f"must be between {low} and {high}")]
+    return []
+
+
+def _each(value: object, name: str, kinds: tuple[type, ...], problems: list[Problem]) -> list[str]:
+    """A filter given as one value or as several: its values, or a type problem."""
+    values = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else None
+    if values is None or not all(isinstance(v, kinds) for v in values):
+        problems.append(Problem(name, "type", "must be a string or a list of strings"))
+        return []
+    return [str(v) for v in values]
 
 
 def cancel(job_id: str, *, source: str = Source.API, runtime: Runtime | None = None) -> Job:

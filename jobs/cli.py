@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import types
 import typing
@@ -17,15 +16,45 @@ from typing import Any
 import click
 
 from jobs import api
-from jobs.api import Job
-from jobs.errors import ConfigError
-from jobs.settings import Settings
+from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET, Job
+from jobs.errors import ConfigError, Problem
+from jobs.jsonsafe import text_problems
+from jobs.runtime import get_runtime
+from jobs.settings import Settings, redact_url
 from jobs.simulator import SimulatorConfig
 from jobs.states import RETRYABLE, TERMINAL, JobStatus
 from jobs.store import Source
 
 
-@click.group()
+class _Refused(click.ClickException):
+    """Ends a command with `rpq: <message>` on stderr and exit status 2: the input was refused."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"rpq: {self.format_message()}", err=True)
+
+
+class _NotFound(_Refused):
+    """Exit status 1: the input was fine, but no such job."""
+
+    exit_code = 1
+
+
+class _Rpq(click.Group):
+    """Bad input and configuration exit 2 listing every problem; an unknown job exits 1. Done here rather
+    than around `main()`, so that every way of running a command (click's test runner too) behaves alike."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, api.InvalidJob) as exc:
+            raise _Refused(str(exc)) from None
+        except api.JobNotFound as exc:
+            raise _NotFound(str(exc)) from None
+
+
+@click.group(cls=_Rpq)
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 def main(verbose: bool) -> None:
     """rpq: a Celery job queue in front of RunPod serverless GPUs."""
@@ -120,25 +149,68 @@ def demo(job_count: int, seed: int | None, database_url: str | None) -> None:
 # -- jobs ------------------------------------------------------------------------------------------------
 
 
+def _json_value(field: str, raw: str | None, problems: list[Problem]) -> Any:
+    """`raw` read as JSON, or None and a problem that does not quote it."""
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        problems.append(Problem(field, "json", f"not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})"))
+    except (ValueError, RecursionError):  # a number of thousands of digits, nesting too deep to read
+        problems.append(Problem(field, "json", "not valid JSON"))
+    return None
+
+
 def _json_option(name: str) -> Callable[[str | None], Any]:
     def parse(raw: str | None) -> Any:
-        if raw is None:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from exc
+        problems: list[Problem] = []
+        value = _json_value(name, raw, problems)
+        if problems:
+            raise click.BadParameter(problems[0].message, param_hint=name)
+        return value
 
     return parse
 
 
-def _parse_since(raw: str | None) -> datetime | timedelta | None:
+def _since_value(raw: str | None, problems: list[Problem]) -> datetime | timedelta | None:
     if raw is None:
         return None
     try:
         return api.parse_since(raw)
+    except api.SinceOutOfRange as exc:
+        problems.append(Problem("since", "range", str(exc)))
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from exc
+        problems.append(Problem("since", "format", str(exc)))
+    return None
+
+
+def _parse_since(raw: str | None) -> datetime | timedelta | None:
+    problems: list[Problem] = []
+    since = _since_value(raw, problems)
+    if problems:
+        raise click.BadParameter(problems[0].message, param_hint="--since")
+    return since
+
+
+def _whole_number(field: str, raw: str, problems: list[Problem]) -> int | None:
+    try:
+        return int(raw)
+    except ValueError:  # not a number, or thousands of digits
+        problems.append(Problem(field, "type", "must be a whole number"))
+        return None
+
+
+class _JobId(click.ParamType[str]):
+    """A job id: text a database can look up. (Bytes that are not UTF-8 reach Python as lone surrogates.)"""
+
+    name = "job_id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if text_problems(text, "job id"):
+            self.fail("not a job id: it holds NUL or bytes that are not UTF-8 text", param, ctx)
+        return text
 
 
 def _print_jobs(found: list[Job], as_json: bool) -> None:
@@ -175,11 +247,19 @@ def submit(endpoint: str, input_json: str, policy_json: str | None, webhook: str
            idempotency_key: str | None, correlation_id: str | None, metadata_json: str | None,
            stream: bool, as_json: bool) -> None:
     """Submit a job to ENDPOINT (a name from RUNPOD_ENDPOINTS or a RunPod endpoint id)."""
-    job = api.submit(
-        endpoint, _json_option("--input")(input_json), policy=_json_option("--policy")(policy_json),
-        webhook=webhook, idempotency_key=idempotency_key, correlation_id=correlation_id,
-        metadata=_json_option("--metadata")(metadata_json), stream=stream,
-    )
+    unread: list[Problem] = []
+    values = {field: _json_value(field, raw, unread)
+              for field, raw in (("input", input_json), ("policy", policy_json), ("metadata", metadata_json))}
+    if unread:  # the arguments that could be read are checked too: every problem at once
+        fields = {p.field for p in unread}
+        checked = api.submission_problems(
+            endpoint, {} if "input" in fields else values["input"], policy=values["policy"], webhook=webhook,
+            idempotency_key=idempotency_key, correlation_id=correlation_id, metadata=values["metadata"],
+            stream=stream, settings=get_runtime().settings)
+        raise api.InvalidJob(unread + [p for p in checked if p.field.partition(".")[0] not in fields])
+    job = api.submit(endpoint, values["input"], policy=values["policy"], webhook=webhook,
+                     idempotency_key=idempotency_key, correlation_id=correlation_id, metadata=values["metadata"],
+                     stream=stream)
     if as_json:
         click.echo(json.dumps(job.to_dict(), indent=2, default=str))
     else:
@@ -195,19 +275,29 @@ def jobs_group() -> None:
 @click.option("--status", multiple=True, help="Only jobs in this status (repeatable).")
 @click.option("--endpoint", multiple=True, help="Only jobs of this endpoint (repeatable).")
 @click.option("--since", help="Only jobs created since: an age (30m, 1h, 2d) or an ISO 8601 time.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
+# --limit and --offset are read here rather than by click, so that a bad one is listed with every other problem.
+@click.option("--limit", default="50", show_default=True, help=f"At most this many jobs (1 to {MAX_LIST_LIMIT}).")
+@click.option("--offset", default="0", show_default=True, help=f"Skip this many first (0 to {MAX_LIST_OFFSET}).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_command(status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None, limit: int, offset: int,
+def list_command(status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None, limit: str, offset: str,
                  as_json: bool) -> None:
     """List jobs, newest first."""
-    found = api.list_jobs(status=list(status) or None, endpoint=list(endpoint) or None, since=_parse_since(since),
-                          limit=limit, offset=offset)
+    unread: list[Problem] = []
+    since_value = _since_value(since, unread)
+    limit_value, offset_value = _whole_number("limit", limit, unread), _whole_number("offset", offset, unread)
+    try:  # with what could not be read left out, so that list_jobs reports every other problem
+        found = api.list_jobs(status=list(status) or None, endpoint=list(endpoint) or None, since=since_value,
+                              limit=1 if limit_value is None else limit_value,
+                              offset=0 if offset_value is None else offset_value)
+    except api.InvalidJob as exc:
+        raise api.InvalidJob(unread + exc.problems) from None
+    if unread:
+        raise api.InvalidJob(unread)
     _print_jobs(found, as_json)
 
 
 @jobs_group.command()
-@click.argument("job_id")
+@click.argument("job_id", type=_JobId())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(job_id: str, as_json: bool) -> None:
     """Show one job and its history."""
@@ -254,11 +344,11 @@ def _each(job_ids: tuple[str, ...], action: Callable[[str], Job], verb: str, as_
 
 def _bulk_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
-        click.argument("job_ids", nargs=-1),
+        click.argument("job_ids", nargs=-1, type=_JobId()),
         click.option("--status", multiple=True, help="Select jobs in this status (repeatable)."),
         click.option("--endpoint", multiple=True, help="Select jobs of this endpoint (repeatable)."),
         click.option("--since", help="Select jobs created since an age (30m, 1h, 2d) or an ISO 8601 time."),
-        click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000),
+        click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, MAX_LIST_LIMIT),
                      help="At most this many selected jobs."),
         click.option("--dry-run", is_flag=True, help="List what would be touched; change nothing."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON."),
@@ -464,25 +554,14 @@ def upgrade(as_json: bool) -> None:
     url = Settings.from_env().database_url
     upgrade_schema(url)
     if as_json:
-        click.echo(json.dumps({"database": _redact(url), "up_to_date": True}))
+        click.echo(json.dumps({"database": redact_url(url), "up_to_date": True}))
     else:
-        click.echo(f"database at {_redact(url)} is up to date")
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
+        click.echo(f"database at {redact_url(url)} is up to date")
 
 
 def run() -> None:
-    """Entry point: bad input and configuration become a clean message and exit code 2."""
-    try:
-        main(standalone_mode=True)
-    except (ConfigError, api.InvalidJob) as exc:
-        click.echo(f"rpq: {exc}", err=True)
-        sys.exit(2)
-    except api.JobNotFound as exc:
-        click.echo(f"rpq: {exc}", err=True)
-        sys.exit(1)
+    """Entry point: bad input and configuration become a clean message and exit code 2 (see `_Rpq`)."""
+    main(standalone_mode=True)
 
 
 if __name__ == "__main__":

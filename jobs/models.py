@@ -6,6 +6,7 @@ are storage; callers get the frozen `Job` view from `jobs.api`.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +39,43 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+#: A JSON document that is a bare number: SQLite would keep it as a number, not as the text sent.
+_BARE_NUMBER = re.compile(r"-?[0-9][0-9.eE+-]*")
+
+
+class JsonDocument(TypeDecorator[Any]):
+    """JSON that reads back exactly as written, on SQLite too.
+
+    SQLite gives a column declared JSON numeric affinity, so a document that is a bare number was
+    stored as an SQL number and read back changed: 0.0 and -0.0 as 0, 100000000000000000000 as 1e+20.
+    There such a document is bound as a BLOB, which no affinity converts. PostgreSQL keeps JSON text.
+    """
+
+    impl = JSON
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        serialize = super().bind_processor(dialect)
+        if dialect.name != "sqlite" or serialize is None:
+            return serialize
+
+        def process(value: Any) -> Any:
+            text = serialize(value)
+            return text.encode() if isinstance(text, str) and _BARE_NUMBER.fullmatch(text) else text
+
+        return process
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        load = super().result_processor(dialect, coltype)
+        if dialect.name != "sqlite" or load is None:
+            return load
+
+        def process(value: Any) -> Any:
+            return load(value.decode() if isinstance(value, bytes) else value)
+
+        return process
 
 
 class StatusString(TypeDecorator[JobStatus]):
@@ -78,14 +116,14 @@ class JobRow(SQLModel, table=True):
     previous_status: JobStatus | None = Field(default=None, sa_type=StatusString)
     runpod_job_id: str | None = Field(default=None, max_length=128, index=True)
 
-    input: Any = Field(sa_column=Column(JSON, nullable=False))
-    policy: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    input: Any = Field(sa_column=Column(JsonDocument, nullable=False))
+    policy: dict[str, Any] | None = Field(default=None, sa_column=Column(JsonDocument))
     webhook: str | None = Field(default=None, sa_column=Column(Text))
-    output: Any = Field(default=None, sa_column=Column(JSON))
+    output: Any = Field(default=None, sa_column=Column(JsonDocument))
     error: str | None = Field(default=None, sa_column=Column(Text))
-    progress: Any = Field(default=None, sa_column=Column(JSON))
+    progress: Any = Field(default=None, sa_column=Column(JsonDocument))
     # "metadata" is reserved on SQLAlchemy models, so the attribute is `meta`.
-    meta: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON))
+    meta: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JsonDocument))
 
     attempt: int = 1
     poll_count: int = 0
@@ -214,5 +252,5 @@ class StreamEvent(SQLModel, table=True):
     seq: int  # 1, 2, 3 ... per job across attempts; the SSE event id, so a client resumes with Last-Event-ID
     attempt: int  # a retry starts a new stream: started ... end|error again
     kind: str = Field(max_length=16)  # started, progress, output, end, error
-    data: Any = Field(default=None, sa_column=Column(JSON))
+    data: Any = Field(default=None, sa_column=Column(JsonDocument))
     at: datetime = _time(required=True)

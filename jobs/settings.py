@@ -10,17 +10,17 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit, urlunsplit
 
 from jobs.errors import ConfigError
 
 # RunPod endpoint ids are lowercase letters and digits ("fh46rj7dq9r3o5"); public endpoints add
-# hyphens ("black-forest-labs-flux-1-schnell").
-ENDPOINT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{4,62}[a-z0-9]$")
+# hyphens ("black-forest-labs-flux-1-schnell"). \Z, not $: $ also matches before a final newline.
+ENDPOINT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{4,62}[a-z0-9]\Z")
 MAX_POLL_GAP_SECONDS = 300.0
 SUBMIT_STUCK_MARGIN_SECONDS = 30.0  # past a /run's worst case, for a busy worker to write its answer
-ENDPOINT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+ENDPOINT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
 
 
 class Secret:
@@ -51,6 +51,21 @@ class Secret:
     def __reduce__(self) -> tuple[object, ...]:
         # Pickling a secret would put it in a Celery message or a cache; refuse loudly.
         raise TypeError("a Secret cannot be pickled")
+
+
+_PASSWORD_PARAMETER = re.compile(r"(?i)(^|&)(password=)[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password masked, wherever a URL can carry one: in the user info
+    (`postgresql://rpq:secret@db`, `redis://:secret@redis`) or as libpq's `?password=`."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")  # the last @: a password may hold one too
+    netloc = f"{userinfo.partition(':')[0]}:***@{host}" if at and ":" in userinfo else parts.netloc
+    query = _PASSWORD_PARAMETER.sub(r"\1\2***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # unchanged, rather than as urlunsplit would spell it
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,15 @@ class Settings:
         if self.submit_stuck_seconds is not None:
             return float(self.submit_stuck_seconds)
         return self.submit_bound_seconds + SUBMIT_STUCK_MARGIN_SECONDS
+
+    def __repr__(self) -> str:
+        # Settings get logged and land in tracebacks; the API key is a Secret, and the URLs may hold passwords.
+        shown = {spec.name: getattr(self, spec.name) for spec in fields(self)}
+        for name in ("database_url", "celery_broker_url", "runpod_serverless_url", "runpod_graphql_url",
+                     "runpod_rest_url", "runpod_webhook_base_url"):
+            if shown[name] is not None:
+                shown[name] = redact_url(shown[name])
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

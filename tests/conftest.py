@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 if TYPE_CHECKING:
     from jobs.runtime import Runtime
@@ -32,6 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 REDIS_URL = os.environ.get("RPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+# Property tests: no per-example deadline (the examples touch real databases on a shared machine); in CI
+# the same examples every run, so a red build is reproducible and never a matter of luck.
+hypothesis_settings.register_profile("dev", deadline=None)
+hypothesis_settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
+hypothesis_settings.load_profile("ci" if IN_CI else "dev")
 POSTGRES_ADMIN_URL = os.environ.get("RPQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

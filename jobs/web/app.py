@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -26,15 +27,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jobs
-from jobs.api import InvalidJob, InvalidTransition, JobNotFound
+from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH, InvalidJob, InvalidTransition, JobNotFound
 from jobs.errors import ConfigError, Problem, RpqError, RunPodError, RunPodTransient
 from jobs.models import utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES
 from jobs.runtime import Runtime, get_runtime
 from jobs.states import JobStatus
 from jobs.web.auth import Tokens
+from jobs.web.events import JobId
 from jobs.web.events import router as streams_and_webhooks
 from jobs.web.schemas import (
+    CORRELATION_ID_PATTERN,
     EndpointHealth,
     ErrorBody,
     Healthz,
@@ -44,6 +47,8 @@ from jobs.web.schemas import (
     JobRequest,
     SubmitHeaders,
     check,
+    endpoint_schema,
+    header_schema,
     is_usable_correlation_id,
     problems_of,
     query_values,
@@ -73,6 +78,8 @@ def create_app(
     starts open by accident.
     """
     accepted = Tokens.configure(tokens, allow_no_auth=allow_no_auth)
+    # Here rather than in serve(): each of uvicorn's worker processes builds its own app with this.
+    redact_webhook_tokens(logging.getLogger("uvicorn.access"))
     if accepted.open:
         log.warning("the HTTP API is serving WITHOUT authentication (RPQ_API_ALLOW_NO_AUTH=true)")
     app = _Api(
@@ -111,9 +118,32 @@ def serve(host: str, port: int, *, workers: int = 1) -> None:
     create_app()  # fail here, once, on a bad configuration (no tokens, say) rather than in each worker
     shown_host = f"[{host}]" if ":" in host else host
     log.info("rpq HTTP API serving http://%s:%d/v1 (schema at /openapi.json, docs at /docs)", shown_host, port)
-    # The access log has the method, path and status only: no header, so no token.
+    # The access log has the method, path and status only: no header, so no bearer token; a webhook's
+    # path holds its token, which create_app's filter masks.
     uvicorn.run("jobs.web.app:create_app", factory=True, workers=workers, host=host, port=port, log_config=None,
                 server_header=False, timeout_graceful_shutdown=5)
+
+
+_WEBHOOK_TOKEN = re.compile(r"(/webhooks/runpod/)[^/?#\s]+")
+
+
+class RedactWebhookTokens(logging.Filter):
+    """Masks the token in webhook paths: it is the only credential a webhook call needs, and an access
+    log is read by more people than the database."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_WEBHOOK_TOKEN.sub(r"\1***", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        if isinstance(record.msg, str):
+            record.msg = _WEBHOOK_TOKEN.sub(r"\1***", record.msg)
+        return True
+
+
+def redact_webhook_tokens(logger: logging.Logger) -> None:
+    """Install `RedactWebhookTokens` on `logger`, once."""
+    if not any(isinstance(f, RedactWebhookTokens) for f in logger.filters):
+        logger.addFilter(RedactWebhookTokens())
 
 
 # -- errors: the one translation -----------------------------------------------------------------
@@ -222,6 +252,13 @@ class _Api(FastAPI):
                 definition = _json_schema(model)
                 components.update(definition.pop("$defs", {}))
                 components[model.__name__] = definition
+            # Which strings are endpoints depends on this server's settings, not on the models alone.
+            endpoint = endpoint_schema(self.state.runtime.settings)
+            components["JobRequest"]["properties"]["endpoint"].update(endpoint)
+            components["JobFilter"]["properties"]["endpoint"]["items"] = endpoint
+            for parameter in schema["paths"]["/v1/jobs"]["get"]["parameters"]:
+                if parameter["name"] == "endpoint":
+                    parameter["schema"]["items"] = endpoint
         return schema
 
 
@@ -294,10 +331,13 @@ async def submit_job(
     request: Request,
     response: Response,
     runtime: RuntimeDep,
+    # Checked with the body by SubmitHeaders, so that one answer has every problem; documented here.
     idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", description="At most 255 characters; a retried request gets the same job.")] = None,
+        alias="Idempotency-Key", description=f"1 to {MAX_KEY_LENGTH} characters; a retried request gets the same job.",
+        json_schema_extra=header_schema(minLength=1, maxLength=MAX_KEY_LENGTH))] = None,
     correlation_header: Annotated[str | None, Header(
-        alias=CORRELATION_HEADER, description="Stored on the job when the body has no correlation_id.")] = None,
+        alias=CORRELATION_HEADER, description="Stored on the job when the body has no correlation_id.",
+        json_schema_extra=header_schema(maxLength=MAX_CORRELATION_ID_LENGTH, pattern=CORRELATION_ID_PATTERN))] = None,
 ) -> dict[str, Any]:
     job_request, headers = await _read_submission(request, runtime, idempotency_key, correlation_header)
     correlation_id = job_request.correlation_id or request.state.correlation_id
@@ -319,7 +359,8 @@ async def submit_job(
 @v1.get("/jobs", response_model=JobList, summary="List jobs, newest first",
         openapi_extra=_query_parameters(JobFilter))
 def list_jobs(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
-    filters, problems = check(JobFilter, query_values(JobFilter, request.query_params), settings=runtime.settings)
+    filters, problems = check(JobFilter, query_values(JobFilter, request.query_params), settings=runtime.settings,
+                              root="query")
     if filters is None:
         raise InvalidJob(problems)
     found = jobs.list_jobs(status=filters.status or None, endpoint=filters.endpoint or None, since=filters.since,
@@ -329,13 +370,13 @@ def list_jobs(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
 
 
 @v1.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job", responses=_errors(404))
-def get_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+def get_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     return jobs.get(job_id, runtime=runtime).to_dict()
 
 
 @v1.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a job that has not finished",
          responses=_errors(404, 409))
-def cancel_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+def cancel_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     job = jobs.cancel(job_id, runtime=runtime)
     if job.status is not JobStatus.CANCELLED:
         # jobs.cancel leaves a finished job as it is; say so instead of answering as if it were cancelled.
@@ -346,7 +387,7 @@ def cancel_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
 @v1.post("/jobs/{job_id}/retry", status_code=202, response_model=JobOut,
          summary="Start a new attempt of a job that failed, timed out, expired or was cancelled",
          responses=_errors(404, 409))
-def retry_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+def retry_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     return jobs.retry(job_id, runtime=runtime).to_dict()
 
 

@@ -14,8 +14,10 @@ reads the body and never sets state; it wakes the job's poll.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Annotated, Any
 
 import anyio
@@ -24,10 +26,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import jobs
+from jobs.api import JobNotFound
 from jobs.errors import Problem, RunPodTransient
+from jobs.jsonsafe import text_problems
 from jobs.runpod import MAX_JOB_ID_LENGTH, MAX_RUNSYNC_PAYLOAD_BYTES
 from jobs.runtime import Runtime
 from jobs.streams import FINAL_KINDS
+from jobs.web.schemas import ErrorBody, header_schema
 
 #: How often an open stream looks for new events in the table.
 POLL_SECONDS = 0.5
@@ -35,6 +40,8 @@ POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 15.0
 #: RunPod's webhook carries the job's input and output; a result is at most about 20 MB.
 MAX_WEBHOOK_BODY_BYTES = MAX_RUNSYNC_PAYLOAD_BYTES + 1_000_000
+#: An event id this stream could have sent: decimal digits, fewer than a 64-bit integer holds.
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
 def _runtime(request: Request) -> Runtime:
@@ -43,6 +50,18 @@ def _runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+
+def _job_id(job_id: str) -> str:
+    """A job id from the path. No job has an id that is not text a database keeps (a %00 in the path,
+    say): that is a 404 here, never a query the database refuses."""
+    if text_problems(job_id, "id"):
+        raise JobNotFound(job_id)
+    return job_id
+
+
+#: The `{job_id}` of every route that has one.
+JobId = Annotated[str, Depends(_job_id)]
 
 
 def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
@@ -56,17 +75,20 @@ def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
         description="Events `started`, `progress`, `output`, then exactly one of `end` or `error`; the "
         "stream then closes. Reconnect with `Last-Event-ID` to resume without gaps or repeats.",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}},
+        responses={200: {"content": {"text/event-stream": {}}},
+                   **{code: {"model": ErrorBody, "description": HTTPStatus(code).phrase} for code in (401, 404, 422)}},
     )
     async def job_events(
-        job_id: str,
+        job_id: JobId,
         request: Request,
         runtime: RuntimeDep,
-        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+        last_event_id: Annotated[str | None, Header(
+            alias="Last-Event-ID", description="Resume after this event (an id this stream sent).",
+            json_schema_extra=header_schema(pattern="^" + _EVENT_ID.pattern + "$"))] = None,
     ) -> StreamingResponse:
         after = 0
         if last_event_id is not None:
-            if not last_event_id.strip().isdigit():
+            if not _EVENT_ID.fullmatch(last_event_id.strip()):
                 raise api_error(422, [Problem("Last-Event-ID", "format", "must be an event id this stream sent")])
             after = int(last_event_id)
         job, first = await run_in_threadpool(jobs.stream_events, job_id, after=after, runtime=runtime)

@@ -5,16 +5,18 @@ what lets one answer carry every problem at once, the static ones (types, ranges
 fields) and the one that needs the configuration (is the endpoint known?), which the models
 check through the validation context. The schema FastAPI publishes comes from the same models.
 
-The bounds are the domain's own constants, so these models can refuse earlier than `jobs.submit`
-but never differently; `jobs.submit` still checks everything (and alone knows the 10 MB limit).
+The bounds are the domain's own constants and the rules for values (what can be stored and
+served, what RunPod requires) are the domain's own functions, called through `domain_rule`, so
+these models can refuse earlier than `jobs.submit` but never differently; `jobs.submit` still
+checks everything (and alone knows the 10 MB limit).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Annotated, Any, TypeVar, get_origin
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -25,25 +27,52 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
-    field_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from jobs import api as jobs_api
-from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH
+from jobs.api import (
+    MAX_CORRELATION_ID_LENGTH,
+    MAX_KEY_LENGTH,
+    MAX_LIST_LIMIT,
+    MAX_LIST_OFFSET,
+    MAX_WEBHOOK_LENGTH,
+    SinceOutOfRange,
+)
 from jobs.errors import ConfigError, Problem
+from jobs.jsonsafe import MAX_DEPTH
 from jobs.runpod import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
-from jobs.settings import Settings
+from jobs.settings import ENDPOINT_ID_RE, Settings
 from jobs.states import JobStatus
 
 Model = TypeVar("Model", bound=BaseModel)
 
-MAX_WEBHOOK_LENGTH = 2048
 # Correlation ids travel in a response header, so they are kept to visible ASCII.
 CORRELATION_ID_PATTERN = r"^[!-~]+$"
+# Documents the ages parse_since accepts within MAX_SINCE_AGE (as many digits as every value fits in).
+SINCE_AGE_PATTERN = r"^([0-9]{1,9}s|[0-9]{1,7}m|[0-9]{1,5}h|[0-9]{1,4}d)$"
+# Documents jobs.api.webhook_problems for clients (and Schemathesis): an http(s) URL without NUL.
+WEBHOOK_PATTERN = r"^https?://[^\u0000]*$"
 
 
 # -- requests ------------------------------------------------------------------------------------
+
+#: The pydantic error type that carries the domain's own Problems (see `domain_rule`).
+DOMAIN_ERROR = "rpq_domain"
+
+
+def domain_rule(rule: Callable[[Any], list[Problem]]) -> AfterValidator:
+    """Check a field with the domain's rule (a `jobs.api` function), so an answer names the same
+    problems `jobs.submit` would: all of them, each with the domain's field, constraint and message."""
+
+    def check_value(value: Any) -> Any:
+        problems = rule(value)
+        if problems:
+            raise PydanticCustomError(DOMAIN_ERROR, "{summary}", {
+                "summary": "; ".join(p.message for p in problems), "problems": tuple(problems)})
+        return value
+
+    return AfterValidator(check_value)
 
 
 def _known_endpoint(value: str, info: ValidationInfo) -> str:
@@ -63,6 +92,16 @@ def _known_endpoint(value: str, info: ValidationInfo) -> str:
 
 
 EndpointName = Annotated[str, AfterValidator(_known_endpoint)]
+# ENDPOINT_ID_RE as JSON Schema writes it (ECMA regex has no \Z; its $ ends the text).
+_ENDPOINT_ID_PATTERN = ENDPOINT_ID_RE.pattern.removesuffix(r"\Z") + "$"
+
+
+def endpoint_schema(settings: Settings) -> dict[str, Any]:
+    """What `_known_endpoint` accepts with these settings, for the published schema: a configured name
+    or a RunPod endpoint id, so a client (or Schemathesis) knows which strings are endpoints."""
+    bare_id = {"type": "string", "pattern": _ENDPOINT_ID_PATTERN}
+    names = sorted(settings.endpoints)
+    return {"anyOf": [{"type": "string", "enum": names}, bare_id]} if names else bare_id
 
 
 class Policy(BaseModel):
@@ -70,11 +109,11 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    executionTimeout: int | None = Field(  # RunPod's own field names
+    executionTimeout: Annotated[int | None, BeforeValidator(jobs_api.whole_number)] = Field(  # RunPod's names
         None, ge=POLICY_BOUNDS_MS["executionTimeout"][0], le=POLICY_BOUNDS_MS["executionTimeout"][1],
         description="Milliseconds a worker may run the job before RunPod stops it.",
     )
-    ttl: int | None = Field(
+    ttl: Annotated[int | None, BeforeValidator(jobs_api.whole_number)] = Field(
         None, ge=POLICY_BOUNDS_MS["ttl"][0], le=POLICY_BOUNDS_MS["ttl"][1],
         description="Milliseconds RunPod keeps the job, queued or running, before deleting it.",
     )
@@ -90,28 +129,36 @@ class JobRequest(BaseModel):
 
     endpoint: EndpointName = Field(description="A name from RUNPOD_ENDPOINTS, or a RunPod endpoint id.",
                                    examples=["tts"])
-    input: Any = Field(description="The handler's input: any JSON. With policy and webhook, at most 10 MB.",
-                       examples=[{"text": "hello"}])
+    input: Annotated[Any, domain_rule(jobs_api.input_problems)] = Field(
+        description="The handler's input: any JSON but null (RunPod requires an input; send {} for none), "
+        f"nested at most {MAX_DEPTH} levels. With policy and webhook, at most 10 MB.",
+        examples=[{"text": "hello"}], json_schema_extra={"not": {"type": "null"}})
     policy: Policy | None = None
-    webhook: str | None = Field(None, max_length=MAX_WEBHOOK_LENGTH,
-                                description="An http(s) URL RunPod calls when the job finishes.")
+    webhook: Annotated[str | None, domain_rule(jobs_api.webhook_problems)] = Field(
+        None, description="An http(s) URL RunPod calls when the job finishes.",
+        json_schema_extra={"maxLength": MAX_WEBHOOK_LENGTH, "pattern": WEBHOOK_PATTERN})
     correlation_id: str | None = Field(
         None, max_length=MAX_CORRELATION_ID_LENGTH, pattern=CORRELATION_ID_PATTERN,
         description="Your request or trace id, stored on the job. Default: the X-Correlation-ID header.",
     )
-    metadata: dict[str, Any] | None = Field(None, description="Any JSON object, stored with the job for you.")
+    metadata: Annotated[dict[str, Any] | None, domain_rule(jobs_api.metadata_problems)] = Field(
+        None, description=f"Any JSON object, nested at most {MAX_DEPTH} levels, stored with the job for you.")
     stream: bool = Field(False, description="For generator handlers: collect their chunks as they come, "
                          "for the job's event stream.")
 
-    @field_validator("webhook")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise PydanticCustomError("format", "must be an http:// or https:// URL")
-        return value
-
     def policy_dict(self) -> dict[str, Any] | None:
         return self.policy.model_dump(exclude_none=True) if self.policy else None
+
+
+def header_schema(**rules: Any) -> Callable[[dict[str, Any]], None]:
+    """A `json_schema_extra` for an optional header: a string with `rules`. A header is absent or text,
+    never null, so the `null` pydantic documents for `str | None` is left out."""
+
+    def document(schema: dict[str, Any]) -> None:
+        schema.pop("anyOf", None)
+        schema.update(type="string", **rules)
+
+    return document
 
 
 def is_usable_correlation_id(value: str) -> bool:
@@ -136,6 +183,8 @@ def parse_since(value: object) -> object:
         return value
     try:
         return jobs_api.parse_since(value)
+    except SinceOutOfRange as exc:
+        raise PydanticCustomError("range", str(exc)) from None
     except ValueError as exc:
         raise PydanticCustomError("format", str(exc)) from None
 
@@ -151,10 +200,13 @@ class JobFilter(BaseModel):
     since: Annotated[
         datetime | timedelta | None,
         BeforeValidator(parse_since),
-        WithJsonSchema({"type": "string", "examples": ["1h", "2025-01-31T12:00:00Z"]}),
-    ] = Field(None, description="Only jobs created since: an age (30s, 30m, 1h, 2d) or an ISO 8601 time.")
-    limit: int = Field(100, ge=1, le=10_000, description="At most this many jobs, newest first.")
-    offset: int = Field(0, ge=0, description="Skip this many jobs first.")
+        domain_rule(jobs_api.since_problems),
+        WithJsonSchema({"type": "string", "anyOf": [{"pattern": SINCE_AGE_PATTERN}, {"format": "date-time"}],
+                        "examples": ["1h", "2025-01-31T12:00:00Z"]}),
+    ] = Field(None, description="Only jobs created since: an age (30s, 30m, 1h, 2d; at most "
+              f"{jobs_api.MAX_SINCE_AGE.days} days) or an ISO 8601 time.")
+    limit: int = Field(100, ge=1, le=MAX_LIST_LIMIT, description="At most this many jobs, newest first.")
+    offset: int = Field(0, ge=0, le=MAX_LIST_OFFSET, description="Skip this many jobs first.")
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -223,12 +275,13 @@ class Healthz(BaseModel):
 # -- validation ----------------------------------------------------------------------------------
 
 
-def check(model: type[Model], data: object, *, settings: Settings | None = None) -> tuple[Model | None, list[Problem]]:
-    """`data` as a `model`, or every problem with it."""
+def check(model: type[Model], data: object, *, settings: Settings | None = None,
+          root: str = "body") -> tuple[Model | None, list[Problem]]:
+    """`data` as a `model`, or every problem with it. `root` names the whole of `data` (the body, the query)."""
     try:
         return model.model_validate(data, context={"settings": settings}), []
     except ValidationError as exc:
-        return None, problems_of(exc.errors(include_input=False, include_url=False))
+        return None, problems_of(exc.errors(include_input=False, include_url=False), model=model, root=root)
 
 
 def query_values(model: type[BaseModel], params: Any) -> dict[str, object]:
@@ -250,29 +303,52 @@ _CONSTRAINTS = {
     "string_pattern_mismatch": "format",
     "enum": "known",
     "literal_error": "known",
+    "int_parsing_size": "range",  # a number of thousands of digits
 }
+# The constraints our own PydanticCustomErrors are named after; any other pydantic error is one of type.
+_OWN_CONSTRAINTS = {"known", "format", "range"}
 
 
-def problems_of(errors: list[ErrorDetails]) -> list[Problem]:
-    """pydantic's errors as Problems. Only `msg` is kept: pydantic's messages name the rule, never the
-    value (which pydantic keeps apart, in `input`, and which is never sent back)."""
-    problems = []
+def problems_of(errors: list[ErrorDetails], *, model: type[BaseModel] | None = None,
+                root: str = "body") -> list[Problem]:
+    """pydantic's errors as Problems, each once. Only `msg` is kept: pydantic's messages name the rule,
+    never the value (which pydantic keeps apart, in `input`, and which is never sent back).
+
+    An unknown field is reported on the object that holds it, with the fields it knows: its own name
+    is what was sent, and answers never quote what was sent."""
+    problems: list[Problem] = []
     for error in errors:
-        kind = error["type"]
-        if kind in _CONSTRAINTS:
-            constraint = _CONSTRAINTS[kind]
-        elif kind.endswith(("_type", "_parsing")):
-            constraint = "type"
-        else:
-            constraint = kind  # our own PydanticCustomErrors are named after their constraint
-        message = {"missing": "required", "extra_forbidden": "unknown field"}.get(kind, error["msg"])
-        problems.append(Problem(field_name(error["loc"]), constraint, message))
-    return problems
+        kind, loc = error["type"], error["loc"]
+        if kind == DOMAIN_ERROR:
+            problems += error.get("ctx", {}).get("problems", ())
+            continue
+        if kind == "extra_forbidden":
+            known = _known_fields(model, loc[:-1])
+            message = f"unknown field (known: {', '.join(known)})" if known else "unknown field"
+            problems.append(Problem(field_name(loc[:-1], root), "unknown", message))
+            continue
+        constraint = _CONSTRAINTS.get(kind, kind if kind in _OWN_CONSTRAINTS else "type")
+        message = "required" if kind == "missing" else error["msg"]
+        problems.append(Problem(field_name(loc, root), constraint, message))
+    return list(dict.fromkeys(problems))
 
 
-def field_name(loc: tuple[int | str, ...]) -> str:
-    """`("policy", "ttl")` → `policy.ttl`, `("status", 1)` → `status[1]`, `()` → `body`."""
+def _known_fields(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str]:
+    """The field names (as sent: aliases) of the model found at `loc` inside `model`."""
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        annotation = model.model_fields[part].annotation
+        model = next((kind for kind in (annotation, *get_args(annotation))
+                      if isinstance(kind, type) and issubclass(kind, BaseModel)), None)
+    if model is None:
+        return []
+    return [spec.alias or name for name, spec in model.model_fields.items()]
+
+
+def field_name(loc: tuple[int | str, ...], root: str = "body") -> str:
+    """`("policy", "ttl")` → `policy.ttl`, `("status", 1)` → `status[1]`, `()` → `body` (the root)."""
     name = ""
     for part in loc:
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else part)
-    return name or "body"
+    return name or root

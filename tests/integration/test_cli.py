@@ -26,7 +26,7 @@ def rpq(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def]
         "RUNPOD_ENDPOINTS": f"{ENDPOINT_NAME}={ENDPOINT_ID}",
     }
 
-    def run(*args: str) -> tuple[int, str, str]:
+    def run(*args: str | bytes) -> tuple[int, str, str]:
         done = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=60)
         return done.returncode, done.stdout, done.stderr
@@ -60,8 +60,31 @@ def test_bad_submit_lists_every_problem_exits_2_and_writes_nothing(rpq) -> None:
     _, listed, _ = rpq("jobs", "list", "--json")
 
     assert code == 2
-    assert "unknown endpoint" in err and "policy.ttl" in err and "policy.speed" in err
+    assert "unknown endpoint" in err and "policy.ttl" in err and "policy: unknown field" in err
+    assert "speed" not in err  # the unknown field is reported, never its name
     assert json.loads(listed) == []
+
+
+def test_every_problem_of_a_submit_is_listed_even_with_input_too_deep_to_read(rpq) -> None:  # type: ignore[no-untyped-def]
+    too_deep = "[" * 5000 + "]" * 5000
+    # Bytes that are not UTF-8 reach Python as lone surrogates, which no database column can keep.
+    code, out, err = rpq("submit", "tts", "--input", too_deep, "--policy", '{"ttl": 1}', "--metadata", "[1]",
+                         "--correlation-id", b"req-\xff")
+    _, listed, _ = rpq("jobs", "list", "--json")
+
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert [line.split(":")[0] for line in err.splitlines()[1:]] == [
+        "  - input", "  - policy.ttl", "  - correlation_id", "  - metadata"]
+    assert json.loads(listed) == []
+
+
+def test_every_problem_of_a_listing_is_listed_and_none_crashes_it(rpq) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = rpq("jobs", "list", "--since", "999999999999d", "--limit", "0", "--offset", "1" + "0" * 30,
+                         "--status", "DONE")
+
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert sorted(line.split(":")[0].strip() for line in err.splitlines()[1:]) == [
+        "- limit", "- offset", "- since", "- status"]
 
 
 def test_input_that_is_not_json_is_a_usage_error(rpq) -> None:  # type: ignore[no-untyped-def]
@@ -82,7 +105,7 @@ def test_jobs_list_filters_and_prints_a_table(rpq) -> None:  # type: ignore[no-u
     assert table.splitlines()[0].split()[:3] == ["ID", "STATUS", "ENDPOINT"]
     assert first["id"] in table and second["id"] in table and "CANCELLED" in table
     assert [job["id"] for job in json.loads(pending)] == [first["id"]]
-    assert code == 2 and "--since" in err
+    assert code == 2 and "since: use an age" in err
 
 
 def test_show_prints_the_job_and_its_history(rpq) -> None:  # type: ignore[no-untyped-def]

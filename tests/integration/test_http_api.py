@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,9 +26,12 @@ import uvicorn
 from sqlalchemy import update
 
 import jobs
+from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET
 from jobs.backoff import RetryPolicy
-from jobs.db import make_engine, session_scope
+from jobs.db import make_engine, session_scope, upgrade
 from jobs.errors import ConfigError
+from jobs.jsonsafe import MAX_DEPTH
+from jobs.lifecycle import hash_token
 from jobs.models import JobRow, utcnow
 from jobs.runpod import RunPodClient
 from jobs.runtime import SUBMIT_TASK, Runtime
@@ -34,7 +40,7 @@ from jobs.states import JobStatus
 from jobs.store import Source, transition
 from jobs.web import create_app, new_token
 from jobs.web.app import MAX_BODY_BYTES
-from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess, free_port, wait_until
+from tests.conftest import ENDPOINT_ID, ROOT, Published, SimulatorProcess, free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +50,9 @@ BODY_LIMIT = 64 * 1024
 # Put in every bad request; it must never come back in an answer.
 CANARY = "canary" + secrets.token_hex(8)
 GOOD = {"endpoint": "tts", "input": {"text": CANARY}}
+NESTED_TOO_DEEP: object = CANARY
+for _ in range(MAX_DEPTH):
+    NESTED_TOO_DEEP = [NESTED_TOO_DEEP]
 UNAUTHORIZED = {"errors": [{"field": "authorization", "constraint": "auth",
                              "message": "missing or invalid bearer token"}]}
 
@@ -190,8 +199,22 @@ BAD_REQUESTS = {
         {**GOOD, "policy": {"ttl": 60_000.5, "executionTimeout": "60000", "lowPriority": CANARY}},
         {("policy.ttl", "type"), ("policy.executionTimeout", "type"), ("policy.lowPriority", "type")},
     ),
-    "unknown policy field": BadRequest({**GOOD, "policy": {"speed": CANARY}}, {("policy.speed", "unknown")}),
-    "unknown field": BadRequest({**GOOD, "idempotency_key": CANARY}, {("idempotency_key", "unknown")}),
+    "unknown policy field": BadRequest({**GOOD, "policy": {CANARY: CANARY}}, {("policy", "unknown")}),
+    "unknown field": BadRequest({**GOOD, CANARY: 1, "idempotency_key": CANARY}, {("body", "unknown")}),
+    "input null": BadRequest({**GOOD, "input": None}, {("input", "required")}),
+    "a lone surrogate in metadata": BadRequest({**GOOD, "metadata": {"name": "\udc80" + CANARY}},
+                                               {("metadata", "text")}),
+    "a lone surrogate as a metadata key": BadRequest({**GOOD, "metadata": {"\ud800" + CANARY: 1}},
+                                                     {("metadata", "text")}),
+    "a lone surrogate in the input": BadRequest({**GOOD, "input": ["\udfff", CANARY]}, {("input", "text")}),
+    "input nested too deep": BadRequest({**GOOD, "input": NESTED_TOO_DEEP}, {("input", "depth")}),
+    "metadata nested too deep and with a lone surrogate": BadRequest(
+        {**GOOD, "metadata": {"deep": NESTED_TOO_DEEP, "odd": "\udc80"}},
+        {("metadata", "depth"), ("metadata", "text")}),
+    "NUL in the webhook": BadRequest({**GOOD, "webhook": f"https://example.com/\u0000{CANARY}"},
+                                     {("webhook", "text")}),
+    "NUL in the correlation id": BadRequest({**GOOD, "correlation_id": f"req\u0000{CANARY}"},
+                                            {("correlation_id", "format")}),
     "webhook not http": BadRequest({**GOOD, "webhook": f"ftp://{CANARY}.example"}, {("webhook", "format")}),
     "metadata not an object": BadRequest({**GOOD, "metadata": [CANARY]}, {("metadata", "type")}),
     "correlation id too long": BadRequest({**GOOD, "correlation_id": CANARY * 20}, {("correlation_id", "format")}),
@@ -202,8 +225,8 @@ BAD_REQUESTS = {
     "everything wrong at once": BadRequest(
         {"endpoint": f"no such {CANARY}", "input": CANARY, "policy": {"ttl": 1, "speed": 2}, "webhook": CANARY,
          "metadata": CANARY, "extra": CANARY},
-        {("endpoint", "known"), ("policy.ttl", "range"), ("policy.speed", "unknown"), ("webhook", "format"),
-         ("metadata", "type"), ("extra", "unknown"), ("Idempotency-Key", "format")},
+        {("endpoint", "known"), ("policy.ttl", "range"), ("policy", "unknown"), ("webhook", "format"),
+         ("metadata", "type"), ("body", "unknown"), ("Idempotency-Key", "format")},
         headers={"Idempotency-Key": "k" * 256},
     ),
     "body not an object": BadRequest([GOOD], {("body", "type")}),
@@ -381,8 +404,69 @@ def test_bad_list_filters_are_answered_with_every_problem_at_once(api: httpx.Cli
 
     assert response.status_code == 422
     assert problems(response) == {("status[1]", "known"), ("endpoint[0]", "known"), ("since", "format"),
-                                  ("limit", "type"), ("offset", "range"), ("colour", "unknown")}
+                                  ("limit", "type"), ("offset", "range"), ("query", "unknown")}
     assert CANARY not in response.text
+
+
+@pytest.mark.parametrize("params, problem", [
+    ({"since": "999999999999d"}, ("since", "range")),
+    ({"since": "0001-01-01T00:00:00+01:00"}, ("since", "range")),
+    ({"offset": 10**30}, ("offset", "range")),
+    ({"offset": MAX_LIST_OFFSET + 1}, ("offset", "range")),
+    ({"limit": MAX_LIST_LIMIT + 1}, ("limit", "range")),
+    ({"limit": "9" * 5000}, ("limit", "range")),
+], ids=["an age past timedelta's range", "a time in year 0 in UTC", "an offset past bigint",
+        "an offset past its bound", "a limit past its bound", "a limit of 5000 digits"])
+def test_list_filters_past_their_bounds_are_a_422_not_a_crash(
+    api: httpx.Client, params: dict[str, Any], problem: tuple[str, str]
+) -> None:
+    response = api.get("/v1/jobs", params=params)
+
+    assert response.status_code == 422 and problems(response) == {problem}
+
+
+def test_an_unknown_field_is_answered_with_the_known_ones_never_its_name(api: httpx.Client) -> None:
+    body = api.post("/v1/jobs", json={**GOOD, CANARY: 1, "policy": {CANARY: 1}}).json()
+    listed = api.get("/v1/jobs", params={CANARY: 1}).json()
+
+    assert sorted(body["errors"], key=str) == [
+        {"field": "body", "constraint": "unknown",
+         "message": "unknown field (known: endpoint, input, policy, webhook, correlation_id, metadata, stream)"},
+        {"field": "policy", "constraint": "unknown",
+         "message": "unknown field (known: executionTimeout, ttl, lowPriority)"},
+    ]
+    assert listed["errors"] == [{"field": "query", "constraint": "unknown",
+                                 "message": "unknown field (known: status, endpoint, since, limit, offset)"}]
+
+
+def test_a_refused_surrogate_leaves_reading_and_listing_working(api: httpx.Client, runtime: Runtime) -> None:
+    kept = api.post("/v1/jobs", json=GOOD).json()["id"]
+
+    refused = api.post("/v1/jobs", content=b'{"endpoint": "tts", "input": {}, "metadata": {"name": "\\udc80"}}',
+                       headers={"Content-Type": "application/json"})
+
+    assert refused.status_code == 422 and problems(refused) == {("metadata", "text")}
+    assert api.get(f"/v1/jobs/{kept}").status_code == 200
+    assert [job["id"] for job in api.get("/v1/jobs").json()["jobs"]] == [kept]
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/a%00b", "/v1/jobs/a%00b/cancel", "/v1/jobs/a%00b/retry",
+                                  "/v1/jobs/a%00b/events"])
+def test_a_job_id_no_database_could_hold_is_a_404(api: httpx.Client, path: str) -> None:
+    response = api.request("GET" if path.count("/") == 3 or path.endswith("events") else "POST", path)
+
+    assert response.status_code == 404 and problems(response) == {("id", "known")}
+
+
+@pytest.mark.parametrize("last_event_id", ["²".encode("latin-1"), b"9" * 19, b"9" * 5000, b"-1"],
+                         ids=["a superscript digit", "past 64 bits", "5000 digits", "negative"])
+def test_a_last_event_id_the_stream_never_sent_is_a_422(api: httpx.Client, runtime: Runtime,
+                                                         last_event_id: bytes) -> None:
+    job = jobs.submit("tts", {}, runtime=runtime)
+
+    response = api.get(f"/v1/jobs/{job.id}/events", headers={"Last-Event-ID": last_event_id})
+
+    assert response.status_code == 422 and problems(response) == {("Last-Event-ID", "format")}
 
 
 # -- cancel and retry ----------------------------------------------------------------------------
@@ -499,6 +583,37 @@ def test_no_token_and_no_authorization_header_reaches_the_log(
     assert "POST /v1/jobs" in logged  # the access log was captured, so the check means something
     assert not [secret for secret in (TOKEN, PLAIN_TOKEN, wrong, "Bearer") if secret in logged]
     assert "authorization" not in logged.lower()
+
+
+def test_rpq_api_logs_webhook_calls_without_their_token(tmp_path: Path, redis_url: str) -> None:
+    database_url = f"sqlite:///{tmp_path / 'rpq.db'}"
+    upgrade(database_url)
+    runtime = Runtime(settings=Settings(database_url=database_url), engine=make_engine(database_url),
+                      publish=Published(), make_client=lambda: RunPodClient(api_key="unused"))
+    job = jobs.submit(ENDPOINT_ID, {}, runtime=runtime)
+    known, unknown = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    with session_scope(runtime.engine) as session:
+        session.execute(update(JobRow).where(JobRow.id == job.id)  # type: ignore[arg-type]
+                        .values(webhook_token_hash=hash_token(known)))
+    runtime.close()
+    port, log_path = free_port(), tmp_path / "api.log"
+    env = {**os.environ, "DATABASE_URL": database_url, "RPQ_API_TOKENS": TOKEN_ENTRY, "CELERY_BROKER_URL": redis_url}
+    with open(log_path, "wb") as log:
+        api = subprocess.Popen([sys.executable, "-m", "jobs.cli", "api", "--port", str(port)], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, timeout=60,
+                   what="rpq api to answer /healthz")
+        answers = [httpx.post(f"{base}/v1/webhooks/runpod/{token}?correlation_id=req-7", timeout=10).status_code
+                   for token in (known, unknown)]
+    finally:
+        stop_process(api)
+
+    logged = log_path.read_text()
+    assert answers == [200, 404]
+    assert logged.count('"POST /v1/webhooks/runpod/***?correlation_id=req-7 HTTP/1.1"') == 2  # the access log is on
+    assert known not in logged and unknown not in logged
 
 
 def test_the_app_refuses_to_start_with_no_token_unless_no_auth_is_allowed_on_purpose(

@@ -8,10 +8,13 @@ from datetime import datetime
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import jobs
+from jobs.jsonsafe import MAX_DEPTH
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, Pipeline, wait_until
+from tests.integration.strategies import json_within
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +33,8 @@ def read_events(client: httpx.Client, job_id: str, *, last_event_id: int | None 
                 break
     events = []
     for block in raw.decode("utf-8").split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        # SSE ends lines with \n only; splitlines() would also split a U+2028 inside a JSON string.
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
         if fields:
             events.append({"id": int(fields["id"]) if "id" in fields else None, "event": fields["event"],
                            "data": json.loads(fields["data"])})
@@ -148,3 +152,21 @@ def test_a_submit_whose_answer_was_lost_resolves_itself_when_runpods_webhook_arr
     assert [j["id"] for j in web_pipeline.simulator.jobs(ENDPOINT_ID) if j["input"] == {"sleep": 1, "output": "kept"}
             ] == [done.runpod_job_id]  # adopted, never sent twice
     assert "adopted" in " ".join(e.detail or "" for e in jobs.events(job_id, runtime=web_pipeline.runtime))
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(output=json_within(MAX_DEPTH - 1).filter(lambda value: value is not None))
+def test_an_odd_output_arrives_through_runpod_the_table_and_sse_exactly_as_sent(
+    web_pipeline: Pipeline, output: object
+) -> None:
+    # The simulator's handler answers with the input's `output`: odd JSON goes to RunPod and comes back.
+    job_id = submit(web_pipeline, {"endpoint": "tts", "input": {"output": output}}).json()["id"]
+
+    with web_pipeline.api_client() as client:
+        events = read_events(client, job_id)
+        read = client.get(f"/v1/jobs/{job_id}").json()
+
+    assert [e["event"] for e in events] == ["started", "output", "end"]
+    assert json.dumps(events[1]["data"], sort_keys=True) == json.dumps(output, sort_keys=True)
+    assert read["status"] == "COMPLETED" and json.dumps(read["output"], sort_keys=True) == json.dumps(output,
+                                                                                                      sort_keys=True)

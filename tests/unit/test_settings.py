@@ -5,7 +5,7 @@ import pickle
 import pytest
 
 from jobs.errors import ConfigError
-from jobs.settings import Endpoint, Secret, Settings
+from jobs.settings import Endpoint, Secret, Settings, redact_url
 
 
 def test_defaults_are_runpods_production_urls_and_local_services() -> None:
@@ -122,3 +122,27 @@ def test_a_stuck_threshold_a_live_run_could_outlast_is_refused() -> None:
     with pytest.raises(ConfigError, match="RPQ_SUBMIT_STUCK_SECONDS: must be more than 165"):
         Settings.from_env({"RPQ_SUBMIT_STUCK_SECONDS": "120"})
     assert Settings.from_env({"RPQ_SUBMIT_STUCK_SECONDS": "600"}).submit_stuck_after_seconds == 600
+
+
+def test_passwords_in_the_database_and_broker_urls_never_show_in_repr_or_str() -> None:
+    settings = Settings.from_env({
+        "DATABASE_URL": "postgresql+psycopg://rpq:db-p%40ss@word@db:5432/rpq?sslmode=require",
+        "CELERY_BROKER_URL": "rediss://:broker-secret@redis:6380/0",
+        "RUNPOD_WEBHOOK_BASE_URL": "https://hook:hook-secret@rpq.example.com",
+    })
+
+    shown = repr(settings)
+    assert not [s for s in ("db-p%40ss", "word@db", "broker-secret", "hook-secret") if s in shown + str(settings)]
+    assert "database_url='postgresql+psycopg://rpq:***@db:5432/rpq?sslmode=require'" in shown
+    assert "celery_broker_url='rediss://:***@redis:6380/0'" in shown
+    assert settings.database_url.endswith("@word@db:5432/rpq?sslmode=require")  # only the repr is masked
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://rpq@db/rpq?password=secret&sslmode=require", "postgresql://rpq@db/rpq?password=***&sslmode=require"),
+    ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+    ("sqlite:///rpq.db", "sqlite:///rpq.db"),
+    ("redis://user:secret@[::1]:6379", "redis://user:***@[::1]:6379"),
+])
+def test_redact_url_masks_the_password_wherever_a_url_carries_one(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

@@ -1,0 +1,64 @@
+"""The HTTP API against its own `/openapi.json`, with Schemathesis: requests generated from the schema,
+valid ones and ones that break it, on every route, with a real token, on SQLite and PostgreSQL. No
+answer may be a 500, and every answer must be one the schema documents, in the shape it documents:
+the schema and the server are held to each other.
+
+The app runs in-process (ASGI): the real app on a real database, without a socket per example.
+(Schemathesis' own pytest loader needs a subtests API this pytest no longer has, so the operations
+are walked here, each with Hypothesis.)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.config import SchemathesisConfig
+from schemathesis.core.failures import FailureGroup
+
+from jobs.runtime import Runtime
+from jobs.web import create_app, new_token
+from tests.conftest import IN_CI
+
+pytestmark = pytest.mark.integration
+
+TOKEN, TOKEN_ENTRY = new_token()
+EXAMPLES = 40
+
+
+def test_every_route_answers_as_its_schema_says_and_never_with_a_500(runtime: Runtime) -> None:
+    # The token as the schema's own security scheme: Schemathesis then knows which requests carry auth, and
+    # checks too that the routes behind it refuse a request without it.
+    config = SchemathesisConfig.from_dict({"auth": {"openapi": {"HTTPBearer": {"bearer": TOKEN}}},
+                                           "checks": {"positive_data_acceptance": {"enabled": True}}})
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(runtime, tokens=[TOKEN_ENTRY]),
+                                            config=config)
+    failures: list[str] = []
+    answered: dict[str, set[int]] = defaultdict(set)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 9  # every route, so none goes untested
+
+    for operation in operations:
+        for mode in GenerationMode:
+
+            @settings(max_examples=EXAMPLES, deadline=None, derandomize=IN_CI, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def answers_as_documented(case: Any) -> None:
+                answered[case.operation.label].add(case.call_and_validate().status_code)
+
+            try:
+                answers_as_documented()
+            except Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE  # a route with nothing to get wrong (healthz, say)
+            except (Exception, FailureGroup) as exc:  # every route and mode is tried; all failures are reported
+                failures.append(f"{operation.label} ({mode}):\n{exc}")
+
+    assert not failures, "\n\n".join(failures)
+    # The token was sent: the routes behind it answered more than 401s.
+    assert {202, 422} <= answered["POST /v1/jobs"] and 200 in answered["GET /v1/jobs"], answered
