@@ -158,6 +158,20 @@ def test_a_job_runpod_completed_without_output_is_flagged_evented_and_counted(
     last = jobs.stream_events(job.id, runtime=runtime)[1][-1]
     assert (last.kind, last.data) == ("end", {"status": "COMPLETED", "output_missing": True})
     assert "gave no output" in show(runtime, job.id)
+    assert served(runtime, job.id)["output_missing"] is True
+
+
+def served(rt: Runtime, job_id: str) -> dict[str, Any]:
+    """`GET /v1/jobs/{id}` from the HTTP API, in-process on this test's runtime."""
+    from fastapi.testclient import TestClient
+
+    from jobs.web.app import create_app
+
+    with TestClient(create_app(rt, tokens="t0ken-for-this-test")) as client:
+        answer = client.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer t0ken-for-this-test"})
+    assert answer.status_code == 200
+    body: dict[str, Any] = answer.json()
+    return body
 
 
 def show(rt: Runtime, job_id: str) -> str:
