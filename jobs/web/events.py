@@ -8,7 +8,9 @@ as one UTF-8 chunk, so no character is ever split across writes.
 
 `POST /v1/webhooks/runpod/{token}` is what RunPod calls when a job ends. It needs no bearer token
 (RunPod cannot send one): the unguessable per-job token in the path is the credential. It never
-reads the body and never sets state; it wakes the job's poll.
+sets state from the body; it wakes the job's poll. The token was in one /run alone, so the call also
+proves that /run reached RunPod: for a job whose submit outcome is unknown, the RunPod id the body
+names is adopted once /status confirms it.
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
         "/webhooks/runpod/{token}",
         summary="RunPod's webhook: wakes the job's poll",
         description="The per-job token in the path is the credential. The body never sets state: the status "
-        "always comes from RunPod's /status. Its `id` is read only for a job whose submit outcome is unknown, "
-        "and adopted once /status confirms it. Unknown tokens get 404; 503 asks RunPod to send it again.",
+        "always comes from RunPod's /status. Its `id` matters only for a job whose submit outcome is unknown: "
+        "that RunPod job is adopted once /status confirms it. Unknown tokens get 404; 503 asks RunPod to send "
+        "it again.",
         responses={404: {"description": "No job has this token"},
                    503: {"description": "RunPod could not be asked to confirm the job; send again"}},
     )
