@@ -459,12 +459,12 @@ class Engine:
         while True:
             try:
                 self.reconcile()
-            except Exception:  # a bug must not stop time: log it and keep ticking
+                now = self.clock.now()
+                upcoming = self._next_deadline(now)
+                timeout = None if upcoming is None else max(upcoming - now, 0.001)
+            except Exception:  # a bug must not stop time (nothing would start by itself): log, keep ticking
                 log.exception("simulator tick failed")
-                await asyncio.sleep(0.1)
-            now = self.clock.now()
-            upcoming = self._next_deadline(now)
-            timeout = None if upcoming is None else max(upcoming - now, 0.001)
+                timeout = 0.1
             await self.changed.wait(timeout)
 
     async def advance(self, seconds: float) -> None:
