@@ -218,8 +218,8 @@ def pipeline_target(stack: ExitStack, kind: str, pool: str, concurrency: int, si
             return None
         last_look[0] = time.monotonic()
         with observer.connect() as conn:
-            counts: dict[str, int] = dict(conn.execute(text("SELECT status, count(*) FROM jobs GROUP BY status"))
-                                          .tuples().all())
+            result = conn.execute(text("SELECT status, count(*) FROM jobs GROUP BY status"))
+            counts: dict[str, int] = {row[0]: row[1] for row in result}
             if counts.get("COMPLETED", 0) < n:
                 if set(counts) - {"PENDING", "SUBMITTING", "IN_QUEUE", "IN_PROGRESS", "COMPLETED"}:
                     raise RuntimeError(f"pipeline jobs ended badly: {counts}")
