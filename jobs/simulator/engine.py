@@ -458,14 +458,22 @@ class Engine:
     async def _tick_forever(self) -> None:
         while True:
             try:
-                self.reconcile()
-                now = self.clock.now()
-                upcoming = self._next_deadline(now)
-                timeout = None if upcoming is None else max(upcoming - now, 0.001)
+                timeout = self.tick()
             except Exception:  # a bug must not stop time (nothing would start by itself): log, keep ticking
                 log.exception("simulator tick failed")
                 timeout = 0.1
             await self.changed.wait(timeout)
+
+    def tick(self) -> float | None:
+        """Bring the world up to now; return the real seconds until something next changes by itself
+        (None: nothing will until a request or the clock moves)."""
+        # One reading of the clock for both: with two, a worker whose cold start ends between them is
+        # neither promoted (not due at the first) nor waited for (past at the second), and the ticker
+        # sleeps until some far deadline with a job queued behind that worker.
+        now = self.clock.now()
+        self.reconcile(now)
+        upcoming = self._next_deadline(now)
+        return None if upcoming is None else max(upcoming - now, 0.001)
 
     async def advance(self, seconds: float) -> None:
         """Move the clock forward, stepping through every deadline on the way so events keep their order.
@@ -797,9 +805,10 @@ class Engine:
         future = [t for t in upcoming if t > now]
         return min(future) if future else None
 
-    def reconcile(self) -> None:
-        """Bring the world up to the clock's now: fire due deadlines, warm and stop workers, assign jobs."""
-        now = self.clock.now()
+    def reconcile(self, now: float | None = None) -> None:
+        """Bring the world up to `now` (default: the clock's): fire due deadlines, warm and stop workers,
+        assign jobs."""
+        now = self.clock.now() if now is None else now
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, job_id = heapq.heappop(self._deadlines)
             job = self.jobs.get(job_id)

@@ -35,6 +35,7 @@ def simulate(
     scenario: Callable[[Engine], Awaitable[None]],
     *,
     webhooks: list[dict[str, Any]] | None = None,
+    clock: Clock | None = None,
     **config: Any,
 ) -> None:
     """Run ``scenario`` against a started engine (cold start 1 s unless overridden) on a fresh loop, with
@@ -44,7 +45,7 @@ def simulate(
         settings = {"cold_start_seconds": 1.0, "endpoints": (EP,), **config}
         engine = Engine(
             SimulatorConfig(**settings),
-            Clock(),
+            clock or Clock(),
             default_handler,
             on_webhook=(lambda job, payload: webhooks.append(payload)) if webhooks is not None else None,
         )
@@ -193,6 +194,37 @@ def test_a_job_waits_for_a_cold_start_then_runs_and_completes_with_its_timings()
         assert view["workerId"] and workers(engine) == {"ready": 1, "idle": 2}
 
     simulate(scenario)
+
+
+class CreepingClock(Clock):
+    """A clock that is a little later at every reading, as the real one is between two calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = 1000.0
+
+    def now(self) -> float:
+        self.t += 0.001
+        return self.t
+
+
+def test_a_cold_start_that_ends_between_two_readings_of_the_clock_is_not_slept_through() -> None:
+    async def scenario(engine: Engine) -> None:
+        clock = engine.clock
+        assert isinstance(clock, CreepingClock)
+        job = submit(engine, {"output": 1})
+        [worker] = engine.endpoints[EP].workers.values()
+        clock.t = worker.ready_at - 0.0015  # the tick's first reading is just before the end, a second just after
+
+        wait = engine.tick()
+
+        assert job.status is JobStatus.IN_QUEUE  # not warm yet at the tick's reading
+        assert wait is not None and wait < 0.01  # so the ticker comes back for it at once, not in 24 h
+        clock.t = worker.ready_at
+        engine.tick()
+        assert job.status is JobStatus.IN_PROGRESS
+
+    simulate(scenario, clock=CreepingClock())
 
 
 def test_the_queue_is_served_first_in_first_out_by_at_most_workers_max_workers() -> None:
