@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import Engine, update
@@ -44,13 +45,35 @@ def release(engine: Engine, name: str, *, owner: str) -> None:
                         .values(expires_at=utcnow()))
 
 
+@dataclass
+class Lease:
+    """A lease taken (or not) by `held`: true when ours. A holder that works longer than one lease
+    renews it as it goes, so the lease can be short: a holder killed mid-run (SIGKILL) blocks the
+    others only until its lease runs out."""
+
+    engine: Engine
+    name: str
+    owner: str
+    length: timedelta
+    mine: bool
+
+    def __bool__(self) -> bool:
+        return self.mine
+
+    def renew(self) -> bool:
+        """Extend the lease by its length from now; False if it is no longer ours (it ran out and
+        someone else took it), and the holder should stop."""
+        self.mine = self.mine and try_acquire(self.engine, self.name, owner=self.owner, lease=self.length)
+        return self.mine
+
+
 @contextmanager
-def held(engine: Engine, name: str, *, lease: timedelta) -> Iterator[bool]:
+def held(engine: Engine, name: str, *, lease: timedelta) -> Iterator[Lease]:
     """`with held(engine, "reconciler", lease=...) as mine:` runs the block's work only if `mine`."""
-    owner = f"{uuid.uuid4()}"
-    mine = try_acquire(engine, name, owner=owner, lease=lease)
+    taken = Lease(engine, name, owner=f"{uuid.uuid4()}", length=lease, mine=False)
+    taken.mine = try_acquire(engine, name, owner=taken.owner, lease=lease)
     try:
-        yield mine
+        yield taken
     finally:
-        if mine:
-            release(engine, name, owner=owner)
+        if taken.mine:
+            release(engine, name, owner=taken.owner)

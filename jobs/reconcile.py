@@ -25,7 +25,7 @@ from sqlmodel import col, or_, select
 
 from jobs.db import session_scope
 from jobs.lifecycle import adopt_named
-from jobs.locks import held
+from jobs.locks import Lease, held
 from jobs.models import JobRow, RunPodCancel, utcnow
 from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime
 from jobs.states import AT_RUNPOD, JobStatus
@@ -35,7 +35,14 @@ log = logging.getLogger("rpq.reconcile")
 
 
 LOCK = "reconciler"
-LOCK_LEASE = timedelta(minutes=5)  # far longer than a run; a holder that dies frees it by then
+#: The reconciler's lease: short, so a worker killed mid-run (holding it) delays the next run by
+#: at most this, and renewed every RENEW_EVERY rows, so a long run keeps it.
+MIN_LEASE = timedelta(seconds=10)
+RENEW_EVERY = 100
+
+
+def lease_for(rt: Runtime) -> timedelta:
+    return max(MIN_LEASE, timedelta(seconds=2 * rt.settings.reconcile_interval_seconds))
 
 
 @dataclass
@@ -53,13 +60,13 @@ class Report:
 
 
 def reconcile(rt: Runtime, *, now: datetime | None = None, limit: int = 1000) -> Report:
-    with held(rt.engine, LOCK, lease=LOCK_LEASE) as mine:
-        if not mine:
+    with held(rt.engine, LOCK, lease=lease_for(rt)) as lease:
+        if not lease:
             return Report(skipped=True)
-        return _reconcile(rt, now=now or utcnow(), limit=limit)
+        return _reconcile(rt, lease, now=now or utcnow(), limit=limit)
 
 
-def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
+def _reconcile(rt: Runtime, lease: Lease, *, now: datetime, limit: int) -> Report:
     grace = timedelta(seconds=rt.settings.poll_grace_seconds)
     stuck = timedelta(seconds=rt.settings.submit_stuck_after_seconds)
     report = Report()
@@ -84,7 +91,13 @@ def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
                                               col(RunPodCancel.next_try_at) < now - grace).distinct().limit(limit)
         ).all()
 
-    for job_id in submitting:
+    def still_mine(done: int) -> bool:
+        """Renew the lease every RENEW_EVERY rows; False once another reconciler has it."""
+        return done % RENEW_EVERY != RENEW_EVERY - 1 or lease.renew()
+
+    for done, job_id in enumerate(submitting):
+        if not still_mine(done):
+            return report
         with session_scope(rt.engine) as session:
             moved = transition(
                 session, job_id, to=JobStatus.SUBMIT_UNKNOWN, source=Source.RECONCILER,
@@ -97,16 +110,20 @@ def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
             report.marked_unknown.append(job_id)
             adopt_named(rt, job_id)  # its webhook may already have named the RunPod job
 
-    for task, job_ids, done, status in ((SUBMIT_TASK, pending, report.resubmitted, {JobStatus.PENDING}),
+    for task, job_ids, sent, status in ((SUBMIT_TASK, pending, report.resubmitted, {JobStatus.PENDING}),
                                          (POLL_TASK, polling, report.repolled, AT_RUNPOD)):
-        for job_id in job_ids:
+        if not lease.renew():
+            return report
+        for done, job_id in enumerate(job_ids):
+            if not still_mine(done):
+                return report
             try:
                 rt.publish(task, job_id, None)
             except Exception:
                 report.publish_failures += 1
                 log.warning("reconciler could not publish %s for %s", task, job_id, exc_info=True)
                 continue
-            done.append(job_id)
+            sent.append(job_id)
             with session_scope(rt.engine) as session:
                 row = get_row(session, job_id)
                 if row is None or row.status not in status:
@@ -120,7 +137,11 @@ def _reconcile(rt: Runtime, *, now: datetime, limit: int) -> Report:
                     # waiting its turn, and re-publishing every run would grow the queue.
                     update_fields(session, job_id, while_status=status, values={"next_poll_at": now + 5 * grace})
 
-    for job_id in cancels:
+    if not lease.renew():
+        return report
+    for done, job_id in enumerate(cancels):
+        if not still_mine(done):
+            return report
         try:
             rt.publish(CANCEL_TASK, job_id, None)
         except Exception:

@@ -29,10 +29,11 @@ class Purged:
 def purge(rt: Runtime, *, now: datetime | None = None, batch: int = 500) -> Purged:
     cutoff = (now or utcnow()) - timedelta(days=rt.settings.runpod_job_retention_days)
     result = Purged()
-    with held(rt.engine, LOCK, lease=timedelta(hours=1)) as mine:
+    # Renewed every batch: a holder killed mid-run delays the next one by minutes, not an hour.
+    with held(rt.engine, LOCK, lease=timedelta(minutes=5)) as mine:
         if not mine:
             return Purged(skipped=True)
-        while True:
+        while mine.renew():
             with session_scope(rt.engine) as session:
                 ids = session.exec(
                     select(JobRow.id).where(col(JobRow.status).in_(sorted(TERMINAL)),
@@ -45,7 +46,7 @@ def purge(rt: Runtime, *, now: datetime | None = None, batch: int = 500) -> Purg
             result.jobs += len(ids)
             if len(ids) < batch:
                 break
-        while True:
+        while mine.renew():
             with session_scope(rt.engine) as session:
                 deleted = health.purge_before(session, cutoff, batch=batch)
             result.health_rows += deleted

@@ -100,6 +100,23 @@ def test_the_reconciler_runs_again_once_the_last_run_is_over(runtime: Runtime) -
     assert not reconcile(runtime).skipped
 
 
+def test_a_reconciler_killed_holding_its_lease_holds_up_the_next_run_only_briefly(runtime: Runtime) -> None:
+    from sqlalchemy import update
+
+    from jobs.locks import try_acquire
+    from jobs.models import Lock
+    from jobs.reconcile import LOCK, lease_for
+
+    # A worker took the lease for a run and was killed with SIGKILL before it could release it.
+    try_acquire(runtime.engine, LOCK, owner="worker-killed-mid-run", lease=lease_for(runtime))
+    assert reconcile(runtime).skipped
+
+    assert lease_for(runtime) == timedelta(seconds=2 * runtime.settings.reconcile_interval_seconds)  # not minutes
+    with session_scope(runtime.engine) as session:  # ... and that much time has passed
+        session.execute(update(Lock).where(Lock.name == LOCK).values(expires_at=utcnow() - timedelta(seconds=1)))
+    assert not reconcile(runtime).skipped
+
+
 # -- retention --------------------------------------------------------------------------------------------
 
 
