@@ -467,11 +467,11 @@ def cancel(job_id: str, *, source: str = Source.API, runtime: Runtime | None = N
         left = transition(session, job_id, to=JobStatus.CANCELLED, source=source,
                           values={"finished_at": utcnow(), "next_poll_at": None}, detail="cancel requested")
         row = get_row(session, job_id)
-        outbox = left in AT_RUNPOD and row is not None and row.runpod_job_id is not None
-        if outbox:
-            assert row is not None and row.runpod_job_id is not None
+        outbox = False
+        if left in AT_RUNPOD and row is not None and row.runpod_job_id is not None:
             add_runpod_cancel(session, row, attempt=row.attempt, runpod_job_id=row.runpod_job_id,
                               reason=f"cancelled by {source}")
+            outbox = True
     if row is None:
         raise JobNotFound(job_id)
     if outbox:

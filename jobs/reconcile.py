@@ -117,11 +117,7 @@ def _reconcile(rt: Runtime, lease: Lease, *, now: datetime, limit: int) -> Repor
         for done, job_id in enumerate(job_ids):
             if not still_mine(done):
                 return report
-            try:
-                rt.publish(task, job_id, None)
-            except Exception:
-                report.publish_failures += 1
-                log.warning("reconciler could not publish %s for %s", task, job_id, exc_info=True)
+            if not _publish(rt, report, task, job_id):
                 continue
             sent.append(job_id)
             with session_scope(rt.engine) as session:
@@ -142,11 +138,7 @@ def _reconcile(rt: Runtime, lease: Lease, *, now: datetime, limit: int) -> Repor
     for done, job_id in enumerate(cancels):
         if not still_mine(done):
             return report
-        try:
-            rt.publish(CANCEL_TASK, job_id, None)
-        except Exception:
-            report.publish_failures += 1
-            log.warning("reconciler could not publish %s for %s", CANCEL_TASK, job_id, exc_info=True)
+        if not _publish(rt, report, CANCEL_TASK, job_id):
             continue
         report.recancelled.append(job_id)
         with session_scope(rt.engine) as session:
@@ -160,3 +152,14 @@ def _reconcile(rt: Runtime, lease: Lease, *, now: datetime, limit: int) -> Repor
                  len(report.resubmitted), len(report.repolled), len(report.marked_unknown),
                  len(report.recancelled))
     return report
+
+
+def _publish(rt: Runtime, report: Report, task: str, job_id: str) -> bool:
+    """Send a wake-up again; a failure is counted and logged, and the next run tries again."""
+    try:
+        rt.publish(task, job_id, None)
+    except Exception:
+        report.publish_failures += 1
+        log.warning("reconciler could not publish %s for %s", task, job_id, exc_info=True)
+        return False
+    return True

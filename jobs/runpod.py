@@ -124,7 +124,7 @@ class JobState:
 
     @classmethod
     def from_json(cls, body: object, *, operation: str) -> JobState:
-        if not isinstance(body, Mapping) or not _is_job_id(body.get("id")):
+        if not isinstance(body, Mapping) or not is_job_id(body.get("id")):
             raise RunPodProtocolError(f"{operation}: expected a job object with an id", operation=operation)
         return cls(
             id=body["id"],
@@ -561,7 +561,8 @@ def _policy_problems(policy: object) -> list[Problem]:
     return problems
 
 
-def _is_job_id(value: object) -> bool:
+def is_job_id(value: object) -> bool:
+    """A RunPod job id rpq can store (its column) and put in a URL path segment."""
     return isinstance(value, str) and 0 < len(value) <= MAX_JOB_ID_LENGTH and value.isprintable() and \
         "/" not in value
 

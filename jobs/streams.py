@@ -37,13 +37,15 @@ def for_transition(
     if to is JobStatus.COMPLETED:
         if not streaming and not output_missing:
             events.append((OUTPUT, output))  # a plain handler's whole output is its one chunk
-        end: dict[str, Any] = {"status": to.value}
-        if output_missing:
-            end["output_missing"] = True
-        events.append((END, end))
+        events.append((END, end_data(to, output_missing=output_missing)))
     elif to.is_terminal:
         events.append((ERROR, {"status": to.value, "error": error or detail}))
     return events
+
+
+def end_data(status: JobStatus, *, output_missing: bool) -> dict[str, Any]:
+    """What an `end` event carries: the final status, and the flag when RunPod gave no output."""
+    return {"status": status.value, "output_missing": True} if output_missing else {"status": status.value}
 
 
 def append(session: Session, job_id: str, attempt: int, events: Sequence[tuple[str, Any]]) -> None:

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 if TYPE_CHECKING:
+    from jobs.runpod import RunPodClient
     from jobs.runtime import Runtime
     from jobs.settings import Settings
 
@@ -362,22 +363,28 @@ def make_settings(database_url: str, simulator: SimulatorProcess, **overrides: o
     return Settings(**fields)  # type: ignore[arg-type]
 
 
+def fast_client(simulator: SimulatorProcess, kind: type[RunPodClient] | None = None) -> RunPodClient:
+    """A RunPod client (or a subclass of it) for in-process tests: short timeouts, quick retries."""
+    from jobs.backoff import RetryPolicy
+    from jobs.runpod import RunPodClient
+
+    return (kind or RunPodClient)(api_key=simulator.api_key, base_url=simulator.base_url, timeout=3.0,
+                                  retry=RetryPolicy(max_attempts=2, base_delay=0.05, max_delay=1.0))
+
+
+def make_runtime(database_url: str, simulator: SimulatorProcess) -> Runtime:
+    """A runtime on `database_url` and `simulator` that records, not sends, Celery messages."""
+    from jobs.db import make_engine
+    from jobs.runtime import Runtime
+
+    return Runtime(settings=make_settings(database_url, simulator), engine=make_engine(database_url),
+                   publish=Published(), make_client=lambda: fast_client(simulator))
+
+
 @pytest.fixture
 def runtime(migrated_db: str, simulator: SimulatorProcess) -> Iterator[Runtime]:
     """A runtime on a migrated database and the simulator that records, not sends, Celery messages."""
-    from jobs.backoff import RetryPolicy
-    from jobs.db import make_engine
-    from jobs.runpod import RunPodClient
-    from jobs.runtime import Runtime
-
-    settings = make_settings(migrated_db, simulator)
-    rt = Runtime(
-        settings=settings,
-        engine=make_engine(migrated_db),
-        publish=Published(),
-        make_client=lambda: RunPodClient(api_key=simulator.api_key, base_url=simulator.base_url, timeout=3.0,
-                                         retry=RetryPolicy(max_attempts=2, base_delay=0.05, max_delay=1.0)),
-    )
+    rt = make_runtime(migrated_db, simulator)
     yield rt
     rt.close()
 

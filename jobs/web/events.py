@@ -31,9 +31,9 @@ import jobs
 from jobs.api import JobNotFound
 from jobs.errors import Problem, RunPodTransient
 from jobs.jsonsafe import text_problems
-from jobs.runpod import MAX_JOB_ID_LENGTH, MAX_RUNSYNC_PAYLOAD_BYTES
+from jobs.runpod import MAX_RUNSYNC_PAYLOAD_BYTES, is_job_id
 from jobs.runtime import Runtime
-from jobs.streams import FINAL_KINDS
+from jobs.streams import FINAL_KINDS, end_data
 from jobs.web.schemas import ErrorBody, header_schema
 
 #: How often an open stream looks for new events in the table.
@@ -163,9 +163,7 @@ async def _named_job(request: Request) -> str | None:
     except (ValueError, RecursionError):
         return None
     named = payload.get("id") if isinstance(payload, dict) else None
-    if isinstance(named, str) and 0 < len(named) <= MAX_JOB_ID_LENGTH and named.isprintable() and "/" not in named:
-        return named
-    return None
+    return named if is_job_id(named) else None
 
 
 def _event(item: jobs.StreamItem) -> bytes:
@@ -175,8 +173,5 @@ def _event(item: jobs.StreamItem) -> bytes:
 
 def _closing(job: jobs.Job) -> str:
     if job.status.value == "COMPLETED":
-        end: dict[str, Any] = {"status": job.status.value}
-        if job.output_missing:
-            end["output_missing"] = True
-        return f'event: end\ndata: {json.dumps(end)}\n\n'
+        return f'event: end\ndata: {json.dumps(end_data(job.status, output_missing=job.output_missing))}\n\n'
     return f'event: error\ndata: {json.dumps({"status": job.status.value, "error": job.error})}\n\n'

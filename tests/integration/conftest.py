@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from jobs.backoff import RetryPolicy
 from jobs.runpod import JobState, RunPodClient, StreamBatch
 from jobs.runtime import Runtime
-from tests.conftest import SimulatorProcess
+from jobs.settings import Settings
+from tests.conftest import SimulatorProcess, fast_client
 
 Hook = Callable[[], object]
 
@@ -51,8 +51,15 @@ class Interposed(RunPodClient):
 
 @pytest.fixture
 def interposed(runtime: Runtime, simulator: SimulatorProcess) -> Iterator[Interposed]:
-    client = Interposed(api_key=simulator.api_key, base_url=simulator.base_url, timeout=3.0,
-                        retry=RetryPolicy(max_attempts=2, base_delay=0.05, max_delay=1.0))
+    client = fast_client(simulator, Interposed)
+    assert isinstance(client, Interposed)
     runtime.make_client = lambda: client
     runtime._client = client
     yield client
+
+
+@pytest.fixture
+def webhook_runtime(runtime: Runtime) -> Runtime:
+    """`runtime` with webhooks on: each job gets a tokened webhook URL (nothing listens at it)."""
+    runtime.settings = Settings(**{**runtime.settings.__dict__, "runpod_webhook_base_url": "http://127.0.0.1:9/"})
+    return runtime

@@ -18,20 +18,26 @@ from jobs.models import RunPodCancel
 from jobs.runpod import JobState
 from jobs.runtime import CANCEL_TASK, Runtime
 from jobs.states import JobStatus
-from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess, wait_until
+from tests.conftest import ENDPOINT_ID, SimulatorProcess, wait_until
 from tests.integration.conftest import Interposed
-from tests.integration.test_lifecycle import make_due, poll_until_final
+from tests.integration.test_lifecycle import make_due, poll_until_final, published
 
 pytestmark = pytest.mark.integration
-
-def published(rt: Runtime) -> Published:
-    assert isinstance(rt.publish, Published)
-    return rt.publish
-
 
 def runpod_status(simulator: SimulatorProcess, runpod_job_id: str | None) -> str:
     [job] = [j for j in simulator.jobs(ENDPOINT_ID) if j["id"] == runpod_job_id]
     return str(job["status"])
+
+
+def finished_at_runpod(rt: Runtime, simulator: SimulatorProcess, job_input: dict[str, object],
+                       status: str) -> tuple[jobs.Job, str | None]:
+    """A job of 30 s submitted to RunPod, which has finished it (in `status`) before anyone polled it."""
+    job = jobs.submit("tts", job_input, runtime=rt)
+    submit_job(rt, job.id)
+    runpod_id = jobs.get(job.id, runtime=rt).runpod_job_id
+    simulator.advance(31)
+    wait_until(lambda: runpod_status(simulator, runpod_id) == status, timeout=10, what=f"RunPod to say {status}")
+    return job, runpod_id
 
 
 def cancel_and_retry(rt: Runtime, job_id: str, *, submit: bool) -> jobs.Job:
@@ -56,11 +62,7 @@ def outbox(rt: Runtime, job_id: str) -> list[tuple[int, str, bool]]:
 def test_a_late_answer_about_attempt_one_never_completes_attempt_two(
     runtime: Runtime, interposed: Interposed, simulator: SimulatorProcess
 ) -> None:
-    job = jobs.submit("tts", {"sleep": 30, "output": "done"}, runtime=runtime)
-    submit_job(runtime, job.id)
-    first_runpod_id = jobs.get(job.id, runtime=runtime).runpod_job_id
-    simulator.advance(31)  # attempt 1's RunPod job finishes; nobody has asked yet
-    wait_until(lambda: runpod_status(simulator, first_runpod_id) == "COMPLETED", timeout=10, what="RunPod")
+    job, first_runpod_id = finished_at_runpod(runtime, simulator, {"sleep": 30, "output": "done"}, "COMPLETED")
     seen: dict[str, jobs.Job] = {}
     interposed.hooks["status"] = lambda: seen.setdefault("retried", cancel_and_retry(runtime, job.id, submit=True))
 
@@ -81,11 +83,7 @@ def test_a_late_answer_about_attempt_one_never_completes_attempt_two(
 def test_a_late_answer_never_lands_on_a_retry_that_reuses_the_same_runpod_job(
     runtime: Runtime, interposed: Interposed, simulator: SimulatorProcess
 ) -> None:
-    job = jobs.submit("tts", {"sleep": 30, "fail": "flaky GPU"}, runtime=runtime)
-    submit_job(runtime, job.id)
-    runpod_id = jobs.get(job.id, runtime=runtime).runpod_job_id
-    simulator.advance(31)
-    wait_until(lambda: runpod_status(simulator, runpod_id) == "FAILED", timeout=10, what="RunPod")
+    job, runpod_id = finished_at_runpod(runtime, simulator, {"sleep": 30, "fail": "flaky GPU"}, "FAILED")
 
     def meanwhile() -> None:
         # Another poll (this one's lease ran out) stores FAILED, and the user retries through /retry.

@@ -15,12 +15,10 @@ from jobs.models import utcnow
 from jobs.reconcile import reconcile
 from jobs.runpod import JobState
 from jobs.runtime import POLL_TASK, Runtime
-from jobs.settings import Settings
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, SimulatorProcess, wait_until
 from tests.integration.conftest import Interposed
-from tests.integration.test_fencing import published
-from tests.integration.test_lifecycle import make_due, poll_until_final
+from tests.integration.test_lifecycle import make_due, poll_until_final, published
 
 pytestmark = pytest.mark.integration
 
@@ -251,12 +249,6 @@ def test_a_run_answer_that_arrives_after_the_job_was_called_lost_adopts_it(
     assert poll_until_final(runtime, job.id).output == "late but fine"
 
 
-@pytest.fixture
-def webhook_runtime(runtime: Runtime) -> Runtime:
-    runtime.settings = Settings(**{**runtime.settings.__dict__, "runpod_webhook_base_url": "http://127.0.0.1:9/"})
-    return runtime
-
-
 def unknown_submit(rt: Runtime, simulator: SimulatorProcess) -> tuple[jobs.Job, str, str]:
     """A job whose /run reached RunPod but whose answer was lost; its token and RunPod id, as RunPod has them."""
     simulator.set_faults({"op": "run", "kind": "slow", "delay": 10, "count": 1, "when": "after"})
@@ -356,16 +348,10 @@ def small_results_simulator(start_simulator: Any) -> SimulatorProcess:
 
 @pytest.fixture
 def small_results_runtime(migrated_db: str, small_results_simulator: SimulatorProcess) -> Any:
-    from jobs.backoff import RetryPolicy
-    from jobs.db import make_engine
-    from jobs.runpod import RunPodClient
-    from tests.conftest import Published, make_settings
+    from tests.conftest import make_runtime
 
     small_results_simulator.reset()
-    sim = small_results_simulator
-    rt = Runtime(settings=make_settings(migrated_db, sim), engine=make_engine(migrated_db), publish=Published(),
-                 make_client=lambda: RunPodClient(api_key=sim.api_key, base_url=sim.base_url, timeout=3.0,
-                                                  retry=RetryPolicy(max_attempts=2, base_delay=0.05, max_delay=1.0)))
+    rt = make_runtime(migrated_db, small_results_simulator)
     yield rt
     rt.close()
 

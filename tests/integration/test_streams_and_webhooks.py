@@ -9,7 +9,6 @@ import pytest
 import jobs
 from jobs.lifecycle import poll_job, submit_job
 from jobs.runtime import POLL_TASK, Runtime
-from jobs.settings import Settings
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess
 from tests.integration.test_lifecycle import make_due, poll_until_final
@@ -93,12 +92,6 @@ def test_a_retry_starts_a_new_stream(runtime: Runtime) -> None:
 
 
 # -- webhooks -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def webhook_runtime(runtime: Runtime) -> Runtime:
-    runtime.settings = Settings(**{**runtime.settings.__dict__, "runpod_webhook_base_url": "http://127.0.0.1:9/"})
-    return runtime
 
 
 def webhook_of(simulator: SimulatorProcess, runpod_job_id: str) -> str:
