@@ -414,3 +414,70 @@ def test_a_404_for_the_endpoint_itself_holds_the_job_instead_of_expiring_it(runt
     failed = jobs.get(job.id, runtime=runtime)
     assert failed.status is JobStatus.FAILED and "deleted, or the id is wrong" in (failed.error or "")
     assert JobStatus.EXPIRED not in [e.to_status for e in jobs.events(job.id, runtime=runtime)]
+
+
+# -- faults around adoption and the cancel outbox -----------------------------------------------------------
+
+
+def post_webhook(rt: Runtime, token: str, body: bytes) -> Any:
+    """RunPod calling `POST /v1/webhooks/runpod/{token}` on the HTTP API, in-process on this test's runtime."""
+    from fastapi.testclient import TestClient
+
+    from jobs.web.app import create_app
+
+    with TestClient(create_app(rt, tokens="t0ken-for-this-test")) as client:
+        return client.post(f"/v1/webhooks/runpod/{token}", content=body,
+                           headers={"Content-Type": "application/json"})
+
+
+def test_a_webhook_that_cannot_be_confirmed_for_now_is_asked_for_again_then_adopts(
+    webhook_runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    import json
+
+    job, token, runpod_id = unknown_submit(webhook_runtime, simulator)
+    simulator.set_faults({"op": "status", "kind": "5xx", "count": 10, "when": "before"})
+
+    refused = post_webhook(webhook_runtime, token, json.dumps({"id": runpod_id, "status": "COMPLETED"}).encode())
+
+    assert refused.status_code == 503 and refused.headers["Retry-After"]  # RunPod sends it again on non-200
+    assert jobs.get(job.id, runtime=webhook_runtime).status is JobStatus.SUBMIT_UNKNOWN
+    simulator.set_faults()
+    again = post_webhook(webhook_runtime, token, json.dumps({"id": runpod_id, "status": "COMPLETED"}).encode())
+    assert again.status_code == 200
+    assert jobs.get(job.id, runtime=webhook_runtime).runpod_job_id == runpod_id
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"null", b'{"id": 42}', b'{"id": "a/b"}', b"[" * 100_000])
+def test_a_malformed_webhook_body_is_answered_and_adopts_nothing(
+    webhook_runtime: Runtime, simulator: SimulatorProcess, body: bytes
+) -> None:
+    job, token, _ = unknown_submit(webhook_runtime, simulator)
+
+    answer = post_webhook(webhook_runtime, token, body)
+
+    assert answer.status_code == 200  # a 200 so RunPod stops; the body named no job we could confirm
+    still = jobs.get(job.id, runtime=webhook_runtime)
+    assert (still.status, still.runpod_job_id) == (JobStatus.SUBMIT_UNKNOWN, None)
+    assert "named no RunPod job" in details(webhook_runtime, job.id)
+
+
+def test_a_cancel_runpod_cannot_take_now_stays_in_the_outbox_and_is_sent_later(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    from jobs.lifecycle import cancel_on_runpod
+    from tests.integration.test_fencing import outbox
+
+    job = jobs.submit("tts", {"sleep": 60}, runtime=runtime)
+    submit_job(runtime, job.id)
+    runpod_id = jobs.get(job.id, runtime=runtime).runpod_job_id
+    jobs.cancel(job.id, runtime=runtime)
+    simulator.set_faults({"op": "cancel", "kind": "5xx", "count": 10, "when": "before"})
+
+    later = cancel_on_runpod(runtime, job.id)
+
+    assert later.again_in is not None and outbox(runtime, job.id) == [(1, runpod_id, False)]
+    simulator.set_faults()
+    cancel_on_runpod(runtime, job.id)
+    assert outbox(runtime, job.id) == [(1, runpod_id, True)]
+    assert [j["status"] for j in simulator.jobs(ENDPOINT_ID)] == ["CANCELLED"]
