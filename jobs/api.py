@@ -26,7 +26,7 @@ from jobs.jsonsafe import json_problems, text_problems
 from jobs.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
 from jobs.models import JobEvent, JobRow, utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
-from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime, get_runtime
+from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_TASK, Runtime, get_runtime
 from jobs.settings import Settings
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
 from jobs.store import (
@@ -216,7 +216,7 @@ def submit(
             raise
         return Job.from_row(existing)
 
-    _publish(rt, SUBMIT_TASK, row.id)
+    _wake_dispatcher(rt, endpoint_id)
     return Job.from_row(row)
 
 
@@ -508,7 +508,7 @@ def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = No
             raise InvalidTransition(job_id, JobStatus(row.status), "retry")
         row = get_row(session, job_id)
         assert row is not None
-    _publish(rt, SUBMIT_TASK, job_id)
+    _wake_dispatcher(rt, row.endpoint_id)
     return Job.from_row(row)
 
 
@@ -591,6 +591,15 @@ def wait(job_id: str, *, timeout: float = 600.0, runtime: Runtime | None = None)
             raise TimeoutError(f"job {job_id} is still {job.status} after {timeout}s")
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, 1.0)
+
+
+def _wake_dispatcher(rt: Runtime, endpoint_id: str) -> None:
+    """A job is PENDING: make sure the endpoint's dispatcher runs soon (one message, not one per job)."""
+    try:
+        rt.wake(DISPATCH_TASK, endpoint_id)
+    except Exception:
+        # The row is committed; the reconciler will wake the dispatcher. Never fail the caller for this.
+        log.warning("could not wake the dispatcher of endpoint %s; the reconciler will", endpoint_id, exc_info=True)
 
 
 def _publish(rt: Runtime, task: str, job_id: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from sqlalchemy import CursorResult, case, update
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from jobs import logcontext, streams
 from jobs.backoff import poll_delay, poll_error_delay
@@ -98,18 +98,39 @@ class Next:
 
 
 def submit_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
-    """Send a PENDING job to RunPod, exactly once, and hand it to the poller."""
-    token = secrets.token_urlsafe(32) if rt.settings.runpod_webhook_base_url else None
+    """Send one PENDING job to RunPod, exactly once, and hand it to the poller. (The dispatcher,
+    `jobs.dispatch`, does the same for an endpoint's next PENDING jobs, claimed together.)"""
+    token = new_webhook_token(rt)
     with session_scope(rt.engine) as session:
-        claimed = transition(session, job_id, to=JobStatus.SUBMITTING, source=Source.SUBMIT,
-                             expected={JobStatus.PENDING},
-                             values={"submitted_at": utcnow(), **_webhook_hash_values(token)})
+        claimed = claim_submit(session, job_id, token)
         row = get_row(session, job_id)
     if row is None:
         return Next.stop("no such job")
-    if claimed is None:
+    if not claimed:
         return Next.stop(f"job is {row.status}, not PENDING: nothing to submit")
+    return submit_claimed(rt, row, token, rand=rand)
 
+
+def endpoint_of(rt: Runtime, job_id: str) -> str | None:
+    """The RunPod endpoint id of a job (None when there is no such job)."""
+    with session_scope(rt.engine, read_only=True) as session:
+        return session.exec(select(JobRow.endpoint_id).where(JobRow.id == job_id)).first()
+
+
+def new_webhook_token(rt: Runtime) -> str | None:
+    """The secret for the webhook URL of one /run, when webhooks are on."""
+    return secrets.token_urlsafe(32) if rt.settings.runpod_webhook_base_url else None
+
+
+def claim_submit(session: Session, job_id: str, token: str | None) -> bool:
+    """Take a PENDING job for submission (PENDING -> SUBMITTING): exactly one of several racing
+    claims succeeds. Stores the hash of the webhook token its /run will carry."""
+    return transition(session, job_id, to=JobStatus.SUBMITTING, source=Source.SUBMIT, expected={JobStatus.PENDING},
+                      values={"submitted_at": utcnow(), **_webhook_hash_values(token)}) is not None
+
+
+def submit_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = random.random) -> Next:
+    """Send a job this process claimed (SUBMITTING, as `row` shows it just after the claim) to RunPod."""
     # Everything this submit writes from here on is about this attempt, before RunPod named its job.
     fence = Fence(attempt=row.attempt, runpod_job_id=None)
     logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
@@ -303,7 +324,8 @@ def _move(rt: Runtime, job_id: str, fence: Fence, to: JobStatus, detail: str, *,
 
 
 def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
-    """Ask RunPod about a job once, store what it says, and say when to ask again."""
+    """Ask RunPod about one job now, store what it says, and say when to ask again. (The poller,
+    `jobs.poller`, does the same for an endpoint's jobs that are due, claimed together.)"""
     now = utcnow()
     with session_scope(rt.engine) as session:
         row = get_row(session, job_id)
@@ -311,21 +333,27 @@ def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
             return Next.stop("not at RunPod")
         if row.next_poll_at is not None and now < row.next_poll_at - EARLY_SLACK:
             return Next.stop("early: another poll owns this job")
-        fence = Fence.of(row)
         # Claim this poll: of two hints for the same job, only one gets past here.
-        if not claim_poll(session, job_id, seen=row.next_poll_at, lease_until=now + poll_lease(rt), fence=fence):
+        if not claim_poll(session, job_id, seen=row.next_poll_at, lease_until=now + poll_lease(rt),
+                          fence=Fence.of(row)):
             return Next.stop("another poll claimed this job")
+    return poll_claimed(rt, row, rand=rand)
 
+
+def poll_claimed(rt: Runtime, row: JobRow, *, rand: Any = random.random, floor: float = 0.0) -> Next:
+    """Poll a job whose poll this process claimed (`row` as it was just before the claim). The next
+    poll is at least `floor` seconds away (the poller's share of the budget per job in flight)."""
+    fence = Fence.of(row)
     logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
     rt.metrics.polled(row.endpoint_name)
     try:
-        state = rt.runpod.status(row.endpoint_id, row.runpod_job_id)
+        state = rt.runpod.status(row.endpoint_id, row.runpod_job_id or "")
     except RunPodNotFound as exc:
         return _status_not_found(rt, row, fence, exc, rand)
     except RunPodError as exc:
         rt.metrics.runpod_error("status", exc)
         return _poll_failed(rt, row, fence, exc, rand)
-    return _store_status(rt, row, fence, state, rand)
+    return _store_status(rt, row, fence, state, rand, floor=floor)
 
 
 def _status_not_found(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodNotFound, rand: Any) -> Next:
@@ -390,7 +418,8 @@ class _Drained:
     missing_note: str | None = None
 
 
-def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any) -> Next:
+def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any, *,
+                  floor: float = 0.0) -> Next:
     now = utcnow()
     status = FROM_RUNPOD[state.status]
     drained = _Drained(chunks=[])
@@ -443,7 +472,7 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
         values.update(finished_at=now, next_poll_at=None)
 
     schedule = rt.schedule_for(webhooks=row.webhook_token_hash is not None)
-    delay = poll_delay(schedule, polls_since_change=polls_since_change, rand=rand)
+    delay = max(poll_delay(schedule, polls_since_change=polls_since_change, rand=rand), floor)
     if not status.is_terminal:
         values["next_poll_at"] = now + timedelta(seconds=delay)
 

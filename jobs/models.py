@@ -105,6 +105,10 @@ class JobRow(SQLModel, table=True):
         # The reconciler's and the poller's question: which in-flight jobs are due?
         Index("ix_jobs_status_next_poll_at", "status", "next_poll_at"),
         Index("ix_jobs_created_at", "created_at"),
+        # The dispatcher's question: an endpoint's next PENDING jobs, by priority then age.
+        Index("ix_jobs_dispatch", "endpoint_id", "status", "priority", "created_at"),
+        # The poller's question: an endpoint's jobs at RunPod whose poll is due.
+        Index("ix_jobs_poll_due", "endpoint_id", "status", "next_poll_at"),
     )
 
     id: str = Field(primary_key=True, max_length=36)
@@ -126,6 +130,8 @@ class JobRow(SQLModel, table=True):
     meta: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JsonDocument))
 
     attempt: int = 1
+    # Higher goes to RunPod first among an endpoint's PENDING jobs; equal priorities go oldest first.
+    priority: int = 0
     poll_count: int = 0
     poll_errors: int = 0  # consecutive failed polls, for backoff; reset by a successful one
     polls_since_change: int = 0  # reset when RunPod's status changes: fast polls again

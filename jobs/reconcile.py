@@ -3,11 +3,11 @@
 Redis may lose any message (a worker killed with SIGKILL holding countdown polls, a FLUSHALL, a
 publish that failed after the row was committed). Run periodically by beat, this finds:
 
-* PENDING rows whose submit message is overdue: publish it again;
+* endpoints with PENDING rows overdue for submission: wake their dispatcher;
 * SUBMITTING rows older than any live submit could be (past the client's own bound on a /run, so
   never while its answer can still come): the worker died mid-call, so whether RunPod got the job
   is unknown. Mark them SUBMIT_UNKNOWN; never resubmit (a late answer or webhook still adopts it);
-* IN_QUEUE / IN_PROGRESS rows whose poll is overdue: publish a poll again;
+* endpoints with IN_QUEUE / IN_PROGRESS rows whose poll is overdue: wake their poller;
 * open rows of the cancel outbox whose task is overdue: publish the cancel again.
 
 Every action is idempotent (the tasks compare-and-set), and a lease in the database lets only one
@@ -27,9 +27,9 @@ from jobs.db import session_scope
 from jobs.lifecycle import adopt_named
 from jobs.locks import Lease, held
 from jobs.models import JobRow, RunPodCancel, utcnow
-from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime
+from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, JobStatus
-from jobs.store import Source, get_row, record_event, transition, update_fields
+from jobs.store import Source, transition
 
 log = logging.getLogger("rpq.reconcile")
 
@@ -48,15 +48,15 @@ def lease_for(rt: Runtime) -> timedelta:
 @dataclass
 class Report:
     skipped: bool = False  # another reconciler held the lease
-    resubmitted: list[str] = field(default_factory=list)
-    repolled: list[str] = field(default_factory=list)
-    marked_unknown: list[str] = field(default_factory=list)
-    recancelled: list[str] = field(default_factory=list)
+    woke_dispatch: list[str] = field(default_factory=list)  # endpoint ids
+    woke_poller: list[str] = field(default_factory=list)  # endpoint ids
+    marked_unknown: list[str] = field(default_factory=list)  # job ids
+    recancelled: list[str] = field(default_factory=list)  # job ids
     publish_failures: int = 0
 
     @property
     def acted(self) -> bool:
-        return bool(self.resubmitted or self.repolled or self.marked_unknown or self.recancelled)
+        return bool(self.woke_dispatch or self.woke_poller or self.marked_unknown or self.recancelled)
 
 
 def reconcile(rt: Runtime, *, now: datetime | None = None, limit: int = 1000) -> Report:
@@ -74,17 +74,17 @@ def _reconcile(rt: Runtime, lease: Lease, *, now: datetime, limit: int) -> Repor
 
     with session_scope(rt.engine, read_only=True) as session:
         pending = session.exec(
-            select(JobRow.id).where(JobRow.status == JobStatus.PENDING, due < now - grace).limit(limit)
+            select(JobRow.endpoint_id).where(JobRow.status == JobStatus.PENDING, due < now - grace).distinct()
         ).all()
         submitting = session.exec(
             select(JobRow.id).where(JobRow.status == JobStatus.SUBMITTING, col(JobRow.updated_at) < now - stuck)
             .limit(limit)
         ).all()
         polling = session.exec(
-            select(JobRow.id).where(
+            select(JobRow.endpoint_id).where(
                 col(JobRow.status).in_(sorted(AT_RUNPOD)),
                 or_(col(JobRow.next_poll_at).is_(None), col(JobRow.next_poll_at) < now - grace),
-            ).limit(limit)
+            ).distinct()
         ).all()
         cancels = session.exec(
             select(RunPodCancel.job_id).where(col(RunPodCancel.done_at).is_(None),
@@ -110,28 +110,17 @@ def _reconcile(rt: Runtime, lease: Lease, *, now: datetime, limit: int) -> Repor
             report.marked_unknown.append(job_id)
             adopt_named(rt, job_id)  # its webhook may already have named the RunPod job
 
-    for task, job_ids, sent, status in ((SUBMIT_TASK, pending, report.resubmitted, {JobStatus.PENDING}),
-                                         (POLL_TASK, polling, report.repolled, AT_RUNPOD)):
-        if not lease.renew():
-            return report
-        for done, job_id in enumerate(job_ids):
-            if not still_mine(done):
-                return report
-            if not _publish(rt, report, task, job_id):
+    # A wake-up per endpoint, not a message per job: the dispatcher and the poller read the table.
+    for task, endpoint_ids, woken in ((DISPATCH_TASK, pending, report.woke_dispatch),
+                                      (POLL_DUE_TASK, polling, report.woke_poller)):
+        for endpoint_id in endpoint_ids:
+            try:
+                rt.wake(task, endpoint_id)
+            except Exception:
+                report.publish_failures += 1
+                log.warning("reconciler could not publish %s for endpoint %s", task, endpoint_id, exc_info=True)
                 continue
-            sent.append(job_id)
-            with session_scope(rt.engine) as session:
-                row = get_row(session, job_id)
-                if row is None or row.status not in status:
-                    continue
-                what = "submit" if task == SUBMIT_TASK else "poll"
-                record_event(session, job_id, from_status=row.status, to_status=row.status, source=Source.RECONCILER,
-                             detail=f"{what} overdue: its wake-up was lost (worker killed, Redis flushed or a "
-                                    f"failed publish); sent again", coalesce=True)
-                if task == SUBMIT_TASK:
-                    # Not again for a while: under a long submit backlog the first copy may just be
-                    # waiting its turn, and re-publishing every run would grow the queue.
-                    update_fields(session, job_id, while_status=status, values={"next_poll_at": now + 5 * grace})
+            woken.append(endpoint_id)
 
     if not lease.renew():
         return report
@@ -148,9 +137,9 @@ def _reconcile(rt: Runtime, lease: Lease, *, now: datetime, limit: int) -> Repor
                             .values(next_try_at=now + 5 * grace))
 
     if report.acted:
-        log.info("reconciler: resubmitted %d, re-polled %d, marked %d SUBMIT_UNKNOWN, re-sent %d cancels",
-                 len(report.resubmitted), len(report.repolled), len(report.marked_unknown),
-                 len(report.recancelled))
+        log.info("reconciler: woke the dispatcher of %s and the poller of %s (their work was overdue: a wake-up "
+                 "was lost), marked %d SUBMIT_UNKNOWN, re-sent %d cancels", report.woke_dispatch or "none",
+                 report.woke_poller or "none", len(report.marked_unknown), len(report.recancelled))
     return report
 
 

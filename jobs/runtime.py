@@ -11,19 +11,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from celery import Celery
 from sqlalchemy import Engine
 
 from jobs.backoff import PollSchedule
 from jobs.db import make_engine
-from jobs.metrics_recorder import NullRecorder, Recorder, RedisRecorder
+from jobs.metrics_recorder import BufferedRecorder, NullRecorder, Recorder
 from jobs.runpod import RunPodClient
 from jobs.settings import Settings
+from jobs.wakeups import Wakeups
 
 log = logging.getLogger("rpq")
 
 # Task names and their queues. Tasks are published by name so `jobs` never imports `tasks`.
-SUBMIT_TASK = "rpq.submit"
-POLL_TASK = "rpq.poll"
+DISPATCH_TASK = "rpq.dispatch"  # argument: an endpoint id; sends that endpoint's PENDING jobs
+POLL_DUE_TASK = "rpq.poll_due"  # argument: an endpoint id; polls that endpoint's jobs that are due
+SUBMIT_TASK = "rpq.submit"  # argument: a job id (still served, for messages published before 0.5)
+POLL_TASK = "rpq.poll"  # argument: a job id; polls that one job now (a webhook's wake-up)
 CANCEL_TASK = "rpq.cancel"
 RECONCILE_TASK = "rpq.reconcile"
 HEALTH_TASK = "rpq.health"
@@ -34,6 +38,29 @@ SUBMIT_QUEUE = "rpq.submit"
 POLL_QUEUE = "rpq.poll"
 MAINTENANCE_QUEUE = "rpq.maintenance"
 QUEUES = (SUBMIT_QUEUE, POLL_QUEUE, MAINTENANCE_QUEUE)
+ROUTES = {
+    DISPATCH_TASK: SUBMIT_QUEUE,
+    SUBMIT_TASK: SUBMIT_QUEUE,
+    CANCEL_TASK: SUBMIT_QUEUE,  # user-facing, like submits
+    POLL_DUE_TASK: POLL_QUEUE,
+    POLL_TASK: POLL_QUEUE,
+    RECONCILE_TASK: MAINTENANCE_QUEUE,
+    HEALTH_TASK: MAINTENANCE_QUEUE,
+    PURGE_TASK: MAINTENANCE_QUEUE,
+}
+#: Every countdown and task runtime stays far below this, or Redis re-delivers held messages.
+VISIBILITY_TIMEOUT_SECONDS = 1800
+
+
+def broker_transport_options() -> dict[str, Any]:
+    """How every process talks to the broker, the workers and the processes that only publish alike."""
+    return {
+        "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,  # > longest countdown + task runtime
+        "socket_timeout": 30,  # a broker that vanishes without closing TCP must not hang a worker
+        "socket_connect_timeout": 10,
+        "socket_keepalive": True,
+        "health_check_interval": 25,  # detects a dead connection instead of silently not consuming
+    }
 
 Publisher = Callable[[str, str, float | None], None]
 
@@ -48,11 +75,22 @@ class Runtime:
     # With a webhook to wake it, polling is only the safety net: start later, settle at a minute.
     webhook_schedule: PollSchedule = field(default_factory=lambda: PollSchedule(first=5.0, base=5.0, cap=60.0))
     metrics: Recorder = field(default_factory=NullRecorder)
+    # None: every wake-up is published, undeduplicated (tests that record messages).
+    wakeups: Wakeups | None = None
     _client: RunPodClient | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.wakeups is None:
+            self.wakeups = Wakeups(self.publish)
+
     def schedule_for(self, *, webhooks: bool) -> PollSchedule:
         return self.webhook_schedule if webhooks else self.schedule
+
+    def wake(self, task: str, endpoint_id: str, in_seconds: float = 0.0) -> None:
+        """Ask for `task` (DISPATCH_TASK or POLL_DUE_TASK) to run for the endpoint within `in_seconds`."""
+        assert self.wakeups is not None
+        self.wakeups.wake(task, endpoint_id, in_seconds)
 
     @property
     def runpod(self) -> RunPodClient:
@@ -68,7 +106,9 @@ class Runtime:
         self.engine.dispose()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, celery_app: Any = None) -> Runtime:
+    def from_settings(cls, settings: Settings, *, publish: Publisher | None = None) -> Runtime:
+        """The runtime of a process. `publish` sends Celery messages (default: a publish-only Celery
+        app on the broker; a worker passes its own app's, so it keeps one connection pool)."""
         def make_client() -> RunPodClient:
             return RunPodClient(
                 api_key=settings.require_api_key(),
@@ -77,27 +117,42 @@ class Runtime:
                                       connect=settings.runpod_connect_timeout_seconds),
             )
 
+        publish = publish or celery_publisher(settings)
         return cls(
             settings=settings,
             engine=make_engine(settings.database_url),
-            publish=celery_publisher(settings, celery_app),
+            publish=publish,
             make_client=make_client,
-            metrics=RedisRecorder(settings.celery_broker_url),
+            metrics=BufferedRecorder(settings.celery_broker_url),
+            wakeups=Wakeups(publish, settings.celery_broker_url),
             schedule=PollSchedule(first=settings.poll_first_seconds, base=min(1.0, settings.poll_max_seconds),
                                   cap=settings.poll_max_seconds),
         )
 
 
-def celery_publisher(settings: Settings, celery_app: Any = None) -> Publisher:
-    """Publish a task by name with the job id as its only argument (Flower shows arguments)."""
-    state: dict[str, Any] = {"app": celery_app}
+def celery_publisher(settings: Settings) -> Publisher:
+    """Publish a task by name, routed to its queue, with one id (a job's or an endpoint's) as its only
+    argument (Flower shows arguments). The Celery app is publish-only and built on first use: `jobs`
+    never imports `tasks`, where the tasks themselves live."""
+    state: dict[str, Celery] = {}
+    lock = threading.Lock()
 
-    def publish(task: str, job_id: str, countdown: float | None) -> None:
-        if state["app"] is None:
-            from tasks.app import make_app
+    def app() -> Celery:
+        with lock:
+            if "app" not in state:
+                celery = Celery("rpq-publisher", broker=settings.celery_broker_url, set_as_current=False)
+                celery.conf.update(
+                    broker_transport_options=broker_transport_options(),
+                    broker_connection_retry_on_startup=True,
+                    task_serializer="json",
+                    task_routes={task: {"queue": queue} for task, queue in ROUTES.items()},
+                    task_send_sent_event=True,  # Flower's live view
+                )
+                state["app"] = celery
+            return state["app"]
 
-            state["app"] = make_app(settings)
-        state["app"].send_task(task, args=[job_id], countdown=countdown)
+    def publish(task: str, ident: str, countdown: float | None) -> None:
+        app().send_task(task, args=[ident], countdown=countdown)
 
     return publish
 

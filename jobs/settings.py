@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from urllib.parse import urlsplit, urlunsplit
 
 from jobs.errors import ConfigError
@@ -103,6 +103,9 @@ class Settings:
     # A SUBMITTING row older than this lost its worker mid-/run. None: derived from the client's own
     # bound on a /run (`submit_stuck_after_seconds`); a value at or below that bound is refused.
     submit_stuck_seconds: int | None = None
+    # Per endpoint name: at most this many of its jobs at RunPod at once; the rest wait PENDING, in
+    # order of priority then age, and go out as jobs finish. Unlisted endpoints have no cap.
+    max_in_flight: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def runpod_connect_timeout_seconds(self) -> float:
@@ -208,6 +211,9 @@ class Settings:
             submit_stuck_seconds=(positive_int("RPQ_SUBMIT_STUCK_SECONDS", 1)
                                   if env.get("RPQ_SUBMIT_STUCK_SECONDS", "").strip() else None),
         )
+        caps = _parse_caps(env.get("RPQ_MAX_IN_FLIGHT", ""), settings.endpoints, problems)
+        if caps:
+            settings = replace(settings, max_in_flight=caps)
         if not problems and not 1.0 <= settings.poll_max_seconds <= MAX_POLL_GAP_SECONDS:
             # Far below the broker's visibility timeout and RunPod's 30-minute result retention.
             problems.append(f"RPQ_POLL_MAX_SECONDS: must be between 1 and {MAX_POLL_GAP_SECONDS:.0f}")
@@ -225,6 +231,13 @@ class Settings:
         if self.runpod_api_key is None:
             raise ConfigError(["RUNPOD_API_KEY: not set; RunPod (and the simulator) need it"])
         return self.runpod_api_key
+
+    def max_in_flight_for(self, endpoint_id: str) -> int | None:
+        """The cap on the endpoint's jobs at RunPod at once, if it has one."""
+        for name, endpoint in self.endpoints.items():
+            if endpoint.id == endpoint_id and name in self.max_in_flight:
+                return self.max_in_flight[name]
+        return None
 
     def resolve_endpoint(self, name_or_id: str) -> Endpoint:
         """The configured endpoint of that name, or a bare RunPod endpoint id taken as itself."""
@@ -256,6 +269,25 @@ def _parse_endpoints(raw: str, problems: list[str]) -> dict[str, Endpoint]:
         else:
             endpoints[name] = Endpoint(name=name, id=endpoint_id)
     return endpoints
+
+
+def _parse_caps(raw: str, endpoints: Mapping[str, Endpoint], problems: list[str]) -> dict[str, int]:
+    """Parse `RPQ_MAX_IN_FLIGHT=tts=50,export=4`: configured endpoint names, positive whole numbers."""
+    caps: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not re.fullmatch(r"[0-9]{1,9}", value) or int(value) <= 0:
+            problems.append(f"RPQ_MAX_IN_FLIGHT: {item!r} is not NAME=N with N a whole number above 0")
+        elif name not in endpoints:
+            known = ", ".join(sorted(endpoints)) or "none configured"
+            problems.append(f"RPQ_MAX_IN_FLIGHT: {name!r} is not an endpoint in RUNPOD_ENDPOINTS ({known})")
+        elif name in caps:
+            problems.append(f"RPQ_MAX_IN_FLIGHT: {name!r} is listed twice")
+        else:
+            caps[name] = int(value)
+    return caps
 
 
 def _unit(name: str) -> str:

@@ -14,21 +14,16 @@ from kombu import Queue
 
 from jobs import logcontext
 from jobs.runtime import (
-    CANCEL_TASK,
     HEALTH_TASK,
-    MAINTENANCE_QUEUE,
-    POLL_QUEUE,
-    POLL_TASK,
     PURGE_TASK,
     QUEUES,
     RECONCILE_TASK,
+    ROUTES,
     SUBMIT_QUEUE,
-    SUBMIT_TASK,
+    VISIBILITY_TIMEOUT_SECONDS,
+    broker_transport_options,
 )
 from jobs.settings import Settings
-
-# Every countdown and task runtime stays far below this, or Redis re-delivers held messages.
-VISIBILITY_TIMEOUT_SECONDS = 1800
 
 
 def _every(task: str, seconds: int) -> dict[str, Any]:
@@ -38,15 +33,8 @@ def _every(task: str, seconds: int) -> dict[str, Any]:
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     celery = Celery("rpq", broker=settings.celery_broker_url, include=["tasks.jobs"])
-    transport_options = {
-        "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,  # > longest countdown + task runtime
-        "socket_timeout": 30,  # a broker that vanishes without closing TCP must not hang a worker
-        "socket_connect_timeout": 10,
-        "socket_keepalive": True,
-        "health_check_interval": 25,  # detects a dead connection instead of silently not consuming
-    }
     celery.conf.update(
-        broker_transport_options=transport_options,
+        broker_transport_options=broker_transport_options(),
         result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
         visibility_timeout=VISIBILITY_TIMEOUT_SECONDS,  # Celery reads it in all three places
         broker_connection_retry_on_startup=True,
@@ -57,8 +45,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_retry_on_worker_lost=True,  # a pool child killed by SIGKILL/OOM is retried, bounded
         task_reject_on_worker_lost=False,  # no unbounded requeue loop on Redis
         worker_prefetch_multiplier=1,  # a busy worker does not sit on messages others could run
-        worker_eta_task_limit=1000,  # bounds memory held by countdown polls
-        worker_enable_soft_shutdown_on_idle=True,  # held countdown polls go back to Redis on shutdown
+        # Countdown messages are few (one wake-up per endpoint and role: waits live in the table), so
+        # this bound is a backstop, not a working limit.
+        worker_eta_task_limit=1000,
+        worker_enable_soft_shutdown_on_idle=True,  # held countdown messages go back to Redis on shutdown
         worker_soft_shutdown_timeout=10,
         worker_cancel_long_running_tasks_on_connection_loss=True,  # no double run after a reconnect
         # RunPod calls are short; a stuck one is cut long before the VT, but never a /run that is still
@@ -67,14 +57,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_time_limit=max(180, settings.submit_bound_seconds + 75),
         task_default_queue=SUBMIT_QUEUE,
         task_queues=[Queue(name) for name in QUEUES],
-        task_routes={
-            SUBMIT_TASK: {"queue": SUBMIT_QUEUE},
-            CANCEL_TASK: {"queue": SUBMIT_QUEUE},  # user-facing, like submits
-            POLL_TASK: {"queue": POLL_QUEUE},
-            RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
-            HEALTH_TASK: {"queue": MAINTENANCE_QUEUE},
-            PURGE_TASK: {"queue": MAINTENANCE_QUEUE},
-        },
+        task_routes={task: {"queue": queue} for task, queue in ROUTES.items()},
         # Each periodic task expires after its own interval: a backlog of them is pointless, the
         # next run sees everything. Each also holds a lease in the database, so two beats are safe.
         beat_schedule={

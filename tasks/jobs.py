@@ -1,7 +1,8 @@
-"""The Celery tasks: thin adapters over `jobs.lifecycle` and `jobs.reconcile`.
+"""The Celery tasks: thin adapters over `jobs.dispatch`, `jobs.poller`, `jobs.lifecycle` and
+`jobs.reconcile`.
 
-Each takes a job id (never an input or a key: Flower shows arguments), calls one function, and
-schedules what that function asks for. Nothing here decides anything about a job.
+Each takes one id (a job's or an endpoint's; never an input or a key: Flower shows arguments), calls
+one function, and schedules what that function asks for. Nothing here decides anything about a job.
 """
 
 from __future__ import annotations
@@ -9,10 +10,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from jobs import dispatch as dispatching
 from jobs import health as endpoint_health
-from jobs import lifecycle, logcontext, retention
+from jobs import lifecycle, logcontext, poller, retention
 from jobs.reconcile import reconcile as reconcile_jobs
-from jobs.runtime import CANCEL_TASK, HEALTH_TASK, POLL_TASK, PURGE_TASK, RECONCILE_TASK, SUBMIT_TASK, Runtime
+from jobs.runtime import (
+    CANCEL_TASK,
+    DISPATCH_TASK,
+    HEALTH_TASK,
+    POLL_DUE_TASK,
+    POLL_TASK,
+    PURGE_TASK,
+    RECONCILE_TASK,
+    SUBMIT_TASK,
+    Runtime,
+)
 from jobs.runtime import get_runtime as _get_runtime
 from jobs.settings import Settings
 from tasks.app import app
@@ -20,41 +32,80 @@ from tasks.app import app
 log = logging.getLogger("rpq.tasks")
 
 
+def _publish(task: str, ident: str, countdown: float | None) -> None:
+    app.send_task(task, args=[ident], countdown=countdown)
+
+
 def get_runtime() -> Runtime:
     """The worker process's runtime; it publishes through this Celery app rather than a second one."""
-    return _get_runtime(lambda: Runtime.from_settings(Settings.from_env(), celery_app=app))
+    return _get_runtime(lambda: Runtime.from_settings(Settings.from_env(), publish=_publish))
 
 
-def _follow(task: Any, job_id: str, step: lifecycle.Next) -> None:
-    log.debug("%s %s: %s", task.name, job_id, step.reason)
-    if step.poll_in is not None:
+@app.task(name=DISPATCH_TASK)  # type: ignore[untyped-decorator]
+def dispatch(endpoint_id: str) -> None:
+    rt = get_runtime()
+    assert rt.wakeups is not None
+    rt.wakeups.started(DISPATCH_TASK, endpoint_id)
+    with logcontext.scope():
+        outcome = dispatching.dispatch(rt, endpoint_id)
+    log.debug("dispatch %s: sent %d; %s", endpoint_id, outcome.sent, outcome.reason)
+    if outcome.again_in is not None:
         # Published before this message is acked (acks_late): a crash in between duplicates the
-        # poll, which its claim makes harmless, and never loses it.
-        poll.apply_async((job_id,), countdown=step.poll_in)
-    if step.again_in is not None:
-        raise task.retry(countdown=step.again_in, max_retries=None)
+        # wake-up, which finds nothing claimable, and never loses it.
+        rt.wake(DISPATCH_TASK, endpoint_id, outcome.again_in)
 
 
-@app.task(name=SUBMIT_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def submit(self: Any, job_id: str) -> None:
+@app.task(name=POLL_DUE_TASK)  # type: ignore[untyped-decorator]
+def poll_due(endpoint_id: str) -> None:
+    rt = get_runtime()
+    assert rt.wakeups is not None
+    rt.wakeups.started(POLL_DUE_TASK, endpoint_id)
     with logcontext.scope():
-        _follow(self, job_id, lifecycle.submit_job(get_runtime(), job_id))
+        outcome = poller.poll_due(rt, endpoint_id)
+    log.debug("poll_due %s: polled %d; %s", endpoint_id, outcome.polled, outcome.reason)
+    if outcome.again_in is not None:
+        rt.wake(POLL_DUE_TASK, endpoint_id, outcome.again_in)
 
 
-@app.task(name=POLL_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def poll(self: Any, job_id: str) -> None:
+@app.task(name=SUBMIT_TASK)  # type: ignore[untyped-decorator]
+def submit(job_id: str) -> None:
+    """One job's submit: the message of rpq before the dispatcher, still served during an upgrade."""
+    rt = get_runtime()
     with logcontext.scope():
-        step = lifecycle.poll_job(get_runtime(), job_id)
-    log.debug("%s %s: %s", self.name, job_id, step.reason)
+        step = lifecycle.submit_job(rt, job_id)
+    _follow_by_table(rt, job_id, step)
+
+
+@app.task(name=POLL_TASK)  # type: ignore[untyped-decorator]
+def poll(job_id: str) -> None:
+    """Poll one job now: a webhook's wake-up. Its later polls are the poller's."""
+    rt = get_runtime()
+    with logcontext.scope():
+        step = lifecycle.poll_job(rt, job_id)
+    _follow_by_table(rt, job_id, step)
+
+
+def _follow_by_table(rt: Runtime, job_id: str, step: lifecycle.Next) -> None:
+    """After one job's step, its schedule is in the table: wake whichever role it is due with."""
+    log.debug("%s: %s", job_id, step.reason)
+    if step.poll_in is None and step.again_in is None:
+        return
+    endpoint_id = lifecycle.endpoint_of(rt, job_id)
+    if endpoint_id is None:
+        return
     if step.poll_in is not None:
-        # Re-enqueue itself: same task id, so one chain per job shows in Flower.
-        raise self.retry(countdown=step.poll_in, max_retries=None)
+        rt.wake(POLL_DUE_TASK, endpoint_id, step.poll_in)
+    if step.again_in is not None:
+        rt.wake(DISPATCH_TASK, endpoint_id, step.again_in)
 
 
 @app.task(name=CANCEL_TASK, bind=True, max_retries=20)  # type: ignore[untyped-decorator]
 def cancel(self: Any, job_id: str) -> None:
     with logcontext.scope():
-        _follow(self, job_id, lifecycle.cancel_on_runpod(get_runtime(), job_id))
+        step = lifecycle.cancel_on_runpod(get_runtime(), job_id)
+    log.debug("%s %s: %s", self.name, job_id, step.reason)
+    if step.again_in is not None:
+        raise self.retry(countdown=step.again_in, max_retries=None)
 
 
 @app.task(name=RECONCILE_TASK)  # type: ignore[untyped-decorator]

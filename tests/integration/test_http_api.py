@@ -34,7 +34,7 @@ from jobs.jsonsafe import MAX_DEPTH
 from jobs.lifecycle import hash_token
 from jobs.models import JobRow, utcnow
 from jobs.runpod import RunPodClient
-from jobs.runtime import SUBMIT_TASK, Runtime
+from jobs.runtime import DISPATCH_TASK, Runtime
 from jobs.settings import Settings
 from jobs.states import JobStatus
 from jobs.store import Source, transition
@@ -168,7 +168,7 @@ def test_a_new_job_is_answered_202_with_the_stored_job_and_published_once(api: h
     assert (job.status, job.endpoint_id, job.input) == (JobStatus.PENDING, ENDPOINT_ID, {"text": "hello"})
     assert (job.policy, job.webhook, job.metadata, job.stream) == ({"ttl": 60_000, "lowPriority": True},
                                                                    "https://example.com/hook", {"user": 7}, True)
-    assert published(runtime).of(SUBMIT_TASK) == [job.id]
+    assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID]  # its endpoint's dispatcher is woken
 
 
 @dataclass(frozen=True)
@@ -289,7 +289,7 @@ def test_a_repeated_idempotency_key_gets_the_same_job_with_200_one_row_and_one_p
     assert (first.status_code, again.status_code, other.status_code) == (202, 200, 202)
     assert again.json() == first.json()
     assert sorted(job.id for job in stored(runtime)) == sorted([first.json()["id"], other.json()["id"]])
-    assert published(runtime).of(SUBMIT_TASK) == [first.json()["id"], other.json()["id"]]
+    assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID, ENDPOINT_ID]  # not for the repeat
     assert jobs.get(first.json()["id"], runtime=runtime).idempotency_key == "order-42"
 
 
@@ -502,7 +502,7 @@ def test_retrying_a_failed_job_answers_202_with_a_new_attempt_and_publishes_it(
     stored_job = jobs.get(job.id, runtime=runtime)
     assert response.status_code == 202 and response.json() == stored_job.to_dict()
     assert (stored_job.status, stored_job.attempt) == (JobStatus.PENDING, 2)
-    assert published(runtime).of(SUBMIT_TASK) == [job.id, job.id]
+    assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID, ENDPOINT_ID]
 
 
 def test_retrying_a_completed_job_is_a_409_and_changes_nothing(api: httpx.Client, runtime: Runtime) -> None:
@@ -512,8 +512,8 @@ def test_retrying_a_completed_job_is_a_409_and_changes_nothing(api: httpx.Client
     response = api.post(f"/v1/jobs/{job.id}/retry")
 
     assert response.status_code == 409 and problems(response) == {("status", "transition")}
-    assert (jobs.get(job.id, runtime=runtime).status, published(runtime).of(SUBMIT_TASK)) == (
-        JobStatus.COMPLETED, [job.id])
+    assert (jobs.get(job.id, runtime=runtime).status, published(runtime).of(DISPATCH_TASK)) == (
+        JobStatus.COMPLETED, [ENDPOINT_ID])
 
 
 @pytest.mark.parametrize("action", ["cancel", "retry"])

@@ -16,7 +16,7 @@ from jobs.db import session_scope
 from jobs.lifecycle import cancel_on_runpod, poll_job, submit_job
 from jobs.models import utcnow
 from jobs.reconcile import reconcile
-from jobs.runtime import CANCEL_TASK, POLL_TASK, SUBMIT_TASK, Runtime
+from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.settings import Secret
 from jobs.states import JobStatus
 from jobs.store import update_fields
@@ -62,7 +62,7 @@ def test_submit_writes_a_pending_row_and_publishes_without_calling_runpod(
     stored = jobs.get(job.id, runtime=runtime)
     assert (stored.status, stored.endpoint, stored.endpoint_id) == (JobStatus.PENDING, "tts", ENDPOINT_ID)
     assert (stored.input, stored.correlation_id, stored.metadata) == ({"text": "hello"}, "req-1", {"user": 7})
-    assert published(runtime).of(SUBMIT_TASK) == [job.id]
+    assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID]  # its endpoint's dispatcher is woken
     assert history(runtime, job.id) == [(None, "PENDING", "api")]
     assert simulator.jobs() == []
 
@@ -153,7 +153,7 @@ def test_a_run_that_times_out_is_marked_unknown_and_never_resubmitted(
 
     stored = jobs.get(job.id, runtime=runtime)
     assert stored.status is JobStatus.SUBMIT_UNKNOWN and step.poll_in is None
-    assert job.id not in report.resubmitted
+    assert report.woke_dispatch == []  # nothing PENDING: nothing to send again
     assert len(simulator.jobs()) == 1  # it did reach RunPod, once; an operator decides what next
     assert "else an operator decides" in (jobs.events(job.id, runtime=runtime)[-1].detail or "")
 
@@ -344,7 +344,7 @@ def test_the_same_idempotency_key_returns_the_first_job(runtime: Runtime) -> Non
 
     assert again.id == first.id and again.input == {"text": "a"}
     assert other.id != first.id  # keys are per endpoint
-    assert published(runtime).of(SUBMIT_TASK) == [first.id, other.id]
+    assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID, ENDPOINT_ID + "-2"]  # not for the repeat
 
 
 def test_list_jobs_filters_by_status_endpoint_and_age(runtime: Runtime) -> None:
@@ -377,10 +377,9 @@ def test_the_reconciler_rebuilds_lost_wakeups_from_the_table_alone(runtime: Runt
     report = reconcile(runtime, now=utcnow() + timedelta(hours=1))
     again = reconcile(runtime, now=utcnow() + timedelta(hours=1, seconds=1))
 
-    assert report.resubmitted == [never_sent.id] and again.resubmitted == []  # not re-sent every run
-    assert report.repolled == [polling.id]
-    assert report.marked_unknown == [stuck.id]
+    assert report.woke_dispatch == [ENDPOINT_ID] and report.woke_poller == [ENDPOINT_ID]
+    assert report.marked_unknown == [stuck.id] and again.marked_unknown == []
     assert jobs.get(stuck.id, runtime=runtime).status is JobStatus.SUBMIT_UNKNOWN
-    assert published(runtime).of(POLL_TASK)[0] == polling.id
-    said = [e.detail or "" for e in jobs.events(polling.id, runtime=runtime) if e.source == "reconciler"]
-    assert said and all("wake-up was lost" in text for text in said)  # one per run that re-sent it
+    assert jobs.get(never_sent.id, runtime=runtime).status is JobStatus.PENDING
+    assert published(runtime).of(DISPATCH_TASK)[0] == ENDPOINT_ID
+    assert published(runtime).of(POLL_DUE_TASK)[0] == ENDPOINT_ID

@@ -312,7 +312,7 @@ def test_a_webhook_naming_no_job_runpod_confirms_adopts_nothing(
     assert "not adopted" in details(webhook_runtime, job.id)
 
 
-def test_repeated_webhooks_and_reconciler_resends_keep_one_history_row_each(
+def test_repeated_webhooks_keep_one_history_row_and_the_reconcilers_wakeups_write_none(
     webhook_runtime: Runtime, simulator: SimulatorProcess
 ) -> None:
     job = jobs.submit("tts", {"sleep": 60}, runtime=webhook_runtime)
@@ -329,7 +329,7 @@ def test_repeated_webhooks_and_reconciler_resends_keep_one_history_row_each(
     webhooks = [e for e in history if e.source == "webhook"]
     resends = [e for e in history if e.source == "reconciler"]
     assert [e.repeats for e in webhooks] == [5] and webhooks[0].last_at is not None
-    assert [e.repeats for e in resends] == [5]
+    assert resends == []  # it wakes the endpoint's poller; a job's history is not the place for that
     assert "(x5, last " in show(webhook_runtime, job.id)
 
 

@@ -1,0 +1,133 @@
+"""The dispatcher: send an endpoint's PENDING jobs to RunPod, in order, within its limits.
+
+One task run (`rpq.dispatch`, argument: the endpoint id) claims the endpoint's next PENDING jobs
+together (highest `priority` first, then oldest; `FOR UPDATE SKIP LOCKED` on PostgreSQL, so two
+dispatchers never wait on each other's rows), sends their `/run`s concurrently, and goes on until no
+job is left, the endpoint's `max_in_flight` is reached, its `/run` budget is spent, or its time is
+up; then it says when to run again. Each job is still sent exactly as `lifecycle.submit_job` sends
+it: claimed with a compare-and-set, and every write after /run fenced to its attempt.
+
+Why not one message per job: the order (priority, then age), the cap and the budget are questions
+about all of an endpoint's PENDING jobs, which only a reader of the table can answer; and a message
+per job costs a Celery task's CPU per job and a backlog in Redis that delays everything behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, col, or_, select
+
+from jobs import lifecycle
+from jobs.batching import fan_out, tokens_available
+from jobs.db import session_scope
+from jobs.models import JobRow, utcnow
+from jobs.runtime import POLL_DUE_TASK, Runtime
+from jobs.states import JobStatus
+
+log = logging.getLogger("rpq.dispatch")
+
+#: Jobs claimed together: enough to keep RunPod's /run busy, few enough that one slow /run does not
+#: hold many claimed jobs back.
+BATCH = 32
+#: How long one task run goes on before handing the worker back (it re-enqueues itself at once).
+RUN_SECONDS = 5.0
+#: While an endpoint is at its max_in_flight, look again this often (a job ending also wakes it).
+HELD_RECHECK_SECONDS = 5.0
+#: With no /run budget left, look again after this (the budget refills continuously).
+NO_BUDGET_RECHECK_SECONDS = 0.25
+#: Statuses that count against an endpoint's max_in_flight: a job RunPod has, or may have.
+IN_FLIGHT = (JobStatus.SUBMITTING, JobStatus.SUBMIT_UNKNOWN, JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS)
+
+
+@dataclass
+class Outcome:
+    """What one dispatcher run did, and when it should run again (None: when woken)."""
+
+    sent: int = 0
+    again_in: float | None = None
+    reason: str = ""
+
+
+def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
+             run_seconds: float = RUN_SECONDS, batch: int = BATCH) -> Outcome:
+    """Send the endpoint's PENDING jobs that are due, as many as its limits allow right now."""
+    outcome = Outcome()
+    started = time.monotonic()
+    cap = rt.settings.max_in_flight_for(endpoint_id)
+    while True:
+        room = batch
+        if cap is not None:
+            with session_scope(rt.engine, read_only=True) as session:
+                room = min(room, cap - in_flight(session, endpoint_id))
+            if room <= 0:
+                outcome.again_in, outcome.reason = _held_recheck(rt, endpoint_id), f"at max_in_flight {cap}"
+                return outcome
+        room = min(room, tokens_available(rt, endpoint_id, "run"))
+        if room <= 0:
+            outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /run budget is spent for now"
+            return outcome
+        claimed = claim_pending(rt, endpoint_id, room)
+        if not claimed:
+            outcome.again_in, outcome.reason = _next_due(rt, endpoint_id), "nothing left to send"
+            return outcome
+        steps = fan_out(lambda item: lifecycle.submit_claimed(rt, item[0], item[1], rand=rand), claimed)
+        outcome.sent += len(claimed)
+        first_polls = [step.poll_in for step in steps if step.poll_in is not None]
+        if first_polls:
+            rt.wake(POLL_DUE_TASK, endpoint_id, min(first_polls))
+        if time.monotonic() - started >= run_seconds:
+            outcome.again_in, outcome.reason = 0.0, "time is up; more may be waiting"
+            return outcome
+
+
+def claim_pending(rt: Runtime, endpoint_id: str, limit: int) -> list[tuple[JobRow, str | None]]:
+    """Claim up to `limit` of the endpoint's due PENDING jobs (PENDING -> SUBMITTING), in order, in one
+    transaction; returns each claimed row with the webhook token its /run will carry."""
+    now = utcnow()
+    with session_scope(rt.engine) as session:
+        ids = session.exec(
+            select(JobRow.id)
+            .where(JobRow.endpoint_id == endpoint_id, JobRow.status == JobStatus.PENDING,
+                   or_(col(JobRow.next_poll_at).is_(None), col(JobRow.next_poll_at) <= now))
+            .order_by(col(JobRow.priority).desc(), col(JobRow.created_at), col(JobRow.id))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        tokens = {job_id: lifecycle.new_webhook_token(rt) for job_id in ids}
+        won = [job_id for job_id in ids if lifecycle.claim_submit(session, job_id, tokens[job_id])]
+        rows = {row.id: row for row in session.exec(select(JobRow).where(col(JobRow.id).in_(won)))} if won else {}
+    return [(rows[job_id], tokens[job_id]) for job_id in won]
+
+
+def in_flight(session: Session, endpoint_id: str) -> int:
+    """The endpoint's jobs that RunPod has, or may have."""
+    return session.exec(select(func.count()).select_from(JobRow).where(
+        JobRow.endpoint_id == endpoint_id, col(JobRow.status).in_(sorted(IN_FLIGHT)))).one()
+
+
+def _next_due(rt: Runtime, endpoint_id: str) -> float | None:
+    """Seconds until the endpoint's next PENDING job waiting out a backoff is due; None if none is."""
+    with session_scope(rt.engine, read_only=True) as session:
+        due = session.exec(select(func.min(JobRow.next_poll_at)).where(
+            JobRow.endpoint_id == endpoint_id, JobRow.status == JobStatus.PENDING)).one()
+    if due is None:
+        return None
+    return max((_aware(due) - utcnow()).total_seconds(), 0.0)
+
+
+def _held_recheck(rt: Runtime, endpoint_id: str) -> float | None:
+    with session_scope(rt.engine, read_only=True) as session:
+        waiting = session.exec(select(JobRow.id).where(
+            JobRow.endpoint_id == endpoint_id, JobRow.status == JobStatus.PENDING).limit(1)).first()
+    return HELD_RECHECK_SECONDS if waiting is not None else None
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)

@@ -1,0 +1,148 @@
+"""The poller: ask RunPod about an endpoint's jobs whose poll is due, together, within its budget.
+
+`next_poll_at` in the job table is the schedule. One task run (`rpq.poll_due`, argument: the
+endpoint id) claims the endpoint's due jobs together (`FOR UPDATE SKIP LOCKED` on PostgreSQL),
+asks RunPod about them concurrently, stores each answer with the same fenced compare-and-set as a
+single poll (`lifecycle.poll_claimed`), and goes on until nothing is due, the `/status` budget is
+spent or its time is up; then it says when to run again: when the next poll is due. So a wait of
+any length is a row, never a message held in a worker, and the reconciler can rebuild everything
+from the table alone.
+
+When the budget cannot serve every due poll, the most urgent go first: a job's first poll (it may
+be done already, or have failed at once), and any poll that has waited far too long; after those,
+the most overdue. The gap a job is given after each poll is never shorter than what the budget
+can serve for all the endpoint's jobs in flight (`floor`), so submitting more jobs stretches every
+job's polls rather than building a backlog, and the budget is never exceeded whatever is submitted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+from sqlalchemy import case, func, update
+from sqlmodel import col, or_, select
+
+from jobs import lifecycle
+from jobs.batching import calls_per_second, fan_out, tokens_available
+from jobs.db import session_scope
+from jobs.models import JobRow, utcnow
+from jobs.runtime import DISPATCH_TASK, Runtime
+from jobs.states import AT_RUNPOD
+
+log = logging.getLogger("rpq.poller")
+
+#: Jobs claimed together.
+BATCH = 64
+#: How long one task run goes on before handing the worker back (it re-enqueues itself at once).
+RUN_SECONDS = 5.0
+#: The longest a poller sleeps, even with nothing due sooner: a cheap look that bounds how long a
+#: job made due by other means (an operator, a migration) waits.
+HORIZON_SECONDS = 30.0
+#: With no /status budget left, look again after this (the budget refills continuously).
+NO_BUDGET_RECHECK_SECONDS = 0.25
+#: A poll this overdue goes before any other (RunPod keeps a finished job's result 30 minutes).
+STARVING = timedelta(minutes=5)
+#: Of the budget's rate, the share the floor leaves to first polls and webhook wake-ups.
+FLOOR_SHARE = 0.8
+#: The floor never exceeds this, far inside RunPod's 30-minute result retention. More jobs in flight
+#: than the budget can follow at this gap is a deployment that needs `max_in_flight`.
+FLOOR_CAP_SECONDS = 600.0
+
+
+@dataclass
+class Outcome:
+    """What one poller run did, and when it should run again (None: nothing is in flight)."""
+
+    polled: int = 0
+    finished: int = 0
+    again_in: float | None = None
+    reason: str = ""
+
+
+def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
+             run_seconds: float = RUN_SECONDS, batch: int = BATCH) -> Outcome:
+    """Poll the endpoint's jobs that are due, as many as its budget allows right now."""
+    outcome = Outcome()
+    started = time.monotonic()
+    while True:
+        room = min(batch, tokens_available(rt, endpoint_id, "status"))
+        if room <= 0:
+            outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /status budget is spent for now"
+            break
+        claimed, floor = claim_due(rt, endpoint_id, room)
+        if not claimed:
+            outcome.again_in, outcome.reason = _next_due(rt, endpoint_id), "nothing due"
+            break
+        steps = fan_out(partial(_poll_one, rt, rand, floor), claimed)
+        outcome.polled += len(claimed)
+        outcome.finished += sum(1 for step in steps if step.poll_in is None)
+        if time.monotonic() - started >= run_seconds:
+            outcome.again_in, outcome.reason = 0.0, "time is up; more may be due"
+            break
+    if outcome.finished and rt.settings.max_in_flight_for(endpoint_id) is not None:
+        rt.wake(DISPATCH_TASK, endpoint_id)  # a slot is free: a held job can go
+    return outcome
+
+
+def _poll_one(rt: Runtime, rand: Any, floor: float, row: JobRow) -> lifecycle.Next:
+    return lifecycle.poll_claimed(rt, row, rand=rand, floor=floor)
+
+
+def claim_due(rt: Runtime, endpoint_id: str, limit: int) -> tuple[list[JobRow], float]:
+    """Claim up to `limit` of the endpoint's due polls, most urgent first, in one transaction: each
+    claimed job's next_poll_at moves to the end of its lease, so a poller killed mid-call leaves it
+    for the reconciler. Returns the rows as they were before the claim, and the gap floor."""
+    now = utcnow()
+    urgent = or_(col(JobRow.poll_count) == 0, col(JobRow.next_poll_at).is_(None),
+                 col(JobRow.next_poll_at) < now - STARVING)
+    with session_scope(rt.engine) as session:
+        rows = list(session.exec(
+            select(JobRow)
+            .where(JobRow.endpoint_id == endpoint_id, col(JobRow.status).in_(sorted(AT_RUNPOD)),
+                   col(JobRow.runpod_job_id).is_not(None),
+                   or_(col(JobRow.next_poll_at).is_(None), col(JobRow.next_poll_at) <= now))
+            .order_by(case((urgent, 0), else_=1), col(JobRow.next_poll_at))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all())
+        if not rows:
+            return [], 0.0
+        session.execute(update(JobRow).where(col(JobRow.id).in_([row.id for row in rows]))
+                        .values(next_poll_at=now + lifecycle.poll_lease(rt))
+                        .execution_options(synchronize_session=False))
+        floor = _floor(rt, session, endpoint_id)
+    return rows, floor
+
+
+def _floor(rt: Runtime, session: Any, endpoint_id: str) -> float:
+    """The shortest gap the budget can serve for every job of the endpoint at RunPod: stretches as more
+    jobs are in flight."""
+    rate = calls_per_second(rt, "status")
+    if rate is None:
+        return 0.0
+    in_flight = session.exec(select(func.count()).select_from(JobRow).where(
+        JobRow.endpoint_id == endpoint_id, col(JobRow.status).in_(sorted(AT_RUNPOD)))).one()
+    return min(float(in_flight) / (rate * FLOOR_SHARE), FLOOR_CAP_SECONDS)
+
+
+def _next_due(rt: Runtime, endpoint_id: str) -> float | None:
+    """Seconds until the endpoint's next poll is due (at most HORIZON_SECONDS); None if none is in flight."""
+    with session_scope(rt.engine, read_only=True) as session:
+        count, due = session.exec(select(func.count(), func.min(JobRow.next_poll_at)).where(
+            JobRow.endpoint_id == endpoint_id, col(JobRow.status).in_(sorted(AT_RUNPOD)),
+            col(JobRow.runpod_job_id).is_not(None))).one()
+    if not count:
+        return None
+    if due is None:
+        return 0.0
+    return min(max((_aware(due) - utcnow()).total_seconds(), 0.0), HORIZON_SECONDS)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)

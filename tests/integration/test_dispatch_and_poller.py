@@ -1,0 +1,266 @@
+"""The dispatcher and the poller, in-process, on SQLite and PostgreSQL against the simulator.
+
+They read the job table for their work, so each test sets the table up, runs one of them, and
+asserts on what the table and the simulator say afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlmodel import select
+
+import jobs
+from jobs.db import session_scope
+from jobs.dispatch import dispatch
+from jobs.models import JobRow, utcnow
+from jobs.poller import claim_due, poll_due
+from jobs.reconcile import reconcile
+from jobs.runtime import DISPATCH_TASK, POLL_DUE_TASK, Runtime
+from jobs.states import JobStatus
+from jobs.store import update_fields
+from jobs.wakeups import Wakeups, key
+from tests.conftest import ENDPOINT_ID, ENDPOINT_NAME, Published, SimulatorProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def published(rt: Runtime) -> Published:
+    assert isinstance(rt.publish, Published)
+    return rt.publish
+
+
+def statuses(rt: Runtime, *job_ids: str) -> list[JobStatus]:
+    return [jobs.get(job_id, runtime=rt).status for job_id in job_ids]
+
+
+def make_due(rt: Runtime, *job_ids: str, ago: timedelta = timedelta(0)) -> None:
+    with session_scope(rt.engine) as session:
+        for job_id in job_ids:
+            update_fields(session, job_id, while_status={JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS},
+                          values={"next_poll_at": utcnow() - ago})
+
+
+# -- the dispatcher ------------------------------------------------------------------------------------------
+
+
+def test_the_dispatcher_sends_every_pending_job_of_its_endpoint_once_and_wakes_the_poller(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    submitted = [jobs.submit("tts", {"output": i}, runtime=runtime) for i in range(5)]
+    published(runtime).messages.clear()
+
+    outcome = dispatch(runtime, ENDPOINT_ID)
+    again = dispatch(runtime, ENDPOINT_ID)
+
+    assert outcome.sent == 5 and again.sent == 0
+    assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.IN_QUEUE] * 5
+    assert len(simulator.jobs()) == 5
+    assert published(runtime).of(POLL_DUE_TASK) == [ENDPOINT_ID]
+
+
+def test_the_dispatcher_sends_oldest_first_in_batches(runtime: Runtime, simulator: SimulatorProcess) -> None:
+    submitted = [jobs.submit("tts", {"output": i}, runtime=runtime) for i in range(5)]
+
+    dispatch(runtime, ENDPOINT_ID, batch=2, run_seconds=0)  # one batch, then it hands the worker back
+
+    assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.IN_QUEUE] * 2 + [JobStatus.PENDING] * 3
+
+
+def test_two_dispatchers_racing_send_each_job_exactly_once(runtime: Runtime, simulator: SimulatorProcess) -> None:
+    submitted = [jobs.submit("tts", {"output": i}, runtime=runtime) for i in range(12)]
+    sent: list[int] = []
+
+    def run() -> None:
+        sent.append(dispatch(runtime, ENDPOINT_ID, batch=3).sent)
+
+    racers = [threading.Thread(target=run) for _ in range(3)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+
+    assert sum(sent) == 12
+    assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.IN_QUEUE] * 12
+    assert len(simulator.jobs()) == 12
+
+
+def test_an_endpoint_at_its_max_in_flight_holds_its_jobs_pending_until_one_ends(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    runtime.settings = replace(runtime.settings, max_in_flight={ENDPOINT_NAME: 2})
+    capped = runtime
+    submitted = [jobs.submit("tts", {"output": i}, runtime=capped) for i in range(4)]
+
+    held = dispatch(capped, ENDPOINT_ID)
+
+    assert held.sent == 2 and held.again_in is not None and "max_in_flight" in held.reason
+    assert statuses(capped, *(job.id for job in submitted)) == [JobStatus.IN_QUEUE] * 2 + [JobStatus.PENDING] * 2
+
+    def first_two_done() -> bool:
+        make_due(capped, submitted[0].id, submitted[1].id)
+        poll_due(capped, ENDPOINT_ID)
+        return all(status.is_terminal for status in statuses(capped, submitted[0].id, submitted[1].id))
+
+    wait_until(first_two_done, timeout=20, what="the first two jobs to finish")
+    assert DISPATCH_TASK in [task for task, _, _ in published(capped).messages]  # a freed slot wakes it
+
+    assert dispatch(capped, ENDPOINT_ID).sent == 2
+    assert len(simulator.jobs()) == 4
+
+
+def test_a_pending_job_waiting_out_a_backoff_is_not_sent_early(runtime: Runtime, simulator: SimulatorProcess) -> None:
+    job = jobs.submit("tts", {"output": 1}, runtime=runtime)
+    with session_scope(runtime.engine) as session:
+        update_fields(session, job.id, while_status={JobStatus.PENDING},
+                      values={"next_poll_at": utcnow() + timedelta(seconds=30)})
+
+    outcome = dispatch(runtime, ENDPOINT_ID)
+
+    assert outcome.sent == 0 and outcome.again_in is not None and 25 < outcome.again_in <= 30
+    assert simulator.jobs() == []
+
+
+# -- the poller ------------------------------------------------------------------------------------------------
+
+
+def test_the_poller_polls_only_due_jobs_and_says_when_the_next_is_due(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    due, later = (jobs.submit("tts", {"sleep": 30}, runtime=runtime) for _ in range(2))
+    dispatch(runtime, ENDPOINT_ID)
+    make_due(runtime, due.id)
+    with session_scope(runtime.engine) as session:
+        update_fields(session, later.id, while_status={JobStatus.IN_QUEUE},
+                      values={"next_poll_at": utcnow() + timedelta(seconds=20)})
+
+    outcome = poll_due(runtime, ENDPOINT_ID)
+
+    assert outcome.polled == 1
+    assert (jobs.get(due.id, runtime=runtime).poll_count, jobs.get(later.id, runtime=runtime).poll_count) == (1, 0)
+    assert outcome.again_in is not None and 0 < outcome.again_in <= 20
+
+
+def test_a_claimed_poll_is_not_claimed_again_by_a_second_poller(runtime: Runtime) -> None:
+    job = jobs.submit("tts", {"sleep": 30}, runtime=runtime)
+    dispatch(runtime, ENDPOINT_ID)
+    make_due(runtime, job.id)
+
+    first, _ = claim_due(runtime, ENDPOINT_ID, 10)
+    second, _ = claim_due(runtime, ENDPOINT_ID, 10)
+
+    assert [row.id for row in first] == [job.id] and second == []
+
+
+def test_when_few_polls_can_be_made_first_polls_and_the_most_overdue_go_first(runtime: Runtime) -> None:
+    old, older, fresh = (jobs.submit("tts", {"sleep": 30}, runtime=runtime) for _ in range(3))
+    dispatch(runtime, ENDPOINT_ID)
+    with session_scope(runtime.engine) as session:
+        for job_id, ago in ((old.id, 10), (older.id, 20)):
+            update_fields(session, job_id, while_status={JobStatus.IN_QUEUE},
+                          values={"poll_count": 3, "next_poll_at": utcnow() - timedelta(seconds=ago)})
+        update_fields(session, fresh.id, while_status={JobStatus.IN_QUEUE}, values={"next_poll_at": utcnow()})
+
+    order = [claim_due(runtime, ENDPOINT_ID, 1)[0][0].id for _ in range(3)]
+
+    assert order == [fresh.id, older.id, old.id]
+
+
+def test_the_gap_after_a_poll_grows_with_the_jobs_in_flight_so_the_budget_holds(runtime: Runtime) -> None:
+    class Limits:
+        status = 10  # per 10 s: one call a second for the whole endpoint
+
+    class Budget:
+        limits = Limits()
+
+        def available(self, endpoint_id: str, operation: str) -> int:
+            return 100
+
+    many = [jobs.submit("tts", {"sleep": 60}, runtime=runtime) for _ in range(8)]
+    dispatch(runtime, ENDPOINT_ID)
+    make_due(runtime, *(job.id for job in many))
+    runtime.runpod.budget = Budget()  # type: ignore[attr-defined]
+    try:
+        _, floor = claim_due(runtime, ENDPOINT_ID, 1)
+    finally:
+        runtime.runpod.budget = None  # type: ignore[attr-defined]
+
+    assert floor == pytest.approx(8 / (1 * 0.8))  # 8 jobs in flight at 1 call/s, 80% of it for the floor
+
+
+# -- wake-ups ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wakeups(redis_url: str) -> Wakeups:
+    redis.Redis.from_url(redis_url).delete(key(POLL_DUE_TASK, "ep-x"), key(DISPATCH_TASK, "ep-x"))
+    return Wakeups(Published(), redis_url)
+
+
+def test_a_wakeup_already_on_its_way_by_then_is_not_published_again(wakeups: Wakeups) -> None:
+    sent = wakeups._publish
+    assert isinstance(sent, Published)
+
+    wakeups.wake(POLL_DUE_TASK, "ep-x", 5)
+    wakeups.wake(POLL_DUE_TASK, "ep-x", 8)  # the one due in 5 s will do
+    wakeups.wake(POLL_DUE_TASK, "ep-x", 1)  # sooner: needs its own
+    wakeups.wake(DISPATCH_TASK, "ep-x")  # another role: its own
+
+    assert [(task, ident, round(countdown or 0)) for task, ident, countdown in sent.messages] == [
+        (POLL_DUE_TASK, "ep-x", 5), (POLL_DUE_TASK, "ep-x", 1), (DISPATCH_TASK, "ep-x", 0)]
+
+
+def test_a_task_that_starts_lets_the_next_wakeup_through(wakeups: Wakeups) -> None:
+    sent = wakeups._publish
+    assert isinstance(sent, Published)
+    wakeups.wake(DISPATCH_TASK, "ep-x")
+    wakeups.wake(DISPATCH_TASK, "ep-x")
+
+    wakeups.started(DISPATCH_TASK, "ep-x")
+    wakeups.wake(DISPATCH_TASK, "ep-x")
+
+    assert sent.of(DISPATCH_TASK) == ["ep-x", "ep-x"]
+
+
+def test_with_redis_unreachable_a_wakeup_is_published_anyway() -> None:
+    sent = Published()
+    wakeups = Wakeups(sent, "redis://127.0.0.1:1/0")
+
+    wakeups.wake(DISPATCH_TASK, "ep-x")
+    wakeups.wake(DISPATCH_TASK, "ep-x")
+
+    assert sent.of(DISPATCH_TASK) == ["ep-x", "ep-x"]  # duplicates are harmless; a lost one is not
+
+
+# -- the reconciler ---------------------------------------------------------------------------------------------
+
+
+def test_the_reconciler_wakes_each_endpoint_whose_work_is_overdue_once_per_run(runtime: Runtime) -> None:
+    jobs.submit("tts", {"n": 1}, runtime=runtime)
+    jobs.submit("tts", {"n": 2}, runtime=runtime)
+    published(runtime).messages.clear()
+
+    report = reconcile(runtime, now=utcnow() + timedelta(hours=1))
+
+    assert report.woke_dispatch == [ENDPOINT_ID] and report.woke_poller == []
+    assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID]
+    with session_scope(runtime.engine, read_only=True) as session:
+        rows = session.exec(select(JobRow)).all()
+    assert {row.status for row in rows} == {JobStatus.PENDING}  # waking writes nothing
+
+
+def test_jobs_submitted_through_the_pipeline_finish(runtime: Runtime, simulator: SimulatorProcess) -> None:
+    submitted = [jobs.submit("tts", {"output": i}, runtime=runtime) for i in range(3)]
+    dispatch(runtime, ENDPOINT_ID)
+
+    def finished() -> bool:
+        make_due(runtime, *(job.id for job in submitted))
+        poll_due(runtime, ENDPOINT_ID)
+        return all(status is JobStatus.COMPLETED for status in statuses(runtime, *(job.id for job in submitted)))
+
+    wait_until(finished, timeout=20, what="all three jobs to complete")
+    assert [jobs.get(job.id, runtime=runtime).output for job in submitted] == [0, 1, 2]
