@@ -14,6 +14,7 @@ import httpx
 from sqlalchemy import Engine
 
 from jobs.backoff import PollSchedule
+from jobs.budget import RedisBudget
 from jobs.db import make_engine
 from jobs.metrics_recorder import NullRecorder, Recorder, RedisRecorder
 from jobs.runpod import RunPodClient
@@ -75,6 +76,8 @@ class Runtime:
                 base_url=settings.runpod_serverless_url,
                 timeout=httpx.Timeout(settings.runpod_timeout_seconds,
                                       connect=settings.runpod_connect_timeout_seconds),
+                # One budget of RunPod requests for every process on this broker: rpq never draws a 429.
+                budget=RedisBudget(settings.celery_broker_url, settings.runpod_limits),
             )
 
         return cls(

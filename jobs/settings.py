@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit, urlunsplit
 
+from jobs.budget import Limits, parse_limits
 from jobs.errors import ConfigError
 
 # RunPod endpoint ids are lowercase letters and digits ("fh46rj7dq9r3o5"); public endpoints add
@@ -103,6 +104,9 @@ class Settings:
     # A SUBMITTING row older than this lost its worker mid-/run. None: derived from the client's own
     # bound on a /run (`submit_stuck_after_seconds`); a value at or below that bound is refused.
     submit_stuck_seconds: int | None = None
+    # rpq's own budget of RunPod requests per 10 s, per endpoint and operation, shared by every process
+    # (jobs.budget). Below RunPod's documented limits, so rpq never draws a 429.
+    runpod_limits: Limits = field(default_factory=Limits)
 
     @property
     def runpod_connect_timeout_seconds(self) -> float:
@@ -207,6 +211,7 @@ class Settings:
             poll_grace_seconds=positive_int("RPQ_POLL_GRACE_SECONDS", defaults.poll_grace_seconds),
             submit_stuck_seconds=(positive_int("RPQ_SUBMIT_STUCK_SECONDS", 1)
                                   if env.get("RPQ_SUBMIT_STUCK_SECONDS", "").strip() else None),
+            runpod_limits=parse_limits(env.get("RPQ_RUNPOD_LIMITS", ""), problems),
         )
         if not problems and not 1.0 <= settings.poll_max_seconds <= MAX_POLL_GAP_SECONDS:
             # Far below the broker's visibility timeout and RunPod's 30-minute result retention.
