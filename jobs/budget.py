@@ -22,9 +22,10 @@ each grant moves it on by `T = 1/r`, and a request may go once it is no further 
 ahead. For grants j..k whose send times lie in a window of length W, the state moves on by `T` per
 grant, so `s_k >= s_j + (k - j)·T - (b - 1)·T`, which gives `k - j + 1 <= b + W/T`; the count is
 a whole number, so it is at most `b + floor(W/T)`. `bucket_for` picks `b = max(1, limit // 10)`
-and the smallest whole `T` with `floor(W/T) = limit - b`, so that bound is exactly the limit
-(and a steady stream of requests reaches it). `tests/unit/test_budget.py` checks it on generated
-request sequences.
+and the smallest whole `T` with `floor(W/T) <= limit - b`, so that bound is the limit: exactly, up
+to limits of 3,553 (a steady stream of requests reaches it); above that whole microseconds are too
+coarse, and it is a little lower (19,985 for 20,000). `tests/unit/test_budget.py` checks it on
+generated request sequences.
 
 The guarantee is about when rpq *sends*. RunPod counts when requests *arrive*; a send delayed by
 more than the next one (a slow connection, a stalled thread) moves requests closer together. That is
@@ -163,7 +164,8 @@ def bucket_for(limit: int, window_us: int = WINDOW_US) -> Bucket:
     """The bucket that lets at most `limit` requests through in any closed window of `window_us`.
 
     burst `b = max(1, limit // 10)`; interval `T = window // (limit - b + 1) + 1`, the smallest whole
-    number of microseconds with `floor(window / T) = limit - b`, so `b + floor(window / T) = limit`.
+    number of microseconds with `floor(window / T) <= limit - b`, so `b + floor(window / T) <= limit`
+    (equal up to limits of 3,553).
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
