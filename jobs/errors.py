@@ -5,6 +5,8 @@
     └── RunPodError                 anything that went wrong talking to RunPod
         ├── RunPodTransient         timeout, connection error, 429, 5xx: try again later
         │   ├── RunPodRateLimited   429; carries RunPod's Retry-After when it sent one
+        │   ├── RunPodBudgetExhausted  rpq's own request budget is spent: nothing was sent;
+        │   │                       retry_after says when a token is free
         │   └── StreamReadUnknown   a /stream read whose answer was lost: the chunks it handed
         │                           out may be gone (RunPod gives each chunk out once)
         ├── RunPodRejected          any other 4xx: the request itself is wrong; do not retry
@@ -89,6 +91,13 @@ class RunPodTransient(RunPodError):
 
 class RunPodRateLimited(RunPodTransient):
     """RunPod's rate limit was hit (429); back off before the next call."""
+
+
+class RunPodBudgetExhausted(RunPodTransient):
+    """rpq's own budget of RunPod requests (`jobs.budget`) had no token in time; nothing was sent.
+
+    `retry_after` is the seconds until a token would be free. A /run refused this way provably never
+    reached RunPod, so it is sent later like any other unsent request."""
 
 
 class StreamReadUnknown(RunPodTransient):

@@ -29,6 +29,7 @@ from jobs.db import session_scope
 from jobs.errors import (
     RunOutcomeUnknown,
     RunPodAuthError,
+    RunPodBudgetExhausted,
     RunPodError,
     RunPodNotFound,
     RunPodProtocolError,
@@ -166,9 +167,12 @@ def _submit_outcome(exc: RunPodError) -> str:
 def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand: Any) -> Next:
     if isinstance(exc, RunPodTransient) and not isinstance(exc, RunOutcomeUnknown):
         # For /run only errors RunPod provably never acted on get here (see jobs.runpod): send later.
-        errors = row.poll_errors + 1
-        delay = poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=errors,
-                                 retry_after=exc.retry_after, rand=rand)
+        if isinstance(exc, RunPodBudgetExhausted):  # not RunPod's failure: no backoff
+            errors, delay = row.poll_errors, (exc.retry_after or 0.0) + rand()
+        else:
+            errors = row.poll_errors + 1
+            delay = poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=errors,
+                                     retry_after=exc.retry_after, rand=rand)
         _move(rt, row.id, fence, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
               values={"next_poll_at": utcnow() + timedelta(seconds=delay), "poll_errors": errors})
         return Next(again_in=delay, reason="transient")
@@ -256,6 +260,8 @@ def _runpod_retry(rt: Runtime, endpoint_id: str, runpod_job_id: str) -> JobState
         # (adopt it) or truly not retryable (run anew).
         state = rt.runpod.status(endpoint_id, runpod_job_id)
         return state if not state.is_terminal else None
+    except RunPodBudgetExhausted:
+        raise  # nothing was sent: the submit sends it later
     except RunPodTransient as exc:
         # The /retry may have requeued the job: like an unknown /run, leave it to an operator.
         raise RunOutcomeUnknown(f"retry of RunPod job {runpod_job_id} got no clear answer ({exc})") from exc
@@ -391,10 +397,14 @@ def _poll_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand:
                  note: str | None = None) -> Next:
     """A failed poll changes nothing but the schedule (and, with a `note`, the job's history): RunPod's
     silence is not a job outcome."""
-    errors = row.poll_errors + 1
     retry_after = exc.retry_after if isinstance(exc, RunPodTransient) else None
-    schedule = rt.schedule_for(webhooks=row.webhook_token_hash is not None)
-    delay = poll_error_delay(schedule, consecutive_errors=errors, retry_after=retry_after, rand=rand)
+    if isinstance(exc, RunPodBudgetExhausted):
+        # Nothing was sent: not RunPod's failure, so no backoff; ask again once a token is free.
+        errors, delay = row.poll_errors, (retry_after or 0.0) + rand()
+    else:
+        errors = row.poll_errors + 1
+        schedule = rt.schedule_for(webhooks=row.webhook_token_hash is not None)
+        delay = poll_error_delay(schedule, consecutive_errors=errors, retry_after=retry_after, rand=rand)
     if isinstance(exc, RunPodAuthError | RunPodRejected | RunPodProtocolError):
         log.error("job %s: polling RunPod failed and will not fix itself: %s", row.id, exc)
     with session_scope(rt.engine) as session:

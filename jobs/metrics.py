@@ -1,7 +1,8 @@
 """The Prometheus exporter that `rpq metrics` serves.
 
-At each scrape it reads the job table, the latest endpoint health rows, the broker's queues and
-the counters workers keep in Redis (see `jobs.metrics_recorder`).
+At each scrape it reads the job table, the latest endpoint health rows, the broker's queues, the
+counters workers keep in Redis (see `jobs.metrics_recorder`) and the RunPod request budget's denial
+counts (see `jobs.budget`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 
 from jobs import health
+from jobs.budget import OPERATIONS, read_denied
 from jobs.db import session_scope
 from jobs.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
 from jobs.models import JobRow, utcnow
@@ -42,6 +44,7 @@ class RpqCollector(Collector):
         yield from self._queues()
         yield from self._health()
         yield from self._counters()
+        yield from self._budget()
 
     def _jobs(self) -> Iterator[Any]:
         jobs = GaugeMetricFamily("rpq_jobs", "Jobs in the table by status and endpoint.",
@@ -156,6 +159,33 @@ class RpqCollector(Collector):
             cumulative = [(str(bound), observed.get(bound, 0.0)) for bound in LATENCY_BUCKETS]
             latency.add_metric(list(series), [*cumulative, ("+Inf", count)], sums.get(series, 0.0))
         yield from (submits, polls, errors, missing, gaps, latency)
+
+
+    def _budget(self) -> Iterator[Any]:
+        limit = GaugeMetricFamily("rpq_runpod_budget_limit", "rpq's budget of RunPod requests per 10 s, per "
+                                  "endpoint, by operation (RPQ_RUNPOD_LIMITS).", labels=["operation"])
+        for op in OPERATIONS:
+            limit.add_metric([op], self.rt.settings.runpod_limits.of(op))
+        yield limit
+        denied = CounterMetricFamily("rpq_runpod_budget_denied", "RunPod requests not sent because rpq's budget "
+                                     "had no token in time (the caller tries again later).",
+                                     labels=["endpoint", "operation"])
+        try:
+            counts = read_denied(self.broker)
+        except redis.RedisError as exc:
+            log.warning("budget denials unavailable: %s", exc)
+            return
+        # The budget is kept by RunPod endpoint id; show the configured name where there is exactly one.
+        names: dict[str, list[str]] = defaultdict(list)
+        for endpoint in self.rt.settings.endpoints.values():
+            names[endpoint.id].append(endpoint.name)
+        series: dict[tuple[str, str], int] = defaultdict(int)
+        for (endpoint_id, op), count in counts.items():
+            known = names.get(endpoint_id, [])
+            series[(known[0] if len(known) == 1 else endpoint_id, op)] += count
+        for labels, count in sorted(series.items()):
+            denied.add_metric(list(labels), count)
+        yield denied
 
 
 def serve(rt: Runtime, *, host: str, port: int) -> None:

@@ -16,6 +16,10 @@ Four kinds of operation, by what is safe to repeat:
   and the caller records that chunks may be missing;
 * other writes (retry, purge-queue): retried like submits; an ambiguous failure raises
   `RunPodTransient` without a retry, and the caller checks the job's status before trying again.
+
+With a `budget` (`jobs.budget`), every attempt of a budgeted operation (every one but /health),
+retries included, first takes a token from it, waiting at most `budget_wait` seconds. With none in
+time, the call raises `RunPodBudgetExhausted` and sends nothing.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from urllib.parse import quote
 import httpx
 
 from jobs.backoff import RetryPolicy, parse_retry_after, retry_delay
+from jobs.budget import OPERATION_OF_PATH, Budget
 from jobs.errors import (
     PayloadTooLarge,
     Problem,
     RunOutcomeUnknown,
     RunPodAuthError,
+    RunPodBudgetExhausted,
     RunPodError,
     RunPodNotFound,
     RunPodProtocolError,
@@ -243,7 +249,8 @@ class RunPodClient:
     """Synchronous client for one RunPod account (or one simulator).
 
     `transport` is injectable (an `httpx.MockTransport` in unit tests); `sleep`, `rand` and `clock`
-    too, so retry timing and time budgets can be tested without waiting.
+    too, so retry timing and time budgets can be tested without waiting. `budget` is the request
+    budget shared with every other process (`jobs.budget.RedisBudget`); None spends without limit.
     """
 
     def __init__(
@@ -257,6 +264,8 @@ class RunPodClient:
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
+        budget: Budget | None = None,
+        budget_wait: float = 2.0,
     ) -> None:
         key = api_key if isinstance(api_key, Secret) else Secret(api_key)
         if not key.reveal():
@@ -266,6 +275,8 @@ class RunPodClient:
         self._sleep = sleep
         self._clock = clock
         self._rand = rand
+        self.budget = budget
+        self.budget_wait = budget_wait
         self._http = httpx.Client(
             base_url=self.base_url + "/",
             timeout=timeout,
@@ -303,8 +314,8 @@ class RunPodClient:
         are cut to what is left of it (`Settings.submit_bound_seconds` is the worst case)."""
         body = build_run_body(input, webhook=webhook, policy=policy, s3_config=s3_config, operation="run")
         data = encode_body(body, limit=MAX_RUN_PAYLOAD_BYTES, operation="run")
-        answer = self._call("run", "POST", _path(endpoint_id, "run"), content=data, kind=_SUBMIT,
-                            budget=budget_seconds)
+        answer = self._call("run", "POST", endpoint_id, _path(endpoint_id, "run"), content=data, kind=_SUBMIT,
+                            time_budget=budget_seconds)
         return JobState.from_json(answer, operation="run")
 
     def runsync(
@@ -325,14 +336,14 @@ class RunPodClient:
         params = _wait_params(wait_ms, operation="runsync")
         data = encode_body(body, limit=MAX_RUNSYNC_PAYLOAD_BYTES, operation="runsync")
         answer = self._call(
-            "runsync", "POST", _path(endpoint_id, "runsync"), content=data, params=params,
+            "runsync", "POST", endpoint_id, _path(endpoint_id, "runsync"), content=data, params=params,
             kind=_SUBMIT, server_wait=(wait_ms or 90_000) / 1000,
         )
         return JobState.from_json(answer, operation="runsync")
 
     def status(self, endpoint_id: str, job_id: str) -> JobState:
         """A job's status, output and timings (`GET /status/{job_id}`)."""
-        answer = self._call("status", "GET", _path(endpoint_id, "status", job_id), kind=_IDEMPOTENT)
+        answer = self._call("status", "GET", endpoint_id, _path(endpoint_id, "status", job_id), kind=_IDEMPOTENT)
         return JobState.from_json(answer, operation="status")
 
     def stream(self, endpoint_id: str, job_id: str, *, wait_ms: int | None = None) -> StreamBatch:
@@ -342,7 +353,7 @@ class RunPodClient:
         RunPod; an answer lost on the way raises `StreamReadUnknown` (those chunks may be gone)."""
         params = _wait_params(wait_ms, operation="stream")
         answer = self._call(
-            "stream", "GET", _path(endpoint_id, "stream", job_id), params=params, kind=_CONSUMING,
+            "stream", "GET", endpoint_id, _path(endpoint_id, "stream", job_id), params=params, kind=_CONSUMING,
             server_wait=(wait_ms or 10_000) / 1000,
         )
         if not isinstance(answer, Mapping) or not isinstance(answer.get("stream", []), list):
@@ -356,17 +367,17 @@ class RunPodClient:
 
     def cancel(self, endpoint_id: str, job_id: str) -> JobState:
         """Cancel a queued or running job (`POST /cancel/{job_id}`)."""
-        answer = self._call("cancel", "POST", _path(endpoint_id, "cancel", job_id), kind=_IDEMPOTENT)
+        answer = self._call("cancel", "POST", endpoint_id, _path(endpoint_id, "cancel", job_id), kind=_IDEMPOTENT)
         return JobState.from_json(answer, operation="cancel")
 
     def retry(self, endpoint_id: str, job_id: str) -> JobState:
         """Requeue a FAILED or TIMED_OUT job under the same id (`POST /retry/{job_id}`)."""
-        answer = self._call("retry", "POST", _path(endpoint_id, "retry", job_id), kind=_WRITE)
+        answer = self._call("retry", "POST", endpoint_id, _path(endpoint_id, "retry", job_id), kind=_WRITE)
         return JobState.from_json(answer, operation="retry")
 
     def purge_queue(self, endpoint_id: str) -> int:
         """Remove every queued (not running) job of an endpoint; returns how many were removed."""
-        answer = self._call("purge-queue", "POST", _path(endpoint_id, "purge-queue"), kind=_WRITE)
+        answer = self._call("purge-queue", "POST", endpoint_id, _path(endpoint_id, "purge-queue"), kind=_WRITE)
         removed = answer.get("removed") if isinstance(answer, Mapping) else None
         if not isinstance(removed, int) or isinstance(removed, bool):
             raise RunPodProtocolError("purge-queue: expected {removed: N}", operation="purge-queue")
@@ -374,7 +385,7 @@ class RunPodClient:
 
     def health(self, endpoint_id: str) -> EndpointHealth:
         """Queue and worker counters of an endpoint (`GET /health`)."""
-        answer = self._call("health", "GET", _path(endpoint_id, "health"), kind=_IDEMPOTENT)
+        answer = self._call("health", "GET", endpoint_id, _path(endpoint_id, "health"), kind=_IDEMPOTENT)
         return EndpointHealth.from_json(answer)
 
     # -- the one place requests are sent and errors translated -------------------------------
@@ -383,13 +394,14 @@ class RunPodClient:
         self,
         operation: str,
         method: str,
+        endpoint_id: str,
         path: str,
         *,
         kind: str,
         content: bytes | None = None,
         params: Mapping[str, str] | None = None,
         server_wait: float | None = None,
-        budget: float | None = None,
+        time_budget: float | None = None,
     ) -> Any:
         headers = {"Content-Type": "application/json"} if content is not None else None
         timeout = self._http.timeout
@@ -402,7 +414,10 @@ class RunPodClient:
         started = self._clock()
         attempt = 0
         while True:
-            request_timeout = timeout if budget is None else _within(timeout, budget - (self._clock() - started))
+            self._take_token(operation, endpoint_id, path, time_left=None if time_budget is None else
+                             time_budget - (self._clock() - started))
+            request_timeout = timeout if time_budget is None else \
+                _within(timeout, time_budget - (self._clock() - started))
             try:
                 response = self._http.request(
                     method, path, content=content, params=params, headers=headers, timeout=request_timeout
@@ -415,11 +430,27 @@ class RunPodClient:
             if not isinstance(error, RunPodTransient) or not _may_retry(error, kind):
                 raise error
             delay = retry_delay(attempt, self.retry_policy, retry_after=error.retry_after, rand=self._rand)
-            if delay is None or (budget is not None and self._clock() - started + delay >= budget):
+            if delay is None or (time_budget is not None and self._clock() - started + delay >= time_budget):
                 raise error
             log.info("runpod %s %s failed (%s); retry %d in %.2fs", operation, path, error, attempt + 1, delay)
             self._sleep(delay)
             attempt += 1
+
+    def _take_token(self, operation: str, endpoint_id: str, path: str, *, time_left: float | None) -> None:
+        """One token from the budget before an attempt, or RunPodBudgetExhausted with nothing sent.
+
+        A /run waits no longer than what is left of its time budget, so its bound stays what
+        `Settings.submit_bound_seconds` says."""
+        op = OPERATION_OF_PATH.get(operation)
+        if self.budget is None or op is None:
+            return
+        max_wait = self.budget_wait if time_left is None else max(0.0, min(self.budget_wait, time_left))
+        free_in = self.budget.acquire(endpoint_id, op, max_wait=max_wait)
+        if free_in is not None:
+            raise RunPodBudgetExhausted(
+                f"{operation} {path}: rpq's request budget for {op} on this endpoint is spent; not sent "
+                f"(a token is free in {free_in:.2f}s)", operation=operation, retry_after=free_in,
+            )
 
 
 _IDEMPOTENT = "idempotent"

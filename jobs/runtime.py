@@ -15,6 +15,7 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from jobs.backoff import PollSchedule
+from jobs.budget import RedisBudget
 from jobs.db import make_engine
 from jobs.metrics_recorder import BufferedRecorder, NullRecorder, Recorder
 from jobs.runpod import RunPodClient
@@ -115,6 +116,8 @@ class Runtime:
                 base_url=settings.runpod_serverless_url,
                 timeout=httpx.Timeout(settings.runpod_timeout_seconds,
                                       connect=settings.runpod_connect_timeout_seconds),
+                # One budget of RunPod requests for every process on this broker: rpq never draws a 429.
+                budget=RedisBudget(settings.celery_broker_url, settings.runpod_limits),
             )
 
         publish = publish or celery_publisher(settings)

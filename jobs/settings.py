@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from urllib.parse import urlsplit, urlunsplit
 
+from jobs.budget import Limits, parse_limits
 from jobs.errors import ConfigError
 
 # RunPod endpoint ids are lowercase letters and digits ("fh46rj7dq9r3o5"); public endpoints add
@@ -106,6 +107,9 @@ class Settings:
     # Per endpoint name: at most this many of its jobs at RunPod at once; the rest wait PENDING, in
     # order of priority then age, and go out as jobs finish. Unlisted endpoints have no cap.
     max_in_flight: Mapping[str, int] = field(default_factory=dict)
+    # rpq's own budget of RunPod requests per 10 s, per endpoint and operation, shared by every process
+    # (jobs.budget). Below RunPod's documented limits, so rpq never draws a 429.
+    runpod_limits: Limits = field(default_factory=Limits)
 
     @property
     def runpod_connect_timeout_seconds(self) -> float:
@@ -210,6 +214,7 @@ class Settings:
             poll_grace_seconds=positive_int("RPQ_POLL_GRACE_SECONDS", defaults.poll_grace_seconds),
             submit_stuck_seconds=(positive_int("RPQ_SUBMIT_STUCK_SECONDS", 1)
                                   if env.get("RPQ_SUBMIT_STUCK_SECONDS", "").strip() else None),
+            runpod_limits=parse_limits(env.get("RPQ_RUNPOD_LIMITS", ""), problems),
         )
         caps = _parse_caps(env.get("RPQ_MAX_IN_FLIGHT", ""), settings.endpoints, problems)
         if caps:

@@ -15,6 +15,7 @@ import redis
 from sqlmodel import select
 
 import jobs
+from jobs.budget import Limits, LocalBudget
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.models import JobRow, utcnow
@@ -171,23 +172,14 @@ def test_when_few_polls_can_be_made_first_polls_and_the_most_overdue_go_first(ru
 
 
 def test_the_gap_after_a_poll_grows_with_the_jobs_in_flight_so_the_budget_holds(runtime: Runtime) -> None:
-    class Limits:
-        status = 10  # per 10 s: one call a second for the whole endpoint
-
-    class Budget:
-        limits = Limits()
-
-        def available(self, endpoint_id: str, operation: str) -> int:
-            return 100
-
     many = [jobs.submit("tts", {"sleep": 60}, runtime=runtime) for _ in range(8)]
     dispatch(runtime, ENDPOINT_ID)
     make_due(runtime, *(job.id for job in many))
-    runtime.runpod.budget = Budget()  # type: ignore[attr-defined]
+    runtime.runpod.budget = LocalBudget(Limits(status=10))  # one call a second for the whole endpoint
     try:
         _, floor = claim_due(runtime, ENDPOINT_ID, 1)
     finally:
-        runtime.runpod.budget = None  # type: ignore[attr-defined]
+        runtime.runpod.budget = None
 
     assert floor == pytest.approx(8 / (1 * 0.8))  # 8 jobs in flight at 1 call/s, 80% of it for the floor
 

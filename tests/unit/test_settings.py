@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 
+from jobs.budget import Limits
 from jobs.errors import ConfigError
 from jobs.settings import Endpoint, Secret, Settings, redact_url
 
@@ -122,6 +124,28 @@ def test_a_stuck_threshold_a_live_run_could_outlast_is_refused() -> None:
     with pytest.raises(ConfigError, match="RPQ_SUBMIT_STUCK_SECONDS: must be more than 165"):
         Settings.from_env({"RPQ_SUBMIT_STUCK_SECONDS": "120"})
     assert Settings.from_env({"RPQ_SUBMIT_STUCK_SECONDS": "600"}).submit_stuck_after_seconds == 600
+
+
+def test_the_runpod_request_budget_defaults_below_runpods_limits_and_takes_any_subset() -> None:
+    assert Settings.from_env({}).runpod_limits == Limits(run=800, status=1400, cancel=80, purge=1)
+    assert Settings.from_env({"RPQ_RUNPOD_LIMITS": "status=1500"}).runpod_limits == Limits(status=1500)
+    # Above RunPod's documented 2000: allowed, for endpoints whose running workers raise their limit.
+    assert Settings.from_env({"RPQ_RUNPOD_LIMITS": "status=5000,run=3000"}).runpod_limits.status == 5000
+
+
+def test_bad_request_budgets_are_reported_with_every_other_bad_variable() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RPQ_RUNPOD_LIMITS": "status=0,poll=5", "RPQ_POLL_FIRST_SECONDS": "soon"})
+
+    assert [p.split(":")[0] for p in caught.value.problems] == [
+        "RPQ_POLL_FIRST_SECONDS", "RPQ_RUNPOD_LIMITS", "RPQ_RUNPOD_LIMITS"]
+
+
+def test_the_example_environment_file_is_a_valid_configuration() -> None:
+    lines = (Path(__file__).resolve().parents[2] / ".env.example").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+    assert Settings.from_env(env).runpod_limits == Limits()
 
 
 def test_passwords_in_the_database_and_broker_urls_never_show_in_repr_or_str() -> None:
