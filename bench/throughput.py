@@ -192,7 +192,8 @@ def pipeline_target(stack: ExitStack, kind: str, pool: str, concurrency: int, si
     url = stack.enter_context(database(kind, scratch))
     settings = Settings(runpod_api_key=Secret(sim.api_key), runpod_serverless_url=sim.base_url, database_url=url,
                         celery_broker_url=broker_url, endpoints={ENDPOINT_NAME: Endpoint(ENDPOINT_NAME, ENDPOINT_ID)})
-    rt = Runtime.from_settings(settings, celery_app=app)
+    rt = Runtime.from_settings(settings, publish=lambda task, ident, countdown: app.send_task(
+        task, args=[ident], countdown=countdown))
     stack.callback(rt.close)
     # The observer reads the table with a plain engine: rpq's SQLite engine opens every transaction
     # with BEGIN IMMEDIATE, and the watcher must not take the write lock.

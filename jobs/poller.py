@@ -34,6 +34,7 @@ from jobs.db import session_scope
 from jobs.models import JobRow, utcnow
 from jobs.runtime import DISPATCH_TASK, Runtime
 from jobs.states import AT_RUNPOD
+from jobs.store import JOBS
 
 log = logging.getLogger("rpq.poller")
 
@@ -113,9 +114,8 @@ def claim_due(rt: Runtime, endpoint_id: str, limit: int) -> tuple[list[JobRow], 
         ).all())
         if not rows:
             return [], 0.0
-        session.execute(update(JobRow).where(col(JobRow.id).in_([row.id for row in rows]))
-                        .values(next_poll_at=now + lifecycle.poll_lease(rt))
-                        .execution_options(synchronize_session=False))
+        session.execute(update(JOBS).where(JOBS.c.id.in_([row.id for row in rows]))
+                        .values(next_poll_at=now + lifecycle.poll_lease(rt)))
         floor = _floor(rt, session, endpoint_id)
     return rows, floor
 

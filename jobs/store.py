@@ -16,13 +16,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, CursorResult, update
+from sqlalchemy import ColumnElement, CursorResult, Table, insert, update
 from sqlmodel import Session, col, select
 
 from jobs import streams
 from jobs.jsonsafe import storable_text
 from jobs.models import JobEvent, JobRow, RunPodCancel, utcnow
 from jobs.states import AT_RUNPOD, JobStatus, sources_of
+
+JOBS: Table = JobRow.__table__  # type: ignore[attr-defined]
+EVENTS: Table = JobEvent.__table__  # type: ignore[attr-defined]
 
 
 class Source:
@@ -78,12 +81,13 @@ def transition(
     """
     allowed = sorted(sources_of(to) if expected is None else set(expected))
     now = utcnow()
+    # Core statements on the table, not ORM ones: no session synchronisation to evaluate, on the hot path.
     statement = (
-        update(JobRow)
-        .where(col(JobRow.id) == job_id, col(JobRow.status).in_(allowed), *(fence.clauses() if fence else ()))
-        .values(previous_status=JobRow.status, status=to, updated_at=now, **dict(values or {}))
-        .returning(col(JobRow.previous_status), col(JobRow.attempt), col(JobRow.stream), col(JobRow.output),
-                   col(JobRow.error), col(JobRow.output_missing))
+        update(JOBS)
+        .where(JOBS.c.id == job_id, JOBS.c.status.in_(allowed), *(fence.clauses() if fence else ()))
+        .values(previous_status=JOBS.c.status, status=to, updated_at=now, **dict(values or {}))
+        .returning(JOBS.c.previous_status, JOBS.c.attempt, JOBS.c.stream, JOBS.c.output, JOBS.c.error,
+                   JOBS.c.output_missing)
     )
     changed = session.execute(statement).one_or_none()
     if changed is None:
@@ -104,9 +108,8 @@ def update_fields(
     """Change non-status fields, but only while the job is still in one of `while_status` (and, with a
     `fence`, still belongs to that attempt and RunPod job)."""
     statement = (
-        update(JobRow)
-        .where(col(JobRow.id) == job_id, col(JobRow.status).in_(sorted(set(while_status))),
-               *(fence.clauses() if fence else ()))
+        update(JOBS)
+        .where(JOBS.c.id == job_id, JOBS.c.status.in_(sorted(set(while_status))), *(fence.clauses() if fence else ()))
         .values(updated_at=utcnow(), **dict(values))
     )
     result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
@@ -122,8 +125,8 @@ def claim_poll(session: Session, job_id: str, *, seen: datetime | None, lease_un
     """
     due = col(JobRow.next_poll_at).is_(None) if seen is None else col(JobRow.next_poll_at) == seen
     statement = (
-        update(JobRow)
-        .where(col(JobRow.id) == job_id, col(JobRow.status).in_(sorted(AT_RUNPOD)), due, *fence.clauses())
+        update(JOBS)
+        .where(JOBS.c.id == job_id, JOBS.c.status.in_(sorted(AT_RUNPOD)), due, *fence.clauses())
         .values(next_poll_at=lease_until)
     )
     result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
@@ -156,8 +159,8 @@ def record_event(
             latest.last_at = at
             session.add(latest)
             return
-    session.add(JobEvent(job_id=job_id, from_status=from_status, to_status=to_status, source=source,
-                         detail=detail, at=at))
+    session.execute(insert(EVENTS).values(job_id=job_id, from_status=from_status, to_status=to_status, source=source,
+                                          detail=detail, at=at, repeats=1))
 
 
 def add_runpod_cancel(session: Session, row: JobRow, *, attempt: int, runpod_job_id: str, reason: str) -> bool:
