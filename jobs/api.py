@@ -21,6 +21,7 @@ from sqlmodel import select
 
 from jobs import streams
 from jobs.db import session_scope
+from jobs.dispatch import GATHER_SECONDS
 from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
 from jobs.jsonsafe import json_problems, text_problems
 from jobs.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
@@ -596,7 +597,7 @@ def wait(job_id: str, *, timeout: float = 600.0, runtime: Runtime | None = None)
 def _wake_dispatcher(rt: Runtime, endpoint_id: str) -> None:
     """A job is PENDING: make sure the endpoint's dispatcher runs soon (one message, not one per job)."""
     try:
-        rt.wake(DISPATCH_TASK, endpoint_id)
+        rt.wake(DISPATCH_TASK, endpoint_id, GATHER_SECONDS)
     except Exception:
         # The row is committed; the reconciler will wake the dispatcher. Never fail the caller for this.
         log.warning("could not wake the dispatcher of endpoint %s; the reconciler will", endpoint_id, exc_info=True)

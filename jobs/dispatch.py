@@ -38,6 +38,9 @@ log = logging.getLogger("rpq.dispatch")
 BATCH = 32
 #: How long one task run goes on before handing the worker back (it re-enqueues itself at once).
 RUN_SECONDS = 5.0
+#: How long a wake-up from submit() waits, so the jobs submitted meanwhile go out in the same run
+#: (a run per job would cost a Celery task per job).
+GATHER_SECONDS = 0.1
 #: While an endpoint is at its max_in_flight, look again this often (a job ending also wakes it).
 HELD_RECHECK_SECONDS = 5.0
 #: With no /run budget left, look again after this (the budget refills continuously).

@@ -45,6 +45,9 @@ RUN_SECONDS = 5.0
 #: The longest a poller sleeps, even with nothing due sooner: a cheap look that bounds how long a
 #: job made due by other means (an operator, a migration) waits.
 HORIZON_SECONDS = 30.0
+#: The shortest sleep between two runs: polls due within it are made together, by one run, at the
+#: cost of at most this much detection lag. (A run per due job would cost a Celery task per poll.)
+GATHER_SECONDS = 0.25
 #: With no /status budget left, look again after this (the budget refills continuously).
 NO_BUDGET_RECHECK_SECONDS = 0.25
 #: A poll this overdue goes before any other (RunPod keeps a finished job's result 30 minutes).
@@ -78,7 +81,9 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
             break
         claimed, floor = claim_due(rt, endpoint_id, room)
         if not claimed:
-            outcome.again_in, outcome.reason = _next_due(rt, endpoint_id), "nothing due"
+            due = _next_due(rt, endpoint_id)
+            outcome.again_in = None if due is None else max(due, GATHER_SECONDS)
+            outcome.reason = "nothing due"
             break
         steps = fan_out(partial(_poll_one, rt, rand, floor), claimed)
         outcome.polled += len(claimed)
