@@ -183,7 +183,9 @@ def open_runpod_cancels(session: Session, job_id: str) -> Sequence[RunPodCancel]
 
 
 def get_row(session: Session, job_id: str) -> JobRow | None:
-    return session.get(JobRow, job_id)
+    """The row as the database has it now. Always read: the writes above are Core statements, which do
+    not refresh a row this session loaded before them."""
+    return session.get(JobRow, job_id, populate_existing=True)
 
 
 def find_by_idempotency_key(session: Session, endpoint_id: str, key: str) -> JobRow | None:
