@@ -56,9 +56,3 @@ def tokens_available(rt: Runtime, endpoint_id: str, operation: str) -> int:
     """How many `operation` calls to the endpoint the shared budget allows right now (a batch's size)."""
     budget = rt.runpod.budget
     return 1_000_000 if budget is None else budget.available(endpoint_id, operation)
-
-
-def calls_per_second(rt: Runtime, operation: str) -> float | None:
-    """The budget's sustained rate for `operation` per endpoint; None when calls are not budgeted."""
-    limits = getattr(rt.runpod.budget, "limits", None)
-    return None if limits is None else limits.of(operation) / 10.0

@@ -346,9 +346,8 @@ def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
     return poll_claimed(rt, row, rand=rand)
 
 
-def poll_claimed(rt: Runtime, row: JobRow, *, rand: Any = random.random, floor: float = 0.0) -> Next:
-    """Poll a job whose poll this process claimed (`row` as it was just before the claim). The next
-    poll is at least `floor` seconds away (the poller's share of the budget per job in flight)."""
+def poll_claimed(rt: Runtime, row: JobRow, *, rand: Any = random.random) -> Next:
+    """Poll a job whose poll this process claimed (`row` as it was just before the claim)."""
     fence = Fence.of(row)
     logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
     rt.metrics.polled(row.endpoint_name)
@@ -359,7 +358,7 @@ def poll_claimed(rt: Runtime, row: JobRow, *, rand: Any = random.random, floor: 
     except RunPodError as exc:
         rt.metrics.runpod_error("status", exc)
         return _poll_failed(rt, row, fence, exc, rand)
-    return _store_status(rt, row, fence, state, rand, floor=floor)
+    return _store_status(rt, row, fence, state, rand)
 
 
 def _status_not_found(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodNotFound, rand: Any) -> Next:
@@ -428,8 +427,7 @@ class _Drained:
     missing_note: str | None = None
 
 
-def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any, *,
-                  floor: float = 0.0) -> Next:
+def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any) -> Next:
     now = utcnow()
     status = FROM_RUNPOD[state.status]
     drained = _Drained(chunks=[])
@@ -482,7 +480,7 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
         values.update(finished_at=now, next_poll_at=None)
 
     schedule = rt.schedule_for(webhooks=row.webhook_token_hash is not None)
-    delay = max(poll_delay(schedule, polls_since_change=polls_since_change, rand=rand), floor)
+    delay = poll_delay(schedule, polls_since_change=polls_since_change, rand=rand)
     if not status.is_terminal:
         values["next_poll_at"] = now + timedelta(seconds=delay)
 

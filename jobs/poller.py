@@ -10,9 +10,9 @@ from the table alone.
 
 When the budget cannot serve every due poll, the most urgent go first: a job's first poll (it may
 be done already, or have failed at once), and any poll that has waited far too long; after those,
-the most overdue. The gap a job is given after each poll is never shorter than what the budget
-can serve for all the endpoint's jobs in flight (`floor`), so submitting more jobs stretches every
-job's polls rather than building a backlog, and the budget is never exceeded whatever is submitted.
+the most overdue. So submitting more jobs than the budget can poll at their planned gaps stretches
+every job's polls fairly (each waits its turn, oldest first), and the budget is never exceeded
+whatever is submitted; `rpq_poll_lag_seconds` shows how late the latest poll runs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from sqlalchemy import case, func, update
 from sqlmodel import col, or_, select
 
 from jobs import lifecycle
-from jobs.batching import calls_per_second, fan_out, tokens_available
+from jobs.batching import fan_out, tokens_available
 from jobs.db import session_scope
 from jobs.models import JobRow, utcnow
 from jobs.runtime import DISPATCH_TASK, Runtime
@@ -52,11 +52,6 @@ GATHER_SECONDS = 0.25
 NO_BUDGET_RECHECK_SECONDS = 0.25
 #: A poll this overdue goes before any other (RunPod keeps a finished job's result 30 minutes).
 STARVING = timedelta(minutes=5)
-#: Of the budget's rate, the share the floor leaves to first polls and webhook wake-ups.
-FLOOR_SHARE = 0.8
-#: The floor never exceeds this, far inside RunPod's 30-minute result retention. More jobs in flight
-#: than the budget can follow at this gap is a deployment that needs `max_in_flight`.
-FLOOR_CAP_SECONDS = 600.0
 
 
 @dataclass
@@ -79,13 +74,13 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
         if room <= 0:
             outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /status budget is spent for now"
             break
-        claimed, floor = claim_due(rt, endpoint_id, room)
+        claimed = claim_due(rt, endpoint_id, room)
         if not claimed:
             due = _next_due(rt, endpoint_id)
             outcome.again_in = None if due is None else max(due, GATHER_SECONDS)
             outcome.reason = "nothing due"
             break
-        steps = fan_out(partial(_poll_one, rt, rand, floor), claimed)
+        steps = fan_out(partial(_poll_one, rt, rand), claimed)
         outcome.polled += len(claimed)
         outcome.finished += sum(1 for step in steps if step.poll_in is None)
         if time.monotonic() - started >= run_seconds:
@@ -96,14 +91,14 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
     return outcome
 
 
-def _poll_one(rt: Runtime, rand: Any, floor: float, row: JobRow) -> lifecycle.Next:
-    return lifecycle.poll_claimed(rt, row, rand=rand, floor=floor)
+def _poll_one(rt: Runtime, rand: Any, row: JobRow) -> lifecycle.Next:
+    return lifecycle.poll_claimed(rt, row, rand=rand)
 
 
-def claim_due(rt: Runtime, endpoint_id: str, limit: int) -> tuple[list[JobRow], float]:
+def claim_due(rt: Runtime, endpoint_id: str, limit: int) -> list[JobRow]:
     """Claim up to `limit` of the endpoint's due polls, most urgent first, in one transaction: each
     claimed job's next_poll_at moves to the end of its lease, so a poller killed mid-call leaves it
-    for the reconciler. Returns the rows as they were before the claim, and the gap floor."""
+    for the reconciler. Returns the rows as they were before the claim."""
     now = utcnow()
     urgent = or_(col(JobRow.poll_count) == 0, col(JobRow.next_poll_at).is_(None),
                  col(JobRow.next_poll_at) < now - STARVING)
@@ -118,22 +113,10 @@ def claim_due(rt: Runtime, endpoint_id: str, limit: int) -> tuple[list[JobRow], 
             .with_for_update(skip_locked=True)
         ).all())
         if not rows:
-            return [], 0.0
+            return []
         session.execute(update(JOBS).where(JOBS.c.id.in_([row.id for row in rows]))
                         .values(next_poll_at=now + lifecycle.poll_lease(rt)))
-        floor = _floor(rt, session, endpoint_id)
-    return rows, floor
-
-
-def _floor(rt: Runtime, session: Any, endpoint_id: str) -> float:
-    """The shortest gap the budget can serve for every job of the endpoint at RunPod: stretches as more
-    jobs are in flight."""
-    rate = calls_per_second(rt, "status")
-    if rate is None:
-        return 0.0
-    in_flight = session.exec(select(func.count()).select_from(JobRow).where(
-        JobRow.endpoint_id == endpoint_id, col(JobRow.status).in_(sorted(AT_RUNPOD)))).one()
-    return min(float(in_flight) / (rate * FLOOR_SHARE), FLOOR_CAP_SECONDS)
+    return rows
 
 
 def _next_due(rt: Runtime, endpoint_id: str) -> float | None:

@@ -151,8 +151,8 @@ def test_a_claimed_poll_is_not_claimed_again_by_a_second_poller(runtime: Runtime
     dispatch(runtime, ENDPOINT_ID)
     make_due(runtime, job.id)
 
-    first, _ = claim_due(runtime, ENDPOINT_ID, 10)
-    second, _ = claim_due(runtime, ENDPOINT_ID, 10)
+    first = claim_due(runtime, ENDPOINT_ID, 10)
+    second = claim_due(runtime, ENDPOINT_ID, 10)
 
     assert [row.id for row in first] == [job.id] and second == []
 
@@ -166,22 +166,24 @@ def test_when_few_polls_can_be_made_first_polls_and_the_most_overdue_go_first(ru
                           values={"poll_count": 3, "next_poll_at": utcnow() - timedelta(seconds=ago)})
         update_fields(session, fresh.id, while_status={JobStatus.IN_QUEUE}, values={"next_poll_at": utcnow()})
 
-    order = [claim_due(runtime, ENDPOINT_ID, 1)[0][0].id for _ in range(3)]
+    order = [claim_due(runtime, ENDPOINT_ID, 1)[0].id for _ in range(3)]
 
     assert order == [fresh.id, older.id, old.id]
 
 
-def test_the_gap_after_a_poll_grows_with_the_jobs_in_flight_so_the_budget_holds(runtime: Runtime) -> None:
+def test_a_poller_run_makes_no_more_calls_than_the_budget_has_tokens_for(runtime: Runtime) -> None:
     many = [jobs.submit("tts", {"sleep": 60}, runtime=runtime) for _ in range(8)]
     dispatch(runtime, ENDPOINT_ID)
     make_due(runtime, *(job.id for job in many))
-    runtime.runpod.budget = LocalBudget(Limits(status=10))  # one call a second for the whole endpoint
+    runtime.runpod.budget = LocalBudget(Limits(status=30))  # 3 tokens at once, 2.7 a second after that
     try:
-        _, floor = claim_due(runtime, ENDPOINT_ID, 1)
+        outcome = poll_due(runtime, ENDPOINT_ID)
     finally:
+        runpod_polls = sum(jobs.get(job.id, runtime=runtime).poll_count for job in many)
         runtime.runpod.budget = None
 
-    assert floor == pytest.approx(8 / (1 * 0.8))  # 8 jobs in flight at 1 call/s, 80% of it for the floor
+    assert outcome.polled == runpod_polls == 3
+    assert outcome.again_in is not None and "budget" in outcome.reason
 
 
 # -- wake-ups ---------------------------------------------------------------------------------------------------
