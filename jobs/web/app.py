@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jobs
 from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH, InvalidJob, InvalidTransition, JobNotFound
-from jobs.errors import ConfigError, Problem, RpqError, RunPodError, RunPodTransient
+from jobs.errors import ConfigError, Problem, RpqError, RunPodError, RunPodNotFound, RunPodTransient
 from jobs.models import utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES
 from jobs.runtime import Runtime, get_runtime
@@ -399,7 +399,12 @@ def endpoint_health(name: str, runtime: RuntimeDep) -> EndpointHealth:
     except ConfigError:
         raise ApiError(404, [Problem("name", "known", "unknown endpoint: not in RUNPOD_ENDPOINTS and not a "
                                                       "RunPod endpoint id")]) from None
-    health = runtime.runpod.health(endpoint.id)
+    try:
+        health = runtime.runpod.health(endpoint.id)
+    except RunPodNotFound:
+        # RunPod's 404 for an endpoint id it does not know: the name is wrong, not RunPod broken.
+        raise ApiError(404, [Problem("name", "known", f"RunPod does not know endpoint {endpoint.id}: deleted, or "
+                                                      "the id is wrong")]) from None
     return EndpointHealth(endpoint=endpoint.name, endpoint_id=endpoint.id, jobs=health.jobs, workers=health.workers)
 
 
