@@ -322,6 +322,9 @@ class Job:
     run: int = 0  #: Bumped on every start and stop, so a stale handler task cannot touch a newer run.
     deleted_reason: str | None = None
     task: asyncio.Task[None] | None = None
+    status_calls: int = 0  #: /status and /status-sync calls that found the job, for /_sim/jobs.
+    first_status_at: float | None = None
+    last_status_at: float | None = None
 
     @property
     def deleted(self) -> bool:
@@ -620,6 +623,13 @@ class Engine:
         if job is None or job.endpoint_id != endpoint_id:
             raise JobNotFound()
         return job
+
+    def count_status_call(self, job: Job) -> None:
+        now = self.clock.now()
+        job.status_calls += 1
+        job.last_status_at = now
+        if job.first_status_at is None:
+            job.first_status_at = now
 
     def cancel(self, endpoint_id: str, job_id: str) -> Job:
         """Cancel a queued or running job; a finished job is returned unchanged."""
