@@ -287,6 +287,7 @@ class RunResult:
     rows: dict[str, dict[str, Any]]  # job id -> the columns read at the end
     at_runpod: list[dict[str, Any]]  # GET /_sim/jobs
     stats: dict[str, Any]  # GET /_sim/stats
+    webhooks: list[dict[str, Any]]  # GET /_sim/webhooks: every delivery attempt
     samples: list[Sample]
     started: float  # epoch: the first submit
     submit_seconds: float  # how long submitting the main jobs took
@@ -406,8 +407,11 @@ def run_once(args: argparse.Namespace, mode: str, server: RedisServer, sim: Simu
         rows = read_rows(rt)
         at_runpod = sim.jobs()
         stats = sim_stats(sim)
-    return RunResult(mode, args.jobs, submitted, rows, at_runpod, stats, sampler.samples, started, submit_seconds,
-                     ended, first_poll_delay, cpu, ended is None)
+        response = httpx.get(f"{sim.root_url}/_sim/webhooks", timeout=30)
+        response.raise_for_status()
+        hooks = list(response.json()["webhooks"])
+    return RunResult(mode, args.jobs, submitted, rows, at_runpod, stats, hooks, sampler.samples, started,
+                     submit_seconds, ended, first_poll_delay, cpu, ended is None)
 
 
 def planned_first_poll(rt: Runtime, webhooks: bool) -> float:
@@ -574,6 +578,10 @@ def figures(result: RunResult) -> Figures:
                       f"{seconds(overdue, 50)} / {seconds(overdue, 95)} / {max(overdue, default=0):.1f} s"
                       + (f"; {never_polled} never polled" if never_polled else "")))
     out.extra.append(("detection lag, p50 / max", f"{seconds(lags, 50)} / {max(lags, default=0):.1f} s"))
+    if webhooks:
+        delivered = sum(1 for w in result.webhooks if w["delivered"])
+        out.extra.append(("webhook attempts: delivered (HTTP 200) / not",
+                          f"{delivered} / {len(result.webhooks) - delivered}"))
     ops_total: Counter[str] = Counter()
     by_op_code: dict[str, Counter[str]] = defaultdict(Counter)
     peak_by_op: dict[str, int] = {}
