@@ -83,15 +83,15 @@ def median_spread(values: Sequence[float], fmt: str = "{:.0f}") -> str:
 
 
 @contextmanager
-def child(name: str, command: list[str], log_dir: Path, *, env: dict[str, str] | None = None
-          ) -> Iterator[subprocess.Popen[bytes]]:
+def child(name: str, command: list[str], log_dir: Path, *, env: dict[str, str] | None = None,
+          cwd: Path = ROOT) -> Iterator[subprocess.Popen[bytes]]:
     """Run `command` in its own process group; on exit SIGTERM the group (SIGKILL after 15 s).
 
     A process group, so a prefork worker's pool children go too.
     """
     log_path = log_dir / f"{name}.log"
     log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in finally
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
         yield process

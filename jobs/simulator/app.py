@@ -40,6 +40,7 @@ from jobs.simulator.engine import (
 )
 from jobs.simulator.faults import FaultInjector, FaultRule, RateLimited, RateLimiter
 from jobs.simulator.handlers import load_handler
+from jobs.simulator.stats import RequestStats
 from jobs.simulator.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class Simulator:
             rate_drop=config.fault_drop_rate,
         )
         self.limiter = RateLimiter(scale=config.rate_limit_scale)
+        self.stats = RequestStats()
+        self.stats.reset(self.clock.wall())
         self.loop: asyncio.AbstractEventLoop | None = None
         #: Requests held open right now (runsync, stream, status-sync) per job id, shown by /_sim/jobs so that
         #: a test can tell a long poll is in place before it changes what the poll waits for.
@@ -136,6 +139,7 @@ class Simulator:
         await self.webhooks.reset()
         self.faults.reset()
         self.limiter.reset()
+        self.stats.reset(self.clock.wall())
 
     async def close(self) -> None:
         await self.engine.stop()
@@ -172,7 +176,29 @@ class Simulator:
         *,
         limit_as: str | None = None,
     ) -> Response:
-        """Run one ``/v2`` operation through the pipeline; ``limit_as`` names the rate limit it shares."""
+        """Run one ``/v2`` operation through the pipeline; ``limit_as`` names the rate limit it shares.
+        Requests to an endpoint that exists are counted for ``/_sim/stats`` (ids that do not exist are
+        not, so a stream of made-up ids cannot grow the counters)."""
+        endpoint_id: str = request.path_params["endpoint_id"]
+        if endpoint_id not in self.engine.endpoints:
+            return await self._pipeline(request, op, action, limit_as=limit_as)
+        self.stats.arrived(endpoint_id, op, self.clock.wall())
+        try:
+            response = await self._pipeline(request, op, action, limit_as=limit_as)
+        except BaseException:
+            self.stats.answered(endpoint_id, op, "error")
+            raise
+        self.stats.answered(endpoint_id, op, "dropped" if isinstance(response, DropResponse) else response.status_code)
+        return response
+
+    async def _pipeline(
+        self,
+        request: Request,
+        op: str,
+        action: Callable[[], Awaitable[Response]],
+        *,
+        limit_as: str | None,
+    ) -> Response:
         endpoint_id: str = request.path_params["endpoint_id"]
         if not self.authorized(request):
             return error(401, "Unauthorized")
@@ -187,7 +213,7 @@ class Simulator:
                     endpoint_id,
                     limit_op,
                     now=self.clock.now(),
-                    running_workers=self.engine.running_workers(endpoint_id),
+                    running_workers=self.engine.running_workers(endpoint_id) if self.config.dynamic_rate_limits else 0,
                 )
             except RateLimited as exc:
                 # RunPod's 429 headers are UNCONFIRMED; Retry-After (whole seconds) is what clients honour.
@@ -311,7 +337,9 @@ def _api_routes(sim: Simulator) -> list[Route]:
 
     async def status(request: Request) -> Response:
         async def action() -> Response:
-            return _ok(sim.job(request).view())
+            job = sim.job(request)
+            engine.count_status_call(job)
+            return _ok(job.view())
 
         return await sim.handle(request, "status", action)
 
@@ -321,6 +349,7 @@ def _api_routes(sim: Simulator) -> list[Route]:
                 request.query_params.get("wait"), STATUS_SYNC_DEFAULT_WAIT_MS, maximum=STATUS_SYNC_WAIT_MAX_MS
             )
             job = sim.job(request)
+            engine.count_status_call(job)
             arrived = job.status
             # How long RunPod holds /status-sync is UNCONFIRMED; --status-sync-mode picks a reading. Either
             # way a final job answers at once: a COMPLETED or CANCELLED job never changes again.
@@ -416,6 +445,10 @@ def _job_record(sim: Simulator, job: Job) -> dict[str, Any]:
         "worker_id": job.worker_id,
         "dropped_result_bytes": job.dropped_result_bytes,
         "held_requests": sim.held[job.id],
+        # /status and /status-sync calls that found the job: how often, and how soon, a client looked.
+        "status_calls": job.status_calls,
+        "first_status_at": iso(job.first_status_at),
+        "last_status_at": iso(job.last_status_at),
     }
 
 
@@ -498,6 +531,9 @@ def _control_routes(sim: Simulator) -> list[Route]:
     async def webhooks(request: Request) -> dict[str, Any]:
         return {"webhooks": [attempt.as_dict() for attempt in sim.webhooks.log]}
 
+    async def stats(request: Request) -> dict[str, Any]:
+        return sim.stats.report(request.query_params.get("endpoint"))
+
     return [
         Route("/_sim/health", guarded(health), methods=["GET"]),
         Route("/_sim/jobs", guarded(jobs), methods=["GET"]),
@@ -509,6 +545,7 @@ def _control_routes(sim: Simulator) -> list[Route]:
         Route("/_sim/clock/advance", guarded(advance), methods=["POST"]),
         Route("/_sim/reset", guarded(reset), methods=["POST"]),
         Route("/_sim/webhooks", guarded(webhooks), methods=["GET"]),
+        Route("/_sim/stats", guarded(stats), methods=["GET"]),
     ]
 
 

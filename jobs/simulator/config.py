@@ -46,7 +46,7 @@ class SimulatorConfig:
     --max-result-bytes             a bigger result is dropped: COMPLETED with no output (RunPod: ~20 MB)
     --max-stream-chunk-bytes       a bigger streamed chunk is split into several (RunPod: 1 MB)
     --webhook-attempts / --webhook-interval-seconds / --webhook-timeout-seconds
-    --rate-limits / --rate-limit-scale / --queue-full-limit
+    --rate-limits / --dynamic-rate-limits / --rate-limit-scale / --queue-full-limit
     --max-run-payload-bytes / --max-runsync-payload-bytes / --enforce-policy-max
     --fault-5xx-rate / --fault-429-rate / --fault-slow-rate / --fault-slow-seconds / --fault-drop-rate
     --handler                      module:function, a real RunPod handler to run instead of the default one
@@ -105,6 +105,11 @@ class SimulatorConfig:
     webhook_interval_seconds: float = _opt(10.0, "Seconds between webhook attempts (RunPod: 10).")
     webhook_timeout_seconds: float = _opt(10.0, "Seconds to wait for a webhook receiver to answer.")
     rate_limits: bool = _opt(True, "Enforce RunPod's per-endpoint rate limits (429 when over).")
+    dynamic_rate_limits: bool = _opt(
+        True,
+        "Raise each per-10-s limit to running workers x 50 when that is more (RunPod's documented dynamic "
+        "limit). Off, the base limits hold however many workers run (what a benchmark of rpq's own pacing needs).",
+    )
     rate_limit_scale: float = _opt(
         1.0, "Multiply every rate and concurrency limit by this (e.g. 0.01 so tests hit them quickly)."
     )

@@ -252,10 +252,51 @@ class Endpoint:
     id: str
     settings: EndpointSettings
     queue: deque[str] = field(default_factory=deque)
+    #: Every worker, oldest first. Change it only through the methods below, which keep the two
+    #: indexes in step.
     workers: dict[str, Worker] = field(default_factory=dict)
+    #: The workers that are not RUNNING: all a scaling pass has to look at. With thousands of jobs
+    #: running, a pass over every worker on each request would make the simulator the bottleneck.
+    spare: dict[str, Worker] = field(default_factory=dict)
+    #: The ``workers_min`` always-on workers.
+    active: dict[str, Worker] = field(default_factory=dict)
     completed: int = 0
     failed: int = 0
     retried: int = 0
+
+    @property
+    def running(self) -> int:
+        return len(self.workers) - len(self.spare)
+
+    def add(self, worker: Worker) -> None:
+        self.workers[worker.id] = worker
+        if worker.state is not WorkerState.RUNNING:
+            self.spare[worker.id] = worker
+        if worker.active:
+            self.active[worker.id] = worker
+
+    def remove(self, worker: Worker) -> None:
+        del self.workers[worker.id]
+        self.spare.pop(worker.id, None)
+        self.active.pop(worker.id, None)
+
+    def set_running(self, worker: Worker, job_id: str) -> None:
+        worker.state = WorkerState.RUNNING
+        worker.job_id = job_id
+        self.spare.pop(worker.id, None)
+
+    def set_ready(self, worker: Worker, now: float) -> None:
+        worker.state = WorkerState.READY
+        worker.job_id = None
+        worker.idle_since = now
+        self.spare[worker.id] = worker
+
+    def set_active(self, worker: Worker, active: bool) -> None:
+        worker.active = active
+        if active:
+            self.active[worker.id] = worker
+        else:
+            self.active.pop(worker.id, None)
 
 
 @dataclass
@@ -281,6 +322,9 @@ class Job:
     run: int = 0  #: Bumped on every start and stop, so a stale handler task cannot touch a newer run.
     deleted_reason: str | None = None
     task: asyncio.Task[None] | None = None
+    status_calls: int = 0  #: /status and /status-sync calls that found the job, for /_sim/jobs.
+    first_status_at: float | None = None
+    last_status_at: float | None = None
 
     @property
     def deleted(self) -> bool:
@@ -542,9 +586,7 @@ class Engine:
 
     def running_workers(self, endpoint_id: str) -> int:
         ep = self.endpoints.get(endpoint_id)
-        if ep is None:
-            return 0
-        return sum(w.state is WorkerState.RUNNING for w in ep.workers.values())
+        return 0 if ep is None else ep.running
 
     # -- operations -------------------------------------------------------------------------------------
 
@@ -581,6 +623,13 @@ class Engine:
         if job is None or job.endpoint_id != endpoint_id:
             raise JobNotFound()
         return job
+
+    def count_status_call(self, job: Job) -> None:
+        now = self.clock.now()
+        job.status_calls += 1
+        job.last_status_at = now
+        if job.first_status_at is None:
+            job.first_status_at = now
 
     def cancel(self, endpoint_id: str, job_id: str) -> Job:
         """Cancel a queued or running job; a finished job is returned unchanged."""
@@ -636,8 +685,9 @@ class Engine:
         self.reconcile()
         ep = self.endpoint(endpoint_id)
         workers = dict.fromkeys(("idle", "initializing", "ready", "running", "throttled", "unhealthy"), 0)
-        for worker in ep.workers.values():
+        for worker in ep.spare.values():
             workers[worker.reported_state] += 1
+        workers["running"] = ep.running
         # RunPod's "idle": scaled down, waiting for requests, not billed. Read as the slots up to the
         # endpoint's max that hold no worker (UNCONFIRMED; see the module docstring).
         workers["idle"] = max(max(ep.settings.workers_max, ep.settings.workers_min) - len(ep.workers), 0)
@@ -684,11 +734,9 @@ class Engine:
         if ep is None or worker is None or worker.job_id != job.id:
             return
         if stop_worker:
-            del ep.workers[worker.id]
+            ep.remove(worker)
         else:
-            worker.state = WorkerState.READY
-            worker.job_id = None
-            worker.idle_since = self.clock.now()
+            ep.set_ready(worker, self.clock.now())
 
     def _finish(self, job: Job, to: JobStatus, outcome: Outcome | None = None, *, stop_worker: bool = False) -> None:
         """Move a queued or running job to a terminal status and release what it held."""
@@ -737,8 +785,7 @@ class Engine:
         job.attempts += 1
         job.started_at = now
         job.worker_id = worker.id
-        worker.state = WorkerState.RUNNING
-        worker.job_id = job.id
+        self.endpoints[job.endpoint_id].set_running(worker, job.id)
         self._schedule(now + job.request.execution_timeout_ms / 1000, job)
         job.task = asyncio.get_running_loop().create_task(self._execute(job, job.run, worker.id))
         self.changed.fire()
@@ -797,7 +844,7 @@ class Engine:
         upcoming = [self._deadlines[0][0]] if self._deadlines else []
         for ep in self.endpoints.values():
             idle_timeout = ep.settings.idle_timeout_seconds
-            for w in ep.workers.values():
+            for w in ep.spare.values():
                 if w.state is WorkerState.INITIALIZING:
                     upcoming.append(w.ready_at)
                 elif w.state is WorkerState.READY and not w.active:
@@ -824,7 +871,7 @@ class Engine:
         s = ep.settings
         blocked = WorkerState.UNHEALTHY if s.unhealthy else WorkerState.THROTTLED if s.throttled else None
         changed = False
-        for w in ep.workers.values():
+        for w in ep.spare.values():  # a RUNNING worker is left alone by every rule of this loop
             if blocked is not None:
                 if (
                     w.state
@@ -844,44 +891,47 @@ class Engine:
 
         # Hand queued jobs, oldest first, to warm workers (active ones first, as RunPod prefers them).
         idle = sorted(
-            (w for w in ep.workers.values() if w.state is WorkerState.READY), key=lambda w: (not w.active, w.ready_at)
+            (w for w in ep.spare.values() if w.state is WorkerState.READY), key=lambda w: (not w.active, w.ready_at)
         )
         while ep.queue and idle:
             self._start(self.jobs[ep.queue.popleft()], idle.pop(0))
             changed = True
 
-        for w in list(ep.workers.values()):
+        for w in list(ep.spare.values()):
             if w.state is WorkerState.READY and not w.active and now - w.idle_since >= s.idle_timeout_seconds:
-                del ep.workers[w.id]
+                ep.remove(w)
                 changed = True
 
         # Keep exactly workers_min active workers, promoting or demoting flex ones before starting new ones.
+        # The passes over every worker run only when the count is off (workers_min changed, or an
+        # active worker was stopped), and go oldest first.
         cap = max(s.workers_max, s.workers_min)
-        active = [w for w in ep.workers.values() if w.active]
-        for w in active[s.workers_min :]:
-            w.active = False
-            w.idle_since = now
-        for w in [w for w in ep.workers.values() if not w.active][: max(s.workers_min - len(active), 0)]:
-            w.active = True
+        if len(ep.active) > s.workers_min:
+            for w in [w for w in ep.workers.values() if w.active][s.workers_min :]:
+                ep.set_active(w, False)
+                w.idle_since = now
+        elif len(ep.active) < s.workers_min:
+            for w in [w for w in ep.workers.values() if not w.active][: s.workers_min - len(ep.active)]:
+                ep.set_active(w, True)
         warm_now = False
-        while sum(w.active for w in ep.workers.values()) < s.workers_min:
+        while len(ep.active) < s.workers_min:
             warm_now |= self._add_worker(ep, now, active=True, blocked=blocked)
 
         # Scale up for queued jobs that no starting worker will cover; lowPriority jobs never scale up.
         demand = sum(not self.jobs[job_id].request.low_priority for job_id in ep.queue)
         coming = sum(
             w.state in (WorkerState.INITIALIZING, WorkerState.THROTTLED, WorkerState.UNHEALTHY)
-            for w in ep.workers.values()
+            for w in ep.spare.values()
         )
         for _ in range(min(demand - coming, cap - len(ep.workers))):
             warm_now |= self._add_worker(ep, now, active=False, blocked=blocked)
         # Crash-looping or throttled flex workers with nothing to do are given up on.
         surplus = coming - demand
-        for w in list(ep.workers.values()):
+        for w in list(ep.spare.values()):
             if surplus <= 0:
                 break
             if not w.active and w.state in (WorkerState.THROTTLED, WorkerState.UNHEALTHY):
-                del ep.workers[w.id]
+                ep.remove(w)
                 surplus -= 1
         if changed:
             self.changed.fire()
@@ -894,6 +944,6 @@ class Engine:
             active=active,
             ready_at=now + ep.settings.cold_start_seconds,
         )
-        ep.workers[worker.id] = worker
+        ep.add(worker)
         self.changed.fire()
         return worker.state is WorkerState.INITIALIZING and worker.ready_at <= now

@@ -12,6 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from jobs.simulator import SimulatorConfig, create_app
+from jobs.simulator.stats import RequestStats
 
 AUTH = {"Authorization": "Bearer k"}
 
@@ -180,3 +181,95 @@ def test_a_job_record_says_how_big_a_dropped_result_was() -> None:
 def test_advancing_the_clock_backwards_is_400() -> None:
     with client() as c:
         assert c.post("/_sim/clock/advance", json={"seconds": -1}).status_code == 400
+
+
+# -- /_sim/stats and what /_sim/jobs says about status calls -----------------------------------------------
+
+
+def test_stats_count_requests_per_endpoint_and_operation_with_their_answers() -> None:
+    with client(rate_limit_scale=0.5, cold_start_seconds=0) as c:  # purge-queue: 1 per 10 s
+        c.post("/_sim/endpoints/other")
+        job_id = c.post("/v2/ep/run", json={"input": {}}, headers=AUTH).json()["id"]
+        for _ in range(2):
+            c.get(f"/v2/ep/status/{job_id}", headers=AUTH)
+        c.get("/v2/ep/status/no-such-job", headers=AUTH)
+        purges = [c.post("/v2/other/purge-queue", headers=AUTH).status_code for _ in range(3)]
+        c.get("/v2/never-created/health", headers=AUTH)
+        stats = c.get("/_sim/stats").json()
+        other_only = c.get("/_sim/stats", params={"endpoint": "other"}).json()
+
+    ep = stats["endpoints"]["ep"]
+    assert purges == [200, 429, 429]
+    assert (ep["run"]["requests"], ep["run"]["responses"]) == (1, {"200": 1})
+    assert (ep["status"]["requests"], ep["status"]["responses"]) == (3, {"200": 2, "404": 1})
+    assert stats["endpoints"]["other"]["purge-queue"]["responses"] == {"200": 1, "429": 2}
+    assert sorted(stats["endpoints"]) == ["ep", "other"]  # an id that does not exist is not counted
+    assert list(other_only["endpoints"]) == ["other"]
+
+
+def test_stats_show_the_busiest_ten_seconds_and_the_requests_of_each_second() -> None:
+    with client() as c:
+        for _ in range(4):
+            c.get("/v2/ep/health", headers=AUTH)
+        health = c.get("/_sim/stats").json()["endpoints"]["ep"]["health"]
+
+    assert health["peak_10s"] == 4
+    assert sum(count for _second, count in health["per_second"]) == 4
+
+
+def test_the_peak_is_the_most_requests_any_ten_second_window_held() -> None:
+    stats = RequestStats()
+    for moment in (0.0, 1.0, 2.0, 9.5, 10.5, 11.0, 11.5, 30.0):
+        stats.arrived("ep", "status", 1_000_000 + moment)
+
+    status = stats.report()["endpoints"]["ep"]["status"]
+
+    # The 10 s before 11.5 hold 2.0 to 11.5, five requests; no 10 s hold six (0.0 left at 10.0, 1.0 at 11.0).
+    assert status["peak_10s"] == 5 and status["peak_10s_at"] == 1_000_011.5
+    assert status["per_second"] == [[1_000_000, 1], [1_000_001, 1], [1_000_002, 1], [1_000_009, 1],
+                                    [1_000_010, 1], [1_000_011, 2], [1_000_030, 1]]
+
+
+def test_per_second_counts_keep_the_last_hour_only() -> None:
+    stats = RequestStats()
+    stats.arrived("ep", "run", 1_000_000.0)
+    stats.arrived("ep", "run", 1_000_000.0 + 3599)
+    stats.arrived("ep", "run", 1_000_000.0 + 3600)
+
+    run = stats.report()["endpoints"]["ep"]["run"]
+
+    assert [second for second, _count in run["per_second"]] == [1_003_599, 1_003_600]
+    assert run["requests"] == 3
+
+
+def test_a_reset_starts_the_stats_afresh() -> None:
+    with client() as c:
+        c.get("/v2/ep/health", headers=AUTH)
+        c.post("/_sim/reset")
+        after = c.get("/_sim/stats").json()
+
+    assert after["endpoints"] == {} and after["window_seconds"] == 10
+
+
+def test_a_job_record_counts_the_status_calls_that_found_it() -> None:
+    with client(cold_start_seconds=0) as c:
+        job_id = c.post("/v2/ep/run", json={"input": {"sleep": 30}}, headers=AUTH).json()["id"]
+        (unseen,) = c.get("/_sim/jobs").json()["jobs"]
+        c.get(f"/v2/ep/status/{job_id}", headers=AUTH)
+        c.get(f"/v2/ep/status-sync/{job_id}", params={"wait": 1000}, headers=AUTH)
+        (seen,) = c.get("/_sim/jobs").json()["jobs"]
+
+    assert (unseen["status_calls"], unseen["first_status_at"], unseen["last_status_at"]) == (0, None, None)
+    assert seen["status_calls"] == 2
+    assert seen["created_at"] <= seen["first_status_at"] <= seen["last_status_at"]
+
+
+@pytest.mark.parametrize(("dynamic", "answers"), [(True, [200, 200, 200]), (False, [200, 429, 429])])
+def test_running_workers_raise_the_limits_unless_dynamic_limits_are_off(dynamic: bool, answers: list[int]) -> None:
+    # purge-queue at half scale: 1 per 10 s; one running worker raises it to 50 x 0.5 = 25.
+    with client(rate_limit_scale=0.5, cold_start_seconds=0, dynamic_rate_limits=dynamic) as c:
+        c.post("/v2/ep/run", json={"input": {"sleep": 60}}, headers=AUTH)
+        assert c.get("/v2/ep/health", headers=AUTH).json()["workers"]["running"] == 1
+        purges = [c.post("/v2/ep/purge-queue", headers=AUTH).status_code for _ in range(3)]
+
+    assert purges == answers
