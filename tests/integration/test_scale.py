@@ -67,6 +67,8 @@ def deployment(start_simulator: Callable[..., SimulatorProcess], redis_url: str,
         env = {**os.environ, "DATABASE_URL": database_url, "CELERY_BROKER_URL": redis_url,
                "RUNPOD_API_KEY": sim.api_key, "RUNPOD_SERVERLESS_URL": sim.base_url,
                "RUNPOD_ENDPOINTS": f"{ENDPOINT_NAME}={ENDPOINT_ID}",
+               # rpq's budget scaled as the simulator's limits are: its defaults' share of RunPod's.
+               "RPQ_RUNPOD_LIMITS": f"run={int(800 * RATE_LIMIT_SCALE)},status={int(1400 * RATE_LIMIT_SCALE)}",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         env.pop("RUNPOD_WEBHOOK_BASE_URL", None)
         control = make_app(Settings(celery_broker_url=redis_url))
@@ -137,7 +139,8 @@ def test_a_thousand_jobs_at_once_all_finish_once_with_their_own_output_and_no_42
         wait_until(all_final, timeout=780, interval=1.0, what="every job to be final")
     except TimeoutError:
         pytest.fail(f"not every job is final: {dict(statuses(runtime, ids))}")
-    at_runpod = Counter(marker_of(job) for job in sim.jobs(ENDPOINT_ID))
+    sent = sim.jobs(ENDPOINT_ID)
+    at_runpod = Counter(marker_of(job) for job in sent)
     stats = sim.control.get("/_sim/stats").json()["endpoints"][ENDPOINT_ID]
     refused = {op: counts["responses"]["429"] for op, counts in stats.items() if "429" in counts["responses"]}
 
@@ -145,3 +148,8 @@ def test_a_thousand_jobs_at_once_all_finish_once_with_their_own_output_and_no_42
     assert at_runpod == Counter(markers.values()), "each job reached RunPod exactly once"
     assert refused == {}, "RunPod never had to refuse a request (429)"
     assert statuses(runtime, ids)["EXPIRED"] == 0
+    # Neither role starves the other: polling began while jobs were still being sent (RunPod's /run
+    # limit spreads the thousand over more than a window), and sending went on while polls were made.
+    last_sent = max(job["created_at"] for job in sent)
+    first_polled = min(job["first_status_at"] for job in sent if job["first_status_at"])
+    assert first_polled < last_sent, "the first poll waited for the whole submit backlog"
