@@ -105,6 +105,8 @@ class JobRow(SQLModel, table=True):
         # The reconciler's and the poller's question: which in-flight jobs are due?
         Index("ix_jobs_status_next_poll_at", "status", "next_poll_at"),
         Index("ix_jobs_created_at", "created_at"),
+        # An endpoint's newest completed jobs, for the poll plan (jobs.endpoint_times) and health's estimate.
+        Index("ix_jobs_endpoint_status_finished_at", "endpoint_id", "status", "finished_at"),
     )
 
     id: str = Field(primary_key=True, max_length=36)

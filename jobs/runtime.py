@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from jobs.backoff import PollSchedule
 from jobs.db import make_engine
+from jobs.endpoint_times import EndpointTimesCache
 from jobs.metrics_recorder import NullRecorder, Recorder, RedisRecorder
 from jobs.runpod import RunPodClient
 from jobs.settings import Settings
@@ -48,6 +49,8 @@ class Runtime:
     # With a webhook to wake it, polling is only the safety net: start later, settle at a minute.
     webhook_schedule: PollSchedule = field(default_factory=lambda: PollSchedule(first=5.0, base=5.0, cap=60.0))
     metrics: Recorder = field(default_factory=NullRecorder)
+    # What each endpoint's recent jobs say about the next one (jobs.pollplan), kept ~30 s per endpoint.
+    endpoint_times: EndpointTimesCache = field(default_factory=EndpointTimesCache)
     _client: RunPodClient | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
