@@ -271,3 +271,12 @@ def test_jitter_only_ever_brings_a_poll_earlier(
 
     if latest.mode is not Mode.NO_HISTORY and latest.mode is not Mode.PAST_LIKELY_END:
         assert earliest.delay <= latest.delay
+
+
+def test_a_learned_wait_stays_far_inside_runpods_retention_and_the_visibility_timeout() -> None:
+    from jobs.settings import MAX_POLL_GAP_SECONDS
+    from tasks.app import VISIBILITY_TIMEOUT_SECONDS
+
+    assert LONG_WAIT_CAP_SECONDS <= MAX_POLL_GAP_SECONDS
+    assert LONG_WAIT_CAP_SECONDS * 10 <= 30 * 60  # RunPod keeps a result 30 minutes
+    assert (LONG_WAIT_CAP_SECONDS + 180) * 4 < VISIBILITY_TIMEOUT_SECONDS  # longest wait + task time limit
