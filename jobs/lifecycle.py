@@ -447,7 +447,8 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
 
     delay = _poll_in(rt, row, status, now=now, polls=row.poll_count + 1, polls_since_change=polls_since_change,
                      started_at=values.get("started_at", row.started_at),
-                     delay_ms=values.get("delay_time_ms", row.delay_time_ms), rand=rand)
+                     delay_ms=values.get("delay_time_ms", row.delay_time_ms),
+                     reports_progress=progress is not None or row.progress is not None, rand=rand)
     if not status.is_terminal:
         values["next_poll_at"] = now + timedelta(seconds=delay)
 
@@ -479,13 +480,13 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
 
 
 def _poll_in(rt: Runtime, row: JobRow, status: JobStatus, *, now: datetime, polls: int, polls_since_change: int,
-             started_at: datetime | None, delay_ms: int | None, rand: Any) -> float:
+             started_at: datetime | None, delay_ms: int | None, rand: Any, reports_progress: bool = False) -> float:
     """Seconds until the job's next poll: where its endpoint's recent jobs say it is likely to end
-    (jobs.pollplan). A job a webhook will wake, or whose stream is drained as it comes, keeps the fixed
-    schedule."""
+    (jobs.pollplan). A job a webhook will wake keeps the fixed schedule; so does one whose stream is
+    drained, or whose progress is shown, as it comes."""
     webhooks = row.webhook_token_hash is not None
     schedule = rt.schedule_for(webhooks=webhooks)
-    if webhooks or row.stream:
+    if webhooks or row.stream or reports_progress:
         return schedule.first if polls == 0 else poll_delay(schedule, polls_since_change=polls_since_change,
                                                             rand=rand)
     seen = JobSeen(status, row.submitted_at, started_at, None if delay_ms is None else delay_ms / 1000, polls,
