@@ -155,3 +155,20 @@ def test_a_streaming_job_keeps_the_doubling_schedule_so_its_chunks_flow_as_they_
     step = submit_job(runtime, job.id)
 
     assert step.poll_in == runtime.schedule.first
+
+
+def test_a_job_that_shows_progress_keeps_the_doubling_schedule_so_its_progress_is_seen_as_it_comes(
+    runtime: Runtime, simulator: SimulatorProcess, migrated_db: str
+) -> None:
+    minute_long_history(migrated_db)
+    job = jobs.submit("tts", {"sleep": 9, "progress": ["33%", "67%"], "output": 1}, runtime=runtime)
+    submit_job(runtime, job.id)
+    runpod_job_id = jobs.get(job.id, runtime=runtime).runpod_job_id
+    assert runpod_job_id is not None
+    wait_until(lambda: runtime.runpod.status(ENDPOINT_ID, runpod_job_id).output is not None, timeout=10,
+               what="the job to report progress")
+
+    step = poll_job(runtime, job.id)
+
+    assert jobs.get(job.id, runtime=runtime).progress is not None
+    assert step.poll_in is not None and step.poll_in <= 1.0  # the status just changed: doubling starts at 0.5-1 s
