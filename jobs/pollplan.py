@@ -23,8 +23,8 @@ submission" and "delay + execution" for "run time" and "execution"):
   120 s), at least 1 s and at most the schedule's cap (`RPQ_POLL_MAX_SECONDS`). The square root is the
   trade between calls and lag when the spread of run times grows with their length: calls across the
   likely end grow like T / step and the lag like step. A gap never reaches past the end of the bunch
-  of recent ends the job is in, so where recent jobs all ended within a second the job is seen within
-  about a second, whatever its length.
+  of recent ends the job is in (ends at most two steps apart), so where recent jobs all ended within a
+  second the job is seen within about a second, whatever its length.
 * A job that has just outlasted a bunch of recent jobs may be their straggler rather than one of the
   longer jobs ahead: it waits at most 4 times as long as it has overrun them.
 * Past where nearly all recent jobs had ended (fewer than 3, or 2 %, ran longer), and with fewer than
@@ -72,6 +72,9 @@ class Tuning:
     min_tail: int = 3  # the doubling schedule again
     lag_scale: float = 0.4  # across the likely end of a job of T seconds, poll every 0.4 * sqrt(T) s ...
     min_step: float = 1.0  # ... but not more often than every second
+    # Recent ends more than this many steps apart are separate bunches. Not 1: a few dozen ends spread
+    # over a wide likely end leave gaps of a step by chance, and each false bunch end costs a poll.
+    bunch_gap: float = 2.0
     straggler_factor: float = 4.0  # a job that outlasted a bunch of recent ones waits at most 4x its overrun
     jitter: float = 0.25  # the share of each gap that is random (taken off, never added)
 
@@ -244,15 +247,15 @@ def _toward_end(xs: tuple[float, ...], elapsed: float, schedule: PollSchedule, r
     if wait > step:
         return Plan(wait - rand() * step * tuning.jitter, Mode.WAIT)
     # Across the likely end: every step, but no further than where this bunch of recent ends stops
-    # (a gap of more than a step before the next), unless that is less than `min_step` away.
-    gap = min(step, max(_bunch_end(rest, step) - elapsed, tuning.min_step))
+    # (a gap of more than two steps before the next), unless that is less than `min_step` away.
+    gap = min(step, max(_bunch_end(rest, tuning.bunch_gap * step) - elapsed, tuning.min_step))
     return Plan(gap - rand() * gap * tuning.jitter, Mode.ACROSS_END)
 
 
-def _bunch_end(rest: tuple[float, ...], step: float) -> float:
-    """The last of the ends in `rest` (sorted) that follow one another less than `step` apart."""
+def _bunch_end(rest: tuple[float, ...], apart: float) -> float:
+    """The last of the ends in `rest` (sorted) that follow one another at most `apart` seconds apart."""
     for here, following in itertools.pairwise(rest):
-        if following - here > step:
+        if following - here > apart:
             return here
     return rest[-1]
 

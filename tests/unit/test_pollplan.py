@@ -121,6 +121,23 @@ def test_across_a_wide_likely_end_polls_come_every_step_of_about_point_four_root
     assert 4.0 < step < 5.0
 
 
+def test_a_gap_of_a_step_or_so_between_recent_ends_is_chance_not_a_separate_bunch() -> None:
+    times = history(*[100 + i / 4 for i in range(41)], *[114 + i / 4 for i in range(41)])  # 4 s apart at 110-114
+
+    chosen = plan(running(109.5), times, at(109.5))
+
+    assert chosen.mode is Mode.ACROSS_END and chosen.delay == pytest.approx(step_for(109.75))
+
+
+def test_a_gap_wider_than_two_steps_ends_a_bunch_and_the_poll_comes_at_its_end() -> None:
+    times = history(*[20 + i / 40 for i in range(41)], *[30 + i / 40 for i in range(41)])
+
+    chosen = plan(running(20.5), times, at(20.5))
+
+    assert chosen.mode is Mode.ACROSS_END and chosen.delay == pytest.approx(1.0)
+    assert chosen.delay < step_for(20.5)
+
+
 def test_a_job_that_outlasted_nearly_every_recent_job_goes_back_to_doubling_from_short_gaps() -> None:
     times = spread(20, 21)
 
