@@ -89,6 +89,7 @@ class Observed:
     runpod_job_id: str
     status_calls: int
     detected_at: float  # epoch seconds: when the client had the result
+    first_look: float | None = None  # rpq: seconds from submission to the poll that first saw it running
 
 
 def endpoint_for(duration: int, args: argparse.Namespace) -> str:
@@ -138,7 +139,10 @@ def collect(rt: Runtime, ours: list[tuple[int, str]], deadline: float, observed:
         if job.status != "COMPLETED" or job.finished_at is None or job.runpod_job_id is None:
             errors.append(f"rpq job {job_id} of {duration}s ended {job.status}: {job.error}")
             continue
-        observed.append(Observed(RPQ, duration, job.runpod_job_id, job.poll_count, job.finished_at.timestamp()))
+        first_look = (job.started_at - job.submitted_at).total_seconds() if job.started_at and job.submitted_at \
+            else None
+        observed.append(Observed(RPQ, duration, job.runpod_job_id, job.poll_count, job.finished_at.timestamp(),
+                                 first_look))
 
 
 # -- the whole run ---------------------------------------------------------------------------------------------
@@ -253,6 +257,11 @@ def report(phases: list[Phase], at_runpod: dict[str, dict[str, Any]], args: argp
                 f"{strong}{percentile(lags, 95):.2f}{strong} / {max(lags):.2f} | "
                 f"{statistics.median(ran):.1f} ({min(ran):.1f}-{max(ran):.1f}) |")
     say("")
+    looks = [o.first_look for o in phases[1].observed if o.client == RPQ and o.first_look is not None]
+    if looks:
+        # Planned half a second after /run answered: a late one means the worker (or the machine) was busy.
+        say(f"measured, rpq: the poll that first saw a job running came {statistics.median(looks):.2f} s after "
+            f"submission at the median, {percentile(looks, 95):.2f} s at p95, {max(looks):.2f} s at most")
     for client in (RPQ, SDK):
         jobs = [o for o in phases[1].observed if o.client == client]
         if jobs:
