@@ -1,15 +1,28 @@
 """RunPod status calls per job and completion-detection lag: rpq's poller against the official SDK.
 
-    .venv/bin/python bench/polling.py                      # 8 jobs each of 2 s, 20 s and 120 s, per client
-    .venv/bin/python bench/polling.py --durations 2,20 --per-duration 3    # a quicker look
+    .venv/bin/python bench/polling.py                         # 20 measured jobs each of 2 s, 20 s and 120 s
+    .venv/bin/python bench/polling.py --spread 0.2            # run times vary +-20 % as well
+    .venv/bin/python bench/polling.py --endpoints shared      # all three lengths on one endpoint
+    .venv/bin/python bench/polling.py --durations 2,20 --per-duration 5 --warmup 20    # a quicker look
 
-Every job runs at once on one simulator (no cold start, 100 workers, RunPod's default rate limits), so
-the run takes about as long as the longest job plus a poll interval, not the sum of them. A job of
-"N s" sleeps N + u seconds, u drawn uniformly from [0, 1) (seeded), and the i-th rpq job and the i-th
-SDK job of each length get the same u: with whole seconds and no cold start, the SDK's fixed 1 s
-polling would phase-lock with the job's end and show a lag near zero that real jobs never get.
+rpq places each poll where the endpoint's recent jobs say the job is likely to end (`jobs.pollplan`),
+so it needs history. The run therefore has two phases:
 
-* rpq: `jobs.submit("bench", {"sleep": N, "output": ...})` through Redis and a real
+1. **Warm-up** (rpq only, not compared): `--warmup` jobs of each length, all at once, so the job table
+   holds finished jobs to learn from. Until enough have finished, these are polled on the doubling
+   schedule. After they end, the script waits out the workers' 30 s cache of what was learned, so the
+   measured jobs see the whole warm-up.
+2. **Measured**: `--per-duration` jobs of each length per client, all at once. A job of "N s" sleeps
+   N * (1 + s) + u seconds: s uniform in [-spread, +spread] and u uniform in [0, 1), both seeded, and the
+   i-th rpq job and the i-th SDK job of each length get the same sleep. Warm-up jobs are drawn the same
+   way. Without u, whole seconds and no cold start would phase-lock the SDK's fixed 1 s polling with the
+   job's end and show a lag near zero that real jobs never get.
+
+By default each length has an endpoint of its own (`--endpoints per-duration`), as a RunPod endpoint
+usually serves one model whose jobs look alike; `--endpoints shared` puts all three on one endpoint, so
+every job's history is a mixture of three lengths.
+
+* rpq: `jobs.submit(endpoint, {"sleep": ..., "output": ...})` through Redis and a real
   `celery -A tasks worker -P threads -c 16` (and beat), on SQLite unless `--database postgresql`.
   Status calls = the job's `poll_count`; lag = its `finished_at` (when the table stored the result)
   minus the simulator's `finished_at` for that RunPod job.
@@ -17,7 +30,9 @@ polling would phase-lock with the job's end and show a lag near zero that real j
   job. Status calls = GET .../status/... requests its client made (its `get` is wrapped); lag = when
   `output()` returned minus the simulator's `finished_at`.
 
-The simulator's `finished_at` comes from `GET /_sim/jobs`. Both clocks are this machine's wall clock.
+One simulator (no cold start, up to 100 workers per endpoint, RunPod's default rate limits). The
+simulator's `finished_at` comes from `GET /_sim/jobs`. Both clocks are this machine's wall clock. The
+machine is shared: each phase reports the CPU the rest of the machine used meanwhile.
 """
 
 from __future__ import annotations
@@ -39,20 +54,23 @@ from typing import Any
 import runpod
 from harness import (
     ENDPOINT_ID,
-    ENDPOINT_NAME,
+    CpuMeter,
     celery_worker,
     child,
     database,
-    median_spread,
+    percentile,
     pipeline_env,
     print_machine,
+    process_group,
     redis_server,
     say,
     simulator,
     stop_on_sigterm,
+    this_process,
 )
 
 from jobs import api
+from jobs.endpoint_times import CACHE_SECONDS
 from jobs.runtime import Runtime
 from jobs.settings import Endpoint, Secret, Settings
 
@@ -60,23 +78,35 @@ from jobs.settings import Endpoint, Secret, Settings
 # would print every HTTP request; quiet the root logger again.
 logging.getLogger().setLevel(logging.WARNING)
 
+RPQ = "rpq"
+SDK = "runpod SDK"
+
 
 @dataclass
 class Observed:
-    client: str  # "rpq" or "runpod SDK"
-    duration: int  # the job's sleep, seconds
+    client: str  # RPQ or SDK
+    duration: int  # the job's nominal length, seconds
     runpod_job_id: str
     status_calls: int
     detected_at: float  # epoch seconds: when the client had the result
+    first_look: float | None = None  # rpq: seconds from submission to the poll that first saw it running
+
+
+def endpoint_for(duration: int, args: argparse.Namespace) -> str:
+    return ENDPOINT_ID if args.endpoints == "shared" else f"bench-{duration}s"
+
+
+def sleeps(duration: int, count: int, rng: random.Random, spread: float) -> list[float]:
+    return [duration * (1 + rng.uniform(-spread, spread)) + rng.random() for _ in range(count)]
 
 
 # -- the official SDK ----------------------------------------------------------------------------------------
 
 
-def sdk_job(duration: int, sleep: float, out: list[Observed], errors: list[str]) -> None:
+def sdk_job(endpoint_id: str, duration: int, sleep: float, out: list[Observed], errors: list[str]) -> None:
     """One job through the SDK, the way its README shows; run in a thread of its own."""
     try:
-        endpoint = runpod.Endpoint(ENDPOINT_ID)  # reads runpod.api_key and runpod.endpoint_url_base now
+        endpoint = runpod.Endpoint(endpoint_id)  # reads runpod.api_key and runpod.endpoint_url_base now
         calls = {"status": 0}
         get = endpoint.rp_client.get
 
@@ -87,104 +117,181 @@ def sdk_job(duration: int, sleep: float, out: list[Observed], errors: list[str])
 
         endpoint.rp_client.get = counting_get
         job = endpoint.run({"input": {"sleep": sleep, "output": {"via": "sdk", "sleep": sleep}}})
-        job.output(timeout=duration + 120)
-        out.append(Observed("runpod SDK", duration, job.job_id, calls["status"], time.time()))
+        job.output(timeout=int(sleep) + 180)
+        out.append(Observed(SDK, duration, job.job_id, calls["status"], time.time()))
     except Exception as exc:  # reported at the end; one failed job must not hang the run
         errors.append(f"SDK job of {duration}s: {exc!r}")
+
+
+# -- rpq -------------------------------------------------------------------------------------------------------
+
+
+def rpq_jobs(rt: Runtime, plan: list[tuple[int, float]], args: argparse.Namespace, label: str) -> list[tuple[int, str]]:
+    return [(d, api.submit(endpoint_for(d, args), {"sleep": sleep, "output": {"via": label, "sleep": sleep}},
+                           runtime=rt).id)
+            for d, sleep in plan]
+
+
+def collect(rt: Runtime, ours: list[tuple[int, str]], deadline: float, observed: list[Observed],
+            errors: list[str]) -> None:
+    for duration, job_id in ours:
+        job = api.wait(job_id, timeout=max(1.0, deadline - time.monotonic()), runtime=rt)
+        if job.status != "COMPLETED" or job.finished_at is None or job.runpod_job_id is None:
+            errors.append(f"rpq job {job_id} of {duration}s ended {job.status}: {job.error}")
+            continue
+        first_look = (job.started_at - job.submitted_at).total_seconds() if job.started_at and job.submitted_at \
+            else None
+        observed.append(Observed(RPQ, duration, job.runpod_job_id, job.poll_count, job.finished_at.timestamp(),
+                                 first_look))
 
 
 # -- the whole run ---------------------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, scratch: Path) -> tuple[list[Observed], dict[str, dict[str, Any]]]:
+@dataclass
+class Phase:
+    name: str
+    observed: list[Observed]
+    rest_of_machine: float  # cores
+    seconds: float
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> tuple[list[Phase], dict[str, dict[str, Any]]]:
     durations = [int(d) for d in args.durations.split(",")]
     rng = random.Random(args.seed)
-    plan = [(d, d + rng.random()) for d in durations for _ in range(args.per_duration)]  # (length, sleep)
-    observed: list[Observed] = []
+    warmup = [(d, s) for d in durations for s in sleeps(d, args.warmup, rng, args.spread)]
+    measured = [(d, s) for d in durations for s in sleeps(d, args.per_duration, rng, args.spread)]
+    endpoints = sorted({endpoint_for(d, args) for d in durations} - {ENDPOINT_ID})
     errors: list[str] = []
+    phases: list[Phase] = []
     with ExitStack() as stack:
-        broker = stack.enter_context(redis_server(scratch)).database()
-        sim = stack.enter_context(simulator(scratch, "--cold-start-seconds", "0", "--workers-max", "100"))
+        server = stack.enter_context(redis_server(scratch))
+        broker = server.database()
+        sim = stack.enter_context(simulator(scratch, "--cold-start-seconds", "0", "--workers-max", "100",
+                                           *(flag for e in endpoints for flag in ("--endpoint", e))))
         url = stack.enter_context(database(args.database, scratch))
         env = pipeline_env(database_url=url, broker=broker, sim=sim)
-        stack.enter_context(celery_worker("rpq-worker", "tasks", env, scratch, "threads", 16))
-        stack.enter_context(child("beat", [sys.executable, "-m", "celery", "-A", "tasks", "beat", "--loglevel",
-                                           "WARNING", "-s", str(scratch / "beat-schedule")], scratch, env=env))
+        worker = stack.enter_context(celery_worker("rpq-worker", "tasks", env, scratch, "threads", 16))
+        beat = stack.enter_context(child("beat", [sys.executable, "-m", "celery", "-A", "tasks", "beat", "--loglevel",
+                                                  "WARNING", "-s", str(scratch / "beat-schedule")], scratch, env=env))
         settings = Settings(runpod_api_key=Secret(sim.api_key), runpod_serverless_url=sim.base_url,
                             database_url=url, celery_broker_url=broker,
-                            endpoints={ENDPOINT_NAME: Endpoint(ENDPOINT_NAME, ENDPOINT_ID)})
+                            endpoints={e: Endpoint(e, e) for e in [ENDPOINT_ID, *endpoints]})
         rt = Runtime.from_settings(settings)
         stack.callback(rt.close)
+        meter = CpuMeter({"worker": process_group(worker.pid), "beat": process_group(beat.pid),
+                          "simulator": process_group(sim.pid), "redis-server": process_group(server.pid),
+                          "this script": this_process()})
 
+        def rest(cpu: dict[str, float]) -> float:
+            ours = sum(v for k, v in cpu.items() if k not in ("whole machine", "wall"))
+            return max(0.0, cpu["whole machine"] - ours) / cpu["wall"]
+
+        # 1. Warm-up: history for the endpoints to learn from.
+        meter.start()
+        started = time.monotonic()
+        ours = rpq_jobs(rt, warmup, args, "warm-up")
+        say(f"  warm-up: {len(ours)} rpq jobs ({args.warmup} of each length) so each endpoint has recent jobs "
+            f"to learn from; not compared with the SDK")
+        warm: list[Observed] = []
+        collect(rt, ours, started + max(durations) * (1 + args.spread) + 240, warm, errors)
+        cpu = meter.stop()
+        phases.append(Phase("warm-up", warm, rest(cpu), cpu["wall"]))
+        say(f"  warm-up done after {cpu['wall']:.0f} s; waiting {CACHE_SECONDS:.0f} s for the workers' cache of "
+            "what was learned to expire, so the measured jobs see the whole warm-up")
+        time.sleep(CACHE_SECONDS + 1)
+
+        # 2. Measured: rpq and the SDK side by side.
         runpod.api_key = sim.api_key
         runpod.endpoint_url_base = sim.base_url  # before any Endpoint is built
+        observed: list[Observed] = []
+        meter.start()
         started = time.monotonic()
-        threads = [threading.Thread(target=sdk_job, args=(d, sleep, observed, errors), daemon=True)
-                   for d, sleep in plan]
+        threads = [threading.Thread(target=sdk_job, args=(endpoint_for(d, args), d, sleep, observed, errors),
+                                    daemon=True) for d, sleep in measured]
         for thread in threads:
             thread.start()
-        ours = [(d, api.submit(ENDPOINT_NAME, {"sleep": sleep, "output": {"via": "rpq", "sleep": sleep}},
-                               runtime=rt).id)
-                for d, sleep in plan]
-        say(f"  {len(threads)} SDK jobs and {len(ours)} rpq jobs started; the longest takes {max(durations)} s")
-
-        for duration, job_id in ours:
-            job = api.wait(job_id, timeout=max(durations) + 180 - (time.monotonic() - started), runtime=rt)
-            if job.status != "COMPLETED" or job.finished_at is None or job.runpod_job_id is None:
-                errors.append(f"rpq job {job_id} of {duration}s ended {job.status}: {job.error}")
-                continue
-            observed.append(Observed("rpq", duration, job.runpod_job_id, job.poll_count, job.finished_at.timestamp()))
+        ours = rpq_jobs(rt, measured, args, "rpq")
+        say(f"  measured: {len(threads)} SDK jobs and {len(ours)} rpq jobs started; the longest takes "
+            f"{max(s for _, s in measured):.0f} s")
+        deadline = started + max(s for _, s in measured) + 240
+        collect(rt, ours, deadline, observed, errors)
         for thread in threads:
-            thread.join(timeout=max(1.0, max(durations) + 180 - (time.monotonic() - started)))
-        say(f"  all done after {time.monotonic() - started:.0f} s")
+            thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        cpu = meter.stop()
+        phases.append(Phase("measured", observed, rest(cpu), cpu["wall"]))
+        say(f"  measured jobs done after {cpu['wall']:.0f} s")
         at_runpod = {job["id"]: job for job in sim.jobs()}
     for message in errors:
         say(f"  ERROR: {message}")
-    return observed, at_runpod
+    return phases, at_runpod
 
 
 def epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def report(observed: list[Observed], at_runpod: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
-    say(f"\n{args.per_duration} jobs of each duration per client, all at once; median (min-max)\n")
-    say("| job length | client | jobs | status calls per job | detection lag, s | RunPod run time, s |")
+def report(phases: list[Phase], at_runpod: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    durations = [int(d) for d in args.durations.split(",")]
+    spread = f"run times {args.durations.replace(',', '/')} s x (1 +- {args.spread:g}) + [0, 1) s"
+    say(f"\n{spread}; endpoints: {args.endpoints}; database: {args.database}")
+    for phase in phases:
+        say(f"{phase.name}: {phase.seconds:.0f} s, rest of machine {phase.rest_of_machine:.2f} cores")
+    say("\n| job length | client | jobs | status calls per job: median / p95 / max | detection lag, s: "
+        "p50 / p95 / max | run time at \"RunPod\", s: median (min-max) |")
     say("|---|---|---|---|---|---|")
-    for duration in [int(d) for d in args.durations.split(",")]:
-        for client in ("rpq", "runpod SDK"):
-            rows = [o for o in observed if o.duration == duration and o.client == client]
-            if not rows:
+    rows = [("rpq, warm-up (learning)", RPQ, phases[0].observed), ("rpq", RPQ, phases[1].observed),
+            (SDK, SDK, phases[1].observed)]
+    for duration in durations:
+        for label, client, observed in rows:
+            jobs = [o for o in observed if o.duration == duration and o.client == client]
+            if not jobs:
                 continue
-            sim_jobs = [at_runpod[o.runpod_job_id] for o in rows]
-            lags = [o.detected_at - epoch(j["finished_at"]) for o, j in zip(rows, sim_jobs, strict=True)]
+            sim_jobs = [at_runpod[o.runpod_job_id] for o in jobs]
+            lags = [o.detected_at - epoch(j["finished_at"]) for o, j in zip(jobs, sim_jobs, strict=True)]
             ran = [epoch(j["finished_at"]) - epoch(j["started_at"]) for j in sim_jobs]
-            calls = [float(o.status_calls) for o in rows]
-            say(f"| {duration}-{duration + 1} s | {client} | {len(rows)} | {median_spread(calls)} | "
-                f"{median_spread(lags, '{:.2f}')} | {median_spread(ran, '{:.1f}')} |")
+            calls = [float(o.status_calls) for o in jobs]
+            strong = "**" if label in (RPQ, SDK) else ""
+            say(f"| {duration} s | {label} | {len(jobs)} | {strong}{statistics.median(calls):.0f}{strong} / "
+                f"{percentile(calls, 95):.0f} / {max(calls):.0f} | {statistics.median(lags):.2f} / "
+                f"{strong}{percentile(lags, 95):.2f}{strong} / {max(lags):.2f} | "
+                f"{statistics.median(ran):.1f} ({min(ran):.1f}-{max(ran):.1f}) |")
     say("")
-    for client in ("rpq", "runpod SDK"):
-        rows = [o for o in observed if o.client == client]
-        if rows:
-            lags = [o.detected_at - epoch(at_runpod[o.runpod_job_id]["finished_at"]) for o in rows]
-            say(f"{client}: {sum(o.status_calls for o in rows)} status calls for {len(rows)} jobs, "
+    looks = [o.first_look for o in phases[1].observed if o.client == RPQ and o.first_look is not None]
+    if looks:
+        # Planned half a second after /run answered: a late one means the worker (or the machine) was busy.
+        say(f"measured, rpq: the poll that first saw a job running came {statistics.median(looks):.2f} s after "
+            f"submission at the median, {percentile(looks, 95):.2f} s at p95, {max(looks):.2f} s at most")
+    for client in (RPQ, SDK):
+        jobs = [o for o in phases[1].observed if o.client == client]
+        if jobs:
+            lags = [o.detected_at - epoch(at_runpod[o.runpod_job_id]["finished_at"]) for o in jobs]
+            say(f"measured, {client}: {sum(o.status_calls for o in jobs)} status calls for {len(jobs)} jobs, "
                 f"mean lag {statistics.mean(lags):.2f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--durations", default="2,20,120", help="job lengths in seconds (default 2,20,120)")
-    parser.add_argument("--per-duration", type=int, default=8, help="jobs of each length per client (default 8)")
+    parser.add_argument("--per-duration", type=int, default=20,
+                        help="measured jobs of each length per client (default 20)")
+    parser.add_argument("--warmup", type=int, default=30, help="warm-up rpq jobs of each length (default 30)")
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="run times vary uniformly by this fraction either way (default 0; 0.2 = +-20%%)")
+    parser.add_argument("--endpoints", default="per-duration", choices=["per-duration", "shared"],
+                        help="an endpoint per job length (default), or one for all")
     parser.add_argument("--database", default="sqlite", choices=["sqlite", "postgresql"])
-    parser.add_argument("--seed", type=int, default=8, help="seed for the jobs' fractional seconds")
+    parser.add_argument("--seed", type=int, default=8, help="seed for the jobs' run times")
     args = parser.parse_args()
+    if not 0 <= args.spread < 1:
+        parser.error("--spread must be in [0, 1)")
     stop_on_sigterm()
     say("machine:")
     print_machine()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rpq-bench-") as scratch:
-        observed, at_runpod = measure(args, Path(scratch))
-    report(observed, at_runpod, args)
+        phases, at_runpod = measure(args, Path(scratch))
+    report(phases, at_runpod, args)
     say(f"\nwhole run: {time.monotonic() - started:.0f} s")
 
 

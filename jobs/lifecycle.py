@@ -39,6 +39,7 @@ from jobs.errors import (
 )
 from jobs.jsonsafe import storable_json, storable_text
 from jobs.models import JobRow, RunPodCancel, utcnow
+from jobs.pollplan import LONG_WAIT_CAP_SECONDS, JobSeen, next_poll_delay
 from jobs.runpod import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
@@ -145,7 +146,7 @@ def submit_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = r
         return Next.stop("row moved before /run: nothing sent")
     rt.metrics.submitted(row.endpoint_name, "accepted")
     log.info("job %s is RunPod job %s (attempt %d)", row.id, state.id, row.attempt)
-    return _accepted(rt, row, fence, state)
+    return _accepted(rt, row, fence, state, rand)
 
 
 def _webhook_hash_values(token: str | None) -> dict[str, Any]:
@@ -267,9 +268,11 @@ def _runpod_retry(rt: Runtime, endpoint_id: str, runpod_job_id: str) -> JobState
         raise RunOutcomeUnknown(f"retry of RunPod job {runpod_job_id} got no clear answer ({exc})") from exc
 
 
-def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState) -> Next:
-    first = rt.schedule_for(webhooks=bool(row.webhook_token_hash)).first
-    values = _at_runpod_values(row, state, poll_at=utcnow() + timedelta(seconds=first))
+def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any) -> Next:
+    now = utcnow()
+    first = _poll_in(rt, row, FROM_RUNPOD[state.status], now=now, polls=0, polls_since_change=0, started_at=None,
+                     delay_ms=state.delay_time_ms, rand=rand)
+    values = _at_runpod_values(row, state, poll_at=now + timedelta(seconds=first))
     with session_scope(rt.engine) as session:
         moved = transition(session, row.id, to=JobStatus.IN_QUEUE, source=Source.SUBMIT,
                            expected={JobStatus.SUBMITTING}, fence=fence, detail=f"RunPod job {state.id}",
@@ -479,8 +482,10 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
         status = JobStatus.EXPIRED
         values.update(finished_at=now, next_poll_at=None)
 
-    schedule = rt.schedule_for(webhooks=row.webhook_token_hash is not None)
-    delay = poll_delay(schedule, polls_since_change=polls_since_change, rand=rand)
+    delay = _poll_in(rt, row, status, now=now, polls=row.poll_count + 1, polls_since_change=polls_since_change,
+                     started_at=values.get("started_at", row.started_at),
+                     delay_ms=values.get("delay_time_ms", row.delay_time_ms),
+                     reports_progress=progress is not None or row.progress is not None, rand=rand)
     if not status.is_terminal:
         values["next_poll_at"] = now + timedelta(seconds=delay)
 
@@ -509,6 +514,23 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
         if values.get("output_missing"):
             rt.metrics.output_missing(row.endpoint_name)
     return Next.stop(f"final: {status}") if status.is_terminal else Next(poll_in=delay, reason=str(status))
+
+
+def _poll_in(rt: Runtime, row: JobRow, status: JobStatus, *, now: datetime, polls: int, polls_since_change: int,
+             started_at: datetime | None, delay_ms: int | None, rand: Any, reports_progress: bool = False) -> float:
+    """Seconds until the job's next poll: where its endpoint's recent jobs say it is likely to end
+    (jobs.pollplan). A job a webhook will wake keeps the fixed schedule; so does one whose stream is
+    drained, or whose progress is shown, as it comes."""
+    webhooks = row.webhook_token_hash is not None
+    schedule = rt.schedule_for(webhooks=webhooks)
+    if webhooks or row.stream or reports_progress:
+        return schedule.first if polls == 0 else poll_delay(schedule, polls_since_change=polls_since_change,
+                                                            rand=rand)
+    seen = JobSeen(status, row.submitted_at, started_at, None if delay_ms is None else delay_ms / 1000, polls,
+                   polls_since_change)
+    # The floor is the schedule's own shortest gap; the cap lets a learned wait pass RPQ_POLL_MAX_SECONDS.
+    return next_poll_delay(seen, rt.endpoint_times.get(rt.engine, row.endpoint_id), schedule=schedule, now=now,
+                           floor=schedule.base / 2, cap=max(LONG_WAIT_CAP_SECONDS, schedule.cap), rand=rand)
 
 
 def _should_drain(row: JobRow, state: JobState, status: JobStatus) -> bool:

@@ -109,6 +109,8 @@ class JobRow(SQLModel, table=True):
         Index("ix_jobs_dispatch", "endpoint_id", "status", "priority", "created_at"),
         # The poller's question: an endpoint's jobs at RunPod whose poll is due.
         Index("ix_jobs_poll_due", "endpoint_id", "status", "next_poll_at"),
+        # An endpoint's newest completed jobs, for the poll plan (jobs.endpoint_times) and health's estimate.
+        Index("ix_jobs_endpoint_status_finished_at", "endpoint_id", "status", "finished_at"),
     )
 
     id: str = Field(primary_key=True, max_length=36)

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from jobs.backoff import PollSchedule
 from jobs.budget import RedisBudget
 from jobs.db import make_engine
+from jobs.endpoint_times import EndpointTimesCache
 from jobs.metrics_recorder import BufferedRecorder, NullRecorder, Recorder
 from jobs.runpod import RunPodClient
 from jobs.settings import Settings
@@ -78,6 +79,8 @@ class Runtime:
     metrics: Recorder = field(default_factory=NullRecorder)
     # None: every wake-up is published, undeduplicated (tests that record messages).
     wakeups: Wakeups | None = None
+    # What each endpoint's recent jobs say about the next one (jobs.pollplan), kept ~30 s per endpoint.
+    endpoint_times: EndpointTimesCache = field(default_factory=EndpointTimesCache)
     _client: RunPodClient | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 

@@ -95,7 +95,9 @@ class Settings:
     database_url: str = "sqlite:///rpq.db"
     celery_broker_url: str = "redis://localhost:6379/0"
     # Polling: how soon after submission, and the longest gap once a job's status stops changing.
-    # A lower cap notices long jobs finish sooner and costs more /status calls.
+    # A lower cap notices long jobs finish sooner and costs more /status calls. Once an endpoint has
+    # history, polls follow jobs.pollplan: the cap then bounds the gaps across a job's likely end, and a
+    # wait far from it may be longer (pollplan.LONG_WAIT_CAP_SECONDS, or this cap if higher).
     poll_first_seconds: float = 1.0
     poll_max_seconds: float = 15.0
     # The reconciler: how often it runs, and when it decides a message was lost.
