@@ -46,6 +46,7 @@ from jobs.store import events_of as _events_of
 log = logging.getLogger("rpq.api")
 
 MAX_KEY_LENGTH = 255
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 # Problems never quote what was sent (it may be large, or private): this one names no endpoint.
 _UNKNOWN_ENDPOINT = Problem("endpoint", "known",
                             "unknown endpoint: not in RUNPOD_ENDPOINTS and not a RunPod endpoint id")
@@ -114,6 +115,8 @@ class Job:
     worker_id: str | None
     #: RunPod said COMPLETED but gave no output to store: how it shows a result over its ~20 MB limit.
     output_missing: bool = False
+    #: Among an endpoint's PENDING jobs, higher goes to RunPod first; equal priorities go oldest first.
+    priority: int = 0
 
     @property
     def is_terminal(self) -> bool:
@@ -129,6 +132,7 @@ class Job:
             metadata=row.meta, stream=row.stream, created_at=row.created_at, submitted_at=row.submitted_at,
             started_at=row.started_at, finished_at=row.finished_at, delay_time_ms=row.delay_time_ms,
             execution_time_ms=row.execution_time_ms, worker_id=row.worker_id, output_missing=row.output_missing,
+            priority=row.priority,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,9 +176,14 @@ def submit(
     correlation_id: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     stream: bool = False,
+    priority: int = 0,
     runtime: Runtime | None = None,
 ) -> Job:
     """Accept a job for `endpoint` (a configured name or a RunPod endpoint id) and return it.
+
+    `priority` orders an endpoint's waiting jobs: higher first, equal ones oldest first (it matters when
+    jobs wait: behind RunPod's /run limit, or an endpoint's `RPQ_MAX_IN_FLIGHT`). RunPod's own queue
+    priority is the policy's `lowPriority`, passed through as it is.
 
     `stream=True` is for generator handlers: their chunks are collected from RunPod's /stream as
     they come and replayed by `stream_events()` (and the HTTP API's SSE route).
@@ -184,9 +193,10 @@ def submit(
     """
     rt = runtime or get_runtime()
     policy = whole_milliseconds(policy)
+    priority = whole_number(priority)  # type: ignore[assignment]  # JSON's 5.0 is 5
     problems = submission_problems(endpoint, input, policy=policy, webhook=webhook, idempotency_key=idempotency_key,
                                    correlation_id=correlation_id, metadata=metadata, stream=stream,
-                                   settings=rt.settings)
+                                   priority=priority, settings=rt.settings)
     if problems:
         raise InvalidJob(problems)
     resolved = rt.settings.resolve_endpoint(endpoint)
@@ -202,6 +212,7 @@ def submit(
         id=str(uuid.uuid4()), endpoint_name=endpoint_name, endpoint_id=endpoint_id, status=JobStatus.PENDING,
         input=input, policy=dict(policy) if policy else None, webhook=webhook, correlation_id=correlation_id,
         idempotency_key=idempotency_key, meta=None if metadata is None else dict(metadata), stream=stream,
+        priority=priority,
     )
     try:
         with session_scope(rt.engine) as session:
@@ -231,6 +242,7 @@ def submission_problems(
     correlation_id: object = None,
     metadata: object = None,
     stream: object = False,
+    priority: object = 0,
     settings: Settings,
 ) -> list[Problem]:
     """Every problem with `submit`'s arguments, each once, writing nothing: what `submit` checks first.
@@ -266,6 +278,7 @@ def submission_problems(
     problems += metadata_problems(metadata)
     if not isinstance(stream, bool):
         problems.append(Problem("stream", "type", "must be true or false"))
+    problems += priority_problems(priority)
     return list(dict.fromkeys(problems))  # two unknown policy fields are one problem
 
 
@@ -277,6 +290,14 @@ def input_problems(input: object) -> list[Problem]:
     if input is None:
         return [Problem("input", "required", "is required: RunPod refuses a job without input (send {} for none)")]
     return json_problems(input, "input")
+
+
+def priority_problems(priority: object) -> list[Problem]:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        return [Problem("priority", "type", "must be a whole number")]
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        return [Problem("priority", "range", f"must be between {MIN_PRIORITY} and {MAX_PRIORITY}")]
+    return []
 
 
 def whole_milliseconds(policy: Any) -> Any:

@@ -242,10 +242,12 @@ def _when(moment: datetime | None) -> str:
 @click.option("--correlation-id", help="Your request id, stored on the job.")
 @click.option("--metadata", "metadata_json", help="Your own JSON object, stored on the job.")
 @click.option("--stream", is_flag=True, help="A generator handler: collect its chunks as they come.")
+@click.option("--priority", type=int, default=0, show_default=True,
+              help="Among the endpoint's waiting jobs, higher goes to RunPod first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 def submit(endpoint: str, input_json: str, policy_json: str | None, webhook: str | None,
            idempotency_key: str | None, correlation_id: str | None, metadata_json: str | None,
-           stream: bool, as_json: bool) -> None:
+           stream: bool, priority: int, as_json: bool) -> None:
     """Submit a job to ENDPOINT (a name from RUNPOD_ENDPOINTS or a RunPod endpoint id)."""
     unread: list[Problem] = []
     values = {field: _json_value(field, raw, unread)
@@ -255,11 +257,11 @@ def submit(endpoint: str, input_json: str, policy_json: str | None, webhook: str
         checked = api.submission_problems(
             endpoint, {} if "input" in fields else values["input"], policy=values["policy"], webhook=webhook,
             idempotency_key=idempotency_key, correlation_id=correlation_id, metadata=values["metadata"],
-            stream=stream, settings=get_runtime().settings)
+            stream=stream, priority=priority, settings=get_runtime().settings)
         raise api.InvalidJob(unread + [p for p in checked if p.field.partition(".")[0] not in fields])
     job = api.submit(endpoint, values["input"], policy=values["policy"], webhook=webhook,
                      idempotency_key=idempotency_key, correlation_id=correlation_id, metadata=values["metadata"],
-                     stream=stream)
+                     stream=stream, priority=priority)
     if as_json:
         click.echo(json.dumps(job.to_dict(), indent=2, default=str))
     else:

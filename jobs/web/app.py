@@ -346,7 +346,7 @@ async def submit_job(
     job = await run_in_threadpool(
         jobs.submit, job_request.endpoint, job_request.input, policy=job_request.policy_dict(),
         webhook=job_request.webhook, idempotency_key=headers.idempotency_key, correlation_id=correlation_id,
-        metadata=job_request.metadata, stream=job_request.stream, runtime=runtime,
+        metadata=job_request.metadata, stream=job_request.stream, priority=job_request.priority, runtime=runtime,
     )
     # For a known Idempotency-Key, jobs.submit returns the first job: one made before this request
     # began. (Two first requests racing each other may both get 202; they get the same job.)

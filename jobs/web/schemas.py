@@ -145,6 +145,10 @@ class JobRequest(BaseModel):
         None, description=f"Any JSON object, nested at most {MAX_DEPTH} levels, stored with the job for you.")
     stream: bool = Field(False, description="For generator handlers: collect their chunks as they come, "
                          "for the job's event stream.")
+    priority: Annotated[int, BeforeValidator(jobs_api.whole_number)] = Field(
+        0, ge=jobs_api.MIN_PRIORITY, le=jobs_api.MAX_PRIORITY,
+        description="Among the endpoint's waiting jobs, higher goes to RunPod first; equal priorities go oldest "
+        "first. (RunPod's own queue priority is policy.lowPriority.)")
 
     def policy_dict(self) -> dict[str, Any] | None:
         return self.policy.model_dump(exclude_none=True) if self.policy else None
@@ -244,6 +248,7 @@ class JobOut(BaseModel):
     output_missing: bool = Field(
         description="RunPod reported COMPLETED with no output to store (and no streamed chunks to build one "
         "from): how RunPod shows a result over its ~20 MB limit. Never a silent success.")
+    priority: int = Field(description="Among the endpoint's waiting jobs, higher goes to RunPod first.")
 
 
 class JobList(BaseModel):

@@ -116,6 +116,10 @@ bad_metadata_in_json = st.one_of(st.lists(st.just(CANARY), max_size=2), st.just(
 bad_endpoints = st.one_of(st.integers(), st.booleans(), st.none(), st.lists(st.just(CANARY), max_size=1),
                           with_canary(odd_text), st.just(ENDPOINT_ID + "\n"), _nul_text(), _surrogate_text())
 bad_streams = st.one_of(st.integers(), st.just(CANARY), st.none(), st.lists(st.booleans(), max_size=1))
+#: Not whole numbers in -1000..1000 (5.0 is one: JSON has one kind of number).
+bad_priorities = st.one_of(st.booleans(), st.floats().filter(lambda f: not f.is_integer()), st.just(CANARY),
+                           st.none(), st.lists(st.integers(), max_size=1), st.integers(max_value=-1001),
+                           st.integers(min_value=1001))
 
 #: For the Python API: argument → its bad values.
 BAD_ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
@@ -127,6 +131,7 @@ BAD_ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
     "correlation_id": bad_keys_in_json(MAX_CORRELATION_ID_LENGTH),
     "metadata": st.one_of(bad_metadata_in_json, st.builds(lambda v: {"m": v}, bad_json_in_python)),
     "stream": bad_streams.filter(lambda v: v is not None),
+    "priority": bad_priorities,
 }
 
 

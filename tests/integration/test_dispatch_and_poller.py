@@ -72,6 +72,35 @@ def test_the_dispatcher_sends_oldest_first_in_batches(runtime: Runtime, simulato
     assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.IN_QUEUE] * 2 + [JobStatus.PENDING] * 3
 
 
+def test_higher_priority_jobs_go_first_and_equal_ones_oldest_first(runtime: Runtime,
+                                                                   simulator: SimulatorProcess) -> None:
+    low = jobs.submit("tts", {"output": "low"}, priority=-5, runtime=runtime)
+    first = jobs.submit("tts", {"output": "first"}, runtime=runtime)
+    urgent = jobs.submit("tts", {"output": "urgent"}, priority=10, runtime=runtime)
+    second = jobs.submit("tts", {"output": "second"}, runtime=runtime)
+
+    order = []
+    for _ in range(4):
+        dispatch(runtime, ENDPOINT_ID, batch=1, run_seconds=0)
+        order += [job.id for job in (low, first, urgent, second)
+                  if job.id not in order and jobs.get(job.id, runtime=runtime).status is not JobStatus.PENDING]
+
+    assert order == [urgent.id, first.id, second.id, low.id]
+    assert jobs.get(urgent.id, runtime=runtime).priority == 10
+
+
+@pytest.mark.parametrize(("priority", "problem"), [(True, "type"), (1.5, "type"), ("1", "type"), (1001, "range"),
+                                                   (-1001, "range")])
+def test_a_priority_that_is_not_a_whole_number_in_range_is_refused_and_nothing_is_written(
+    runtime: Runtime, priority: object, problem: str
+) -> None:
+    with pytest.raises(jobs.InvalidJob) as refused:
+        jobs.submit("tts", {"output": 1}, priority=priority, runtime=runtime)  # type: ignore[arg-type]
+
+    assert [(p.field, p.constraint) for p in refused.value.problems] == [("priority", problem)]
+    assert jobs.list_jobs(runtime=runtime) == []
+
+
 def test_two_dispatchers_racing_send_each_job_exactly_once(runtime: Runtime, simulator: SimulatorProcess) -> None:
     submitted = [jobs.submit("tts", {"output": i}, runtime=runtime) for i in range(12)]
     sent: list[int] = []

@@ -431,7 +431,8 @@ def test_an_unknown_field_is_answered_with_the_known_ones_never_its_name(api: ht
 
     assert sorted(body["errors"], key=str) == [
         {"field": "body", "constraint": "unknown",
-         "message": "unknown field (known: endpoint, input, policy, webhook, correlation_id, metadata, stream)"},
+         "message": "unknown field (known: endpoint, input, policy, webhook, correlation_id, metadata, stream, "
+                    "priority)"},
         {"field": "policy", "constraint": "unknown",
          "message": "unknown field (known: executionTimeout, ttl, lowPriority)"},
     ]

@@ -33,6 +33,7 @@ from tests.integration.strategies import (
     bad_limits,
     bad_metadata_in_json,
     bad_policies_in_json,
+    bad_priorities,
     bad_since_texts,
     bad_streams,
     bad_submissions,
@@ -166,6 +167,7 @@ BAD_BODY_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "correlation_id": bad_keys_in_json(jobs.api.MAX_CORRELATION_ID_LENGTH) | with_canary(st.just("has space ")),
     "metadata": bad_metadata_in_json,
     "stream": bad_streams,
+    "priority": bad_priorities.filter(lambda v: v is not None and v == v and v not in (float("inf"), float("-inf"))),
 }
 
 
