@@ -334,9 +334,11 @@ def run_once(args: argparse.Namespace, mode: str, server: RedisServer, sim: Simu
         parts.update({"simulator": process_group(sim.pid), "redis-server": process_group(server.pid),
                       "postgres": postgres_backends(url), "this script": this_process()})
         meter = CpuMeter(parts)
+        tag = uuid.uuid4().hex[:8]
+        if args.warmup:
+            warm_up(rt, args, endpoints, tag)
         wait_for_quiet_machine(args.max_load, args.quiet_timeout)
 
-        tag = uuid.uuid4().hex[:8]
         rng = random.Random(args.seed)
         sleeps = [args.duration + rng.random() for _ in range(args.jobs)]
         submitted: list[Submitted] = []
@@ -422,12 +424,34 @@ def planned_first_poll(rt: Runtime, webhooks: bool) -> float:
     return float(rt.schedule_for(webhooks=webhooks).first)
 
 
+def warm_up(rt: Runtime, args: argparse.Namespace, endpoints: list[tuple[str, str]], tag: str) -> None:
+    """Give each endpoint a history before the measured run, as a deployed endpoint has: --warmup jobs of
+    the same duration, all final before the run begins (they are not among the run's figures)."""
+    print(f"  warm-up: {args.warmup} jobs of {args.duration:g} s per endpoint, so rpq has recent jobs to learn "
+          "from (jobs.pollplan)", flush=True)
+    rng = random.Random(args.seed + 1)
+    ids = [api.submit(name, {"sleep": args.duration + rng.random(), "output": {"marker": f"{tag}-warmup-{i}"}},
+                      runtime=rt).id
+           for name, _ in endpoints for i in range(args.warmup)]
+    deadline = time.monotonic() + args.duration + 600
+    while time.monotonic() < deadline:
+        with rt.engine.connect() as conn:
+            left = conn.execute(text(
+                "SELECT count(*) FROM jobs WHERE id = ANY(:ids) AND status NOT IN "
+                "('COMPLETED','FAILED','CANCELLED','TIMED_OUT','EXPIRED')"), {"ids": ids}).scalar_one()
+        if not left:
+            print("  warm-up: done", flush=True)
+            return
+        time.sleep(2)
+    raise SystemExit("the warm-up jobs did not finish")
+
+
 def main_waiting(rt: Runtime) -> int:
     """Main jobs not yet sent to RunPod (PENDING, or being sent)."""
     with rt.engine.connect() as conn:
         return int(conn.execute(text(
             "SELECT count(*) FROM jobs WHERE status IN ('PENDING','SUBMITTING') "
-            "AND input::text NOT LIKE '%probe%'")).scalar_one())
+            "AND input::text NOT LIKE '%probe%' AND input::text NOT LIKE '%warmup%'")).scalar_one())
 
 
 def main_final(rt: Runtime, jobs: int) -> bool:
@@ -435,7 +459,7 @@ def main_final(rt: Runtime, jobs: int) -> bool:
     with rt.engine.connect() as conn:
         final = conn.execute(text(
             "SELECT count(*) FROM jobs WHERE status IN ('COMPLETED','FAILED','CANCELLED','TIMED_OUT','EXPIRED') "
-            "AND input::text NOT LIKE '%probe%'")).scalar_one()
+            "AND input::text NOT LIKE '%probe%' AND input::text NOT LIKE '%warmup%'")).scalar_one()
     return int(final) >= jobs
 
 
@@ -667,6 +691,9 @@ def main() -> None:
                         + "; ".join(DEPLOYMENT["beat"]))
     parser.add_argument("--api", action="append", help="the API command line (webhooks on only); default: "
                         + "; ".join(DEPLOYMENT["api"]))
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="jobs of --duration run per endpoint before the measured run, so the endpoint has a "
+                             "history to learn poll placement from (0)")
     parser.add_argument("--quick", action="store_true", help="300 jobs of 10 s, a probe every 2 s")
     parser.add_argument("--timeout", type=float, help="give up on a run after this many seconds after the "
                         "last submit (default: duration + 1800)")
