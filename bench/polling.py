@@ -4,6 +4,7 @@
     .venv/bin/python bench/polling.py --spread 0.2            # run times vary +-20 % as well
     .venv/bin/python bench/polling.py --endpoints shared      # all three lengths on one endpoint
     .venv/bin/python bench/polling.py --durations 2,20 --per-duration 5 --warmup 20    # a quicker look
+    .venv/bin/python bench/polling.py --replay-only           # the plan alone, in a second, no services
 
 rpq places each poll where the endpoint's recent jobs say the job is likely to end (`jobs.pollplan`),
 so it needs history. The run therefore has two phases:
@@ -47,7 +48,7 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,12 @@ from harness import (
 )
 
 from jobs import api
+from jobs.backoff import PollSchedule
 from jobs.endpoint_times import CACHE_SECONDS
+from jobs.pollplan import LONG_WAIT_CAP_SECONDS, EndpointTimes, JobSeen, next_poll_delay
 from jobs.runtime import Runtime
 from jobs.settings import Endpoint, Secret, Settings
+from jobs.states import JobStatus
 
 # Importing runpod runs logging.basicConfig(level=INFO) (runpod/serverless/utils/rp_upload.py), which
 # would print every HTTP request; quiet the root logger again.
@@ -80,6 +84,9 @@ logging.getLogger().setLevel(logging.WARNING)
 
 RPQ = "rpq"
 SDK = "runpod SDK"
+#: The replay's stand-ins for the simulator's queue time (no cold start) and one poll's round trip.
+REPLAY_DELAY_SECONDS = 0.02
+REPLAY_POLL_SECONDS = 0.03
 
 
 @dataclass
@@ -270,6 +277,44 @@ def report(phases: list[Phase], at_runpod: dict[str, dict[str, Any]], args: argp
                 f"mean lag {statistics.mean(lags):.2f} s")
 
 
+def replay(args: argparse.Namespace) -> None:
+    """The same measured jobs through `jobs.pollplan` alone, with no worker, broker or machine in the way:
+    each poll happens exactly when planned and takes `REPLAY_POLL_SECONDS`. What the plan itself does,
+    to set beside what the pipeline did on a busy machine."""
+    durations = [int(d) for d in args.durations.split(",")]
+    rng = random.Random(args.seed)
+    warmup = {d: sleeps(d, args.warmup, rng, args.spread) for d in durations}
+    measured = {d: sleeps(d, args.per_duration, rng, args.spread) for d in durations}
+    jitter = random.Random(args.seed)
+    schedule, cap, submitted = PollSchedule(), max(LONG_WAIT_CAP_SECONDS, PollSchedule().cap), datetime.now(UTC)
+    say("\nthe plan alone, replayed: the measured jobs' run times, the warm-up as history, polls exactly on time\n")
+    say("| job length | jobs | status calls per job: median / p95 / max | detection lag, s: p50 / p95 / max |")
+    say("|---|---|---|---|")
+    for duration in durations:
+        history = [s for d in durations for s in warmup[d] if args.endpoints == "shared" or d == duration]
+        times = EndpointTimes.from_ms((round(s * 1000), round(REPLAY_DELAY_SECONDS * 1000))
+                                      for s in history)
+        calls, lags = [], []
+        for sleep in measured[duration]:
+            ends = REPLAY_DELAY_SECONDS + sleep  # seconds after submission
+            seen = JobSeen(JobStatus.IN_QUEUE, submitted)
+            at = REPLAY_POLL_SECONDS  # /run answered
+            polls = 0
+            while True:
+                at += next_poll_delay(seen, times, schedule=schedule, now=submitted + timedelta(seconds=at),
+                                      floor=schedule.base / 2, cap=cap, rand=jitter.random) + REPLAY_POLL_SECONDS
+                polls += 1
+                if at >= ends:
+                    calls.append(float(polls))
+                    lags.append(at - ends)
+                    break
+                started = seen.started_at or submitted + timedelta(seconds=at)
+                seen = JobSeen(JobStatus.IN_PROGRESS, submitted, started, REPLAY_DELAY_SECONDS, polls,
+                               0 if seen.status is JobStatus.IN_QUEUE else seen.polls_since_change + 1)
+        say(f"| {duration} s | {len(calls)} | {statistics.median(calls):.0f} / {percentile(calls, 95):.0f} / "
+            f"{max(calls):.0f} | {statistics.median(lags):.2f} / {percentile(lags, 95):.2f} / {max(lags):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--durations", default="2,20,120", help="job lengths in seconds (default 2,20,120)")
@@ -282,9 +327,14 @@ def main() -> None:
                         help="an endpoint per job length (default), or one for all")
     parser.add_argument("--database", default="sqlite", choices=["sqlite", "postgresql"])
     parser.add_argument("--seed", type=int, default=8, help="seed for the jobs' run times")
+    parser.add_argument("--replay-only", action="store_true",
+                        help="only replay the measured jobs through the plan (seconds, no services)")
     args = parser.parse_args()
     if not 0 <= args.spread < 1:
         parser.error("--spread must be in [0, 1)")
+    if args.replay_only:
+        replay(args)
+        return
     stop_on_sigterm()
     say("machine:")
     print_machine()
@@ -292,6 +342,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rpq-bench-") as scratch:
         phases, at_runpod = measure(args, Path(scratch))
     report(phases, at_runpod, args)
+    replay(args)
     say(f"\nwhole run: {time.monotonic() - started:.0f} s")
 
 
