@@ -400,7 +400,7 @@ def run_once(args: argparse.Namespace, mode: str, server: RedisServer, sim: Simu
                                for ops in sim_stats(sim)["endpoints"].values() for op in ops.values())
                 say(f"  t={time.time() - started:5.0f} s  rows {dict(sorted(counts.items()))}  queues "
                     f"{sample.queues}  worker RSS {sample.rss_mb:.0f} MB  429s so far {too_many}")
-            if all_main_final.is_set() and final >= args.jobs + len(probes):
+            if all_main_final.is_set() and final >= args.jobs + len(probes) + args.warmup * len(endpoints):
                 ended = time.time()
                 break
         all_main_final.set()
