@@ -12,6 +12,8 @@ side rows (events, stream chunks) that belong to the write are added only when i
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -190,6 +192,7 @@ _FIRST_EVENT_COLUMNS = ("job_id", "from_status", "to_status", "at", "source", "d
 _jobs = JobRow.__table__  # type: ignore[attr-defined]
 _events = JobEvent.__table__  # type: ignore[attr-defined]
 _new_job_statements: dict[str, Any] = {}
+_sqlite_writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 
 
 def insert_job(engine: Engine, values: Mapping[str, Any], *, source: str, detail: str) -> bool:
@@ -213,7 +216,9 @@ def insert_job(engine: Engine, values: Mapping[str, Any], *, source: str, detail
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             result: CursorResult[Any] = connection.execute(statements[0], params)
             return result.rowcount == 1
-    with engine.begin() as connection:
+    # Submits in one process queue here for SQLite's one writer: its busy handler sleeps with growing
+    # waits and serves no order, so with many at once some lost the lock again and again (p99 of seconds).
+    with _sqlite_writers.setdefault(engine, threading.Lock()), engine.begin() as connection:
         result = connection.execute(statements[0], params)
         if result.rowcount != 1:
             return False
