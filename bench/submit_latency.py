@@ -75,8 +75,9 @@ def one_round(rt: Runtime, publisher: TimedPublisher, calls: int) -> tuple[list[
     return whole, publish
 
 
-def measure(kind: str, publish: str, server: RedisServer, args: argparse.Namespace, scratch: Path
+def measure(kind: str, mode: str, server: RedisServer, args: argparse.Namespace, scratch: Path
             ) -> dict[str, list[float]]:
+    """`args.repeats` rounds on database `kind`, publishing the `mode` way ("celery" or "wakeup")."""
     figures: dict[str, list[float]] = {"p50": [], "p99": [], "max": [], "publish p50": [], "publish p99": [],
                                        "sql p50": [], "calls/s": [], "rest of machine": []}
     meter = CpuMeter({"this script": this_process(), "redis-server": process_group(server.pid)})
@@ -86,7 +87,7 @@ def measure(kind: str, publish: str, server: RedisServer, args: argparse.Namespa
                             endpoints={ENDPOINT_NAME: Endpoint(ENDPOINT_NAME, ENDPOINT_ID)})
         rt = Runtime.from_settings(settings)
         stack.callback(rt.close)
-        if publish == "wakeup":
+        if mode == "wakeup":
             rt.publish = wakeup_publisher(settings, rt.publish)
         publisher = TimedPublisher(rt.publish)
         rt.publish = publisher
@@ -108,7 +109,7 @@ def measure(kind: str, publish: str, server: RedisServer, args: argparse.Namespa
             figures["publish p99"].append(percentile(publish, 99))
             figures["sql p50"].append(percentile([w - p for w, p in zip(whole, publish, strict=True)], 50))
             figures["calls/s"].append(args.calls / elapsed)
-        say(f"  {kind}, publish {publish}: p50 {median_spread(figures['p50'], '{:.2f}')} ms, "
+        say(f"  {kind}, publish {mode}: p50 {median_spread(figures['p50'], '{:.2f}')} ms, "
             f"p99 {median_spread(figures['p99'], '{:.2f}')} ms")
     return figures
 
