@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/submit_latency.py
     .venv/bin/python bench/submit_latency.py --calls 2000 --databases postgresql
+    .venv/bin/python bench/submit_latency.py --publish celery,wakeup
 
 On each database it makes `--repeats` rounds of `--calls` calls (after a warm-up) of
 
@@ -11,6 +12,9 @@ with a real Celery publish to a private redis-server. No worker consumes, so not
 script touches the job table while it is timed. The publish is timed on its own too (the runtime's
 publisher is wrapped), so the figures split into "SQL and validation" and "Redis publish". The CPU
 that the rest of the machine used meanwhile (other tenants: the machine is shared) is reported too.
+
+`--publish wakeup` measures with the stand-in of `wakeup.py` for the deduplicated wake-up that is to
+replace the per-submit Celery publish: one `SET NX PX` per submit, and a publish only when it set the key.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from harness import (
     stop_on_sigterm,
     this_process,
 )
+from wakeup import wakeup_publisher
 
 from jobs import api
 from jobs.runtime import Runtime
@@ -70,9 +75,11 @@ def one_round(rt: Runtime, publisher: TimedPublisher, calls: int) -> tuple[list[
     return whole, publish
 
 
-def measure(kind: str, server: RedisServer, args: argparse.Namespace, scratch: Path) -> dict[str, list[float]]:
+def measure(kind: str, mode: str, server: RedisServer, args: argparse.Namespace, scratch: Path
+            ) -> dict[str, list[float]]:
+    """`args.repeats` rounds on database `kind`, publishing the `mode` way ("celery" or "wakeup")."""
     figures: dict[str, list[float]] = {"p50": [], "p99": [], "max": [], "publish p50": [], "publish p99": [],
-                                       "sql p50": [], "calls/s": [], "rest of machine": []}
+                                       "sql p50": [], "calls/s": [], "cpu per call": [], "rest of machine": []}
     meter = CpuMeter({"this script": this_process(), "redis-server": process_group(server.pid)})
     with ExitStack() as stack:
         url = stack.enter_context(database(kind, scratch))
@@ -80,6 +87,8 @@ def measure(kind: str, server: RedisServer, args: argparse.Namespace, scratch: P
                             endpoints={ENDPOINT_NAME: Endpoint(ENDPOINT_NAME, ENDPOINT_ID)})
         rt = Runtime.from_settings(settings)
         stack.callback(rt.close)
+        if mode == "wakeup":
+            rt.publish = wakeup_publisher(settings, rt.publish)
         publisher = TimedPublisher(rt.publish)
         rt.publish = publisher
         one_round(rt, publisher, WARM_UP)
@@ -100,7 +109,9 @@ def measure(kind: str, server: RedisServer, args: argparse.Namespace, scratch: P
             figures["publish p99"].append(percentile(publish, 99))
             figures["sql p50"].append(percentile([w - p for w, p in zip(whole, publish, strict=True)], 50))
             figures["calls/s"].append(args.calls / elapsed)
-        say(f"  {kind}: p50 {median_spread(figures['p50'], '{:.2f}')} ms, "
+            # CPU rather than time: less moved by the rest of the machine (Redis's and PostgreSQL's not included).
+            figures["cpu per call"].append(cpu["this script"] * 1000 / args.calls)
+        say(f"  {kind}, publish {mode}: p50 {median_spread(figures['p50'], '{:.2f}')} ms, "
             f"p99 {median_spread(figures['p99'], '{:.2f}')} ms")
     return figures
 
@@ -110,25 +121,30 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="timed calls per round (default 1000)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per database (default 3)")
     parser.add_argument("--databases", default="sqlite,postgresql", help="(default sqlite,postgresql)")
+    parser.add_argument("--publish", default="celery",
+                        help="celery (send_task, as submit() does), wakeup (the stand-in of wakeup.py), or both "
+                        "comma-separated (default celery)")
     args = parser.parse_args()
     stop_on_sigterm()
     say("machine:")
     print_machine()
     started = time.monotonic()
-    results: dict[str, dict[str, list[float]]] = {}
+    results: dict[tuple[str, str], dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="rpq-bench-") as scratch, redis_server(Path(scratch)) as server:
         for kind in args.databases.split(","):
-            results[kind] = measure(kind, server, args, Path(scratch))
+            for publish in args.publish.split(","):
+                results[(kind, publish)] = measure(kind, publish, server, args, Path(scratch))
 
     say(f"\n{args.calls} calls per round, {args.repeats} rounds; each cell: median of the rounds (min-max), ms\n")
-    columns = ["p50", "p99", "max", "sql p50", "publish p50", "publish p99"]
-    say("| database | " + " | ".join(columns) + " | calls/s, one thread | rest of machine, cores |")
-    say("|---|" + "---|" * (len(columns) + 2))
-    for kind, figures in results.items():
+    columns = ["p50", "p99", "max", "sql p50", "publish p50", "publish p99", "cpu per call"]
+    say("| database | publish | " + " | ".join(columns) + " | calls/s, one thread | rest of machine, cores |")
+    say("|---|---|" + "---|" * (len(columns) + 2))
+    for (kind, publish), figures in results.items():
         cells = [median_spread(figures[c], "{:.2f}") for c in columns]
-        say(f"| {kind} | " + " | ".join(cells) + f" | {median_spread(figures['calls/s'])} "
+        say(f"| {kind} | {publish} | " + " | ".join(cells) + f" | {median_spread(figures['calls/s'])} "
             f"| {median_spread(figures['rest of machine'], '{:.2f}')} |")
     say("\n'sql p50' is the median of (whole call - publish): validation, the row, its event, the commit.")
+    say("'cpu per call' is this process's CPU time (every thread) per submit() call.")
     say(f"whole run: {time.monotonic() - started:.0f} s")
 
 

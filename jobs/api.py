@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from jobs import streams
@@ -28,7 +27,7 @@ from jobs.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
 from jobs.models import JobEvent, JobRow, utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_TASK, Runtime, get_runtime
-from jobs.settings import Settings
+from jobs.settings import Endpoint, Settings
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
 from jobs.store import (
     Fence,
@@ -36,6 +35,7 @@ from jobs.store import (
     add_runpod_cancel,
     find_by_idempotency_key,
     get_row,
+    insert_job,
     list_rows,
     record_event,
     transition,
@@ -194,42 +194,38 @@ def submit(
     rt = runtime or get_runtime()
     policy = whole_milliseconds(policy)
     priority = whole_number(priority)  # type: ignore[assignment]  # JSON's 5.0 is 5
-    problems = submission_problems(endpoint, input, policy=policy, webhook=webhook, idempotency_key=idempotency_key,
-                                   correlation_id=correlation_id, metadata=metadata, stream=stream,
-                                   priority=priority, settings=rt.settings)
-    if problems:
+    resolved = _resolve(endpoint, rt.settings)
+    problems = _submission_problems(endpoint, resolved, input, policy=policy, webhook=webhook,
+                                    idempotency_key=idempotency_key, correlation_id=correlation_id, metadata=metadata,
+                                    stream=stream, priority=priority)
+    if problems or resolved is None:
         raise InvalidJob(problems)
-    resolved = rt.settings.resolve_endpoint(endpoint)
-    endpoint_name, endpoint_id = resolved.name, resolved.id
 
-    if idempotency_key is not None:
-        with session_scope(rt.engine, read_only=True) as session:
-            existing = find_by_idempotency_key(session, endpoint_id, idempotency_key)
-        if existing is not None:
-            return Job.from_row(existing)
-
-    row = JobRow(
-        id=str(uuid.uuid4()), endpoint_name=endpoint_name, endpoint_id=endpoint_id, status=JobStatus.PENDING,
-        input=input, policy=dict(policy) if policy else None, webhook=webhook, correlation_id=correlation_id,
-        idempotency_key=idempotency_key, meta=None if metadata is None else dict(metadata), stream=stream,
-        priority=priority,
+    now = utcnow()
+    job = Job(
+        id=str(uuid.uuid4()), status=JobStatus.PENDING, endpoint=resolved.name, endpoint_id=resolved.id,
+        runpod_job_id=None, input=input, output=None, error=None, progress=None, attempt=1, poll_count=0,
+        policy=dict(policy) if policy else None, webhook=webhook, correlation_id=correlation_id,
+        idempotency_key=idempotency_key, metadata=None if metadata is None else dict(metadata), stream=stream,
+        created_at=now, submitted_at=None, started_at=None, finished_at=None, delay_time_ms=None,
+        execution_time_ms=None, worker_id=None, output_missing=False, priority=priority,
     )
-    try:
-        with session_scope(rt.engine) as session:
-            session.add(row)
-            session.flush()  # the event's foreign key needs the job row first
-            record_event(session, row.id, from_status=None, to_status=JobStatus.PENDING, source=Source.API,
-                         detail=f"submitted to {endpoint_name}")
-    except IntegrityError:
-        # A concurrent submit with the same key won the race: return its job.
-        with session_scope(rt.engine) as session:
-            existing = find_by_idempotency_key(session, endpoint_id, idempotency_key or "")
-        if existing is None:
-            raise
+    values = {"id": job.id, "endpoint_name": job.endpoint, "endpoint_id": job.endpoint_id, "status": job.status,
+              "input": job.input, "policy": job.policy, "webhook": job.webhook, "metadata": job.metadata,
+              "stream": job.stream, "correlation_id": job.correlation_id, "idempotency_key": job.idempotency_key,
+              "attempt": job.attempt, "poll_count": job.poll_count, "poll_errors": 0, "polls_since_change": 0,
+              "output_missing": job.output_missing, "priority": job.priority, "created_at": now, "updated_at": now}
+    if not insert_job(rt.engine, values, source=Source.API, detail=f"submitted to {job.endpoint}"):
+        # An earlier submit with this key (to this endpoint) made the job, or a concurrent one just did:
+        # that job is the answer, and nothing was written or published for this call.
+        with session_scope(rt.engine, read_only=True) as session:
+            existing = find_by_idempotency_key(session, job.endpoint_id, idempotency_key or "")
+        if existing is None:  # its job was deleted (by retention) between the insert and this read: rare enough
+            raise RpqError("the job with this idempotency key was deleted while submitting; submit again")
         return Job.from_row(existing)
 
-    _wake_dispatcher(rt, endpoint_id)
-    return Job.from_row(row)
+    _wake_dispatcher(rt, job.endpoint_id)
+    return job
 
 
 def submission_problems(
@@ -248,19 +244,46 @@ def submission_problems(
     """Every problem with `submit`'s arguments, each once, writing nothing: what `submit` checks first.
 
     The arguments are `object`: callers without a type checker pass anything, and get a Problem for it."""
+    return _submission_problems(endpoint, _resolve(endpoint, settings), input, policy=whole_milliseconds(policy),
+                                webhook=webhook, idempotency_key=idempotency_key, correlation_id=correlation_id,
+                                metadata=metadata, stream=stream, priority=whole_number(priority))
+
+
+def _resolve(endpoint: object, settings: Settings) -> Endpoint | None:
+    """The endpoint `endpoint` names, or None when it names none (or is not a string)."""
+    if not isinstance(endpoint, str):
+        return None
+    try:
+        return settings.resolve_endpoint(endpoint)
+    except ConfigError:
+        return None
+
+
+def _submission_problems(
+    endpoint: object,
+    resolved: Endpoint | None,
+    input: object,
+    *,
+    policy: object,
+    webhook: object,
+    idempotency_key: object,
+    correlation_id: object,
+    metadata: object,
+    stream: object,
+    priority: object,
+) -> list[Problem]:
+    """`submission_problems` once the endpoint is resolved and the policy's whole milliseconds are ints:
+    `submit` does each of those once, for the check and for the row."""
     problems: list[Problem] = []
     if not isinstance(endpoint, str):
         problems.append(Problem("endpoint", "type", "must be a string: an endpoint name or a RunPod endpoint id"))
-    else:
-        try:
-            settings.resolve_endpoint(endpoint)
-        except ConfigError:
-            problems.append(_UNKNOWN_ENDPOINT)
+    elif resolved is None:
+        problems.append(_UNKNOWN_ENDPOINT)
     options = webhook_problems(webhook)
     body: dict[str, Any] = {"input": input}
     try:
         # The webhook's problems are all in `options` already: build_run_body only adds it to the body.
-        body = build_run_body(input, webhook=None if options else webhook, policy=whole_milliseconds(policy))
+        body = build_run_body(input, webhook=None if options else webhook, policy=policy)
     except RequestInvalid as exc:
         options += [_unnamed_policy_field(p) for p in exc.problems]
     problems += options

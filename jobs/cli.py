@@ -522,7 +522,7 @@ def metrics(host: str, port: int) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port to bind.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Processes serving requests (the API is CPU-bound: about 100 submits/s each).")
+              help="Processes serving requests, one core's worth each (a submit costs a process 2-3 ms of CPU).")
 @click.pass_context
 def api_command(ctx: click.Context, host: str, port: int, workers: int) -> None:
     """Serve the HTTP API (needs RPQ_API_TOKENS; `rpq api token` makes one)."""

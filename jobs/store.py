@@ -1,7 +1,8 @@
 """Reads and writes of the job table. Every status change goes through `transition()`.
 
 Functions take a session and never commit: the caller owns the transaction, so a status change
-and its event row are written together or not at all.
+and its event row are written together or not at all. `insert_job` alone takes the engine: a new
+job and its first event are a transaction of their own, written the cheapest way each database has.
 
 A write made on behalf of a RunPod job (a poll's findings, a submit's answer) carries a `Fence`:
 the attempt and RunPod job it is about. The UPDATE then matches only while the row still belongs to
@@ -11,12 +12,16 @@ side rows (events, stream chunks) that belong to the write are added only when i
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, CursorResult, Table, insert, update
+from sqlalchemy import ColumnElement, CursorResult, Engine, Table, bindparam, insert, literal, null, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from jobs import streams
@@ -180,6 +185,69 @@ def open_runpod_cancels(session: Session, job_id: str) -> Sequence[RunPodCancel]
     statement = (select(RunPodCancel).where(RunPodCancel.job_id == job_id, col(RunPodCancel.done_at).is_(None))
                  .order_by(col(RunPodCancel.id)))
     return session.exec(statement).all()
+
+
+#: The columns of a new job row that `insert_job` is given values for: every column without a value is NULL.
+NEW_JOB_COLUMNS = ("id", "endpoint_name", "endpoint_id", "status", "input", "policy", "webhook", "metadata", "stream",
+                   "correlation_id", "idempotency_key", "attempt", "poll_count", "poll_errors", "polls_since_change",
+                   "output_missing", "priority", "created_at", "updated_at")
+_FIRST_EVENT_COLUMNS = ("job_id", "from_status", "to_status", "at", "source", "detail", "repeats")
+_jobs = JobRow.__table__  # type: ignore[attr-defined]
+_events = JobEvent.__table__  # type: ignore[attr-defined]
+_new_job_statements: dict[str, Any] = {}
+_sqlite_writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def insert_job(engine: Engine, values: Mapping[str, Any], *, source: str, detail: str) -> bool:
+    """Write a new job row (`values`, keyed by NEW_JOB_COLUMNS) and its first event, `None → status`, at
+    its `created_at`. False, and nothing written, when another job already has its (endpoint_id,
+    idempotency_key).
+
+    The ORM's flush and commit cost more CPU than the two inserts themselves, and each statement is a
+    round trip, so this is SQLAlchemy Core with statements built once. On PostgreSQL both rows go in one
+    statement (a data-modifying CTE), and one statement is atomic by itself, so it runs without
+    BEGIN and COMMIT: one round trip in all. SQLite has no data-modifying CTEs; a local file needs no
+    saving of round trips, so there it is two inserts in one transaction (which takes the write lock up
+    front, see `jobs.db`). A key already taken is ON CONFLICT DO NOTHING, which waits for a concurrent
+    insert of the same key to commit or roll back, so of two racing submits exactly one inserts."""
+    # Bound as new_<column>: a bind parameter of an INSERT may not have its column's own name.
+    params = {f"new_{name}": values[name] for name in NEW_JOB_COLUMNS}
+    params.update(new_source=source, new_detail=storable_text(detail))
+    dialect = engine.dialect.name
+    statements = _new_job_statements.get(dialect) or _new_job_statements.setdefault(dialect, _build_insert_job(dialect))
+    if dialect == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            result: CursorResult[Any] = connection.execute(statements[0], params)
+            return result.rowcount == 1
+    # Submits in one process queue here for SQLite's one writer: its busy handler sleeps with growing
+    # waits and serves no order, so with many at once some lost the lock again and again (p99 of seconds).
+    with _sqlite_writers.setdefault(engine, threading.Lock()), engine.begin() as connection:
+        result = connection.execute(statements[0], params)
+        if result.rowcount != 1:
+            return False
+        connection.execute(statements[1], params)
+        return True
+
+
+def _build_insert_job(dialect: str) -> tuple[Any, ...]:
+    insert_new = postgresql.insert if dialect == "postgresql" else sqlite.insert if dialect == "sqlite" else None
+    if insert_new is None:
+        raise NotImplementedError(f"jobs.store.insert_job supports PostgreSQL and SQLite, not {dialect}")
+    job = (insert_new(_jobs)
+           .values({name: bindparam(f"new_{name}", type_=_jobs.c[name].type) for name in NEW_JOB_COLUMNS})
+           .on_conflict_do_nothing(index_elements=["endpoint_id", "idempotency_key"])
+           .execution_options(preserve_rowcount=True))  # an INSERT's rowcount is kept only when asked
+    first_event = {"from_status": null(), "to_status": bindparam("new_status", type_=_events.c.to_status.type),
+                   "source": bindparam("new_source", type_=_events.c.source.type),
+                   "detail": bindparam("new_detail", type_=_events.c.detail.type), "repeats": literal(1)}
+    if dialect == "sqlite":
+        return job, insert(_events).values(job_id=bindparam("new_id", type_=_events.c.job_id.type),
+                                           at=bindparam("new_created_at", type_=_events.c.at.type), **first_event)
+    inserted = job.returning(_jobs.c.id, _jobs.c.created_at).cte("inserted")
+    event_row = sa_select(inserted.c.id, first_event["from_status"], first_event["to_status"], inserted.c.created_at,
+                       first_event["source"], first_event["detail"], first_event["repeats"])
+    return (insert(_events).from_select(list(_FIRST_EVENT_COLUMNS), event_row)
+            .execution_options(preserve_rowcount=True),)
 
 
 def get_row(session: Session, job_id: str) -> JobRow | None:

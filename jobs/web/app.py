@@ -110,18 +110,49 @@ def serve(host: str, port: int, *, workers: int = 1) -> None:
     """Serve the API with uvicorn until interrupted. Logs the URL, never a token.
 
     The API is CPU-bound (a few ms of Python per request), so past one core's worth of requests run
-    several `workers` processes, each building its app from the environment."""
+    several `workers` processes, each building its app (and its runtime: engine, Redis, Celery app)
+    from the environment."""
     import uvicorn
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     create_app()  # fail here, once, on a bad configuration (no tokens, say) rather than in each worker
     shown_host = f"[{host}]" if ":" in host else host
-    log.info("rpq HTTP API serving http://%s:%d/v1 (schema at /openapi.json, docs at /docs)", shown_host, port)
+    log.info("rpq HTTP API serving http://%s:%d/v1 (schema at /openapi.json, docs at /docs) with %d worker "
+             "process(es)", shown_host, port, workers)
     # The access log has the method, path and status only: no header, so no bearer token; a webhook's
     # path holds its token, which create_app's filter masks.
-    uvicorn.run("jobs.web.app:create_app", factory=True, workers=workers, host=host, port=port, log_config=None,
-                server_header=False, timeout_graceful_shutdown=5)
+    # uvicorn kills a worker that does not answer its supervisor's ping in time and starts another. A new
+    # worker imports rpq first (FastAPI, SQLAlchemy, Celery: seconds on a busy machine), which uvicorn's
+    # default of 5 s did not always cover: workers were killed while starting, again and again.
+    uvicorn.run("jobs.web.app:create_app", factory=True, workers=workers, host=host, port=port,
+                log_config=worker_log_config() if workers > 1 else None, server_header=False,
+                timeout_graceful_shutdown=5, timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS)
+
+
+#: How long a worker may take to answer its supervisor (uvicorn) before it is replaced.
+WORKER_HEALTHCHECK_SECONDS = 30
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def worker_log_config() -> dict[str, Any]:
+    """Logging for `serve`'s worker processes, as `logging.config.dictConfig` takes it.
+
+    Each worker is a new interpreter (uvicorn spawns them), so it has none of this process's logging:
+    without this its access log and warnings went nowhere. uvicorn applies it in every worker (and here).
+    The level is this process's, and each line names its process, since the workers write to one stream."""
+    root = logging.getLogger()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"rpq": {"format": LOG_FORMAT.replace(" %(name)s", " [%(process)d] %(name)s")}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "rpq"}},
+        "root": {"level": logging.getLevelName(root.getEffectiveLevel()), "handlers": ["stderr"]},
+        # The CLI quietens httpx (a line per request to RunPod); so are the workers.
+        "loggers": {"httpx": {"level": logging.getLevelName(logging.getLogger("httpx").getEffectiveLevel())}},
+    }
 
 
 _WEBHOOK_TOKEN = re.compile(r"(/webhooks/runpod/)[^/?#\s]+")
@@ -291,7 +322,11 @@ class CorrelationId:
 _bearer = HTTPBearer(auto_error=False, description="A token listed (or whose sha256 is listed) in RPQ_API_TOKENS.")
 
 
-def require_token(
+# The dependencies are `async def` although they never wait: FastAPI runs a plain `def` dependency in the
+# thread pool, and that hop (twice per request) cost the event loop more than the dependencies themselves.
+
+
+async def require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     tokens: Tokens = request.app.state.tokens
@@ -306,7 +341,11 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+async def _runtime_dependency(request: Request) -> Runtime:
+    return _runtime(request)
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime_dependency)]
 
 # 422 on every route: the schema then shows our error shape where FastAPI would show its own.
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=_errors(401, 422))

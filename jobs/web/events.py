@@ -46,7 +46,8 @@ MAX_WEBHOOK_BODY_BYTES = MAX_RUNSYNC_PAYLOAD_BYTES + 1_000_000
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
-def _runtime(request: Request) -> Runtime:
+# `async def` although they never wait: FastAPI runs a plain `def` dependency in the thread pool.
+async def _runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -54,7 +55,7 @@ def _runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
-def _job_id(job_id: str) -> str:
+async def _job_id(job_id: str) -> str:
     """A job id from the path. No job has an id that is not text a database keeps (a %00 in the path,
     say): that is a 404 here, never a query the database refuses."""
     if text_problems(job_id, "id"):

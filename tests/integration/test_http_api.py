@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -615,6 +616,43 @@ def test_rpq_api_logs_webhook_calls_without_their_token(tmp_path: Path, redis_ur
     assert answers == [200, 404]
     assert logged.count('"POST /v1/webhooks/runpod/***?correlation_id=req-7 HTTP/1.1"') == 2  # the access log is on
     assert known not in logged and unknown not in logged
+
+
+def test_rpq_api_with_two_workers_answers_from_two_processes_that_log(tmp_path: Path, redis_url: str) -> None:
+    database_url = f"sqlite:///{tmp_path / 'rpq.db'}"
+    upgrade(database_url)
+    runtime = Runtime(settings=Settings(database_url=database_url), engine=make_engine(database_url),
+                      publish=Published(), make_client=lambda: RunPodClient(api_key="unused"))
+    job = jobs.submit(ENDPOINT_ID, {"text": "hi"}, runtime=runtime)
+    runtime.close()
+    port, log_path = free_port(), tmp_path / "api.log"
+    env = {**os.environ, "DATABASE_URL": database_url, "RPQ_API_TOKENS": TOKEN_ENTRY, "CELERY_BROKER_URL": redis_url}
+    with open(log_path, "wb") as log:
+        api = subprocess.Popen([sys.executable, "-m", "jobs.cli", "api", "--port", str(port), "--workers", "2"],
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base, bearer = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {TOKEN}"}
+
+    def answering_workers() -> set[int]:
+        """The processes whose access log shows they answered a GET of the job."""
+        return {int(pid) for pid in re.findall(r"\[(\d+)\] uvicorn\.access: .*\"GET /v1/jobs/", log_path.read_text())}
+
+    def both_answered() -> bool:
+        # A new connection each time: whichever worker accepts it first answers it.
+        answers = [httpx.get(f"{base}/v1/jobs/{job.id}", headers=bearer, timeout=10) for _ in range(10)]
+        assert [(a.status_code, a.json()["id"]) for a in answers] == [(200, job.id)] * 10
+        return len(answering_workers()) == 2
+
+    try:
+        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, timeout=90,
+                   what="rpq api to answer /healthz")
+        wait_until(both_answered, timeout=60, interval=0, what="both workers to answer")
+        parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                   for pid in answering_workers()}
+    finally:
+        stop_process(api)
+
+    assert set(parents.values()) == {api.pid}  # two worker processes of that one `rpq api`
+    assert TOKEN not in log_path.read_text()
 
 
 def test_the_app_refuses_to_start_with_no_token_unless_no_auth_is_allowed_on_purpose(

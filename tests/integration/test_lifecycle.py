@@ -347,6 +347,39 @@ def test_the_same_idempotency_key_returns_the_first_job(runtime: Runtime) -> Non
     assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID, ENDPOINT_ID + "-2"]  # not for the repeat
 
 
+def test_submit_returns_the_job_exactly_as_it_is_stored(runtime: Runtime) -> None:
+    job = jobs.submit("tts", {"text": "hi", "n": [1, 2.5, None]}, policy={"ttl": 60000.0, "lowPriority": True},
+                      webhook="https://example.com/hook", idempotency_key="order-7", correlation_id="req-7",
+                      metadata={"user": 7}, stream=True, runtime=runtime)
+
+    assert jobs.get(job.id, runtime=runtime) == job
+    assert job.policy == {"ttl": 60000, "lowPriority": True}
+    assert [(e.from_status, e.to_status, e.source, e.detail, e.at) for e in jobs.events(job.id, runtime=runtime)] == [
+        (None, JobStatus.PENDING, "api", "submitted to tts", job.created_at)]
+
+
+def test_racing_submits_with_one_idempotency_key_make_one_job_one_event_and_one_publish(runtime: Runtime) -> None:
+    barrier = threading.Barrier(8)
+    returned: list[jobs.Job] = []
+
+    def submit(n: int) -> None:
+        barrier.wait()
+        returned.append(jobs.submit("tts", {"n": n}, idempotency_key="race-1", runtime=runtime))
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    stored = jobs.list_jobs(runtime=runtime)
+    assert len(stored) == 1 and len(returned) == 8
+    assert {job.id for job in returned} == {stored[0].id}
+    assert {repr(job.input) for job in returned} == {repr(stored[0].input)}
+    assert history(runtime, stored[0].id) == [(None, "PENDING", "api")]
+    assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID]  # one wake-up, by the one that inserted
+
+
 def test_list_jobs_filters_by_status_endpoint_and_age(runtime: Runtime) -> None:
     a = jobs.submit("tts", {"n": 1}, runtime=runtime)
     b = jobs.submit(ENDPOINT_ID + "-2", {"n": 2}, runtime=runtime)
