@@ -18,7 +18,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func
@@ -122,7 +121,7 @@ def _next_due(rt: Runtime, endpoint_id: str) -> float | None:
             JobRow.endpoint_id == endpoint_id, JobRow.status == JobStatus.PENDING)).one()
     if due is None:
         return None
-    return max((_aware(due) - utcnow()).total_seconds(), 0.0)
+    return max((due - utcnow()).total_seconds(), 0.0)
 
 
 def _held_recheck(rt: Runtime, endpoint_id: str) -> float | None:
@@ -131,6 +130,3 @@ def _held_recheck(rt: Runtime, endpoint_id: str) -> float | None:
             JobRow.endpoint_id == endpoint_id, JobRow.status == JobStatus.PENDING).limit(1)).first()
     return HELD_RECHECK_SECONDS if waiting is not None else None
 
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -129,8 +129,5 @@ def _next_due(rt: Runtime, endpoint_id: str) -> float | None:
         return None
     if due is None:
         return 0.0
-    return min(max((_aware(due) - utcnow()).total_seconds(), 0.0), HORIZON_SECONDS)
+    return min(max((due - utcnow()).total_seconds(), 0.0), HORIZON_SECONDS)
 
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)

@@ -8,6 +8,7 @@ one function, and schedules what that function asks for. Nothing here decides an
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from jobs import dispatch as dispatching
@@ -43,28 +44,26 @@ def get_runtime() -> Runtime:
 
 @app.task(name=DISPATCH_TASK)  # type: ignore[untyped-decorator]
 def dispatch(endpoint_id: str) -> None:
-    rt = get_runtime()
-    assert rt.wakeups is not None
-    rt.wakeups.started(DISPATCH_TASK, endpoint_id)
-    with logcontext.scope():
-        outcome = dispatching.dispatch(rt, endpoint_id)
-    log.debug("dispatch %s: sent %d; %s", endpoint_id, outcome.sent, outcome.reason)
-    if outcome.again_in is not None:
-        # Published before this message is acked (acks_late): a crash in between duplicates the
-        # wake-up, which finds nothing claimable, and never loses it.
-        rt.wake(DISPATCH_TASK, endpoint_id, outcome.again_in)
+    _endpoint_chain(DISPATCH_TASK, endpoint_id, dispatching.dispatch)
 
 
 @app.task(name=POLL_DUE_TASK)  # type: ignore[untyped-decorator]
 def poll_due(endpoint_id: str) -> None:
+    _endpoint_chain(POLL_DUE_TASK, endpoint_id, poller.poll_due)
+
+
+def _endpoint_chain(task: str, endpoint_id: str, run: Callable[[Runtime, str], Any]) -> None:
+    """One run of an endpoint's dispatcher or poller, then its next wake-up if it asks for one."""
     rt = get_runtime()
     assert rt.wakeups is not None
-    rt.wakeups.started(POLL_DUE_TASK, endpoint_id)
+    rt.wakeups.started(task, endpoint_id)  # before the table is read: a row added after gets a new wake-up
     with logcontext.scope():
-        outcome = poller.poll_due(rt, endpoint_id)
-    log.debug("poll_due %s: polled %d; %s", endpoint_id, outcome.polled, outcome.reason)
+        outcome = run(rt, endpoint_id)
+    log.debug("%s %s: %s", task, endpoint_id, outcome.reason)
     if outcome.again_in is not None:
-        rt.wake(POLL_DUE_TASK, endpoint_id, outcome.again_in)
+        # Published before this message is acked (acks_late): a crash in between duplicates the
+        # wake-up, which finds nothing claimable, and never loses it.
+        rt.wake(task, endpoint_id, outcome.again_in)
 
 
 @app.task(name=SUBMIT_TASK)  # type: ignore[untyped-decorator]
