@@ -26,7 +26,7 @@ from jobs.jsonsafe import json_problems, text_problems
 from jobs.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
 from jobs.models import JobEvent, JobRow, utcnow
 from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
-from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_TASK, Runtime, get_runtime
+from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime, get_runtime
 from jobs.settings import Endpoint, Settings
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
 from jobs.store import (
@@ -584,8 +584,9 @@ def webhook_received(token: str, *, runpod_job_id: str | None = None, runtime: R
 
     The body is never trusted: RunPod's webhooks carry no signature, and once delivered null
     bodies for hours. The status always comes from /status. A duplicate or late call is harmless:
-    it only moves an in-flight job's next poll to now, the poll's claim lets one poll through, and
-    the history counts repeats on one row. For a SUBMIT_UNKNOWN job the call is the proof its /run
+    it only makes an in-flight job's next poll due now (`next_poll_at` NULL: the poller's most urgent
+    claim, ahead of every scheduled poll), one poller run polls it, and the history counts repeats on
+    one row. For a SUBMIT_UNKNOWN job the call is the proof its /run
     reached RunPod (the token was in that request alone): the RunPod id the body names
     (`runpod_job_id`) is adopted once /status confirms it. Raises RunPodTransient when RunPod could
     not be asked, so the caller can have RunPod send the webhook again.
@@ -596,7 +597,7 @@ def webhook_received(token: str, *, runpod_job_id: str | None = None, runtime: R
         row = session.exec(select(JobRow).where(JobRow.webhook_token_hash == digest)).first()
         if row is None:
             return False
-        woke = update_fields(session, row.id, while_status=AT_RUNPOD, values={"next_poll_at": utcnow()})
+        woke = update_fields(session, row.id, while_status=AT_RUNPOD, values={"next_poll_at": None})
         if row.status is JobStatus.SUBMITTING and runpod_job_id is not None:
             # Faster than /run's own answer: kept (unverified) in case that answer is lost.
             update_fields(session, row.id, while_status={JobStatus.SUBMITTING},
@@ -608,7 +609,7 @@ def webhook_received(token: str, *, runpod_job_id: str | None = None, runtime: R
         record_event(session, row.id, from_status=row.status, to_status=row.status, source=Source.WEBHOOK,
                      detail=f"RunPod called the webhook; {what}", coalesce=True)
     if woke:
-        _publish(rt, POLL_TASK, row.id)
+        _wake_poller(rt, row.endpoint_id)
     elif row.status is JobStatus.SUBMIT_UNKNOWN:
         if runpod_job_id is None:
             with session_scope(rt.engine) as session:
@@ -645,6 +646,14 @@ def _wake_dispatcher(rt: Runtime, endpoint_id: str) -> None:
     except Exception:
         # The row is committed; the reconciler will wake the dispatcher. Never fail the caller for this.
         log.warning("could not wake the dispatcher of endpoint %s; the reconciler will", endpoint_id, exc_info=True)
+
+
+def _wake_poller(rt: Runtime, endpoint_id: str) -> None:
+    """A job's poll is due now: make sure the endpoint's poller runs now (one message for many webhooks)."""
+    try:
+        rt.wake(POLL_DUE_TASK, endpoint_id)
+    except Exception:
+        log.warning("could not wake the poller of endpoint %s; the reconciler will", endpoint_id, exc_info=True)
 
 
 def _publish(rt: Runtime, task: str, job_id: str) -> None:

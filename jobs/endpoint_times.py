@@ -18,7 +18,7 @@ from sqlmodel import col
 
 from jobs.db import READ_ONLY
 from jobs.models import JobRow
-from jobs.pollplan import NO_HISTORY, EndpointTimes
+from jobs.pollplan import DEFAULT_TUNING, NO_HISTORY, EndpointTimes
 from jobs.states import JobStatus
 
 log = logging.getLogger("rpq.endpoint_times")
@@ -27,6 +27,9 @@ log = logging.getLogger("rpq.endpoint_times")
 RECENT_JOBS = 200
 #: How long a process keeps what it loaded for an endpoint, in seconds.
 CACHE_SECONDS = 30.0
+#: ... and while the endpoint has too few finished jobs to plan from: a new endpoint's first ends are
+#: what its plan starts from, and every second without one costs polls of jobs that cannot be over.
+LEARNING_CACHE_SECONDS = 5.0
 
 
 def load(engine: Engine, endpoint_id: str, *, limit: int = RECENT_JOBS) -> EndpointTimes:
@@ -54,10 +57,11 @@ class EndpointTimesCache:
     load; that costs a query, never a wrong answer. A failed load is not kept: the poll falls back to
     the doubling schedule, and the next one tries again."""
 
-    def __init__(self, *, ttl: float = CACHE_SECONDS, limit: int = RECENT_JOBS,
-                 clock: Callable[[], float] = time.monotonic,
+    def __init__(self, *, ttl: float = CACHE_SECONDS, learning_ttl: float = LEARNING_CACHE_SECONDS,
+                 limit: int = RECENT_JOBS, clock: Callable[[], float] = time.monotonic,
                  loader: Callable[[Engine, str], EndpointTimes] | None = None) -> None:
         self.ttl = ttl
+        self.learning_ttl = learning_ttl
         self.limit = limit
         self._clock = clock
         self._load = loader or (lambda engine, endpoint_id: load(engine, endpoint_id, limit=self.limit))
@@ -69,7 +73,7 @@ class EndpointTimesCache:
         now = self._clock()
         with self._lock:
             kept = self._kept.get(key)
-        if kept is not None and now - kept[0] < self.ttl:
+        if kept is not None and now - kept[0] < self._ttl_of(kept[1]):
             return kept[1]
         try:
             times = self._load(engine, endpoint_id)
@@ -80,6 +84,9 @@ class EndpointTimesCache:
         with self._lock:
             self._kept[key] = (now, times)
         return times
+
+    def _ttl_of(self, times: EndpointTimes) -> float:
+        return self.ttl if times.samples >= DEFAULT_TUNING.min_samples else min(self.ttl, self.learning_ttl)
 
     def clear(self) -> None:
         with self._lock:

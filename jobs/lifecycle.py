@@ -39,9 +39,9 @@ from jobs.errors import (
 )
 from jobs.jsonsafe import storable_json, storable_text
 from jobs.models import JobRow, RunPodCancel, utcnow
-from jobs.pollplan import LONG_WAIT_CAP_SECONDS, JobSeen, next_poll_delay
+from jobs.pollplan import LONG_WAIT_CAP_SECONDS, JobSeen, Mode, Plan, plan_next_poll
 from jobs.runpod import JobState, RunPodStatus
-from jobs.runtime import CANCEL_TASK, POLL_TASK, Runtime
+from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
 from jobs.store import (
     Fence,
@@ -52,6 +52,7 @@ from jobs.store import (
     open_runpod_cancels,
     record_event,
     transition,
+    unless_due_now,
     update_fields,
 )
 
@@ -291,7 +292,7 @@ def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any
     return Next.stop("row moved during submit: its RunPod job is being cancelled")
 
 
-def _at_runpod_values(row: JobRow, state: JobState, *, poll_at: datetime) -> dict[str, Any]:
+def _at_runpod_values(row: JobRow, state: JobState, *, poll_at: datetime | None) -> dict[str, Any]:
     """The fields a job gets when it becomes known at RunPod. The deadline runs from now: for a /retry
     that is the later of RunPod's two possible readings (ttl restarts, or runs from the first submit)."""
     return {
@@ -412,7 +413,7 @@ def _poll_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand:
     with session_scope(rt.engine) as session:
         written = update_fields(session, row.id, while_status=AT_RUNPOD, fence=fence, values={
             "poll_errors": errors, "poll_count": row.poll_count + 1,
-            "next_poll_at": utcnow() + timedelta(seconds=delay),
+            "next_poll_at": unless_due_now(utcnow() + timedelta(seconds=delay)),
         })
         if written and note:
             record_event(session, row.id, from_status=row.status, to_status=row.status, source=Source.POLL,
@@ -487,7 +488,7 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
                      delay_ms=values.get("delay_time_ms", row.delay_time_ms),
                      reports_progress=progress is not None or row.progress is not None, rand=rand)
     if not status.is_terminal:
-        values["next_poll_at"] = now + timedelta(seconds=delay)
+        values["next_poll_at"] = unless_due_now(now + timedelta(seconds=delay))
 
     extra = [(streams.PROGRESS, progress)] if progressed else []
     extra += [(streams.OUTPUT, chunk) for chunk in drained.chunks]
@@ -522,15 +523,36 @@ def _poll_in(rt: Runtime, row: JobRow, status: JobStatus, *, now: datetime, poll
     (jobs.pollplan). A job a webhook will wake keeps the fixed schedule; so does one whose stream is
     drained, or whose progress is shown, as it comes."""
     webhooks = row.webhook_token_hash is not None
-    schedule = rt.schedule_for(webhooks=webhooks)
     if webhooks or row.stream or reports_progress:
+        # Chunks and progress come while the job runs, a webhook only at its end: a streaming job keeps
+        # the fast schedule even with a webhook; for any other job with one, polls are a safety net.
+        schedule = rt.schedule_for(webhooks=webhooks and not (row.stream or reports_progress))
         return schedule.first if polls == 0 else poll_delay(schedule, polls_since_change=polls_since_change,
                                                             rand=rand)
-    seen = JobSeen(status, row.submitted_at, started_at, None if delay_ms is None else delay_ms / 1000, polls,
-                   polls_since_change)
+    return _learned_plan(rt, row, JobSeen(status, row.submitted_at, started_at,
+                                          None if delay_ms is None else delay_ms / 1000, polls,
+                                          polls_since_change), now=now, rand=rand).delay
+
+
+def _learned_plan(rt: Runtime, row: JobRow, seen: JobSeen, *, now: datetime, rand: Any) -> Plan:
+    schedule = rt.schedule
     # The floor is the schedule's own shortest gap; the cap lets a learned wait pass RPQ_POLL_MAX_SECONDS.
-    return next_poll_delay(seen, rt.endpoint_times.get(rt.engine, row.endpoint_id), schedule=schedule, now=now,
-                           floor=schedule.base / 2, cap=max(LONG_WAIT_CAP_SECONDS, schedule.cap), rand=rand)
+    return plan_next_poll(seen, rt.endpoint_times.get(rt.engine, row.endpoint_id), schedule=schedule, now=now,
+                          floor=schedule.base / 2, cap=max(LONG_WAIT_CAP_SECONDS, schedule.cap), rand=rand)
+
+
+def planned_wait(rt: Runtime, row: JobRow, *, now: datetime, rand: Any = random.random) -> float | None:
+    """Seconds a due poll should wait instead of being made, judged now: when its endpoint's recent jobs
+    say the job is unlikely to be over yet (a wait planned from a history it did not have when the poll
+    was placed, e.g. a new endpoint's first ends). None: make the poll. Only for jobs on the learned
+    plan, and never a job's first poll."""
+    if row.poll_count == 0 or row.webhook_token_hash is not None or row.stream or row.progress is not None:
+        return None
+    seen = JobSeen(row.status, row.submitted_at, row.started_at,
+                   None if row.delay_time_ms is None else row.delay_time_ms / 1000, row.poll_count,
+                   row.polls_since_change)
+    plan = _learned_plan(rt, row, seen, now=now, rand=rand)
+    return plan.delay if plan.mode is Mode.WAIT else None
 
 
 def _should_drain(row: JobRow, state: JobState, status: JobStatus) -> bool:
@@ -622,7 +644,7 @@ def adopt_from_webhook(rt: Runtime, job_id: str, runpod_job_id: str) -> str:
                          detail=f"the webhook named a RunPod job that /status does not confirm ({exc}); not adopted",
                          coalesce=True)
         return "not confirmed by /status"
-    values = _at_runpod_values(row, state, poll_at=utcnow())
+    values = _at_runpod_values(row, state, poll_at=None)  # due now: the poller's most urgent claim
     values["last_runpod_status"] = None  # the poll that follows stores what /status says, as a change
     with session_scope(rt.engine) as session:
         adopted = transition(session, row.id, to=JobStatus.IN_QUEUE, source=Source.WEBHOOK,
@@ -631,7 +653,7 @@ def adopt_from_webhook(rt: Runtime, job_id: str, runpod_job_id: str) -> str:
                                     f"confirms it ({state.status.value}): adopted")
     if adopted is None:
         return "the job moved on"
-    rt.publish(POLL_TASK, row.id, None)
+    rt.wake(POLL_DUE_TASK, row.endpoint_id)
     return "adopted"
 
 

@@ -8,9 +8,11 @@ spent or its time is up; then it says when to run again: when the next poll is d
 any length is a row, never a message held in a worker, and the reconciler can rebuild everything
 from the table alone.
 
-When the budget cannot serve every due poll, the most urgent go first: a job's first poll (it may
-be done already, or have failed at once), and any poll that has waited far too long; after those,
-the most overdue. So submitting more jobs than the budget can poll at their planned gaps stretches
+When the budget cannot serve every due poll, the most urgent go first: a job made due now (no
+`next_poll_at`: RunPod called its webhook, so its result is waiting), then a job's first poll (it
+may be done already, or have failed at once) and any poll that has waited far too long; after
+those, the most overdue. A due poll the learned plan would no longer make (the job is unlikely to be
+over yet) is put off without a call. So submitting more jobs than the budget can poll at their planned gaps stretches
 every job's polls fairly (each waits its turn, oldest first), and the budget is never exceeded
 whatever is submitted; `rpq_poll_lag_seconds` shows how late the latest poll runs.
 """
@@ -21,7 +23,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -34,7 +36,7 @@ from jobs.db import session_scope
 from jobs.models import JobRow, utcnow
 from jobs.runtime import DISPATCH_TASK, Runtime
 from jobs.states import AT_RUNPOD
-from jobs.store import JOBS
+from jobs.store import JOBS, put_off_polls
 
 log = logging.getLogger("rpq.poller")
 
@@ -60,6 +62,7 @@ class Outcome:
 
     polled: int = 0
     finished: int = 0
+    put_off: int = 0  # due polls the plan now says to wait with (made later, without a call now)
     again_in: float | None = None
     reason: str = ""
 
@@ -80,6 +83,7 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
             outcome.again_in = None if due is None else max(due, GATHER_SECONDS)
             outcome.reason = "nothing due"
             break
+        claimed = _without_planned_waits(rt, claimed, rand, outcome)
         steps = fan_out(partial(_poll_one, rt, rand), claimed)
         outcome.polled += len(claimed)
         outcome.finished += sum(1 for step in steps if step.poll_in is None)
@@ -91,6 +95,26 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
     return outcome
 
 
+def _without_planned_waits(rt: Runtime, claimed: list[JobRow], rand: Any, outcome: Outcome) -> list[JobRow]:
+    """The claimed polls worth a /status call now. A poll placed before the endpoint had the history
+    to plan from (or by an older plan) may now be one the plan would not make: the job is unlikely to
+    be over. It is put off, free, so the budget goes to jobs that may have ended; this is what lets a
+    new endpoint's polls focus on its likely ends as soon as its first jobs finish."""
+    now = utcnow()
+    ask: list[JobRow] = []
+    later: list[tuple[JobRow, datetime]] = []
+    for row in claimed:
+        wait = lifecycle.planned_wait(rt, row, now=now, rand=rand)
+        if wait is None:
+            ask.append(row)
+        else:
+            later.append((row, now + timedelta(seconds=wait)))
+    if later:
+        with session_scope(rt.engine) as session:
+            outcome.put_off += put_off_polls(session, later)
+    return ask
+
+
 def _poll_one(rt: Runtime, rand: Any, row: JobRow) -> lifecycle.Next:
     return lifecycle.poll_claimed(rt, row, rand=rand)
 
@@ -100,15 +124,14 @@ def claim_due(rt: Runtime, endpoint_id: str, limit: int) -> list[JobRow]:
     claimed job's next_poll_at moves to the end of its lease, so a poller killed mid-call leaves it
     for the reconciler. Returns the rows as they were before the claim."""
     now = utcnow()
-    urgent = or_(col(JobRow.poll_count) == 0, col(JobRow.next_poll_at).is_(None),
-                 col(JobRow.next_poll_at) < now - STARVING)
+    urgent = or_(col(JobRow.poll_count) == 0, col(JobRow.next_poll_at) < now - STARVING)
     with session_scope(rt.engine) as session:
         rows = list(session.exec(
             select(JobRow)
             .where(JobRow.endpoint_id == endpoint_id, col(JobRow.status).in_(sorted(AT_RUNPOD)),
                    col(JobRow.runpod_job_id).is_not(None),
                    or_(col(JobRow.next_poll_at).is_(None), col(JobRow.next_poll_at) <= now))
-            .order_by(case((urgent, 0), else_=1), col(JobRow.next_poll_at))
+            .order_by(case((col(JobRow.next_poll_at).is_(None), 0), (urgent, 1), else_=2), col(JobRow.next_poll_at))
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all())

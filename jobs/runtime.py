@@ -74,8 +74,10 @@ class Runtime:
     publish: Publisher
     make_client: Callable[[], RunPodClient]
     schedule: PollSchedule = field(default_factory=PollSchedule)
-    # With a webhook to wake it, polling is only the safety net: start later, settle at a minute.
-    webhook_schedule: PollSchedule = field(default_factory=lambda: PollSchedule(first=5.0, base=5.0, cap=60.0))
+    # With a webhook to wake it, polling is only the safety net against a lost webhook: start later and
+    # settle at five minutes, well inside RunPod's 30-minute result retention. At 10,000 jobs a one-minute
+    # net alone would ask for more /status calls than the budget holds.
+    webhook_schedule: PollSchedule = field(default_factory=lambda: PollSchedule(first=5.0, base=10.0, cap=300.0))
     metrics: Recorder = field(default_factory=NullRecorder)
     # None: every wake-up is published, undeduplicated (tests that record messages).
     wakeups: Wakeups | None = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, CursorResult, Engine, Table, bindparam, insert, literal, null, update
+from sqlalchemy import ColumnElement, CursorResult, Engine, Table, bindparam, case, insert, literal, null, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
@@ -119,6 +119,33 @@ def update_fields(
     )
     result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
     return result.rowcount == 1
+
+
+def unless_due_now(poll_at: datetime) -> ColumnElement[Any]:
+    """`next_poll_at` for a poll's own write: `poll_at`, unless a webhook (or an adoption) made the job
+    due now (NULL) while the poll was in flight. A claimed poll holds a lease, never NULL, so NULL can
+    only be that request, and RunPod's later news it stands for must not wait for the next poll."""
+    column = JOBS.c.next_poll_at
+    return case((column.is_(None), null()), else_=literal(poll_at, column.type))
+
+
+def put_off_polls(session: Session, polls: Sequence[tuple[JobRow, datetime]]) -> int:
+    """Move claimed polls to later without making them, in one statement: each (row as claimed, when),
+    fenced like a poll's own write (same status, attempt and RunPod job; not if made due now meanwhile).
+    Returns how many moved."""
+    if not polls:
+        return 0
+    statement = (
+        update(JOBS)
+        .where(JOBS.c.id == bindparam("b_id"), JOBS.c.status == bindparam("b_status"),
+               JOBS.c.attempt == bindparam("b_attempt"), JOBS.c.runpod_job_id == bindparam("b_runpod_job_id"),
+               JOBS.c.next_poll_at.is_not(None))
+        .values(next_poll_at=bindparam("b_at"))
+    )
+    result: CursorResult[Any] = session.execute(statement, [  # type: ignore[assignment]
+        {"b_id": row.id, "b_status": row.status, "b_attempt": row.attempt, "b_runpod_job_id": row.runpod_job_id,
+         "b_at": at} for row, at in polls])
+    return result.rowcount
 
 
 def claim_poll(session: Session, job_id: str, *, seen: datetime | None, lease_until: datetime, fence: Fence) -> bool:

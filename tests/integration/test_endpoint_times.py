@@ -15,11 +15,13 @@ from jobs.db import make_engine, session_scope
 from jobs.endpoint_times import EndpointTimesCache, load
 from jobs.lifecycle import poll_job, submit_job
 from jobs.models import JobRow, utcnow
+from jobs.poller import poll_due
 from jobs.pollplan import NO_HISTORY, EndpointTimes
 from jobs.runtime import Runtime
 from jobs.states import JobStatus
 from jobs.store import get_row
 from tests.conftest import ENDPOINT_ID, SimulatorProcess, wait_until
+from tests.integration.test_dispatch_and_poller import make_due as make_due_now
 
 pytestmark = pytest.mark.integration
 
@@ -71,14 +73,33 @@ def test_an_endpoint_with_no_finished_jobs_has_no_history(migrated_db: str) -> N
 
 
 def test_what_was_read_is_kept_for_the_ttl_and_read_again_after_it(migrated_db: str) -> None:
-    finished(migrated_db, "ep-ours", (JobStatus.COMPLETED, 1_000, 10, 5))
+    finished(migrated_db, "ep-ours", *((JobStatus.COMPLETED, 1_000, 10, i) for i in range(20)))
     engine = make_engine(migrated_db)
     clock = [1000.0]
     cache = EndpointTimesCache(ttl=30.0, clock=lambda: clock[0])
     try:
         first = cache.get(engine, "ep-ours")
-        finished(migrated_db, "ep-ours", (JobStatus.COMPLETED, 2_000, 10, 1))
+        finished(migrated_db, "ep-ours", (JobStatus.COMPLETED, 2_000, 10, 100))
         clock[0] += 29.0
+        kept = cache.get(engine, "ep-ours")
+        clock[0] += 2.0
+        fresh = cache.get(engine, "ep-ours")
+    finally:
+        engine.dispose()
+
+    assert first.samples == kept.samples == 20
+    assert fresh.samples == 21 and fresh.execution[-1] == 2.0
+
+
+def test_a_history_too_short_to_plan_from_is_read_again_sooner(migrated_db: str) -> None:
+    finished(migrated_db, "ep-ours", (JobStatus.COMPLETED, 1_000, 10, 5))
+    engine = make_engine(migrated_db)
+    clock = [1000.0]
+    cache = EndpointTimesCache(ttl=30.0, learning_ttl=5.0, clock=lambda: clock[0])
+    try:
+        first = cache.get(engine, "ep-ours")
+        finished(migrated_db, "ep-ours", (JobStatus.COMPLETED, 2_000, 10, 1))
+        clock[0] += 4.0
         kept = cache.get(engine, "ep-ours")
         clock[0] += 2.0
         fresh = cache.get(engine, "ep-ours")
@@ -133,6 +154,31 @@ def test_a_job_is_looked_at_once_started_then_polled_just_before_its_endpoints_j
     assert seen_running.poll_in is not None and runtime.schedule.cap < seen_running.poll_in < 60
     assert stored.submitted_at is not None and stored.next_poll_at is not None
     assert 55 < (stored.next_poll_at - stored.submitted_at).total_seconds() < 60.5
+
+
+def test_a_due_poll_the_plan_would_no_longer_make_is_put_off_without_a_call(
+    runtime: Runtime, simulator: SimulatorProcess, migrated_db: str
+) -> None:
+    minute_long_history(migrated_db)
+    job = jobs.submit("tts", {"sleep": 90, "output": 1}, runtime=runtime)
+    submit_job(runtime, job.id)
+    wait_until(lambda: [j["status"] for j in simulator.jobs()] == ["IN_PROGRESS"], timeout=10,
+               what="the job to start at RunPod")
+    poll_job(runtime, job.id)
+    # As if its next poll had been placed before the endpoint had a history: due now, a minute early.
+    make_due_now(runtime, job.id)
+    [before] = simulator.jobs()
+
+    outcome = poll_due(runtime, ENDPOINT_ID)
+
+    [after] = simulator.jobs()
+    with session_scope(runtime.engine, read_only=True) as session:
+        stored = get_row(session, job.id)
+    assert (outcome.polled, outcome.put_off) == (0, 1)
+    assert after["status_calls"] == before["status_calls"]  # no /status call spent on it
+    assert stored is not None and stored.poll_count == 1 and stored.next_poll_at is not None
+    assert stored.submitted_at is not None
+    assert 50 < (stored.next_poll_at - stored.submitted_at).total_seconds() < 60.5  # just before its likely end
 
 
 def test_a_job_a_webhook_will_wake_keeps_the_safety_net_schedule_whatever_its_endpoint_learned(

@@ -14,7 +14,7 @@ from jobs.lifecycle import DEFAULT_TTL_MS, poll_job, submit_job
 from jobs.models import utcnow
 from jobs.reconcile import reconcile
 from jobs.runpod import JobState
-from jobs.runtime import POLL_TASK, Runtime
+from jobs.runtime import POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, SimulatorProcess, wait_until
 from tests.integration.conftest import Interposed
@@ -268,7 +268,7 @@ def test_a_submit_unknown_job_resolves_itself_when_its_webhook_arrives(
 
     adopted = jobs.get(job.id, runtime=webhook_runtime)
     assert (adopted.status, adopted.runpod_job_id) == (JobStatus.IN_QUEUE, runpod_id)
-    assert published(webhook_runtime).of(POLL_TASK) == [job.id]
+    assert published(webhook_runtime).of(POLL_DUE_TASK) == [ENDPOINT_ID]  # its first poll: due now
     assert "/status confirms it" in details(webhook_runtime, job.id)
     assert poll_until_final(webhook_runtime, job.id).output == "found"
     assert len(simulator.jobs()) == 1  # adopted, never resubmitted

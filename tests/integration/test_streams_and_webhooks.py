@@ -7,10 +7,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 import jobs
-from jobs.lifecycle import poll_job, submit_job
-from jobs.runtime import POLL_TASK, Runtime
+from jobs.lifecycle import poll_claimed, poll_job, submit_job
+from jobs.poller import claim_due, poll_due
+from jobs.runtime import POLL_DUE_TASK, POLL_TASK, Runtime
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess
+from tests.integration.test_dispatch_and_poller import make_due as make_due_now
 from tests.integration.test_lifecycle import make_due, poll_until_final
 
 pytestmark = pytest.mark.integration
@@ -130,12 +132,47 @@ def test_a_webhook_triggers_an_immediate_poll_and_never_sets_state(
     assert jobs.webhook_received(token, runtime=webhook_runtime) is True
     assert jobs.webhook_received(token, runtime=webhook_runtime) is True  # a duplicate: harmless
 
-    assert published.of(POLL_TASK) == [job.id, job.id]
+    # The endpoint's poller is woken (this runtime's wake-ups are not deduplicated), not a message per job.
+    assert published.of(POLL_DUE_TASK) == [ENDPOINT_ID, ENDPOINT_ID] and published.of(POLL_TASK) == []
     assert jobs.get(job.id, runtime=webhook_runtime).status is JobStatus.IN_QUEUE  # state comes from /status only
-    poll_job(webhook_runtime, job.id)  # due at once: the webhook moved next_poll_at to now
-    assert jobs.get(job.id, runtime=webhook_runtime).poll_count == 1
+    outcome = poll_due(webhook_runtime, ENDPOINT_ID)  # due at once: the webhook cleared next_poll_at
+    assert outcome.polled == 1 and jobs.get(job.id, runtime=webhook_runtime).poll_count == 1
     calls = [e for e in jobs.events(job.id, runtime=webhook_runtime) if e.source == "webhook"]
     assert [e.repeats for e in calls] == [2]  # one history row, counting both calls
+
+
+def test_a_webhooks_poll_goes_before_every_scheduled_poll(
+    webhook_runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    waiting = [jobs.submit("tts", {"sleep": 30}, runtime=webhook_runtime) for _ in range(3)]
+    for job in waiting:
+        submit_job(webhook_runtime, job.id)
+    make_due_now(webhook_runtime, *(job.id for job in waiting))  # all three due for their first poll
+    woken = waiting[-1]
+    token = webhook_of(simulator, jobs.get(woken.id, runtime=webhook_runtime).runpod_job_id or "").split("/")[-1]
+
+    assert jobs.webhook_received(token, runtime=webhook_runtime) is True
+
+    [first] = claim_due(webhook_runtime, ENDPOINT_ID, 1)
+    assert first.id == woken.id
+
+
+def test_a_webhook_during_a_poll_is_not_undone_by_that_polls_answer(
+    webhook_runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    job = jobs.submit("tts", {"sleep": 30}, runtime=webhook_runtime)
+    submit_job(webhook_runtime, job.id)
+    token = webhook_of(simulator, jobs.get(job.id, runtime=webhook_runtime).runpod_job_id or "").split("/")[-1]
+    make_due(webhook_runtime, job.id)
+    [claimed] = claim_due(webhook_runtime, ENDPOINT_ID, 1)  # a poll is in flight ...
+
+    assert jobs.webhook_received(token, runtime=webhook_runtime) is True  # ... when the webhook comes
+    step = poll_claimed(webhook_runtime, claimed)  # the in-flight poll's answer: still running
+
+    assert step.poll_in is not None  # it would have waited for the safety net ...
+    assert jobs.get(job.id, runtime=webhook_runtime).poll_count == 1
+    [again] = claim_due(webhook_runtime, ENDPOINT_ID, 1)  # ... but the webhook's poll is still due now
+    assert again.id == job.id
 
 
 def test_a_forged_webhook_token_is_refused_and_changes_nothing(webhook_runtime: Runtime) -> None:
