@@ -27,6 +27,7 @@ from jobs.api import (
     webhook_received,
 )
 from jobs.states import JobStatus
+from jobs.waiting import Waiting, WaitReason
 
 __all__ = [
     "Event",
@@ -36,6 +37,8 @@ __all__ = [
     "JobNotFound",
     "JobStatus",
     "StreamItem",
+    "WaitReason",
+    "Waiting",
     "cancel",
     "events",
     "get",

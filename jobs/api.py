@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,6 +42,7 @@ from jobs.store import (
     update_fields,
 )
 from jobs.store import events_of as _events_of
+from jobs.waiting import Waiting, waiting_of, waiting_of_rows
 
 log = logging.getLogger("rpq.api")
 
@@ -117,13 +118,18 @@ class Job:
     output_missing: bool = False
     #: Among an endpoint's PENDING jobs, higher goes to RunPod first; equal priorities go oldest first.
     priority: int = 0
+    #: Why a PENDING job has not gone to RunPod yet (None for any other status). Read from the queue
+    #: around the job by `get` and `list_jobs`; `submit` and `retry` do not read the queue (a submit
+    #: stays a single write), so the job they return has None here. Not part of equality: two reads
+    #: of an unchanged row are the same job even when the queue around it moved.
+    waiting: Waiting | None = field(default=None, compare=False)
 
     @property
     def is_terminal(self) -> bool:
         return self.status.is_terminal
 
     @classmethod
-    def from_row(cls, row: JobRow) -> Job:
+    def from_row(cls, row: JobRow, waiting: Waiting | None = None) -> Job:
         return cls(
             id=row.id, status=JobStatus(row.status), endpoint=row.endpoint_name, endpoint_id=row.endpoint_id,
             runpod_job_id=row.runpod_job_id, input=row.input, output=row.output, error=row.error,
@@ -132,7 +138,7 @@ class Job:
             metadata=row.meta, stream=row.stream, created_at=row.created_at, submitted_at=row.submitted_at,
             started_at=row.started_at, finished_at=row.finished_at, delay_time_ms=row.delay_time_ms,
             execution_time_ms=row.execution_time_ms, worker_id=row.worker_id, output_missing=row.output_missing,
-            priority=row.priority,
+            priority=row.priority, waiting=waiting,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,7 +146,8 @@ class Job:
         data: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
-            data[name] = value.isoformat() if isinstance(value, datetime) else value
+            data[name] = (value.isoformat() if isinstance(value, datetime)
+                          else value.to_dict() if isinstance(value, Waiting) else value)
         return data
 
 
@@ -378,12 +385,16 @@ def _unnamed_policy_field(problem: Problem) -> Problem:
 
 
 def get(job_id: str, *, runtime: Runtime | None = None) -> Job:
-    rt = runtime or get_runtime()
+    """The job as stored, and for a PENDING job why it waits (`Job.waiting`)."""
+    return _read(runtime or get_runtime(), job_id, explain=True)
+
+
+def _read(rt: Runtime, job_id: str, *, explain: bool) -> Job:
     with session_scope(rt.engine, read_only=True) as session:
         row = get_row(session, job_id)
-    if row is None:
-        raise JobNotFound(job_id)
-    return Job.from_row(row)
+        if row is None:
+            raise JobNotFound(job_id)
+        return Job.from_row(row, waiting_of(session, row, rt.settings, utcnow()) if explain else None)
 
 
 def events(job_id: str, *, runtime: Runtime | None = None) -> list[Event]:
@@ -480,7 +491,8 @@ def list_jobs(
     with session_scope(rt.engine, read_only=True) as session:
         rows = list_rows(session, statuses=statuses, endpoint_ids=endpoint_ids, since=after, limit=limit,
                          offset=offset)
-        return [Job.from_row(r) for r in rows]
+        waiting = waiting_of_rows(session, rows, rt.settings, utcnow())
+        return [Job.from_row(r, waiting.get(r.id)) for r in rows]
 
 
 def _count_problems(field: str, value: object, low: int, high: int) -> list[Problem]:
@@ -629,7 +641,9 @@ def wait(job_id: str, *, timeout: float = 600.0, runtime: Runtime | None = None)
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
-        job = get(job_id, runtime=rt)
+        # Not get(): a waiter asks only whether the job is done, and 10,000 of them waiting on held jobs
+        # should not count the jobs ahead of each, every second.
+        job = _read(rt, job_id, explain=False)
         if job.is_terminal:
             return job
         remaining = deadline - time.monotonic()

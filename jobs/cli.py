@@ -24,6 +24,7 @@ from jobs.settings import Settings, redact_url
 from jobs.simulator import SimulatorConfig
 from jobs.states import RETRYABLE, TERMINAL, JobStatus
 from jobs.store import Source
+from jobs.waiting import WaitReason
 
 
 class _Refused(click.ClickException):
@@ -220,13 +221,28 @@ def _print_jobs(found: list[Job], as_json: bool) -> None:
     if not found:
         click.echo("no jobs")
         return
-    rows = [("ID", "STATUS", "ENDPOINT", "ATTEMPT", "POLLS", "CREATED", "FINISHED", "RUNPOD ID")]
+    rows = [("ID", "STATUS", "ENDPOINT", "ATTEMPT", "POLLS", "CREATED", "FINISHED", "RUNPOD ID", "WAITING")]
     for job in found:
         rows.append((job.id, job.status.value, job.endpoint, str(job.attempt), str(job.poll_count),
-                     _when(job.created_at), _when(job.finished_at), job.runpod_job_id or "-"))
+                     _when(job.created_at), _when(job.finished_at), job.runpod_job_id or "-",
+                     _waiting_cell(job)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _waiting_cell(job: Job) -> str:
+    """A PENDING job's reason in a few words (`rpq jobs show` has the sentence)."""
+    waiting = job.waiting
+    if waiting is None:
+        return "-"
+    if waiting.reason is WaitReason.DEFERRED:
+        return f"deferred until {_when(waiting.next_try_at)}"
+    if waiting.reason is WaitReason.MAX_IN_FLIGHT:
+        return f"max_in_flight {waiting.in_flight}/{waiting.max_in_flight}, {waiting.jobs_ahead} ahead"
+    if waiting.reason is WaitReason.QUEUED:
+        return f"queued, {waiting.jobs_ahead} ahead"
+    return waiting.reason.value
 
 
 def _when(moment: datetime | None) -> str:
@@ -310,7 +326,8 @@ def show(job_id: str, as_json: bool) -> None:
         return
     for name, value in job.to_dict().items():
         if value is not None and not (name == "output_missing" and not value):
-            shown = value if isinstance(value, str) else json.dumps(value, default=str)
+            shown = (job.waiting.message if name == "waiting" and job.waiting
+                     else value if isinstance(value, str) else json.dumps(value, default=str))
             click.echo(f"{name:>18}: {shown[:500]}")
     if job.output_missing:
         click.echo("                    RunPod said COMPLETED but gave no output: a result over its ~20 MB "

@@ -18,9 +18,10 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import ColumnElement, and_, func
 from sqlmodel import Session, col, or_, select
 
 from jobs import lifecycle
@@ -46,6 +47,10 @@ HELD_RECHECK_SECONDS = 5.0
 NO_BUDGET_RECHECK_SECONDS = 0.25
 #: Statuses that count against an endpoint's max_in_flight: a job RunPod has, or may have.
 IN_FLIGHT = (JobStatus.SUBMITTING, JobStatus.SUBMIT_UNKNOWN, JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS)
+#: The order an endpoint's PENDING jobs go out in: higher priority first, then oldest, then by id (a
+#: total order, so "the jobs ahead of this one" (jobs.waiting) is the same set the dispatcher sends first).
+DISPATCH_ORDER: tuple[ColumnElement[Any], ...] = (
+    col(JobRow.priority).desc(), col(JobRow.created_at).asc(), col(JobRow.id).asc())
 
 
 @dataclass
@@ -96,9 +101,8 @@ def claim_pending(rt: Runtime, endpoint_id: str, limit: int) -> list[tuple[JobRo
     with session_scope(rt.engine) as session:
         ids = session.exec(
             select(JobRow.id)
-            .where(JobRow.endpoint_id == endpoint_id, JobRow.status == JobStatus.PENDING,
-                   or_(col(JobRow.next_poll_at).is_(None), col(JobRow.next_poll_at) <= now))
-            .order_by(col(JobRow.priority).desc(), col(JobRow.created_at), col(JobRow.id))
+            .where(JobRow.endpoint_id == endpoint_id, due_pending(now))
+            .order_by(*DISPATCH_ORDER)
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
@@ -106,6 +110,21 @@ def claim_pending(rt: Runtime, endpoint_id: str, limit: int) -> list[tuple[JobRo
         won = [job_id for job_id in ids if lifecycle.claim_submit(session, job_id, tokens[job_id])]
         rows = {row.id: row for row in session.exec(select(JobRow).where(col(JobRow.id).in_(won)))} if won else {}
     return [(rows[job_id], tokens[job_id]) for job_id in won]
+
+
+def due_pending(now: datetime) -> ColumnElement[bool]:
+    """PENDING jobs the dispatcher may send now: all but those waiting out a deferred /run."""
+    return and_(col(JobRow.status) == JobStatus.PENDING,
+                or_(col(JobRow.next_poll_at).is_(None), col(JobRow.next_poll_at) <= now))
+
+
+def ahead_of(priority: int, created_at: datetime, job_id: str) -> ColumnElement[bool]:
+    """The jobs DISPATCH_ORDER puts before a job with these keys. (Spelled as ranges of ix_jobs_dispatch,
+    which PostgreSQL counts with a bitmap of index scans.)"""
+    return or_(col(JobRow.priority) > priority,
+               and_(col(JobRow.priority) == priority,
+                    or_(col(JobRow.created_at) < created_at,
+                        and_(col(JobRow.created_at) == created_at, col(JobRow.id) < job_id))))
 
 
 def in_flight(session: Session, endpoint_id: str) -> int:

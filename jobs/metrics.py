@@ -27,6 +27,7 @@ from jobs.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
 from jobs.models import JobRow, utcnow
 from jobs.runtime import Runtime
 from jobs.states import AT_RUNPOD
+from jobs.waiting import held_by_cap
 
 log = logging.getLogger("rpq.metrics")
 
@@ -51,7 +52,11 @@ class RpqCollector(Collector):
                                  labels=["status", "endpoint"])
         lag = GaugeMetricFamily("rpq_poll_lag_seconds",
                                 "How overdue the most overdue poll of a job at RunPod is (0 when none is).")
+        held = GaugeMetricFamily("rpq_jobs_held", "PENDING jobs waiting for a slot under their endpoint's "
+                                 "max_in_flight (RPQ_MAX_IN_FLIGHT); only endpoints with a cap.", labels=["endpoint"])
         with session_scope(self.rt.engine, read_only=True) as session:
+            for endpoint, count in sorted(held_by_cap(session, self.rt.settings, utcnow()).items()):
+                held.add_metric([endpoint], count)
             for status, endpoint, count in session.exec(
                 select(JobRow.status, JobRow.endpoint_name, func.count()).group_by(
                     col(JobRow.status), col(JobRow.endpoint_name))
@@ -65,6 +70,7 @@ class RpqCollector(Collector):
         lag.add_metric([], max((utcnow() - oldest).total_seconds(), 0.0) if isinstance(oldest, datetime) else 0.0)
         yield jobs
         yield lag
+        yield held
 
     def _queues(self) -> Iterator[Any]:
         depth = GaugeMetricFamily(

@@ -44,6 +44,7 @@ from jobs.jsonsafe import MAX_DEPTH
 from jobs.runpod import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
 from jobs.settings import ENDPOINT_ID_RE, Settings
 from jobs.states import JobStatus
+from jobs.waiting import WaitReason
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -218,6 +219,23 @@ class JobFilter(BaseModel):
 _Time = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
 
 
+class WaitingOut(BaseModel):
+    """Why a PENDING job has not gone to RunPod yet: read from the queue around it when it is read."""
+
+    reason: WaitReason = Field(description="max_in_flight: the endpoint's cap on jobs at RunPod is full, counting "
+                               "the jobs ahead; queued: other jobs of the endpoint go first (by priority, then "
+                               "age); next: first in line; deferred: its /run was put off until next_try_at.")
+    message: str = Field(description="The reason as a sentence for people.",
+                         examples=["endpoint tts has 10 of 10 jobs in flight (max_in_flight); 3 jobs ahead of "
+                                   "this one"])
+    jobs_ahead: int | None = Field(description="PENDING jobs of the endpoint that go before this one (null when "
+                                   "deferred).")
+    in_flight: int | None = Field(description="The endpoint's jobs at RunPod, or that RunPod may have (null when "
+                                  "it has no max_in_flight).")
+    max_in_flight: int | None = Field(description="The endpoint's cap (RPQ_MAX_IN_FLIGHT), if it has one.")
+    next_try_at: _Time | None = Field(description="When a deferred /run is tried again.")
+
+
 class JobOut(BaseModel):
     """A job: exactly `jobs.Job.to_dict()`. Times are ISO 8601, in UTC."""
 
@@ -249,6 +267,9 @@ class JobOut(BaseModel):
         description="RunPod reported COMPLETED with no output to store (and no streamed chunks to build one "
         "from): how RunPod shows a result over its ~20 MB limit. Never a silent success.")
     priority: int = Field(description="Among the endpoint's waiting jobs, higher goes to RunPod first.")
+    waiting: WaitingOut | None = Field(
+        description="Why a PENDING job has not gone to RunPod yet; null for any other status. Read from the queue "
+        "when the job is read (GET): the answers of POST /v1/jobs and /retry, which only write, carry null.")
 
 
 class JobList(BaseModel):

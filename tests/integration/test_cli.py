@@ -18,12 +18,23 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def rpq(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def]
     """Run `rpq ARGS` against a fresh SQLite file; returns (exit code, stdout, stderr)."""
+    yield from _rpq(tmp_path, redis_url, {})
+
+
+@pytest.fixture
+def capped_rpq(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def]
+    """`rpq` with a max_in_flight of 1 on the endpoint."""
+    yield from _rpq(tmp_path, redis_url, {"RPQ_MAX_IN_FLIGHT": f"{ENDPOINT_NAME}=1"})
+
+
+def _rpq(tmp_path: Path, redis_url: str, extra: dict[str, str]):  # type: ignore[no-untyped-def]
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
         # A broker database no worker reads: submitted jobs stay PENDING, which is what these tests look at.
         "CELERY_BROKER_URL": redis_url.rsplit("/", 1)[0] + "/0",
         "RUNPOD_ENDPOINTS": f"{ENDPOINT_NAME}={ENDPOINT_ID}",
+        **extra,
     }
 
     def run(*args: str | bytes) -> tuple[int, str, str]:
@@ -120,6 +131,25 @@ def test_show_prints_the_job_and_its_history(rpq) -> None:  # type: ignore[no-un
     assert [(e["from"], e["to"], e["source"]) for e in events] == [
         (None, "PENDING", "api"), ("PENDING", "CANCELLED", "operator")
     ]
+
+
+def test_show_and_list_say_why_a_pending_job_waits(capped_rpq) -> None:  # type: ignore[no-untyped-def]
+    first = json.loads(capped_rpq("submit", "tts", "--input", "1", "--json")[1])["id"]
+    second = json.loads(capped_rpq("submit", "tts", "--input", "2", "--json")[1])["id"]
+    capped_rpq("jobs", "cancel", first)
+    third = json.loads(capped_rpq("submit", "tts", "--input", "3", "--json")[1])["id"]
+
+    _, shown, _ = capped_rpq("jobs", "show", third)
+    _, table, _ = capped_rpq("jobs", "list")
+    _, listed, _ = capped_rpq("jobs", "list", "--json")
+
+    assert "waiting: endpoint tts has 0 of 1 jobs in flight (max_in_flight); 1 job ahead of this one" in shown
+    rows = {line.split()[0]: line for line in table.splitlines()}
+    assert rows["ID"].split()[-1] == "WAITING"
+    assert rows[third].endswith("max_in_flight 0/1, 1 ahead") and rows[second].endswith("  next")
+    assert rows[first].endswith("  -")  # cancelled: waits for nothing
+    assert {job["id"]: (job["waiting"] or {}).get("reason") for job in json.loads(listed)} == {
+        first: None, second: "next", third: "max_in_flight"}
 
 
 def test_cancel_and_retry_take_many_ids_and_report_each(rpq) -> None:  # type: ignore[no-untyped-def]

@@ -164,7 +164,7 @@ def test_a_new_job_is_answered_202_with_the_stored_job_and_published_once(api: h
 
     job = jobs.get(response.json()["id"], runtime=runtime)
     assert response.status_code == 202
-    assert response.json() == job.to_dict()
+    assert response.json() == {**job.to_dict(), "waiting": None}  # a submit writes; only a read looks at the queue
     assert response.headers["Location"] == f"/v1/jobs/{job.id}"
     assert (job.status, job.endpoint_id, job.input) == (JobStatus.PENDING, ENDPOINT_ID, {"text": "hello"})
     assert (job.policy, job.webhook, job.metadata, job.stream) == ({"ttl": 60_000, "lowPriority": True},
@@ -502,7 +502,7 @@ def test_retrying_a_failed_job_answers_202_with_a_new_attempt_and_publishes_it(
     response = api.post(f"/v1/jobs/{job.id}/retry")
 
     stored_job = jobs.get(job.id, runtime=runtime)
-    assert response.status_code == 202 and response.json() == stored_job.to_dict()
+    assert response.status_code == 202 and response.json() == {**stored_job.to_dict(), "waiting": None}
     assert (stored_job.status, stored_job.attempt) == (JobStatus.PENDING, 2)
     assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID, ENDPOINT_ID]
 
@@ -790,6 +790,24 @@ def test_a_wrong_method_is_a_405_in_the_error_shape(api: httpx.Client) -> None:
 
     assert response.status_code == 405 and problems(response) == {("method", "allowed")}
     assert response.headers["Allow"]  # Starlette names the methods of the first route that matched the path
+
+
+def test_a_waiting_job_is_read_and_listed_with_why_it_waits(start_api: Callable[..., ApiServer],
+                                                            runtime: Runtime) -> None:
+    runtime.settings = replace(runtime.settings, max_in_flight={"tts": 1})
+    api = start_api(runtime).client()
+    first, second, done = (jobs.submit("tts", {"n": n}, runtime=runtime) for n in range(3))
+    finish(runtime, done.id, JobStatus.COMPLETED)
+
+    read = api.get(f"/v1/jobs/{second.id}").json()["waiting"]
+    listed = {job["id"]: job["waiting"] for job in api.get("/v1/jobs").json()["jobs"]}
+
+    assert read == {"reason": "max_in_flight", "jobs_ahead": 1, "in_flight": 0, "max_in_flight": 1,
+                    "message": "endpoint tts has 0 of 1 jobs in flight (max_in_flight); 1 job ahead of this one",
+                    "next_try_at": None}
+    assert listed == {second.id: read, done.id: None, first.id: {
+        "reason": "next", "jobs_ahead": 0, "in_flight": 0, "max_in_flight": 1, "next_try_at": None,
+        "message": "next in line for endpoint tts: sent to RunPod when the dispatcher next runs"}}
 
 
 # -- probes and the schema -----------------------------------------------------------------------
