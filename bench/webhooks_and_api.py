@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/webhooks_and_api.py                    # the whole run, about 5 minutes
     .venv/bin/python bench/webhooks_and_api.py --parts webhooks --durations 2 --per-duration 3
-    .venv/bin/python bench/webhooks_and_api.py --parts api --workers 1,2 --publish celery,wakeup
+    .venv/bin/python bench/webhooks_and_api.py --parts api --workers 1,2
 
 Needs redis-server and wrk (`apt-get install -y redis-server wrk`) and, for the PostgreSQL figures,
 a server at RPQ_BENCH_POSTGRES (a scratch database is made and dropped). Everything listens on
@@ -23,14 +23,12 @@ N in --durations, u uniform in [0, 1) (seeded, the same u for the i-th job of bo
 row's `finished_at` minus the simulator's `finished_at` for that RunPod job (`GET /_sim/jobs`); the
 webhook's delivery time comes from `GET /_sim/webhooks`.
 
-Part 2, the API: one `rpq api --workers W` per database (SQLite and PostgreSQL), per W in --workers
-and per --publish mode, no Celery worker (the submit messages pile up in Redis: this measures the
-API, not the pipeline). wrk, one thread and `-c N` keep-alive connections for --seconds, sends
-`POST /v1/jobs` with a bearer token, or `GET /v1/jobs/{id}` of one job. Each round runs every
-(database, workers, publish, route, connections) once, so the ratios compare figures taken minutes
-apart at most; --repeats rounds. The CPU the API's processes, wrk and the rest of the machine used
-meanwhile is reported too. `--publish wakeup` serves with the stand-in of `wakeup.py` for the
-deduplicated wake-up that is to replace the per-submit Celery publish (`rpq_wakeup.py` runs it).
+Part 2, the API: one `rpq api --workers W` per database (SQLite and PostgreSQL) and per W in
+--workers, no Celery worker (the jobs stay PENDING: this measures the API, not the pipeline). wrk,
+one thread and `-c N` keep-alive connections for --seconds, sends `POST /v1/jobs` with a bearer
+token, or `GET /v1/jobs/{id}` of one job. Each round runs every (database, workers, route,
+connections) once, so the ratios compare figures taken minutes apart at most; --repeats rounds. The
+CPU the API's processes, wrk and the rest of the machine used meanwhile is reported too.
 """
 
 from __future__ import annotations
@@ -109,12 +107,9 @@ class ApiServer:
 
 
 @contextmanager
-def rpq_api(name: str, env: dict[str, str], log_dir: Path, port: int, *, workers: int = 1, publish: str = "celery"
-            ) -> Iterator[ApiServer]:
-    """`rpq api --workers W` as a child process on 127.0.0.1:`port`, once /healthz answers. With `publish`
-    "wakeup", rpq runs with the stand-in of `wakeup.py` for the deduplicated wake-up."""
-    rpq = [str(Path(__file__).with_name("rpq_wakeup.py"))] if publish == "wakeup" else ["-m", "jobs.cli"]
-    command = [sys.executable, *rpq, "api", "--host", "127.0.0.1", "--port", str(port)]
+def rpq_api(name: str, env: dict[str, str], log_dir: Path, port: int, *, workers: int = 1) -> Iterator[ApiServer]:
+    """`rpq api --workers W` as a child process on 127.0.0.1:`port`, once /healthz answers."""
+    command = [sys.executable, "-m", "jobs.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
     if workers != 1:
         command += ["--workers", str(workers)]
     with child(name, command, log_dir, env=env) as process:
@@ -236,7 +231,6 @@ end
 class Target:
     kind: str  # "sqlite" or "postgresql"
     workers: int  # `rpq api --workers`
-    publish: str  # "celery" or "wakeup"
     api: ApiServer
     job_id: str  # what GET /v1/jobs/{id} reads
     meter: CpuMeter
@@ -263,33 +257,32 @@ def wrk(target: Target, route: str, connections: int, seconds: float, token: str
     return json.loads(line.removeprefix("RESULT ")), cpu
 
 
-Key = tuple[str, int, str, str, int]  # database, API workers, publish, route, connections
+Key = tuple[str, int, str, int]  # database, API workers, route, connections
 
 
 def api_part(args: argparse.Namespace, server: RedisServer, sim: Simulator, token: str, token_line: str,
              scratch: Path) -> dict[Key, dict[str, list[float]]]:
-    """Every (database, workers, publish, route, connections) once per round; figures keyed by that."""
+    """Every (database, workers, route, connections) once per round; figures keyed by that."""
     figures: dict[Key, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     connections = [int(c) for c in args.connections.split(",")]
     with ExitStack() as stack:
         targets = []
         for kind in args.databases.split(","):
             for workers in [int(w) for w in args.workers.split(",")]:
-                for publish in args.publish.split(","):
-                    # Each API its own job table and Redis database: one's backlog never slows another.
-                    url = stack.enter_context(database(kind, scratch))
-                    env = {**pipeline_env(database_url=url, broker=server.database(), sim=sim),
-                           "RPQ_API_TOKENS": token_line}
-                    env.pop("RUNPOD_WEBHOOK_BASE_URL", None)
-                    served = stack.enter_context(rpq_api(f"api-{kind}-{workers}-{publish}", env, scratch,
-                                                         free_port(), workers=workers, publish=publish))
-                    response = httpx.post(f"{served.url}/v1/jobs", json=SUBMIT_BODY, timeout=30,
-                                          headers={"Authorization": f"Bearer {token}"})
-                    response.raise_for_status()
-                    meter = CpuMeter({"api": process_group(served.pid), "redis-server": process_group(server.pid)})
-                    if kind == "postgresql":
-                        meter.parts["postgres"] = postgres_backends(url)
-                    targets.append(Target(kind, workers, publish, served, response.json()["id"], meter))
+                # Each API its own job table and Redis database: one's backlog never slows another.
+                url = stack.enter_context(database(kind, scratch))
+                env = {**pipeline_env(database_url=url, broker=server.database(), sim=sim),
+                       "RPQ_API_TOKENS": token_line}
+                env.pop("RUNPOD_WEBHOOK_BASE_URL", None)
+                served = stack.enter_context(rpq_api(f"api-{kind}-{workers}", env, scratch, free_port(),
+                                                     workers=workers))
+                response = httpx.post(f"{served.url}/v1/jobs", json=SUBMIT_BODY, timeout=30,
+                                      headers={"Authorization": f"Bearer {token}"})
+                response.raise_for_status()
+                meter = CpuMeter({"api": process_group(served.pid), "redis-server": process_group(server.pid)})
+                if kind == "postgresql":
+                    meter.parts["postgres"] = postgres_backends(url)
+                targets.append(Target(kind, workers, served, response.json()["id"], meter))
         for target in targets:  # warm-up, not timed: imports, connection pools, the first pages of the table
             for route in ("POST", "GET"):
                 wrk(target, route, max(connections), 2, token, scratch)
@@ -304,7 +297,7 @@ def api_part(args: argparse.Namespace, server: RedisServer, sim: Simulator, toke
                         cpu = target.meter.stop()
                         wall, requests = cpu["wall"], result["requests"]
                         ours = sum(cpu[part] for part in target.meter.parts) + wrk_cpu
-                        cell = figures[(target.kind, target.workers, target.publish, route, n)]
+                        cell = figures[(target.kind, target.workers, route, n)]
                         cell["req/s"].append(requests / (result["duration_us"] / 1e6))
                         cell["p50"].append(result["p50_us"] / 1000)
                         cell["p99"].append(result["p99_us"] / 1000)
@@ -318,13 +311,12 @@ def api_part(args: argparse.Namespace, server: RedisServer, sim: Simulator, toke
 
 def report_api(figures: dict[Key, dict[str, list[float]]], args: argparse.Namespace) -> None:
     say(f"\nwrk, 1 thread, {args.seconds:.0f} s per run, {args.repeats} rounds; median of the rounds (min-max)\n")
-    say("| route | database | API workers | publish | connections | requests/s | p50, ms | p99, ms | failed requests | "
+    say("| route | database | API workers | connections | requests/s | p50, ms | p99, ms | failed requests | "
         "API CPU per request, ms | wrk, cores | rest of machine, cores |")
-    say("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (kind, workers, publish, route, n), cell in sorted(figures.items(),
-                                                          key=lambda item: (item[0][3] != "POST", item[0])):
+    say("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (kind, workers, route, n), cell in sorted(figures.items(), key=lambda item: (item[0][2] != "POST", item[0])):
         path = "POST /v1/jobs" if route == "POST" else "GET /v1/jobs/{id}"
-        say(f"| {path} | {kind} | {workers} | {publish} | {n} | {median_spread(cell['req/s'])} | "
+        say(f"| {path} | {kind} | {workers} | {n} | {median_spread(cell['req/s'])} | "
             f"{median_spread(cell['p50'], '{:.1f}')} | "
             f"{median_spread(cell['p99'], '{:.1f}')} | {sum(cell['errors']):.0f} | "
             f"{median_spread(cell['api cpu ms'], '{:.2f}')} | {median_spread(cell['wrk cores'], '{:.2f}')} | "
@@ -338,23 +330,19 @@ def report_api(figures: dict[Key, dict[str, list[float]]], args: argparse.Namesp
     say("\nratios of requests/s, taken round by round: median (min-max)")
     kinds = args.databases.split(",")
     workers = [int(w) for w in args.workers.split(",")]
-    publishes = args.publish.split(",")
     for n in [int(c) for c in args.connections.split(",")]:
         for w in workers:
-            for publish in publishes:
-                setting = f"{w} worker(s), publish {publish}, {n} connections"
-                if "sqlite" in kinds and "postgresql" in kinds:
+            setting = f"{w} worker(s), {n} connections"
+            if "sqlite" in kinds and "postgresql" in kinds:
+                for route in ("POST", "GET"):
+                    say(f"  {route}, {setting}, PostgreSQL / SQLite: "
+                        f"{ratio(('postgresql', w, route, n), ('sqlite', w, route, n))}")
+            for kind in kinds:
+                say(f"  {kind}, {setting}, GET / POST: {ratio((kind, w, 'GET', n), (kind, w, 'POST', n))}")
+                if w != workers[0]:
                     for route in ("POST", "GET"):
-                        say(f"  {route}, {setting}, PostgreSQL / SQLite: "
-                            f"{ratio(('postgresql', w, publish, route, n), ('sqlite', w, publish, route, n))}")
-                for kind in kinds:
-                    say(f"  {kind}, {setting}, GET / POST: "
-                        f"{ratio((kind, w, publish, 'GET', n), (kind, w, publish, 'POST', n))}")
-                    if w != workers[0]:
-                        for route in ("POST", "GET"):
-                            more = ratio((kind, w, publish, route, n), (kind, workers[0], publish, route, n))
-                            say(f"  {kind}, {route}, publish {publish}, {n} connections, "
-                                f"{w} workers / {workers[0]}: {more}")
+                        more = ratio((kind, w, route, n), (kind, workers[0], route, n))
+                        say(f"  {kind}, {route}, {n} connections, {w} workers / {workers[0]}: {more}")
 
 
 def main() -> None:
@@ -369,9 +357,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8, help="part 2: seconds per wrk run (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="part 2: rounds (default 3)")
     parser.add_argument("--workers", default="1", help="part 2: `rpq api --workers` values, e.g. 1,2 (default 1)")
-    parser.add_argument("--publish", default="celery",
-                        help="part 2: celery (send_task, as rpq does), wakeup (the stand-in of wakeup.py), or "
-                        "both comma-separated (default celery)")
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-minute load below this (1.5)")
     parser.add_argument("--quiet-timeout", type=float, default=600, help="...for at most this many seconds (600)")
     args = parser.parse_args()
