@@ -1,17 +1,30 @@
 """One typed settings object, read from the environment and validated at start-up.
 
-`Settings.from_env()` reads every variable, collects every problem and raises one `ConfigError`
-naming each bad variable, so an operator fixes them all in one go. `.env.example` lists every
-variable with a comment.
+`Settings.from_env()` reads every variable with pydantic-settings, and turns pydantic's list of
+errors into one `ConfigError` naming each bad variable, so an operator fixes them all in one go.
+`.env.example` lists every variable with a comment.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    AfterValidator,
+    AliasGenerator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from jobs.budget import Limits, parse_limits
 from jobs.errors import ConfigError
@@ -24,30 +37,14 @@ SUBMIT_STUCK_MARGIN_SECONDS = 30.0  # past a /run's worst case, for a busy worke
 ENDPOINT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
 
 
-class Secret:
-    """A string that never shows itself: not in repr, str, f-strings, logs or tracebacks.
+class Secret(SecretStr):
+    """pydantic's SecretStr (never in repr, str, f-strings, logs or tracebacks), and never pickled.
 
     Call `reveal()` at the one place the value is really needed (the Authorization header).
     """
 
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
     def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('**********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+        return self.get_secret_value()
 
     def __reduce__(self) -> tuple[object, ...]:
         # Pickling a secret would put it in a Celery message or a cache; refuse loudly.
@@ -77,41 +74,157 @@ class Endpoint:
     id: str
 
 
-@dataclass(frozen=True)
-class Settings:
+def _url(*schemes: str) -> AfterValidator:
+    """A URL kept as the string given (drivers get it as the operator wrote it), of one of `schemes`."""
+
+    def check(value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not (parts.netloc or parts.path):
+            raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return value.rstrip("/") if parts.scheme in ("http", "https") else value
+
+    return AfterValidator(check)
+
+
+WebUrl = Annotated[str, _url("http", "https")]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Count = Annotated[int, Field(gt=0)]  # of seconds, days or jobs
+
+
+class Settings(BaseSettings):
+    # Each field's environment variable is its name in capitals, or the validation_alias it gives;
+    # code and tests pass field names. tests/unit/test_settings.py holds .env.example to the same list.
+    model_config = SettingsConfigDict(
+        alias_generator=AliasGenerator(validation_alias=str.upper),
+        frozen=True, validate_by_name=True, case_sensitive=True,
+        hide_input_in_errors=True,  # a ValidationError never quotes a value: it may be a key or a password
+        enable_decoding=False,  # lists have their own `name=value,...` syntax, not JSON
+    )
+
     runpod_api_key: Secret | None = None
-    runpod_serverless_url: str = "https://api.runpod.ai/v2"
-    runpod_graphql_url: str = "https://api.runpod.io/graphql"
+    runpod_serverless_url: WebUrl = "https://api.runpod.ai/v2"
+    runpod_graphql_url: WebUrl = "https://api.runpod.io/graphql"
     # REST v1 (rest.runpod.io/v1) was retired on 2026-11-15; v2 is the management API now.
-    runpod_rest_url: str = "https://api.runpod.io/v2"
+    runpod_rest_url: WebUrl = "https://api.runpod.io/v2"
     # Where RunPod can reach rpq's HTTP API: each job then carries a webhook that triggers an
     # immediate poll, and polls slow down to a safety net. None: polling only.
-    runpod_webhook_base_url: str | None = None
-    runpod_timeout_seconds: float = 30.0  # per request; a /run past this has an unknown outcome
-    runpod_collection_interval_seconds: int = 300
-    runpod_health_poll_seconds: int = 120
-    runpod_job_retention_days: int = 90
-    endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
-    database_url: str = "sqlite:///rpq.db"
-    celery_broker_url: str = "redis://localhost:6379/0"
+    runpod_webhook_base_url: WebUrl | None = None
+    # Per request; a /run past this has an unknown outcome.
+    runpod_timeout_seconds: Seconds = 30.0
+    runpod_collection_interval_seconds: Count = 300
+    runpod_health_poll_seconds: Count = 120
+    runpod_job_retention_days: Count = 90
+    endpoints: Mapping[str, Endpoint] = Field(default_factory=dict, validation_alias="RUNPOD_ENDPOINTS")
+    database_url: Annotated[str, _url("sqlite", "postgresql", "postgresql+psycopg")] = "sqlite:///rpq.db"
+    celery_broker_url: Annotated[str, _url("redis", "rediss")] = "redis://localhost:6379/0"
     # Polling: how soon after submission, and the longest gap once a job's status stops changing.
     # A lower cap notices long jobs finish sooner and costs more /status calls. Once an endpoint has
     # history, polls follow jobs.pollplan: the cap then bounds the gaps across a job's likely end, and a
-    # wait far from it may be longer (pollplan.LONG_WAIT_CAP_SECONDS, or this cap if higher).
-    poll_first_seconds: float = 1.0
-    poll_max_seconds: float = 15.0
+    # wait far from it may be longer (pollplan.LONG_WAIT_CAP_SECONDS, or this cap if higher). The cap
+    # stays far below the broker's visibility timeout and RunPod's 30-minute result retention.
+    poll_first_seconds: Seconds = Field(default=1.0, validation_alias="RPQ_POLL_FIRST_SECONDS")
+    poll_max_seconds: Annotated[float, Field(ge=1, le=MAX_POLL_GAP_SECONDS, allow_inf_nan=False)] = Field(
+        default=15.0, validation_alias="RPQ_POLL_MAX_SECONDS")
     # The reconciler: how often it runs, and when it decides a message was lost.
-    reconcile_interval_seconds: int = 30
-    poll_grace_seconds: int = 30  # a poll this overdue (or a PENDING row this old) lost its message
+    reconcile_interval_seconds: Count = Field(default=30, validation_alias="RPQ_RECONCILE_SECONDS")
+    # A poll this overdue (or a PENDING row this old) lost its message.
+    poll_grace_seconds: Count = Field(default=30, validation_alias="RPQ_POLL_GRACE_SECONDS")
     # A SUBMITTING row older than this lost its worker mid-/run. None: derived from the client's own
     # bound on a /run (`submit_stuck_after_seconds`); a value at or below that bound is refused.
-    submit_stuck_seconds: int | None = None
+    submit_stuck_seconds: Count | None = Field(default=None, validation_alias="RPQ_SUBMIT_STUCK_SECONDS")
     # Per endpoint name: at most this many of its jobs at RunPod at once; the rest wait PENDING, in
     # order of priority then age, and go out as jobs finish. Unlisted endpoints have no cap.
-    max_in_flight: Mapping[str, int] = field(default_factory=dict)
+    max_in_flight: Mapping[str, int] = Field(default_factory=dict, validation_alias="RPQ_MAX_IN_FLIGHT")
     # rpq's own budget of RunPod requests per 10 s, per endpoint and operation, shared by every process
     # (jobs.budget). Below RunPod's documented limits, so rpq never draws a 429.
-    runpod_limits: Limits = field(default_factory=Limits)
+    runpod_limits: Limits = Field(default_factory=Limits, validation_alias="RPQ_RUNPOD_LIMITS")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from `environ` (the process's environment by default); every problem in one ConfigError."""
+        try:
+            return cls(**_Environment(cls, os.environ if environ is None else environ)())
+        except ValidationError as exc:
+            raise ConfigError(_problems(exc)) from None  # it says it all; pydantic's text would add noise
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments only: the environment is read by from_env() alone, never behind the back of
+        # code that builds Settings(...) itself, and never a .env file (docker compose reads that).
+        return (init_settings,)
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _parse_endpoints(cls, raw: object) -> object:
+        """`tts=fh46rj7dq9r3o5,export=abc123`; a bare id names itself."""
+        if not isinstance(raw, str):
+            return raw
+        endpoints: dict[str, Endpoint] = {}
+        problems: list[str] = []
+        for item in _items(raw):
+            name, sep, endpoint_id = (s.strip() for s in item.partition("="))
+            if not sep:
+                name, endpoint_id = item, item
+            if not ENDPOINT_NAME_RE.match(name):
+                problems.append(f"{name!r} is not a valid name (letters, digits, '-', '_')")
+            elif not ENDPOINT_ID_RE.match(endpoint_id):
+                problems.append(f"{endpoint_id!r} (for {name!r}) is not a RunPod endpoint id")
+            elif name in endpoints:
+                problems.append(f"{name!r} is listed twice")
+            else:
+                endpoints[name] = Endpoint(name=name, id=endpoint_id)
+        if problems:
+            raise ValueError(*problems)
+        return endpoints
+
+    @field_validator("max_in_flight", mode="before")
+    @classmethod
+    def _parse_caps(cls, raw: object, info: ValidationInfo) -> object:
+        """`tts=50,export=4`: endpoint names from RUNPOD_ENDPOINTS, each with a whole number above 0."""
+        if not isinstance(raw, str):
+            return raw
+        # Checked here, not in a model validator, to be reported with every other problem. RUNPOD_ENDPOINTS
+        # validates first; when it is wrong itself (and reported), its names are not checked.
+        known: Mapping[str, Endpoint] | None = info.data.get("endpoints")
+        caps: dict[str, int] = {}
+        problems: list[str] = []
+        for item in _items(raw):
+            name, sep, value = (s.strip() for s in item.partition("="))
+            if not sep or not re.fullmatch(r"[0-9]{1,9}", value) or int(value) <= 0:
+                problems.append(f"{item!r} is not NAME=N with N a whole number above 0")
+            elif known is not None and name not in known:
+                problems.append(f"{name!r} is not an endpoint in RUNPOD_ENDPOINTS "
+                                f"({', '.join(sorted(known)) or 'none configured'})")
+            elif name in caps:
+                problems.append(f"{name!r} is listed twice")
+            else:
+                caps[name] = int(value)
+        if problems:
+            raise ValueError(*problems)
+        return caps
+
+    @field_validator("runpod_limits", mode="before")
+    @classmethod
+    def _parse_limits(cls, raw: object) -> object:
+        if not isinstance(raw, str):
+            return raw
+        problems: list[str] = []
+        limits = parse_limits(raw, problems)
+        if problems:  # parse_limits names the variable; _problems() does that for every field
+            raise ValueError(*(problem.removeprefix("RPQ_RUNPOD_LIMITS: ") for problem in problems))
+        return limits
+
+    @model_validator(mode="after")
+    def _submit_stuck_outlasts_a_run(self) -> Settings:
+        if self.submit_stuck_seconds is not None and self.submit_stuck_seconds <= self.submit_bound_seconds:
+            raise ValueError(f"RPQ_SUBMIT_STUCK_SECONDS: must be more than {self.submit_bound_seconds:.0f} "
+                             "(the longest a /run can take with RUNPOD_TIMEOUT_SECONDS); a slower /run would "
+                             "be called lost while its answer can still come")
+        return self
 
     @property
     def runpod_connect_timeout_seconds(self) -> float:
@@ -138,100 +251,10 @@ class Settings:
             return float(self.submit_stuck_seconds)
         return self.submit_bound_seconds + SUBMIT_STUCK_MARGIN_SECONDS
 
-    def __repr__(self) -> str:
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # Settings get logged and land in tracebacks; the API key is a Secret, and the URLs may hold passwords.
-        shown = {spec.name: getattr(self, spec.name) for spec in fields(self)}
-        for name in ("database_url", "celery_broker_url", "runpod_serverless_url", "runpod_graphql_url",
-                     "runpod_rest_url", "runpod_webhook_base_url"):
-            if shown[name] is not None:
-                shown[name] = redact_url(shown[name])
-        return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
-        problems: list[str] = []
-        defaults = cls()
-
-        def text(name: str, default: str) -> str:
-            return env.get(name, "").strip() or default
-
-        def url(name: str, default: str, schemes: tuple[str, ...]) -> str:
-            value = text(name, default)
-            parts = urlsplit(value)
-            if parts.scheme not in schemes or not (parts.netloc or parts.path):
-                problems.append(f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
-            return value.rstrip("/") if parts.scheme in ("http", "https") else value
-
-        def positive_float(name: str, default: float) -> float:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                problems.append(f"{name}: expected a number of seconds, got {raw!r}")
-                return default
-            if not 0 < value < float("inf"):
-                problems.append(f"{name}: must be greater than 0, got {raw}")
-            return value
-
-        def positive_int(name: str, default: int) -> int:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = int(raw)
-            except ValueError:
-                problems.append(f"{name}: expected a whole number of {_unit(name)}, got {raw!r}")
-                return default
-            if value <= 0:
-                problems.append(f"{name}: must be greater than 0, got {value}")
-            return value
-
-        key = env.get("RUNPOD_API_KEY", "").strip()
-        settings = cls(
-            runpod_api_key=Secret(key) if key else None,
-            runpod_serverless_url=url("RUNPOD_SERVERLESS_URL", defaults.runpod_serverless_url, ("http", "https")),
-            runpod_graphql_url=url("RUNPOD_GRAPHQL_URL", defaults.runpod_graphql_url, ("http", "https")),
-            runpod_rest_url=url("RUNPOD_REST_URL", defaults.runpod_rest_url, ("http", "https")),
-            runpod_webhook_base_url=(url("RUNPOD_WEBHOOK_BASE_URL", "", ("http", "https"))
-                                     if env.get("RUNPOD_WEBHOOK_BASE_URL", "").strip() else None),
-            runpod_timeout_seconds=positive_float("RUNPOD_TIMEOUT_SECONDS", defaults.runpod_timeout_seconds),
-            runpod_collection_interval_seconds=positive_int(
-                "RUNPOD_COLLECTION_INTERVAL_SECONDS", defaults.runpod_collection_interval_seconds
-            ),
-            runpod_health_poll_seconds=positive_int(
-                "RUNPOD_HEALTH_POLL_SECONDS", defaults.runpod_health_poll_seconds
-            ),
-            runpod_job_retention_days=positive_int(
-                "RUNPOD_JOB_RETENTION_DAYS", defaults.runpod_job_retention_days
-            ),
-            endpoints=_parse_endpoints(env.get("RUNPOD_ENDPOINTS", ""), problems),
-            database_url=url("DATABASE_URL", defaults.database_url, ("sqlite", "postgresql", "postgresql+psycopg")),
-            celery_broker_url=url("CELERY_BROKER_URL", defaults.celery_broker_url, ("redis", "rediss")),
-            poll_first_seconds=positive_float("RPQ_POLL_FIRST_SECONDS", defaults.poll_first_seconds),
-            poll_max_seconds=positive_float("RPQ_POLL_MAX_SECONDS", defaults.poll_max_seconds),
-            reconcile_interval_seconds=positive_int("RPQ_RECONCILE_SECONDS", defaults.reconcile_interval_seconds),
-            poll_grace_seconds=positive_int("RPQ_POLL_GRACE_SECONDS", defaults.poll_grace_seconds),
-            submit_stuck_seconds=(positive_int("RPQ_SUBMIT_STUCK_SECONDS", 1)
-                                  if env.get("RPQ_SUBMIT_STUCK_SECONDS", "").strip() else None),
-            runpod_limits=parse_limits(env.get("RPQ_RUNPOD_LIMITS", ""), problems),
-        )
-        caps = _parse_caps(env.get("RPQ_MAX_IN_FLIGHT", ""), settings.endpoints, problems)
-        if caps:
-            settings = replace(settings, max_in_flight=caps)
-        if not problems and not 1.0 <= settings.poll_max_seconds <= MAX_POLL_GAP_SECONDS:
-            # Far below the broker's visibility timeout and RunPod's 30-minute result retention.
-            problems.append(f"RPQ_POLL_MAX_SECONDS: must be between 1 and {MAX_POLL_GAP_SECONDS:.0f}")
-        if not problems and settings.submit_stuck_seconds is not None \
-                and settings.submit_stuck_seconds <= settings.submit_bound_seconds:
-            problems.append(f"RPQ_SUBMIT_STUCK_SECONDS: must be more than {settings.submit_bound_seconds:.0f} "
-                            "(the longest a /run can take with RUNPOD_TIMEOUT_SECONDS); a slower /run would "
-                            "be called lost while its answer can still come")
-        if problems:
-            raise ConfigError(problems)
-        return settings
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) else value
 
     def require_api_key(self) -> Secret:
         """The API key, or a ConfigError saying which variable to set."""
@@ -258,44 +281,29 @@ class Settings:
         )
 
 
-def _parse_endpoints(raw: str, problems: list[str]) -> dict[str, Endpoint]:
-    """Parse `tts=fh46rj7dq9r3o5,export=abc123`; a bare id names itself."""
-    endpoints: dict[str, Endpoint] = {}
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        name, sep, endpoint_id = (s.strip() for s in item.partition("="))
-        if not sep:
-            name, endpoint_id = item, item
-        if not ENDPOINT_NAME_RE.match(name):
-            problems.append(f"RUNPOD_ENDPOINTS: {name!r} is not a valid name (letters, digits, '-', '_')")
-        elif not ENDPOINT_ID_RE.match(endpoint_id):
-            problems.append(f"RUNPOD_ENDPOINTS: {endpoint_id!r} (for {name!r}) is not a RunPod endpoint id")
-        elif name in endpoints:
-            problems.append(f"RUNPOD_ENDPOINTS: {name!r} is listed twice")
-        else:
-            endpoints[name] = Endpoint(name=name, id=endpoint_id)
-    return endpoints
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over any mapping (tests pass a dict); blank is unset."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # The documented names only: with validate_by_name, pydantic-settings would read `endpoints` too.
+        names = {field.validation_alias for field in self.settings_cls.model_fields.values()}
+        return {name: value.strip() for name, value in self.environ.items() if name in names and value.strip()}
 
 
-def _parse_caps(raw: str, endpoints: Mapping[str, Endpoint], problems: list[str]) -> dict[str, int]:
-    """Parse `RPQ_MAX_IN_FLIGHT=tts=50,export=4`: configured endpoint names, positive whole numbers."""
-    caps: dict[str, int] = {}
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        name, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or not re.fullmatch(r"[0-9]{1,9}", value) or int(value) <= 0:
-            problems.append(f"RPQ_MAX_IN_FLIGHT: {item!r} is not NAME=N with N a whole number above 0")
-        elif name not in endpoints:
-            known = ", ".join(sorted(endpoints)) or "none configured"
-            problems.append(f"RPQ_MAX_IN_FLIGHT: {name!r} is not an endpoint in RUNPOD_ENDPOINTS ({known})")
-        elif name in caps:
-            problems.append(f"RPQ_MAX_IN_FLIGHT: {name!r} is listed twice")
-        else:
-            caps[name] = int(value)
-    return caps
+def _problems(error: ValidationError) -> list[str]:
+    """Each of pydantic's errors as `VARIABLE: what is wrong`. A check of ours may report several
+    problems as one ValueError's arguments; a model-wide check names its variable itself."""
+    problems: list[str] = []
+    for detail in error.errors(include_url=False, include_input=False):  # a value may be a secret
+        cause = detail.get("ctx", {}).get("error")
+        for message in cause.args if isinstance(cause, ValueError) else (detail["msg"],):
+            problems.append(f"{detail['loc'][0]}: {message}" if detail["loc"] else str(message))
+    return problems
 
 
-def _unit(name: str) -> str:
-    return "days" if name.endswith("_DAYS") else "seconds"
+def _items(raw: str) -> list[str]:
+    return [item for item in (part.strip() for part in raw.split(",")) if item]

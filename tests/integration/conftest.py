@@ -9,7 +9,6 @@ import pytest
 
 from jobs.runpod import JobState, RunPodClient, StreamBatch
 from jobs.runtime import Runtime
-from jobs.settings import Settings
 from tests.conftest import SimulatorProcess, fast_client
 
 Hook = Callable[[], object]
@@ -61,5 +60,5 @@ def interposed(runtime: Runtime, simulator: SimulatorProcess) -> Iterator[Interp
 @pytest.fixture
 def webhook_runtime(runtime: Runtime) -> Runtime:
     """`runtime` with webhooks on: each job gets a tokened webhook URL (nothing listens at it)."""
-    runtime.settings = Settings(**{**runtime.settings.__dict__, "runpod_webhook_base_url": "http://127.0.0.1:9/"})
+    runtime.settings = runtime.settings.model_copy(update={"runpod_webhook_base_url": "http://127.0.0.1:9"})
     return runtime

@@ -7,7 +7,6 @@ asserts on what the table and the simulator say afterwards.
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -122,7 +121,7 @@ def test_two_dispatchers_racing_send_each_job_exactly_once(runtime: Runtime, sim
 def test_an_endpoint_at_its_max_in_flight_holds_its_jobs_pending_until_one_ends(
     runtime: Runtime, simulator: SimulatorProcess
 ) -> None:
-    runtime.settings = replace(runtime.settings, max_in_flight={ENDPOINT_NAME: 2})
+    runtime.settings = runtime.settings.model_copy(update={"max_in_flight": {ENDPOINT_NAME: 2}})
     capped = runtime
     submitted = [jobs.submit("tts", {"output": i}, runtime=capped) for i in range(4)]
 

@@ -4,6 +4,9 @@ import pickle
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from kombu.utils.json import dumps
 
 from jobs.budget import Limits
 from jobs.errors import ConfigError
@@ -100,13 +103,23 @@ def test_the_api_key_never_shows_in_repr_str_or_pickles() -> None:
     assert "rp-super-secret-key" not in f"{settings.runpod_api_key}"
     with pytest.raises(TypeError):
         pickle.dumps(Secret("rp-super-secret-key"))
+    with pytest.raises(TypeError):
+        pickle.dumps(settings)
+
+
+def test_neither_the_api_key_nor_the_settings_can_ride_in_a_celery_message() -> None:
+    settings = Settings.from_env({"RUNPOD_API_KEY": "rp-super-secret-key"})
+
+    for value in (settings.runpod_api_key, settings):
+        with pytest.raises(TypeError):
+            dumps({"args": [value]})
 
 
 def test_the_poll_schedule_is_tunable_within_safe_bounds() -> None:
     tuned = Settings.from_env({"RPQ_POLL_FIRST_SECONDS": "0.5", "RPQ_POLL_MAX_SECONDS": "5"})
 
     assert (tuned.poll_first_seconds, tuned.poll_max_seconds) == (0.5, 5.0)
-    with pytest.raises(ConfigError, match="RPQ_POLL_MAX_SECONDS: must be between 1 and 300"):
+    with pytest.raises(ConfigError, match="RPQ_POLL_MAX_SECONDS: Input should be less than or equal to 300"):
         Settings.from_env({"RPQ_POLL_MAX_SECONDS": "3600"})
 
 
@@ -170,3 +183,103 @@ def test_passwords_in_the_database_and_broker_urls_never_show_in_repr_or_str() -
 ])
 def test_redact_url_masks_the_password_wherever_a_url_carries_one(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+#: One wrong value for every variable rpq reads but the API key (any string is a key). Two hold a password,
+#: which no message may repeat.
+BAD_VALUES = {
+    "RUNPOD_SERVERLESS_URL": "api.runpod.ai/v2",
+    "RUNPOD_GRAPHQL_URL": "ftp://api.runpod.io/graphql",
+    "RUNPOD_REST_URL": "runpod",
+    "RUNPOD_WEBHOOK_BASE_URL": "rpq.example.com",
+    "RUNPOD_TIMEOUT_SECONDS": "0",
+    "RUNPOD_COLLECTION_INTERVAL_SECONDS": "5m",
+    "RUNPOD_HEALTH_POLL_SECONDS": "-120",
+    "RUNPOD_JOB_RETENTION_DAYS": "1.5",
+    "RUNPOD_ENDPOINTS": "tts=Not An Id",
+    "DATABASE_URL": "mysql://rpq:hunter2@db/rpq",
+    "CELERY_BROKER_URL": "amqp://guest:hunter2@localhost//",
+    "RPQ_POLL_FIRST_SECONDS": "inf",
+    "RPQ_POLL_MAX_SECONDS": "0.5",
+    "RPQ_RECONCILE_SECONDS": "soon",
+    "RPQ_POLL_GRACE_SECONDS": "0",
+    "RPQ_SUBMIT_STUCK_SECONDS": "never",
+    "RPQ_MAX_IN_FLIGHT": "tts",
+    "RPQ_RUNPOD_LIMITS": "status=0",
+}
+#: Variables in .env.example that other parts read: Flower its login, the HTTP API its tokens (jobs.web.auth).
+READ_ELSEWHERE = {"FLOWER_BASIC_AUTH", "RPQ_API_TOKENS", "RPQ_API_ALLOW_NO_AUTH"}
+
+
+def example_environment() -> dict[str, str]:
+    lines = (Path(__file__).resolve().parents[2] / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_every_variable_has_a_bad_value_here_and_a_line_in_the_example_file() -> None:
+    variables = {str(field.validation_alias) for field in Settings.model_fields.values()}
+
+    assert variables == {*BAD_VALUES, "RUNPOD_API_KEY"}
+    assert set(example_environment()) == variables | READ_ELSEWHERE
+
+
+def test_the_example_file_gives_every_default() -> None:
+    example = Settings.from_env(example_environment())
+
+    assert example.model_copy(update={"endpoints": {}}) == Settings()
+
+
+@given(st.sets(st.sampled_from(sorted(BAD_VALUES)), min_size=1))
+def test_any_set_of_bad_variables_is_reported_at_once_each_by_name_and_no_password_shown(bad: set[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: BAD_VALUES[name] for name in bad})
+
+    assert {problem.split(":")[0] for problem in caught.value.problems} == bad
+    assert len(caught.value.problems) == len(bad)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_a_blank_or_spaces_only_value_leaves_the_default(name: str) -> None:
+    assert Settings.from_env({name: "   "}) == Settings.from_env({name: ""}) == Settings()
+
+
+def test_only_from_env_reads_the_environment_and_never_a_dotenv_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RUNPOD_API_KEY", "from-the-environment")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("DATABASE_URL=postgresql://rpq@db/rpq\nRPQ_POLL_MAX_SECONDS=5\n")
+
+    assert Settings().runpod_api_key is None  # code that builds its own settings gets what it asked for
+    from_env = Settings.from_env()
+    assert from_env.require_api_key().reveal() == "from-the-environment"
+    assert (from_env.database_url, from_env.poll_max_seconds) == ("sqlite:///rpq.db", 15.0)
+
+
+def test_variable_names_are_read_as_written() -> None:
+    assert Settings.from_env({"runpod_api_key": "rp-key", "Rpq_Poll_Max_Seconds": "5"}) == Settings()
+
+
+def test_a_cap_on_an_unknown_endpoint_is_reported_with_the_other_problems() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RUNPOD_ENDPOINTS": "tts=fh46rj7dq9r3o5", "RPQ_MAX_IN_FLIGHT": "tts=2,export=4,tts=3",
+                           "RPQ_RECONCILE_SECONDS": "0"})
+
+    assert caught.value.problems == [
+        "RPQ_RECONCILE_SECONDS: Input should be greater than 0",
+        "RPQ_MAX_IN_FLIGHT: 'export' is not an endpoint in RUNPOD_ENDPOINTS (tts)",
+        "RPQ_MAX_IN_FLIGHT: 'tts' is listed twice",
+    ]
+    assert Settings.from_env({"RUNPOD_ENDPOINTS": "tts=fh46rj7dq9r3o5", "RPQ_MAX_IN_FLIGHT": "tts=2"}) \
+        .max_in_flight_for("fh46rj7dq9r3o5") == 2
+
+
+def test_settings_built_in_code_are_checked_too_and_copies_keep_the_key() -> None:
+    with pytest.raises(ValueError, match="poll_max_seconds"):
+        Settings(poll_max_seconds=3600)
+    settings = Settings(runpod_api_key=Secret("rp-key"), endpoints={"tts": Endpoint("tts", "fh46rj7dq9r3o5")})
+
+    capped = settings.model_copy(update={"max_in_flight": {"tts": 2}})
+    assert capped.max_in_flight_for("fh46rj7dq9r3o5") == 2 and settings.max_in_flight_for("fh46rj7dq9r3o5") is None
+    assert capped.require_api_key().reveal() == "rp-key"
