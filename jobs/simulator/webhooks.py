@@ -41,15 +41,26 @@ class WebhookAttempt:
         }
 
 
+#: Webhooks in flight at once. Thousands of jobs can end within seconds; the rest wait their turn here,
+#: not in httpx's connection pool, whose queue of waiting requests costs time per request queued: at a
+#: few thousand it stalled the simulator's event loop, its own API included.
+MAX_CONCURRENT_DELIVERIES = 64
+
+
 class WebhookDispatcher:
-    def __init__(self, *, clock: Clock, attempts: int, interval_seconds: float, timeout_seconds: float) -> None:
+    def __init__(self, *, clock: Clock, attempts: int, interval_seconds: float, timeout_seconds: float,
+                 max_concurrent: int = MAX_CONCURRENT_DELIVERIES,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.clock = clock
         self.attempts = attempts
         self.interval_seconds = interval_seconds
         self.timeout_seconds = timeout_seconds
+        self.max_concurrent = max_concurrent
         self.log: list[WebhookAttempt] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._transport = transport  # unit tests only: the real thing sends over HTTP
 
     def deliver(self, url: str, job_id: str, payload: dict[str, Any]) -> None:
         """Start delivering in the background."""
@@ -59,13 +70,18 @@ class WebhookDispatcher:
 
     async def _deliver(self, url: str, job_id: str, payload: dict[str, Any]) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout_seconds, follow_redirects=False)
-        client = self._client
+            limits = httpx.Limits(max_connections=self.max_concurrent, max_keepalive_connections=self.max_concurrent)
+            self._client = httpx.AsyncClient(timeout=self.timeout_seconds, follow_redirects=False, limits=limits,
+                                             transport=self._transport)
+            self._slots = asyncio.Semaphore(self.max_concurrent)
+        client, slots = self._client, self._slots
+        assert slots is not None
         for attempt in range(1, self.attempts + 1):
             status_code: int | None = None
             error: str | None = None
             try:
-                response = await client.post(url, json=payload)
+                async with slots:  # the timeout runs from when the request is sent, as RunPod's would
+                    response = await client.post(url, json=payload)
                 status_code = response.status_code
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -93,3 +109,4 @@ class WebhookDispatcher:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+            self._slots = None
