@@ -622,6 +622,21 @@ def figures(result: RunResult) -> Figures:
         delivered = sum(1 for w in result.webhooks if w["delivered"])
         out.extra.append(("webhook attempts: delivered (HTTP 200) / not",
                           f"{delivered} / {len(result.webhooks) - delivered}"))
+        # Where a webhook job's lag goes: RunPod's side (sending, and rpq's API answering), then rpq's poll.
+        answered = {w["job_id"]: epoch(w["at"]) for w in result.webhooks if w["delivered"]}
+        sending, polling = [], []
+        for s in result.submitted:
+            row, found = result.rows.get(s.job_id), by_marker.get(s.marker)
+            if row is None or not found or row["finished_at"] is None or found[0]["finished_at"] is None:
+                continue
+            at = answered.get(str(found[0]["id"]))
+            if at is not None:
+                sending.append(at - epoch(found[0]["finished_at"]))
+                polling.append(epoch(row["finished_at"]) - at)
+        out.extra.append(("job ended at RunPod to its webhook answered by rpq's API, p50 / p95",
+                          f"{seconds(sending, 50)} / {seconds(sending, 95)}"))
+        out.extra.append(("webhook answered to the job final in the table, p50 / p95",
+                          f"{seconds(polling, 50)} / {seconds(polling, 95)}"))
     ops_total: Counter[str] = Counter()
     by_op_code: dict[str, Counter[str]] = defaultdict(Counter)
     peak_by_op: dict[str, int] = {}
