@@ -5,7 +5,8 @@ together (highest `priority` first, then oldest; `FOR UPDATE SKIP LOCKED` on Pos
 dispatchers never wait on each other's rows), sends their `/run`s concurrently, and goes on until no
 job is left, the endpoint's `max_in_flight` is reached, its `/run` budget is spent, or its time is
 up; then it says when to run again. Each job is still sent exactly as `lifecycle.submit_job` sends
-it: claimed with a compare-and-set, and every write after /run fenced to its attempt.
+it: claimed with a compare-and-set, and every write after /run fenced to its attempt; a batch's
+answers are stored in one transaction (`lifecycle.store_together`).
 
 Why not one message per job: the order (priority, then age), the cap and the budget are questions
 about all of an endpoint's PENDING jobs, which only a reader of the table can answer; and a message
@@ -24,7 +25,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, or_, select
 
 from jobs import lifecycle
-from jobs.batching import fan_out, tokens_available
+from jobs.batching import ask_and_store, tokens_available
 from jobs.db import session_scope
 from jobs.models import JobRow, utcnow
 from jobs.runtime import POLL_DUE_TASK, Runtime
@@ -79,7 +80,7 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
         if not claimed:
             outcome.again_in, outcome.reason = _next_due(rt, endpoint_id), "nothing left to send"
             return outcome
-        steps = fan_out(lambda item: lifecycle.submit_claimed(rt, item[0], item[1], rand=rand), claimed)
+        steps = ask_and_store(rt, lambda item: lifecycle.send_claimed(rt, item[0], item[1], rand=rand), claimed)
         outcome.sent += len(claimed)
         first_polls = [step.poll_in for step in steps if step.poll_in is not None]
         if first_polls:
