@@ -58,9 +58,11 @@ class Fence:
         return cls(attempt=row.attempt, runpod_job_id=row.runpod_job_id)
 
     def clauses(self) -> list[ColumnElement[bool]]:
-        runpod = (col(JobRow.runpod_job_id).is_(None) if self.runpod_job_id is None
-                  else col(JobRow.runpod_job_id) == self.runpod_job_id)
-        return [col(JobRow.attempt) == self.attempt, runpod]
+        # The table's columns, not the ORM class's: an ORM attribute would send the whole statement
+        # through the ORM's bulk-update path (session synchronisation) for nothing, on every write.
+        runpod = (JOBS.c.runpod_job_id.is_(None) if self.runpod_job_id is None
+                  else JOBS.c.runpod_job_id == self.runpod_job_id)
+        return [JOBS.c.attempt == self.attempt, runpod]
 
 
 def transition(
