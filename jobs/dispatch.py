@@ -104,9 +104,9 @@ def claim_pending(rt: Runtime, endpoint_id: str, limit: int) -> list[tuple[JobRo
             .with_for_update(skip_locked=True)
         ).all()
         tokens = {job_id: lifecycle.new_webhook_token(rt) for job_id in ids}
-        won = [job_id for job_id in ids if lifecycle.claim_submit(session, job_id, tokens[job_id])]
+        won = lifecycle.claim_submits(session, tokens)
         rows = {row.id: row for row in session.exec(select(JobRow).where(col(JobRow.id).in_(won)))} if won else {}
-    return [(rows[job_id], tokens[job_id]) for job_id in won]
+    return [(rows[job_id], tokens[job_id]) for job_id in ids if job_id in rows]
 
 
 def in_flight(session: Session, endpoint_id: str) -> int:

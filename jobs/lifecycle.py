@@ -45,6 +45,7 @@ from jobs.runpod import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
 from jobs.store import (
+    JOBS,
     Fence,
     Source,
     add_runpod_cancel,
@@ -53,6 +54,7 @@ from jobs.store import (
     open_runpod_cancels,
     record_event,
     transition,
+    transition_all,
     unless_due_now,
     update_fields,
 )
@@ -209,8 +211,22 @@ def new_webhook_token(rt: Runtime) -> str | None:
 def claim_submit(session: Session, job_id: str, token: str | None) -> bool:
     """Take a PENDING job for submission (PENDING -> SUBMITTING): exactly one of several racing
     claims succeeds. Stores the hash of the webhook token its /run will carry."""
-    return transition(session, job_id, to=JobStatus.SUBMITTING, source=Source.SUBMIT, expected={JobStatus.PENDING},
-                      values={"submitted_at": utcnow(), **_webhook_hash_values(token)}) is not None
+    return claim_submits(session, {job_id: token}) == [job_id]
+
+
+def claim_submits(session: Session, tokens: dict[str, str | None]) -> list[str]:
+    """`claim_submit` for many jobs (job id -> its webhook token) in one statement; the ids claimed."""
+    hashes = {job_id: hash_token(token) for job_id, token in tokens.items() if token is not None}
+    values: dict[str, Any] = {"submitted_at": utcnow()}
+    if hashes:
+        # The claim stores each new token's hash before /run is sent, so a webhook can prove the job ours
+        # even if /run's answer is lost. Not for a job with its own webhook, nor for one whose RunPod job
+        # is requeued by /retry (it keeps its original webhook, and that token's hash).
+        kept = JOBS.c.webhook_token_hash
+        ours = JOBS.c.webhook.is_(None) & JOBS.c.runpod_retry_of.is_(None)
+        values["webhook_token_hash"] = case((ours, case(hashes, value=JOBS.c.id, else_=kept)), else_=kept)
+    return transition_all(session, list(tokens), to=JobStatus.SUBMITTING, source=Source.SUBMIT,
+                          expected={JobStatus.PENDING}, values=values)
 
 
 def submit_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = random.random) -> Next:
@@ -235,16 +251,6 @@ def send_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = ran
     rt.metrics.submitted(row.endpoint_name, "accepted")
     log.info("job %s is RunPod job %s (attempt %d)", row.id, state.id, row.attempt)
     return _accepted(rt, row, fence, state, rand)
-
-
-def _webhook_hash_values(token: str | None) -> dict[str, Any]:
-    """The claim stores the new token's hash before /run is sent, so a webhook can prove the job ours
-    even if /run's answer is lost. Not for a job with its own webhook, nor for one whose RunPod job
-    is requeued by /retry (it keeps its original webhook, and that token's hash)."""
-    if token is None:
-        return {}
-    ours = col(JobRow.webhook).is_(None) & col(JobRow.runpod_retry_of).is_(None)
-    return {"webhook_token_hash": case((ours, hash_token(token)), else_=col(JobRow.webhook_token_hash))}
 
 
 def _submit_outcome(exc: RunPodError) -> str:

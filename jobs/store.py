@@ -108,6 +108,43 @@ def transition(
     return previous
 
 
+def transition_all(
+    session: Session,
+    job_ids: Sequence[str],
+    *,
+    to: JobStatus,
+    source: str,
+    expected: Iterable[JobStatus],
+    values: Mapping[str, Any] | None = None,
+    detail: str | None = None,
+) -> list[str]:
+    """`transition` for many jobs with the same values: one UPDATE, then one INSERT of all their events
+    (and their stream events, when the change means any), instead of two statements per job. Each job
+    moves if, and only if, its status is one of `expected`. Returns the ids of the jobs that moved."""
+    if not job_ids:
+        return []
+    now = utcnow()
+    statement = (
+        update(JOBS)
+        .where(JOBS.c.id.in_(list(job_ids)), JOBS.c.status.in_(sorted(set(expected))))
+        .values(previous_status=JOBS.c.status, status=to, updated_at=now, **dict(values or {}))
+        .returning(JOBS.c.id, JOBS.c.previous_status, JOBS.c.attempt, JOBS.c.stream, JOBS.c.output, JOBS.c.error,
+                   JOBS.c.output_missing)
+    )
+    moved = session.execute(statement).all()
+    if not moved:
+        return []
+    stored_detail = storable_text(detail) if detail is not None else None
+    session.execute(insert(EVENTS), [{"job_id": job_id, "from_status": previous, "to_status": to, "source": source,
+                                      "detail": stored_detail, "at": now, "repeats": 1}
+                                     for job_id, previous, *_ in moved])
+    for job_id, previous, attempt, streaming, output, error, output_missing in moved:
+        streams.append(session, job_id, attempt, streams.for_transition(
+            JobStatus(previous), to, streaming=streaming, output=output, error=error, detail=detail,
+            output_missing=output_missing))
+    return [job_id for job_id, *_ in moved]
+
+
 def update_fields(
     session: Session, job_id: str, *, while_status: Iterable[JobStatus], values: Mapping[str, Any],
     fence: Fence | None = None,
