@@ -19,7 +19,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, CursorResult, Engine, Table, bindparam, case, insert, literal, null, update
+from sqlalchemy import (
+    ClauseElement,
+    ColumnElement,
+    CursorResult,
+    Engine,
+    Table,
+    bindparam,
+    case,
+    insert,
+    literal,
+    null,
+    update,
+)
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
@@ -86,17 +98,10 @@ def transition(
     output seen by the same poll) go between the attempt's `started` and its `end` or `error`.
     Returns the status the job left, or None when nothing changed.
     """
-    allowed = sorted(sources_of(to) if expected is None else set(expected))
+    allowed = tuple(sorted(sources_of(to) if expected is None else set(expected)))
     now = utcnow()
-    # Core statements on the table, not ORM ones: no session synchronisation to evaluate, on the hot path.
-    statement = (
-        update(JOBS)
-        .where(JOBS.c.id == job_id, JOBS.c.status.in_(allowed), *(fence.clauses() if fence else ()))
-        .values(previous_status=JOBS.c.status, status=to, updated_at=now, **dict(values or {}))
-        .returning(JOBS.c.previous_status, JOBS.c.attempt, JOBS.c.stream, JOBS.c.output, JOBS.c.error,
-                   JOBS.c.output_missing)
-    )
-    changed = session.execute(statement).one_or_none()
+    statement, params = _job_update(job_id, to=to, allowed=allowed, fence=fence, values=values or {}, now=now)
+    changed = session.execute(statement, params).one_or_none()
     if changed is None:
         return None
     previous, attempt, streaming, output, error, output_missing = changed
@@ -151,21 +156,81 @@ def update_fields(
 ) -> bool:
     """Change non-status fields, but only while the job is still in one of `while_status` (and, with a
     `fence`, still belongs to that attempt and RunPod job)."""
-    statement = (
-        update(JOBS)
-        .where(JOBS.c.id == job_id, JOBS.c.status.in_(sorted(set(while_status))), *(fence.clauses() if fence else ()))
-        .values(updated_at=utcnow(), **dict(values))
-    )
-    result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
+    statement, params = _job_update(job_id, to=None, allowed=tuple(sorted(set(while_status))), fence=fence,
+                                    values=values, now=utcnow())
+    result: CursorResult[Any] = session.execute(statement, params)  # type: ignore[assignment]
     return result.rowcount == 1
 
 
-def unless_due_now(poll_at: datetime) -> ColumnElement[Any]:
+@dataclass(frozen=True)
+class DueUnlessNow:
+    """A value for `next_poll_at` (see `unless_due_now`)."""
+
+    at: datetime
+
+
+#: The UPDATEs of one job row, by shape: built once each, run with parameters.
+_job_updates: dict[tuple[Any, ...], Any] = {}
+
+
+def _job_update(job_id: str, *, to: JobStatus | None, allowed: tuple[JobStatus, ...], fence: Fence | None,
+                values: Mapping[str, Any], now: datetime) -> tuple[Any, dict[str, Any]]:
+    """The UPDATE `transition` (with `to`) or `update_fields` (without) runs, and its parameters.
+
+    A statement is built, keyed and compiled once per shape (the status it sets, the statuses it
+    expects, how it is fenced, which columns it sets, which of them to NULL) and then run with
+    parameters: building and keying a new statement for every write cost more CPU than running it.
+    Core on the table, not the ORM class: no session synchronisation to evaluate, on the hot path."""
+    params: dict[str, Any] = {"w_id": job_id, "v_updated_at": now}
+    plain, nulls, due, inline = [], [], [], {}
+    for name, value in values.items():
+        if value is None:
+            nulls.append(name)  # SQL NULL, as .values() would write it (a JSON column's parameter would be 'null')
+        elif isinstance(value, DueUnlessNow):
+            due.append(name)
+            params[f"v_{name}"] = value.at
+        elif isinstance(value, ClauseElement):
+            inline[name] = value  # an expression of the caller's: added to this write's statement alone
+        else:
+            plain.append(name)
+            params[f"v_{name}"] = value
+    if fence is not None:
+        params["w_attempt"] = fence.attempt
+        if fence.runpod_job_id is not None:
+            params["w_runpod_job_id"] = fence.runpod_job_id
+    fenced = None if fence is None else fence.runpod_job_id is None
+    key = (to, allowed, fenced, tuple(plain), tuple(nulls), tuple(due))
+    statement = _job_updates.get(key)
+    if statement is None:
+        statement = _job_updates.setdefault(key, _build_job_update(to, allowed, fenced, plain, nulls, due))
+    return (statement.values(**inline) if inline else statement), params
+
+
+def _build_job_update(to: JobStatus | None, allowed: tuple[JobStatus, ...], fenced: bool | None, plain: list[str],
+                      nulls: list[str], due: list[str]) -> Any:
+    where = [JOBS.c.id == bindparam("w_id"), JOBS.c.status.in_(allowed)]
+    if fenced is not None:
+        where.append(JOBS.c.attempt == bindparam("w_attempt"))
+        where.append(JOBS.c.runpod_job_id.is_(None) if fenced else JOBS.c.runpod_job_id == bindparam("w_runpod_job_id"))
+    sets: dict[str, Any] = {"updated_at": bindparam("v_updated_at", type_=JOBS.c.updated_at.type)}
+    sets.update({name: bindparam(f"v_{name}", type_=JOBS.c[name].type) for name in plain})
+    sets.update({name: null() for name in nulls})
+    # A claimed poll holds a lease, never NULL, so NULL can only be a request to poll now (see unless_due_now).
+    sets.update({name: case((JOBS.c[name].is_(None), null()),
+                            else_=bindparam(f"v_{name}", type_=JOBS.c[name].type)) for name in due})
+    statement = update(JOBS).where(*where)
+    if to is None:
+        return statement.values(**sets)
+    return statement.values(previous_status=JOBS.c.status, status=to, **sets).returning(
+        JOBS.c.previous_status, JOBS.c.attempt, JOBS.c.stream, JOBS.c.output, JOBS.c.error, JOBS.c.output_missing)
+
+
+def unless_due_now(poll_at: datetime) -> DueUnlessNow:
     """`next_poll_at` for a poll's own write: `poll_at`, unless a webhook (or an adoption) made the job
     due now (NULL) while the poll was in flight. A claimed poll holds a lease, never NULL, so NULL can
-    only be that request, and RunPod's later news it stands for must not wait for the next poll."""
-    column = JOBS.c.next_poll_at
-    return case((column.is_(None), null()), else_=literal(poll_at, column.type))
+    only be that request, and RunPod's later news it stands for must not wait for the next poll.
+    For the `values` of `transition` and `update_fields`."""
+    return DueUnlessNow(poll_at)
 
 
 def put_off_polls(session: Session, polls: Sequence[tuple[JobRow, datetime]]) -> int:
