@@ -140,9 +140,8 @@ def transition_all(
     if not moved:
         return []
     stored_detail = storable_text(detail) if detail is not None else None
-    session.execute(insert(EVENTS), [{"job_id": job_id, "from_status": previous, "to_status": to, "source": source,
-                                      "detail": stored_detail, "at": now, "repeats": 1}
-                                     for job_id, previous, *_ in moved])
+    session.execute(_NEW_EVENT, [{"job_id": job_id, "from_status": previous, "to_status": to, "source": source,
+                                  "detail": stored_detail, "at": now, "repeats": 1} for job_id, previous, *_ in moved])
     for job_id, previous, attempt, streaming, output, error, output_missing in moved:
         streams.append(session, job_id, attempt, streams.for_transition(
             JobStatus(previous), to, streaming=streaming, output=output, error=error, detail=detail,
@@ -295,8 +294,12 @@ def record_event(
             latest.last_at = at
             session.add(latest)
             return
-    session.execute(insert(EVENTS).values(job_id=job_id, from_status=from_status, to_status=to_status, source=source,
-                                          detail=detail, at=at, repeats=1))
+    session.execute(_NEW_EVENT, {"job_id": job_id, "from_status": from_status, "to_status": to_status, "source": source,
+                                 "detail": detail, "at": at, "repeats": 1})
+
+
+#: Built once, run with parameters: a statement built and keyed per event cost more than running it.
+_NEW_EVENT = insert(EVENTS)
 
 
 def add_runpod_cancel(session: Session, row: JobRow, *, attempt: int, runpod_job_id: str, reason: str) -> bool:
