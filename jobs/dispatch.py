@@ -72,7 +72,9 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
             if room <= 0:
                 outcome.again_in, outcome.reason = _held_recheck(rt, endpoint_id), f"at max_in_flight {cap}"
                 return outcome
-        room = min(room, tokens_available(rt, endpoint_id, "run"))
+        tokens = tokens_available(rt, endpoint_id, "run")
+        short = tokens < room  # the budget, not the batch size or the cap, sets how many go now
+        room = min(room, tokens)
         if room <= 0:
             outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /run budget is spent for now"
             return outcome
@@ -87,6 +89,12 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
             rt.wake(POLL_DUE_TASK, endpoint_id, min(first_polls))
         if time.monotonic() - started >= run_seconds:
             outcome.again_in, outcome.reason = 0.0, "time is up; more may be waiting"
+            return outcome
+        if short and len(claimed) == room:
+            # Every token went, and more jobs may be waiting. The budget refills a token at a time: going
+            # on now would send them a job or two at a time, each batch paying a claim and a transaction.
+            # Come back when a batch's worth has gathered (the bucket holds them: none is lost).
+            outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /run budget is spent for now"
             return outcome
 
 

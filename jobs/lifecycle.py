@@ -136,6 +136,8 @@ def store_together(rt: Runtime, findings: Sequence[Findings]) -> list[Next]:
     findings are stored in a transaction of their own, so one job's failure costs the others nothing;
     the first error is raised after the others are stored and done with (the failed job keeps its
     claim, which the poller or the reconciler takes up again when it runs out)."""
+    if not findings:
+        return []
     # Rows are written in id order: two transactions that lock some of the same rows then lock them in
     # the same order, and never deadlock.
     order = sorted(range(len(findings)), key=lambda i: findings[i].job_id)

@@ -72,7 +72,9 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
     outcome = Outcome()
     started = time.monotonic()
     while True:
-        room = min(batch, tokens_available(rt, endpoint_id, "status"))
+        tokens = tokens_available(rt, endpoint_id, "status")
+        short = tokens < batch  # the budget, not the batch size, sets how many are polled now
+        room = min(batch, tokens)
         if room <= 0:
             outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /status budget is spent for now"
             break
@@ -82,12 +84,18 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
             outcome.again_in = None if due is None else max(due, GATHER_SECONDS)
             outcome.reason = "nothing due"
             break
-        claimed = _without_planned_waits(rt, claimed, rand, outcome)
-        steps = ask_and_store(rt, lambda row: lifecycle.ask_status(rt, row, rand=rand), claimed)
-        outcome.polled += len(claimed)
+        asked = _without_planned_waits(rt, claimed, rand, outcome)
+        steps = ask_and_store(rt, lambda row: lifecycle.ask_status(rt, row, rand=rand), asked)
+        outcome.polled += len(asked)
         outcome.finished += sum(1 for step in steps if step.poll_in is None)
         if time.monotonic() - started >= run_seconds:
             outcome.again_in, outcome.reason = 0.0, "time is up; more may be due"
+            break
+        if short and len(claimed) == room:
+            # Every token went, and more polls may be due. Going on now would poll them one or two at a
+            # time as tokens trickle back, each batch paying a claim and a transaction: come back when a
+            # batch's worth has gathered (the bucket holds them: none is lost).
+            outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /status budget is spent for now"
             break
     if outcome.finished and rt.settings.max_in_flight_for(endpoint_id) is not None:
         rt.wake(DISPATCH_TASK, endpoint_id)  # a slot is free: a held job can go

@@ -21,8 +21,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 import jobs
+from jobs import dispatch as dispatching
 from jobs import lifecycle
-from jobs.budget import Limits, LocalBudget
+from jobs import poller as polling
+from jobs.budget import Limits, LocalBudget, UnlimitedBudget
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.models import JobRow, utcnow
@@ -148,6 +150,32 @@ def test_an_endpoint_at_its_max_in_flight_holds_its_jobs_pending_until_one_ends(
 
     assert dispatch(capped, ENDPOINT_ID).sent == 2
     assert len(simulator.jobs()) == 4
+
+
+class Trickle(UnlimitedBudget):
+    """A budget with `first` tokens free at the first look and one more at every later look, as a real
+    one refills while a batch is out."""
+
+    def __init__(self, first: int) -> None:
+        self.looks, self.first = 0, first
+
+    def available(self, endpoint_id: str, op: str) -> int:
+        self.looks += 1
+        return self.first if self.looks == 1 else 1
+
+
+def test_when_the_budget_allows_less_than_a_batch_the_dispatcher_sends_that_and_comes_back_for_the_rest(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    submitted = [jobs.submit("tts", {"output": i}, runtime=runtime) for i in range(8)]
+    runtime.runpod.budget = Trickle(3)
+    try:
+        outcome = dispatch(runtime, ENDPOINT_ID)
+    finally:
+        runtime.runpod.budget = None
+
+    assert outcome.sent == 3 and outcome.again_in == dispatching.NO_BUDGET_RECHECK_SECONDS  # not 3, 1, 1, 1 ...
+    assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.IN_QUEUE] * 3 + [JobStatus.PENDING] * 5
 
 
 def test_a_pending_job_waiting_out_a_backoff_is_not_sent_early(runtime: Runtime, simulator: SimulatorProcess) -> None:
@@ -341,6 +369,22 @@ def test_when_one_answer_cannot_be_stored_the_rest_of_its_batch_are_stored_and_t
     failed = jobs.get(bad.id, runtime=runtime)
     assert (failed.status, failed.poll_count, failed.output) == (JobStatus.IN_QUEUE, 0, None)  # nothing half-stored
     assert [job.id for job in claim_due(runtime, ENDPOINT_ID, 10)] == []  # it keeps its claim until it runs out
+
+
+def test_when_the_budget_allows_less_than_a_batch_the_poller_polls_that_and_comes_back_for_the_rest(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    many = [jobs.submit("tts", {"sleep": 60}, runtime=runtime) for _ in range(8)]
+    dispatch(runtime, ENDPOINT_ID)
+    make_due(runtime, *(job.id for job in many))
+    runtime.runpod.budget = Trickle(3)
+    try:
+        outcome = poll_due(runtime, ENDPOINT_ID)
+    finally:
+        runtime.runpod.budget = None
+
+    assert outcome.polled == 3 and outcome.again_in == polling.NO_BUDGET_RECHECK_SECONDS
+    assert sorted(jobs.get(job.id, runtime=runtime).poll_count for job in many) == [0] * 5 + [1] * 3
 
 
 # -- wake-ups ---------------------------------------------------------------------------------------------------
