@@ -53,6 +53,7 @@ from jobs.store import (
     get_row,
     open_runpod_cancels,
     record_event,
+    side_rows_together,
     transition,
     transition_all,
     unless_due_now,
@@ -131,7 +132,8 @@ def store_together(rt: Runtime, findings: Sequence[Findings]) -> list[Next]:
     own, so one that no longer matches (a late answer about an older attempt, a job cancelled
     meanwhile) changes nothing, and the others are stored all the same.
 
-    A batch costs one BEGIN and one COMMIT instead of one each per job. Should the shared transaction
+    A batch costs one BEGIN and one COMMIT instead of one each per job, and its event rows and stream
+    events are written together at its end (`store.side_rows_together`). Should the shared transaction
     fail (a lost connection, a deadlock, a row no write can store), it is rolled back and each job's
     findings are stored in a transaction of their own, so one job's failure costs the others nothing;
     the first error is raised after the others are stored and done with (the failed job keeps its
@@ -143,7 +145,7 @@ def store_together(rt: Runtime, findings: Sequence[Findings]) -> list[Next]:
     order = sorted(range(len(findings)), key=lambda i: findings[i].job_id)
     failures: list[Exception] = []
     try:
-        with session_scope(rt.engine) as session:
+        with session_scope(rt.engine) as session, side_rows_together(session):
             thens = {i: findings[i].store(session) for i in order}
     except Exception as exc:
         if len(findings) == 1:
@@ -173,7 +175,7 @@ def _store_each(rt: Runtime, findings: Sequence[Findings], order: list[int], fai
     thens: dict[int, Then] = {}
     for i in order:
         try:
-            with session_scope(rt.engine) as session:
+            with session_scope(rt.engine) as session, side_rows_together(session):
                 thens[i] = findings[i].store(session)
         except Exception as exc:
             log.error("job %s: storing its RunPod answer failed (%s: %s); it stays claimed until its claim "

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -286,6 +287,7 @@ def record_event(
     at = at or utcnow()
     detail = storable_text(detail) if detail is not None else None
     if coalesce:
+        write_side_rows(session)  # the latest event may be one kept back by side_rows_together
         latest = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
                               .order_by(col(JobEvent.id).desc()).limit(1)).first()
         if latest is not None and (latest.from_status, latest.to_status, latest.source, latest.detail) == (
@@ -294,12 +296,45 @@ def record_event(
             latest.last_at = at
             session.add(latest)
             return
-    session.execute(_NEW_EVENT, {"job_id": job_id, "from_status": from_status, "to_status": to_status, "source": source,
-                                 "detail": detail, "at": at, "repeats": 1})
+    row = {"job_id": job_id, "from_status": from_status, "to_status": to_status, "source": source, "detail": detail,
+           "at": at, "repeats": 1}
+    kept: list[dict[str, Any]] | None = session.info.get(_KEPT_EVENTS)
+    if kept is not None:
+        kept.append(row)
+    else:
+        session.execute(_NEW_EVENT, row)
 
 
 #: Built once, run with parameters: a statement built and keyed per event cost more than running it.
 _NEW_EVENT = insert(EVENTS)
+_KEPT_EVENTS = "rpq_kept_events"
+
+
+@contextmanager
+def side_rows_together(session: Session) -> Iterator[None]:
+    """Within the block, the event rows and stream events that status changes and other writes add
+    are kept back, and written when it ends: all events in one INSERT, all stream events in one more,
+    instead of two or three statements per job. For a block that writes many jobs' changes in one
+    transaction (`lifecycle.store_together`); the rows are still written in that transaction, each
+    only if its write matched, in the order they were added. A read of them in the block (a coalesced
+    event, `streams.outputs`) writes what was kept first. Not written if the block raises."""
+    session.info[_KEPT_EVENTS] = []
+    session.info[streams.KEPT] = []
+    try:
+        yield
+        write_side_rows(session)
+    finally:
+        session.info.pop(_KEPT_EVENTS, None)
+        session.info.pop(streams.KEPT, None)
+
+
+def write_side_rows(session: Session) -> None:
+    """Write the rows `side_rows_together` has kept back so far (nothing outside such a block)."""
+    kept: list[dict[str, Any]] | None = session.info.get(_KEPT_EVENTS)
+    if kept:
+        session.execute(_NEW_EVENT, list(kept))
+        kept.clear()
+    streams.write_kept(session)
 
 
 def add_runpod_cancel(session: Session, row: JobRow, *, attempt: int, runpod_job_id: str, reason: str) -> bool:
@@ -396,6 +431,7 @@ def find_by_idempotency_key(session: Session, endpoint_id: str, key: str) -> Job
 
 
 def events_of(session: Session, job_id: str) -> Sequence[JobEvent]:
+    write_side_rows(session)
     statement = select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.id))
     return session.exec(statement).all()
 

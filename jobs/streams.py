@@ -55,12 +55,27 @@ def append(session: Session, job_id: str, attempt: int, events: Sequence[tuple[s
     if not events:
         return
     now = utcnow()
-    # One statement for all of them: each event's seq is one past the job's highest, read by the INSERT
-    # itself, and the rows are inserted one after the other, so each sees the one before.
-    session.execute(_APPEND, [{"a_job_id": job_id, "a_attempt": attempt, "a_kind": kind, "a_data": data, "a_at": now}
-                              for kind, data in events])
+    rows = [{"a_job_id": job_id, "a_attempt": attempt, "a_kind": kind, "a_data": data, "a_at": now}
+            for kind, data in events]
+    kept: list[dict[str, Any]] | None = session.info.get(KEPT)
+    if kept is not None:
+        kept.extend(rows)  # written by store.side_rows_together, with the rest of its block's
+    else:
+        session.execute(_APPEND, rows)
 
 
+def write_kept(session: Session) -> None:
+    """Write the stream events kept back by `store.side_rows_together` so far."""
+    kept: list[dict[str, Any]] | None = session.info.get(KEPT)
+    if kept:
+        session.execute(_APPEND, list(kept))
+        kept.clear()
+
+
+#: Where `store.side_rows_together` keeps stream events back (in the session's `info`).
+KEPT = "rpq_kept_stream_events"
+# One statement for any number of events, of any jobs: each event's seq is one past its job's highest,
+# read by the INSERT itself, and the rows are inserted one after the other, so each sees the one before.
 _APPEND = insert(_TABLE).from_select(
     ["job_id", "seq", "attempt", "kind", "data", "at"],
     sa_select(bindparam("a_job_id", type_=_TABLE.c.job_id.type), func.coalesce(func.max(_TABLE.c.seq), 0) + 1,
@@ -71,6 +86,7 @@ _APPEND = insert(_TABLE).from_select(
 
 def outputs(session: Session, job_id: str, *, attempt: int) -> list[Any]:
     """Every output chunk stored for this attempt, in order: a streamed job's output when RunPod gives none."""
+    write_kept(session)
     statement = (select(StreamEvent.data).where(StreamEvent.job_id == job_id, StreamEvent.attempt == attempt,
                                                 StreamEvent.kind == OUTPUT).order_by(col(StreamEvent.seq)))
     return list(session.exec(statement).all())
@@ -78,6 +94,7 @@ def outputs(session: Session, job_id: str, *, attempt: int) -> list[Any]:
 
 def read(session: Session, job_id: str, *, attempt: int, after: int = 0, limit: int = 500) -> list[StreamEvent]:
     """This attempt's events with seq > `after`, oldest first."""
+    write_kept(session)
     statement = (
         select(StreamEvent)
         .where(StreamEvent.job_id == job_id, StreamEvent.attempt == attempt, col(StreamEvent.seq) > after)

@@ -302,6 +302,12 @@ def test_a_poller_run_stores_every_answer_of_its_batch_in_one_transaction(
     assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.COMPLETED] * 5
     assert [jobs.get(job.id, runtime=runtime).output for job in submitted] == [0, 1, 2, 3, 4]
     assert len(poll_writes) == 5 and len(set(poll_writes)) == 1
+    for job in submitted:  # each job's history and stream, written at the batch's end, are its own and in order
+        assert [(e.from_status, e.to_status) for e in jobs.events(job.id, runtime=runtime)] == [
+            (None, JobStatus.PENDING), (JobStatus.PENDING, JobStatus.SUBMITTING),
+            (JobStatus.SUBMITTING, JobStatus.IN_QUEUE), (JobStatus.IN_QUEUE, JobStatus.COMPLETED)]
+        assert [(i.seq, i.kind) for i in jobs.stream_events(job.id, runtime=runtime)[1]] == [
+            (1, "started"), (2, "output"), (3, "end")]
 
 
 def test_a_dispatcher_run_stores_every_answer_of_its_batch_in_one_transaction(
