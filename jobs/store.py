@@ -1,4 +1,5 @@
-"""Reads and writes of the job table. Every status change goes through `transition()`.
+"""Reads and writes of the job table. Every status change goes through `transition()` (or
+`transition_all()`, the same compare-and-set for many jobs at once).
 
 Functions take a session and never commit: the caller owns the transaction, so a status change
 and its event row are written together or not at all. `insert_job` alone takes the engine: a new
