@@ -179,20 +179,18 @@ def _job_update(job_id: str, *, to: JobStatus | None, allowed: tuple[JobStatus, 
     """The UPDATE `transition` (with `to`) or `update_fields` (without) runs, and its parameters.
 
     A statement is built, keyed and compiled once per shape (the status it sets, the statuses it
-    expects, how it is fenced, which columns it sets, which of them to NULL) and then run with
-    parameters: building and keying a new statement for every write cost more CPU than running it.
-    Core on the table, not the ORM class: no session synchronisation to evaluate, on the hot path."""
+    expects, how it is fenced, which columns it sets) and then run with parameters: building and
+    keying a new statement for every write cost more CPU than running it. Core on the table, not the
+    ORM class: no session synchronisation to evaluate, on the hot path."""
     params: dict[str, Any] = {"w_id": job_id, "v_updated_at": now}
-    plain, nulls, due, inline = [], [], [], {}
+    plain, due, inline = [], [], {}
     for name, value in values.items():
-        if value is None:
-            nulls.append(name)  # SQL NULL, as .values() would write it (a JSON column's parameter would be 'null')
-        elif isinstance(value, DueUnlessNow):
+        if isinstance(value, DueUnlessNow):
             due.append(name)
             params[f"v_{name}"] = value.at
         elif isinstance(value, ClauseElement):
             inline[name] = value  # an expression of the caller's: added to this write's statement alone
-        else:
+        else:  # None too: bound with the column's type, as .values() binds it (JSON columns keep JSON null)
             plain.append(name)
             params[f"v_{name}"] = value
     if fence is not None:
@@ -200,22 +198,21 @@ def _job_update(job_id: str, *, to: JobStatus | None, allowed: tuple[JobStatus, 
         if fence.runpod_job_id is not None:
             params["w_runpod_job_id"] = fence.runpod_job_id
     fenced = None if fence is None else fence.runpod_job_id is None
-    key = (to, allowed, fenced, tuple(plain), tuple(nulls), tuple(due))
+    key = (to, allowed, fenced, tuple(plain), tuple(due))
     statement = _job_updates.get(key)
     if statement is None:
-        statement = _job_updates.setdefault(key, _build_job_update(to, allowed, fenced, plain, nulls, due))
+        statement = _job_updates.setdefault(key, _build_job_update(to, allowed, fenced, plain, due))
     return (statement.values(**inline) if inline else statement), params
 
 
 def _build_job_update(to: JobStatus | None, allowed: tuple[JobStatus, ...], fenced: bool | None, plain: list[str],
-                      nulls: list[str], due: list[str]) -> Any:
+                      due: list[str]) -> Any:
     where = [JOBS.c.id == bindparam("w_id"), JOBS.c.status.in_(allowed)]
     if fenced is not None:
         where.append(JOBS.c.attempt == bindparam("w_attempt"))
         where.append(JOBS.c.runpod_job_id.is_(None) if fenced else JOBS.c.runpod_job_id == bindparam("w_runpod_job_id"))
     sets: dict[str, Any] = {"updated_at": bindparam("v_updated_at", type_=JOBS.c.updated_at.type)}
     sets.update({name: bindparam(f"v_{name}", type_=JOBS.c[name].type) for name in plain})
-    sets.update({name: null() for name in nulls})
     # A claimed poll holds a lease, never NULL, so NULL can only be a request to poll now (see unless_due_now).
     sets.update({name: case((JOBS.c[name].is_(None), null()),
                             else_=bindparam(f"v_{name}", type_=JOBS.c[name].type)) for name in due})
