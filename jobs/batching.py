@@ -1,8 +1,11 @@
-"""What the dispatcher and the poller share: one pool of threads for RunPod calls, and the budget.
+"""What the dispatcher and the poller share: one pool of threads for RunPod calls, one transaction for
+a batch's answers, and the budget.
 
 A batch's RunPod calls run concurrently on one process-wide pool, over the process's one RunPod
 client (one httpx connection pool, kept warm). The pool is small and fixed: RunPod also limits
 concurrent requests per endpoint (200 for /run, 400 for /status), and every process shares those.
+The answers are then stored together, in one transaction (`lifecycle.store_together`), by the thread
+that runs the batch: a BEGIN and a COMMIT per batch instead of per job.
 """
 
 from __future__ import annotations
@@ -10,17 +13,16 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from jobs import logcontext
+from jobs import lifecycle, logcontext
 from jobs.runtime import Runtime
 
 #: Concurrent RunPod calls per process.
 POOL_SIZE = 16
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 _pool: ThreadPoolExecutor | None = None
 _pool_pid: int | None = None
@@ -36,20 +38,28 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def fan_out(work: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """`work(item)` for every item, concurrently; results in the items' order. An exception in one
-    is raised after all have finished (each item's own writes are fenced, so the others stand)."""
+def ask_and_store(rt: Runtime, ask: Callable[[T], lifecycle.Findings], items: Iterable[T]) -> list[lifecycle.Next]:
+    """`ask(item)` for every item concurrently (each asks RunPod about one job), then every answer
+    stored in one transaction; each job's next step, in the items' order. An exception in one ask is
+    raised after the others' answers are stored (each write is fenced, so they stand on their own)."""
     items = list(items)
     if len(items) <= 1:
-        return [_tagged(work, item) for item in items]
-    futures = [_executor().submit(_tagged, work, item) for item in items]
-    wait(futures)
-    return [future.result() for future in futures]
+        asked = [_settled(ask, item) for item in items]
+    else:
+        asked = [future.result() for future in [_executor().submit(_settled, ask, item) for item in items]]
+    steps = lifecycle.store_together(rt, [found for found in asked if isinstance(found, lifecycle.Findings)])
+    failed = [found for found in asked if isinstance(found, Exception)]
+    if failed:
+        raise failed[0]
+    return steps
 
 
-def _tagged(work: Callable[[T], R], item: T) -> R:
+def _settled(ask: Callable[[T], lifecycle.Findings], item: T) -> lifecycle.Findings | Exception:
     with logcontext.scope():  # each item's log lines carry its own job id, not a neighbour's
-        return work(item)
+        try:
+            return ask(item)
+        except Exception as exc:  # raised by ask_and_store once the others are stored
+            return exc
 
 
 def tokens_available(rt: Runtime, endpoint_id: str, operation: str) -> int:

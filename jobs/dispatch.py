@@ -5,7 +5,8 @@ together (highest `priority` first, then oldest; `FOR UPDATE SKIP LOCKED` on Pos
 dispatchers never wait on each other's rows), sends their `/run`s concurrently, and goes on until no
 job is left, the endpoint's `max_in_flight` is reached, its `/run` budget is spent, or its time is
 up; then it says when to run again. Each job is still sent exactly as `lifecycle.submit_job` sends
-it: claimed with a compare-and-set, and every write after /run fenced to its attempt.
+it: claimed with a compare-and-set, and every write after /run fenced to its attempt; a batch's
+answers are stored in one transaction (`lifecycle.store_together`).
 
 Why not one message per job: the order (priority, then age), the cap and the budget are questions
 about all of an endpoint's PENDING jobs, which only a reader of the table can answer; and a message
@@ -25,7 +26,7 @@ from sqlalchemy import ColumnElement, and_, func
 from sqlmodel import Session, col, or_, select
 
 from jobs import lifecycle
-from jobs.batching import fan_out, tokens_available
+from jobs.batching import ask_and_store, tokens_available
 from jobs.db import session_scope
 from jobs.models import JobRow, utcnow
 from jobs.runtime import POLL_DUE_TASK, Runtime
@@ -76,7 +77,9 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
             if room <= 0:
                 outcome.again_in, outcome.reason = _held_recheck(rt, endpoint_id), f"at max_in_flight {cap}"
                 return outcome
-        room = min(room, tokens_available(rt, endpoint_id, "run"))
+        tokens = tokens_available(rt, endpoint_id, "run")
+        short = tokens < room  # the budget, not the batch size or the cap, sets how many go now
+        room = min(room, tokens)
         if room <= 0:
             outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /run budget is spent for now"
             return outcome
@@ -84,13 +87,19 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
         if not claimed:
             outcome.again_in, outcome.reason = _next_due(rt, endpoint_id), "nothing left to send"
             return outcome
-        steps = fan_out(lambda item: lifecycle.submit_claimed(rt, item[0], item[1], rand=rand), claimed)
+        steps = ask_and_store(rt, lambda item: lifecycle.send_claimed(rt, item[0], item[1], rand=rand), claimed)
         outcome.sent += len(claimed)
         first_polls = [step.poll_in for step in steps if step.poll_in is not None]
         if first_polls:
             rt.wake(POLL_DUE_TASK, endpoint_id, min(first_polls))
         if time.monotonic() - started >= run_seconds:
             outcome.again_in, outcome.reason = 0.0, "time is up; more may be waiting"
+            return outcome
+        if short and len(claimed) == room:
+            # Every token went, and more jobs may be waiting. The budget refills a token at a time: going
+            # on now would send them a job or two at a time, each batch paying a claim and a transaction.
+            # Come back when a batch's worth has gathered (the bucket holds them: none is lost).
+            outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /run budget is spent for now"
             return outcome
 
 
@@ -107,9 +116,9 @@ def claim_pending(rt: Runtime, endpoint_id: str, limit: int) -> list[tuple[JobRo
             .with_for_update(skip_locked=True)
         ).all()
         tokens = {job_id: lifecycle.new_webhook_token(rt) for job_id in ids}
-        won = [job_id for job_id in ids if lifecycle.claim_submit(session, job_id, tokens[job_id])]
+        won = lifecycle.claim_submits(session, tokens)
         rows = {row.id: row for row in session.exec(select(JobRow).where(col(JobRow.id).in_(won)))} if won else {}
-    return [(rows[job_id], tokens[job_id]) for job_id in won]
+    return [(rows[job_id], tokens[job_id]) for job_id in ids if job_id in rows]
 
 
 def due_pending(now: datetime) -> ColumnElement[bool]:

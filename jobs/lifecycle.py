@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -44,6 +45,7 @@ from jobs.runpod import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
 from jobs.store import (
+    JOBS,
     Fence,
     Source,
     add_runpod_cancel,
@@ -51,7 +53,9 @@ from jobs.store import (
     get_row,
     open_runpod_cancels,
     record_event,
+    side_rows_together,
     transition,
+    transition_all,
     unless_due_now,
     update_fields,
 )
@@ -97,6 +101,89 @@ class Next:
         return cls(reason=reason)
 
 
+#: What to do once the transaction a job's findings were written in has committed: metrics, log lines,
+#: messages, and what its task should do next.
+Then = Callable[[], Next]
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What one submit or poll learned from RunPod, not yet stored. `store` writes it with the session
+    it is given, every write fenced as usual, and returns what to do once that transaction has
+    committed. Asking and storing are apart so that a batch's answers, asked for concurrently, are
+    stored in one transaction (`store_together`). `store` may run twice (see there): it only writes."""
+
+    job_id: str
+    correlation_id: str | None
+    store: Callable[[Session], Then]
+
+
+def _findings(row: JobRow, store: Callable[[Session], Then]) -> Findings:
+    return Findings(row.id, row.correlation_id, store)
+
+
+def _nothing_to_store(row: JobRow, step: Next) -> Findings:
+    return _findings(row, lambda _session: lambda: step)
+
+
+def store_together(rt: Runtime, findings: Sequence[Findings]) -> list[Next]:
+    """Store every job's findings in one transaction, then do what each asks for once it committed;
+    returns each one's next step, in order. Each write is the same fenced compare-and-set as on its
+    own, so one that no longer matches (a late answer about an older attempt, a job cancelled
+    meanwhile) changes nothing, and the others are stored all the same.
+
+    A batch costs one BEGIN and one COMMIT instead of one each per job, and its event rows and stream
+    events are written together at its end (`store.side_rows_together`). Should the shared transaction
+    fail (a lost connection, a deadlock, a row no write can store), it is rolled back and each job's
+    findings are stored in a transaction of their own, so one job's failure costs the others nothing;
+    the first error is raised after the others are stored and done with (the failed job keeps its
+    claim, which the poller or the reconciler takes up again when it runs out)."""
+    if not findings:
+        return []
+    # Rows are written in id order: two transactions that lock some of the same rows then lock them in
+    # the same order, and never deadlock.
+    order = sorted(range(len(findings)), key=lambda i: findings[i].job_id)
+    failures: list[Exception] = []
+    try:
+        with session_scope(rt.engine) as session, side_rows_together(session):
+            thens = {i: findings[i].store(session) for i in order}
+    except Exception as exc:
+        if len(findings) == 1:
+            raise
+        log.warning("storing %d jobs' RunPod answers in one transaction failed (%s: %s); storing each on its "
+                    "own", len(findings), type(exc).__name__, exc)
+        thens = _store_each(rt, findings, order, failures)
+    steps: dict[int, Next] = {}
+    for i in order:
+        if i not in thens:
+            continue
+        with logcontext.scope():  # each job's log lines carry its own id
+            logcontext.bind(job_id=findings[i].job_id, correlation_id=findings[i].correlation_id)
+            try:
+                steps[i] = thens[i]()
+            except Exception as exc:  # a message not sent, say: the other jobs' steps are still taken
+                failures.append(exc)
+    if failures:
+        raise failures[0]
+    return [steps[i] for i in range(len(findings))]
+
+
+def _store_each(rt: Runtime, findings: Sequence[Findings], order: list[int], failures: list[Exception]
+                ) -> dict[int, Then]:
+    """Each job's findings in a transaction of its own; a failure is logged, added to `failures`, and
+    costs the other jobs nothing."""
+    thens: dict[int, Then] = {}
+    for i in order:
+        try:
+            with session_scope(rt.engine) as session, side_rows_together(session):
+                thens[i] = findings[i].store(session)
+        except Exception as exc:
+            log.error("job %s: storing its RunPod answer failed (%s: %s); it stays claimed until its claim "
+                      "runs out", findings[i].job_id, type(exc).__name__, exc)
+            failures.append(exc)
+    return thens
+
+
 # -- submit ---------------------------------------------------------------------------------------------
 
 
@@ -128,12 +215,32 @@ def new_webhook_token(rt: Runtime) -> str | None:
 def claim_submit(session: Session, job_id: str, token: str | None) -> bool:
     """Take a PENDING job for submission (PENDING -> SUBMITTING): exactly one of several racing
     claims succeeds. Stores the hash of the webhook token its /run will carry."""
-    return transition(session, job_id, to=JobStatus.SUBMITTING, source=Source.SUBMIT, expected={JobStatus.PENDING},
-                      values={"submitted_at": utcnow(), **_webhook_hash_values(token)}) is not None
+    return claim_submits(session, {job_id: token}) == [job_id]
+
+
+def claim_submits(session: Session, tokens: dict[str, str | None]) -> list[str]:
+    """`claim_submit` for many jobs (job id -> its webhook token) in one statement; the ids claimed."""
+    hashes = {job_id: hash_token(token) for job_id, token in tokens.items() if token is not None}
+    values: dict[str, Any] = {"submitted_at": utcnow()}
+    if hashes:
+        # The claim stores each new token's hash before /run is sent, so a webhook can prove the job ours
+        # even if /run's answer is lost. Not for a job with its own webhook, nor for one whose RunPod job
+        # is requeued by /retry (it keeps its original webhook, and that token's hash).
+        kept = JOBS.c.webhook_token_hash
+        ours = JOBS.c.webhook.is_(None) & JOBS.c.runpod_retry_of.is_(None)
+        values["webhook_token_hash"] = case((ours, case(hashes, value=JOBS.c.id, else_=kept)), else_=kept)
+    return transition_all(session, list(tokens), to=JobStatus.SUBMITTING, source=Source.SUBMIT,
+                          expected={JobStatus.PENDING}, values=values)
 
 
 def submit_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = random.random) -> Next:
-    """Send a job this process claimed (SUBMITTING, as `row` shows it just after the claim) to RunPod."""
+    """Send a job this process claimed (SUBMITTING, as `row` shows it just after the claim) to RunPod,
+    and store its answer."""
+    return store_together(rt, [send_claimed(rt, row, token, rand=rand)])[0]
+
+
+def send_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = random.random) -> Findings:
+    """Send a claimed job to RunPod; its answer, not yet stored (the dispatcher stores a batch's together)."""
     # Everything this submit writes from here on is about this attempt, before RunPod named its job.
     fence = Fence(attempt=row.attempt, runpod_job_id=None)
     logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
@@ -144,20 +251,10 @@ def submit_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = r
         rt.metrics.submitted(row.endpoint_name, _submit_outcome(exc))
         return _submit_failed(rt, row, fence, exc, rand)
     if state is None:
-        return Next.stop("row moved before /run: nothing sent")
+        return _nothing_to_store(row, Next.stop("row moved before /run: nothing sent"))
     rt.metrics.submitted(row.endpoint_name, "accepted")
     log.info("job %s is RunPod job %s (attempt %d)", row.id, state.id, row.attempt)
     return _accepted(rt, row, fence, state, rand)
-
-
-def _webhook_hash_values(token: str | None) -> dict[str, Any]:
-    """The claim stores the new token's hash before /run is sent, so a webhook can prove the job ours
-    even if /run's answer is lost. Not for a job with its own webhook, nor for one whose RunPod job
-    is requeued by /retry (it keeps its original webhook, and that token's hash)."""
-    if token is None:
-        return {}
-    ours = col(JobRow.webhook).is_(None) & col(JobRow.runpod_retry_of).is_(None)
-    return {"webhook_token_hash": case((ours, hash_token(token)), else_=col(JobRow.webhook_token_hash))}
 
 
 def _submit_outcome(exc: RunPodError) -> str:
@@ -166,7 +263,7 @@ def _submit_outcome(exc: RunPodError) -> str:
     return "deferred" if isinstance(exc, RunPodTransient) else "rejected"
 
 
-def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand: Any) -> Next:
+def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand: Any) -> Findings:
     if isinstance(exc, RunPodTransient) and not isinstance(exc, RunOutcomeUnknown):
         # For /run only errors RunPod provably never acted on get here (see jobs.runpod): send later.
         if isinstance(exc, RunPodBudgetExhausted):  # not RunPod's failure: no backoff
@@ -175,22 +272,44 @@ def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, ran
             errors = row.poll_errors + 1
             delay = poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=errors,
                                      retry_after=exc.retry_after, rand=rand)
-        _move(rt, row.id, fence, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
-              values={"next_poll_at": utcnow() + timedelta(seconds=delay), "poll_errors": errors})
-        return Next(again_in=delay, reason="transient")
+        retry_at = utcnow() + timedelta(seconds=delay)
+
+        def later(session: Session) -> Then:
+            _move(session, row.id, fence, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
+                  values={"next_poll_at": retry_at, "poll_errors": errors})
+            return lambda: Next(again_in=delay, reason="transient")
+
+        return _findings(row, later)
     if isinstance(exc, RunPodRejected | RunPodAuthError | RunPodNotFound):
         reason = (f"RunPod does not know endpoint {row.endpoint_id} (404): it was deleted, or the id is wrong"
                   if isinstance(exc, RunPodNotFound) else f"RunPod refused the job: {exc}")
-        if _move(rt, row.id, fence, JobStatus.FAILED, reason, values={"error": reason, "finished_at": utcnow()}):
-            rt.metrics.finished(row.endpoint_name, JobStatus.FAILED.value, row.created_at)
-        return Next.stop("rejected")
+        failed_at = utcnow()
+
+        def refused(session: Session) -> Then:
+            moved = _move(session, row.id, fence, JobStatus.FAILED, reason,
+                          values={"error": reason, "finished_at": failed_at})
+
+            def then() -> Next:
+                if moved:
+                    rt.metrics.finished(row.endpoint_name, JobStatus.FAILED.value, row.created_at)
+                return Next.stop("rejected")
+            return then
+
+        return _findings(row, refused)
     # RunOutcomeUnknown, an unreadable answer, or anything unforeseen: a job may exist at RunPod.
     detail = (f"{exc}" if isinstance(exc, RunOutcomeUnknown)
               else f"RunPod's answer could not be read ({exc}); a job may exist")
-    _move(rt, row.id, fence, JobStatus.SUBMIT_UNKNOWN,
-          f"{detail}; not resubmitted: adopted if RunPod's answer or webhook still comes, else an operator decides")
-    adopt_named(rt, row.id)
-    return Next.stop("outcome unknown")
+
+    def unknown(session: Session) -> Then:
+        _move(session, row.id, fence, JobStatus.SUBMIT_UNKNOWN, f"{detail}; not resubmitted: adopted if RunPod's "
+              "answer or webhook still comes, else an operator decides")
+
+        def then() -> Next:
+            adopt_named(rt, row.id)  # reads the committed row, and may ask RunPod: after the commit
+            return Next.stop("outcome unknown")
+        return then
+
+    return _findings(row, unknown)
 
 
 def adopt_named(rt: Runtime, job_id: str) -> str:
@@ -269,12 +388,13 @@ def _runpod_retry(rt: Runtime, endpoint_id: str, runpod_job_id: str) -> JobState
         raise RunOutcomeUnknown(f"retry of RunPod job {runpod_job_id} got no clear answer ({exc})") from exc
 
 
-def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any) -> Next:
+def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any) -> Findings:
     now = utcnow()
     first = _poll_in(rt, row, FROM_RUNPOD[state.status], now=now, polls=0, polls_since_change=0, started_at=None,
                      delay_ms=state.delay_time_ms, rand=rand)
     values = _at_runpod_values(row, state, poll_at=now + timedelta(seconds=first))
-    with session_scope(rt.engine) as session:
+
+    def store(session: Session) -> Then:
         moved = transition(session, row.id, to=JobStatus.IN_QUEUE, source=Source.SUBMIT,
                            expected={JobStatus.SUBMITTING}, fence=fence, detail=f"RunPod job {state.id}",
                            values=values)
@@ -286,10 +406,15 @@ def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any
                                detail=f"RunPod job {state.id}: /run's answer came late; adopted")
         if moved is None:
             _orphaned(session, row, fence, state.id)
-    if moved is not None:
-        return Next(poll_in=first, reason="submitted")
-    rt.publish(CANCEL_TASK, row.id, None)
-    return Next.stop("row moved during submit: its RunPod job is being cancelled")
+
+        def then() -> Next:
+            if moved is not None:
+                return Next(poll_in=first, reason="submitted")
+            rt.publish(CANCEL_TASK, row.id, None)
+            return Next.stop("row moved during submit: its RunPod job is being cancelled")
+        return then
+
+    return _findings(row, store)
 
 
 def _at_runpod_values(row: JobRow, state: JobState, *, poll_at: datetime | None) -> dict[str, Any]:
@@ -323,11 +448,10 @@ def _orphaned(session: Session, row: JobRow, fence: Fence, runpod_job_id: str) -
                         f"owns the job; cancelling it at RunPod")
 
 
-def _move(rt: Runtime, job_id: str, fence: Fence, to: JobStatus, detail: str, *,
+def _move(session: Session, job_id: str, fence: Fence, to: JobStatus, detail: str, *,
           values: dict[str, Any] | None = None) -> bool:
-    with session_scope(rt.engine) as session:
-        return transition(session, job_id, to=to, source=Source.SUBMIT, detail=detail,
-                          expected={JobStatus.SUBMITTING}, fence=fence, values=values) is not None
+    return transition(session, job_id, to=to, source=Source.SUBMIT, detail=detail,
+                      expected={JobStatus.SUBMITTING}, fence=fence, values=values) is not None
 
 
 # -- poll -------------------------------------------------------------------------------------------------
@@ -351,7 +475,14 @@ def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
 
 
 def poll_claimed(rt: Runtime, row: JobRow, *, rand: Any = random.random) -> Next:
-    """Poll a job whose poll this process claimed (`row` as it was just before the claim)."""
+    """Poll a job whose poll this process claimed (`row` as it was just before the claim), and store
+    the answer."""
+    return store_together(rt, [ask_status(rt, row, rand=rand)])[0]
+
+
+def ask_status(rt: Runtime, row: JobRow, *, rand: Any = random.random) -> Findings:
+    """Ask RunPod about a job whose poll this process claimed; its answer, not yet stored (the poller
+    stores a batch's together)."""
     fence = Fence.of(row)
     logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
     rt.metrics.polled(row.endpoint_name)
@@ -362,10 +493,10 @@ def poll_claimed(rt: Runtime, row: JobRow, *, rand: Any = random.random) -> Next
     except RunPodError as exc:
         rt.metrics.runpod_error("status", exc)
         return _poll_failed(rt, row, fence, exc, rand)
-    return _store_status(rt, row, fence, state, rand)
+    return _status_found(rt, row, fence, state, rand)
 
 
-def _status_not_found(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodNotFound, rand: Any) -> Next:
+def _status_not_found(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodNotFound, rand: Any) -> Findings:
     """A 404 from /status means the job is gone (retention or ttl) or the endpoint is: ask /health which."""
     try:
         rt.runpod.health(row.endpoint_id)
@@ -373,13 +504,16 @@ def _status_not_found(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodNotFoun
         rt.metrics.runpod_error("status", endpoint_gone)
         reason = (f"RunPod does not know endpoint {row.endpoint_id} (404 from /status and /health): it was "
                   "deleted, or the id is wrong")
-        if row.deadline_at is not None and utcnow() > row.deadline_at:
-            with session_scope(rt.engine) as session:
+        now = utcnow()
+        if row.deadline_at is not None and now > row.deadline_at:
+            def give_up(session: Session) -> Then:
                 transition(session, row.id, to=JobStatus.FAILED, source=Source.POLL, fence=fence,
                            detail=f"{reason}; the job's ttl has passed, so it cannot be followed any more",
-                           values={"error": reason, "finished_at": utcnow(), "next_poll_at": None,
+                           values={"error": reason, "finished_at": now, "next_poll_at": None,
                                    "poll_count": row.poll_count + 1})
-            return Next.stop("endpoint unknown past the deadline")
+                return lambda: Next.stop("endpoint unknown past the deadline")
+
+            return _findings(row, give_up)
         log.error("job %s: %s; holding the job and asking again slowly", row.id, reason)
         return _poll_failed(rt, row, fence, endpoint_gone, rand,
                             note=f"{reason}; holding the job and asking again slowly until its ttl passes")
@@ -387,17 +521,24 @@ def _status_not_found(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodNotFoun
         rt.metrics.runpod_error("health", health_failed)
         return _poll_failed(rt, row, fence, health_failed, rand)
     rt.metrics.runpod_error("status", exc)
-    with session_scope(rt.engine) as session:
+    now = utcnow()
+
+    def expire(session: Session) -> Then:
         expired = transition(session, row.id, to=JobStatus.EXPIRED, source=Source.POLL, fence=fence,
                              detail=f"RunPod no longer knows the job (404: result retention or ttl passed): {exc}",
-                             values={"finished_at": utcnow(), "next_poll_at": None, "poll_count": row.poll_count + 1})
-    if expired is not None:
-        rt.metrics.finished(row.endpoint_name, JobStatus.EXPIRED.value, row.created_at)
-    return Next.stop("expired")
+                             values={"finished_at": now, "next_poll_at": None, "poll_count": row.poll_count + 1})
+
+        def then() -> Next:
+            if expired is not None:
+                rt.metrics.finished(row.endpoint_name, JobStatus.EXPIRED.value, row.created_at)
+            return Next.stop("expired")
+        return then
+
+    return _findings(row, expire)
 
 
 def _poll_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand: Any, *,
-                 note: str | None = None) -> Next:
+                 note: str | None = None) -> Findings:
     """A failed poll changes nothing but the schedule (and, with a `note`, the job's history): RunPod's
     silence is not a job outcome."""
     retry_after = exc.retry_after if isinstance(exc, RunPodTransient) else None
@@ -410,17 +551,20 @@ def _poll_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand:
         delay = poll_error_delay(schedule, consecutive_errors=errors, retry_after=retry_after, rand=rand)
     if isinstance(exc, RunPodAuthError | RunPodRejected | RunPodProtocolError):
         log.error("job %s: polling RunPod failed and will not fix itself: %s", row.id, exc)
-    with session_scope(rt.engine) as session:
+    poll_at = utcnow() + timedelta(seconds=delay)
+
+    def store(session: Session) -> Then:
         written = update_fields(session, row.id, while_status=AT_RUNPOD, fence=fence, values={
-            "poll_errors": errors, "poll_count": row.poll_count + 1,
-            "next_poll_at": unless_due_now(utcnow() + timedelta(seconds=delay)),
+            "poll_errors": errors, "poll_count": row.poll_count + 1, "next_poll_at": unless_due_now(poll_at),
         })
         if written and note:
             record_event(session, row.id, from_status=row.status, to_status=row.status, source=Source.POLL,
                          detail=note, coalesce=True)
-    if not written:
-        return Next.stop("the job moved on while RunPod was asked")
-    return Next(poll_in=delay, reason=f"poll failed: {type(exc).__name__}")
+        if not written:
+            return lambda: Next.stop("the job moved on while RunPod was asked")
+        return lambda: Next(poll_in=delay, reason=f"poll failed: {type(exc).__name__}")
+
+    return _findings(row, store)
 
 
 @dataclass
@@ -431,7 +575,7 @@ class _Drained:
     missing_note: str | None = None
 
 
-def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any) -> Next:
+def _status_found(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any) -> Findings:
     now = utcnow()
     status = FROM_RUNPOD[state.status]
     drained = _Drained(chunks=[])
@@ -492,24 +636,35 @@ def _store_status(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
 
     extra = [(streams.PROGRESS, progress)] if progressed else []
     extra += [(streams.OUTPUT, chunk) for chunk in drained.chunks]
-    with session_scope(rt.engine) as session:
+
+    def store(session: Session) -> Then:
+        written = values
         if status is JobStatus.COMPLETED:
-            _settle_output(session, row, state, values, drained.chunks)
-        detail = "ttl deadline passed and RunPod still answers" if past_deadline else _detail(state, values)
-        stored = _write_poll(session, row, fence, status, values, extra, detail)
+            written = {**values, **_settled_output(session, row, state, drained.chunks)}
+        detail = "ttl deadline passed and RunPod still answers" if past_deadline else _detail(state, written)
+        stored = _write_poll(session, row, fence, status, written, extra, detail)
         if stored and drained.missing_note:
             record_event(session, row.id, from_status=status, to_status=status, source=Source.POLL,
                          detail=drained.missing_note, coalesce=True)
         current = get_row(session, row.id) if not stored else None
+        return lambda: _status_stored(rt, row, fence, status, written, stored=stored, current=current,
+                                      changed=changed, delay=delay, dropped=len(drained.chunks))
+
+    return _findings(row, store)
+
+
+def _status_stored(rt: Runtime, row: JobRow, fence: Fence, status: JobStatus, values: dict[str, Any], *,
+                   stored: bool, current: JobRow | None, changed: bool, delay: float, dropped: int) -> Next:
+    """What a poll's answer means once its transaction committed: metrics, a log line, what comes next."""
     if not stored:
-        if drained.chunks:
-            log.warning("job %s: %d chunk(s) read for attempt %d dropped: the job moved on", row.id,
-                        len(drained.chunks), fence.attempt)
+        if dropped:
+            log.warning("job %s: %d chunk(s) read for attempt %d dropped: the job moved on", row.id, dropped,
+                        fence.attempt)
         if current is not None and current.status in AT_RUNPOD and Fence.of(current) == fence:
             return Next(poll_in=delay, reason="row changed; polling on")
         return Next.stop("the job moved on: this poll's answer is about an attempt that no longer owns it")
     if changed:
-        log.info("job %s: RunPod says %s", row.id, state.status.value)
+        log.info("job %s: RunPod says %s", row.id, values["last_runpod_status"])
     if status.is_terminal:
         rt.metrics.finished(row.endpoint_name, status.value, row.created_at)
         if values.get("output_missing"):
@@ -568,17 +723,16 @@ def _empty(output: Any) -> bool:
     return output is None or output == []
 
 
-def _settle_output(session: Session, row: JobRow, state: JobState, values: dict[str, Any],
-                   chunks: list[Any]) -> None:
+def _settled_output(session: Session, row: JobRow, state: JobState, chunks: list[Any]) -> dict[str, Any]:
     """A completed job's output: RunPod's, or when RunPod gives none, the chunks its handler streamed.
-    With neither, the job is flagged `output_missing`: RunPod drops results over about 20 MB this way."""
+    With neither, the job is flagged `output_missing`: RunPod drops results over about 20 MB this way.
+    Returns the fields to add to the poll's write."""
     if not _empty(state.output):
-        return
+        return {}
     streamed = (streams.outputs(session, row.id, attempt=row.attempt) if row.stream else []) + chunks
     if streamed:
-        values["output"] = streamed
-    elif state.output is None:
-        values["output_missing"] = True
+        return {"output": streamed}
+    return {"output_missing": True} if state.output is None else {}
 
 
 def _write_poll(session: Session, row: JobRow, fence: Fence, status: JobStatus, values: dict[str, Any],

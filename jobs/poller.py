@@ -2,11 +2,11 @@
 
 `next_poll_at` in the job table is the schedule. One task run (`rpq.poll_due`, argument: the
 endpoint id) claims the endpoint's due jobs together (`FOR UPDATE SKIP LOCKED` on PostgreSQL),
-asks RunPod about them concurrently, stores each answer with the same fenced compare-and-set as a
-single poll (`lifecycle.poll_claimed`), and goes on until nothing is due, the `/status` budget is
-spent or its time is up; then it says when to run again: when the next poll is due. So a wait of
-any length is a row, never a message held in a worker, and the reconciler can rebuild everything
-from the table alone.
+asks RunPod about them concurrently, stores their answers in one transaction, each with the same
+fenced compare-and-set as a single poll (`lifecycle.poll_claimed`), and goes on until nothing is
+due, the `/status` budget is spent or its time is up; then it says when to run again: when the next
+poll is due. So a wait of any length is a row, never a message held in a worker, and the reconciler
+can rebuild everything from the table alone.
 
 When the budget cannot serve every due poll, the most urgent go first: a job made due now (no
 `next_poll_at`: RunPod called its webhook, so its result is waiting), then a job's first poll (it
@@ -24,14 +24,13 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Any
 
 from sqlalchemy import case, func, update
 from sqlmodel import col, or_, select
 
 from jobs import lifecycle
-from jobs.batching import fan_out, tokens_available
+from jobs.batching import ask_and_store, tokens_available
 from jobs.db import session_scope
 from jobs.models import JobRow, utcnow
 from jobs.runtime import DISPATCH_TASK, Runtime
@@ -73,7 +72,9 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
     outcome = Outcome()
     started = time.monotonic()
     while True:
-        room = min(batch, tokens_available(rt, endpoint_id, "status"))
+        tokens = tokens_available(rt, endpoint_id, "status")
+        short = tokens < batch  # the budget, not the batch size, sets how many are polled now
+        room = min(batch, tokens)
         if room <= 0:
             outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /status budget is spent for now"
             break
@@ -83,12 +84,18 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
             outcome.again_in = None if due is None else max(due, GATHER_SECONDS)
             outcome.reason = "nothing due"
             break
-        claimed = _without_planned_waits(rt, claimed, rand, outcome)
-        steps = fan_out(partial(_poll_one, rt, rand), claimed)
-        outcome.polled += len(claimed)
+        asked = _without_planned_waits(rt, claimed, rand, outcome)
+        steps = ask_and_store(rt, lambda row: lifecycle.ask_status(rt, row, rand=rand), asked)
+        outcome.polled += len(asked)
         outcome.finished += sum(1 for step in steps if step.poll_in is None)
         if time.monotonic() - started >= run_seconds:
             outcome.again_in, outcome.reason = 0.0, "time is up; more may be due"
+            break
+        if short and len(claimed) == room:
+            # Every token went, and more polls may be due. Going on now would poll them one or two at a
+            # time as tokens trickle back, each batch paying a claim and a transaction: come back when a
+            # batch's worth has gathered (the bucket holds them: none is lost).
+            outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /status budget is spent for now"
             break
     if outcome.finished and rt.settings.max_in_flight_for(endpoint_id) is not None:
         rt.wake(DISPATCH_TASK, endpoint_id)  # a slot is free: a held job can go
@@ -113,10 +120,6 @@ def _without_planned_waits(rt: Runtime, claimed: list[JobRow], rand: Any, outcom
         with session_scope(rt.engine) as session:
             outcome.put_off += put_off_polls(session, later)
     return ask
-
-
-def _poll_one(rt: Runtime, rand: Any, row: JobRow) -> lifecycle.Next:
-    return lifecycle.poll_claimed(rt, row, rand=rand)
 
 
 def claim_due(rt: Runtime, endpoint_id: str, limit: int) -> list[JobRow]:

@@ -1,4 +1,5 @@
-"""Reads and writes of the job table. Every status change goes through `transition()`.
+"""Reads and writes of the job table. Every status change goes through `transition()` (or
+`transition_all()`, the same compare-and-set for many jobs at once).
 
 Functions take a session and never commit: the caller owns the transaction, so a status change
 and its event row are written together or not at all. `insert_job` alone takes the engine: a new
@@ -14,12 +15,25 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, CursorResult, Engine, Table, bindparam, case, insert, literal, null, update
+from sqlalchemy import (
+    ClauseElement,
+    ColumnElement,
+    CursorResult,
+    Engine,
+    Table,
+    bindparam,
+    case,
+    insert,
+    literal,
+    null,
+    update,
+)
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
@@ -58,9 +72,11 @@ class Fence:
         return cls(attempt=row.attempt, runpod_job_id=row.runpod_job_id)
 
     def clauses(self) -> list[ColumnElement[bool]]:
-        runpod = (col(JobRow.runpod_job_id).is_(None) if self.runpod_job_id is None
-                  else col(JobRow.runpod_job_id) == self.runpod_job_id)
-        return [col(JobRow.attempt) == self.attempt, runpod]
+        # The table's columns, not the ORM class's: an ORM attribute would send the whole statement
+        # through the ORM's bulk-update path (session synchronisation) for nothing, on every write.
+        runpod = (JOBS.c.runpod_job_id.is_(None) if self.runpod_job_id is None
+                  else JOBS.c.runpod_job_id == self.runpod_job_id)
+        return [JOBS.c.attempt == self.attempt, runpod]
 
 
 def transition(
@@ -84,17 +100,10 @@ def transition(
     output seen by the same poll) go between the attempt's `started` and its `end` or `error`.
     Returns the status the job left, or None when nothing changed.
     """
-    allowed = sorted(sources_of(to) if expected is None else set(expected))
+    allowed = tuple(sorted(sources_of(to) if expected is None else set(expected)))
     now = utcnow()
-    # Core statements on the table, not ORM ones: no session synchronisation to evaluate, on the hot path.
-    statement = (
-        update(JOBS)
-        .where(JOBS.c.id == job_id, JOBS.c.status.in_(allowed), *(fence.clauses() if fence else ()))
-        .values(previous_status=JOBS.c.status, status=to, updated_at=now, **dict(values or {}))
-        .returning(JOBS.c.previous_status, JOBS.c.attempt, JOBS.c.stream, JOBS.c.output, JOBS.c.error,
-                   JOBS.c.output_missing)
-    )
-    changed = session.execute(statement).one_or_none()
+    statement, params = _job_update(job_id, to=to, allowed=allowed, fence=fence, values=values or {}, now=now)
+    changed = session.execute(statement, params).one_or_none()
     if changed is None:
         return None
     previous, attempt, streaming, output, error, output_missing = changed
@@ -106,27 +115,120 @@ def transition(
     return previous
 
 
+def transition_all(
+    session: Session,
+    job_ids: Sequence[str],
+    *,
+    to: JobStatus,
+    source: str,
+    expected: Iterable[JobStatus],
+    values: Mapping[str, Any] | None = None,
+    detail: str | None = None,
+) -> list[str]:
+    """`transition` for many jobs with the same values: one UPDATE, then one INSERT of all their events
+    (and their stream events, when the change means any), instead of two statements per job. Each job
+    moves if, and only if, its status is one of `expected`. Returns the ids of the jobs that moved."""
+    if not job_ids:
+        return []
+    now = utcnow()
+    statement = (
+        update(JOBS)
+        .where(JOBS.c.id.in_(list(job_ids)), JOBS.c.status.in_(sorted(set(expected))))
+        .values(previous_status=JOBS.c.status, status=to, updated_at=now, **dict(values or {}))
+        .returning(JOBS.c.id, JOBS.c.previous_status, JOBS.c.attempt, JOBS.c.stream, JOBS.c.output, JOBS.c.error,
+                   JOBS.c.output_missing)
+    )
+    moved = session.execute(statement).all()
+    if not moved:
+        return []
+    stored_detail = storable_text(detail) if detail is not None else None
+    session.execute(_NEW_EVENT, [{"job_id": job_id, "from_status": previous, "to_status": to, "source": source,
+                                  "detail": stored_detail, "at": now, "repeats": 1} for job_id, previous, *_ in moved])
+    for job_id, previous, attempt, streaming, output, error, output_missing in moved:
+        streams.append(session, job_id, attempt, streams.for_transition(
+            JobStatus(previous), to, streaming=streaming, output=output, error=error, detail=detail,
+            output_missing=output_missing))
+    return [job_id for job_id, *_ in moved]
+
+
 def update_fields(
     session: Session, job_id: str, *, while_status: Iterable[JobStatus], values: Mapping[str, Any],
     fence: Fence | None = None,
 ) -> bool:
     """Change non-status fields, but only while the job is still in one of `while_status` (and, with a
     `fence`, still belongs to that attempt and RunPod job)."""
-    statement = (
-        update(JOBS)
-        .where(JOBS.c.id == job_id, JOBS.c.status.in_(sorted(set(while_status))), *(fence.clauses() if fence else ()))
-        .values(updated_at=utcnow(), **dict(values))
-    )
-    result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
+    statement, params = _job_update(job_id, to=None, allowed=tuple(sorted(set(while_status))), fence=fence,
+                                    values=values, now=utcnow())
+    result: CursorResult[Any] = session.execute(statement, params)  # type: ignore[assignment]
     return result.rowcount == 1
 
 
-def unless_due_now(poll_at: datetime) -> ColumnElement[Any]:
+@dataclass(frozen=True)
+class DueUnlessNow:
+    """A value for `next_poll_at` (see `unless_due_now`)."""
+
+    at: datetime
+
+
+#: The UPDATEs of one job row, by shape: built once each, run with parameters.
+_job_updates: dict[tuple[Any, ...], Any] = {}
+
+
+def _job_update(job_id: str, *, to: JobStatus | None, allowed: tuple[JobStatus, ...], fence: Fence | None,
+                values: Mapping[str, Any], now: datetime) -> tuple[Any, dict[str, Any]]:
+    """The UPDATE `transition` (with `to`) or `update_fields` (without) runs, and its parameters.
+
+    A statement is built, keyed and compiled once per shape (the status it sets, the statuses it
+    expects, how it is fenced, which columns it sets) and then run with parameters: building and
+    keying a new statement for every write cost more CPU than running it. Core on the table, not the
+    ORM class: no session synchronisation to evaluate, on the hot path."""
+    params: dict[str, Any] = {"w_id": job_id, "v_updated_at": now}
+    plain, due, inline = [], [], {}
+    for name, value in values.items():
+        if isinstance(value, DueUnlessNow):
+            due.append(name)
+            params[f"v_{name}"] = value.at
+        elif isinstance(value, ClauseElement):
+            inline[name] = value  # an expression of the caller's: added to this write's statement alone
+        else:  # None too: bound with the column's type, as .values() binds it (JSON columns keep JSON null)
+            plain.append(name)
+            params[f"v_{name}"] = value
+    if fence is not None:
+        params["w_attempt"] = fence.attempt
+        if fence.runpod_job_id is not None:
+            params["w_runpod_job_id"] = fence.runpod_job_id
+    fenced = None if fence is None else fence.runpod_job_id is None
+    key = (to, allowed, fenced, tuple(plain), tuple(due))
+    statement = _job_updates.get(key)
+    if statement is None:
+        statement = _job_updates.setdefault(key, _build_job_update(to, allowed, fenced, plain, due))
+    return (statement.values(**inline) if inline else statement), params
+
+
+def _build_job_update(to: JobStatus | None, allowed: tuple[JobStatus, ...], fenced: bool | None, plain: list[str],
+                      due: list[str]) -> Any:
+    where = [JOBS.c.id == bindparam("w_id"), JOBS.c.status.in_(allowed)]
+    if fenced is not None:
+        where.append(JOBS.c.attempt == bindparam("w_attempt"))
+        where.append(JOBS.c.runpod_job_id.is_(None) if fenced else JOBS.c.runpod_job_id == bindparam("w_runpod_job_id"))
+    sets: dict[str, Any] = {"updated_at": bindparam("v_updated_at", type_=JOBS.c.updated_at.type)}
+    sets.update({name: bindparam(f"v_{name}", type_=JOBS.c[name].type) for name in plain})
+    # A claimed poll holds a lease, never NULL, so NULL can only be a request to poll now (see unless_due_now).
+    sets.update({name: case((JOBS.c[name].is_(None), null()),
+                            else_=bindparam(f"v_{name}", type_=JOBS.c[name].type)) for name in due})
+    statement = update(JOBS).where(*where)
+    if to is None:
+        return statement.values(**sets)
+    return statement.values(previous_status=JOBS.c.status, status=to, **sets).returning(
+        JOBS.c.previous_status, JOBS.c.attempt, JOBS.c.stream, JOBS.c.output, JOBS.c.error, JOBS.c.output_missing)
+
+
+def unless_due_now(poll_at: datetime) -> DueUnlessNow:
     """`next_poll_at` for a poll's own write: `poll_at`, unless a webhook (or an adoption) made the job
     due now (NULL) while the poll was in flight. A claimed poll holds a lease, never NULL, so NULL can
-    only be that request, and RunPod's later news it stands for must not wait for the next poll."""
-    column = JOBS.c.next_poll_at
-    return case((column.is_(None), null()), else_=literal(poll_at, column.type))
+    only be that request, and RunPod's later news it stands for must not wait for the next poll.
+    For the `values` of `transition` and `update_fields`."""
+    return DueUnlessNow(poll_at)
 
 
 def put_off_polls(session: Session, polls: Sequence[tuple[JobRow, datetime]]) -> int:
@@ -183,6 +285,7 @@ def record_event(
     at = at or utcnow()
     detail = storable_text(detail) if detail is not None else None
     if coalesce:
+        write_side_rows(session)  # the latest event may be one kept back by side_rows_together
         latest = session.exec(select(JobEvent).where(JobEvent.job_id == job_id)
                               .order_by(col(JobEvent.id).desc()).limit(1)).first()
         if latest is not None and (latest.from_status, latest.to_status, latest.source, latest.detail) == (
@@ -191,8 +294,45 @@ def record_event(
             latest.last_at = at
             session.add(latest)
             return
-    session.execute(insert(EVENTS).values(job_id=job_id, from_status=from_status, to_status=to_status, source=source,
-                                          detail=detail, at=at, repeats=1))
+    row = {"job_id": job_id, "from_status": from_status, "to_status": to_status, "source": source, "detail": detail,
+           "at": at, "repeats": 1}
+    kept: list[dict[str, Any]] | None = session.info.get(_KEPT_EVENTS)
+    if kept is not None:
+        kept.append(row)
+    else:
+        session.execute(_NEW_EVENT, row)
+
+
+#: Built once, run with parameters: a statement built and keyed per event cost more than running it.
+_NEW_EVENT = insert(EVENTS)
+_KEPT_EVENTS = "rpq_kept_events"
+
+
+@contextmanager
+def side_rows_together(session: Session) -> Iterator[None]:
+    """Within the block, the event rows and stream events that status changes and other writes add
+    are kept back, and written when it ends: all events in one INSERT, all stream events in one more,
+    instead of two or three statements per job. For a block that writes many jobs' changes in one
+    transaction (`lifecycle.store_together`); the rows are still written in that transaction, each
+    only if its write matched, in the order they were added. A read of them in the block (a coalesced
+    event, `streams.outputs`) writes what was kept first. Not written if the block raises."""
+    session.info[_KEPT_EVENTS] = []
+    session.info[streams.KEPT] = []
+    try:
+        yield
+        write_side_rows(session)
+    finally:
+        session.info.pop(_KEPT_EVENTS, None)
+        session.info.pop(streams.KEPT, None)
+
+
+def write_side_rows(session: Session) -> None:
+    """Write the rows `side_rows_together` has kept back so far (nothing outside such a block)."""
+    kept: list[dict[str, Any]] | None = session.info.get(_KEPT_EVENTS)
+    if kept:
+        session.execute(_NEW_EVENT, list(kept))
+        kept.clear()
+    streams.write_kept(session)
 
 
 def add_runpod_cancel(session: Session, row: JobRow, *, attempt: int, runpod_job_id: str, reason: str) -> bool:
@@ -289,6 +429,7 @@ def find_by_idempotency_key(session: Session, endpoint_id: str, key: str) -> Job
 
 
 def events_of(session: Session, job_id: str) -> Sequence[JobEvent]:
+    write_side_rows(session)
     statement = select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.id))
     return session.exec(statement).all()
 

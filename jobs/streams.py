@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table, func, insert
+from sqlalchemy import Table, bindparam, func, insert
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from jobs.models import StreamEvent, utcnow
@@ -53,16 +54,39 @@ def end_data(status: JobStatus, *, output_missing: bool) -> dict[str, Any]:
 def append(session: Session, job_id: str, attempt: int, events: Sequence[tuple[str, Any]]) -> None:
     if not events:
         return
-    last = session.exec(select(func.max(StreamEvent.seq)).where(StreamEvent.job_id == job_id)).one()
-    first = int(last or 0) + 1
     now = utcnow()
-    # Core, not ORM objects: one INSERT for every event, without the unit of work (the hot path).
-    session.execute(insert(_TABLE), [{"job_id": job_id, "seq": seq, "attempt": attempt, "kind": kind, "data": data,
-                                      "at": now} for seq, (kind, data) in enumerate(events, start=first)])
+    rows = [{"a_job_id": job_id, "a_attempt": attempt, "a_kind": kind, "a_data": data, "a_at": now}
+            for kind, data in events]
+    kept: list[dict[str, Any]] | None = session.info.get(KEPT)
+    if kept is not None:
+        kept.extend(rows)  # written by store.side_rows_together, with the rest of its block's
+    else:
+        session.execute(_APPEND, rows)
+
+
+def write_kept(session: Session) -> None:
+    """Write the stream events kept back by `store.side_rows_together` so far."""
+    kept: list[dict[str, Any]] | None = session.info.get(KEPT)
+    if kept:
+        session.execute(_APPEND, list(kept))
+        kept.clear()
+
+
+#: Where `store.side_rows_together` keeps stream events back (in the session's `info`).
+KEPT = "rpq_kept_stream_events"
+# One statement for any number of events, of any jobs: each event's seq is one past its job's highest,
+# read by the INSERT itself, and the rows are inserted one after the other, so each sees the one before.
+_APPEND = insert(_TABLE).from_select(
+    ["job_id", "seq", "attempt", "kind", "data", "at"],
+    sa_select(bindparam("a_job_id", type_=_TABLE.c.job_id.type), func.coalesce(func.max(_TABLE.c.seq), 0) + 1,
+           bindparam("a_attempt", type_=_TABLE.c.attempt.type), bindparam("a_kind", type_=_TABLE.c.kind.type),
+           bindparam("a_data", type_=_TABLE.c.data.type), bindparam("a_at", type_=_TABLE.c.at.type))
+    .where(_TABLE.c.job_id == bindparam("a_job_id")))
 
 
 def outputs(session: Session, job_id: str, *, attempt: int) -> list[Any]:
     """Every output chunk stored for this attempt, in order: a streamed job's output when RunPod gives none."""
+    write_kept(session)
     statement = (select(StreamEvent.data).where(StreamEvent.job_id == job_id, StreamEvent.attempt == attempt,
                                                 StreamEvent.kind == OUTPUT).order_by(col(StreamEvent.seq)))
     return list(session.exec(statement).all())
@@ -70,6 +94,7 @@ def outputs(session: Session, job_id: str, *, attempt: int) -> list[Any]:
 
 def read(session: Session, job_id: str, *, attempt: int, after: int = 0, limit: int = 500) -> list[StreamEvent]:
     """This attempt's events with seq > `after`, oldest first."""
+    write_kept(session)
     statement = (
         select(StreamEvent)
         .where(StreamEvent.job_id == job_id, StreamEvent.attempt == attempt, col(StreamEvent.seq) > after)

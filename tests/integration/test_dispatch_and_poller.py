@@ -6,15 +6,25 @@ asserts on what the table and the simulator say afterwards.
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
-from sqlmodel import select
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
 
 import jobs
-from jobs.budget import Limits, LocalBudget
+from jobs import dispatch as dispatching
+from jobs import lifecycle
+from jobs import poller as polling
+from jobs.budget import Limits, LocalBudget, UnlimitedBudget
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.models import JobRow, utcnow
@@ -22,7 +32,7 @@ from jobs.poller import claim_due, poll_due
 from jobs.reconcile import reconcile
 from jobs.runtime import DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
-from jobs.store import update_fields
+from jobs.store import Source, record_event, update_fields
 from jobs.wakeups import Wakeups, key
 from tests.conftest import ENDPOINT_ID, ENDPOINT_NAME, Published, SimulatorProcess, wait_until
 
@@ -142,6 +152,32 @@ def test_an_endpoint_at_its_max_in_flight_holds_its_jobs_pending_until_one_ends(
     assert len(simulator.jobs()) == 4
 
 
+class Trickle(UnlimitedBudget):
+    """A budget with `first` tokens free at the first look and one more at every later look, as a real
+    one refills while a batch is out."""
+
+    def __init__(self, first: int) -> None:
+        self.looks, self.first = 0, first
+
+    def available(self, endpoint_id: str, op: str) -> int:
+        self.looks += 1
+        return self.first if self.looks == 1 else 1
+
+
+def test_when_the_budget_allows_less_than_a_batch_the_dispatcher_sends_that_and_comes_back_for_the_rest(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    submitted = [jobs.submit("tts", {"output": i}, runtime=runtime) for i in range(8)]
+    runtime.runpod.budget = Trickle(3)
+    try:
+        outcome = dispatch(runtime, ENDPOINT_ID)
+    finally:
+        runtime.runpod.budget = None
+
+    assert outcome.sent == 3 and outcome.again_in == dispatching.NO_BUDGET_RECHECK_SECONDS  # not 3, 1, 1, 1 ...
+    assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.IN_QUEUE] * 3 + [JobStatus.PENDING] * 5
+
+
 def test_a_pending_job_waiting_out_a_backoff_is_not_sent_early(runtime: Runtime, simulator: SimulatorProcess) -> None:
     job = jobs.submit("tts", {"output": 1}, runtime=runtime)
     with session_scope(runtime.engine) as session:
@@ -212,6 +248,149 @@ def test_a_poller_run_makes_no_more_calls_than_the_budget_has_tokens_for(runtime
 
     assert outcome.polled == runpod_polls == 3
     assert outcome.again_in is not None and "budget" in outcome.reason
+
+
+# -- a batch's answers, stored together ------------------------------------------------------------------
+
+
+@contextmanager
+def transactions_updating(engine: Engine, column: str) -> Iterator[list[int]]:
+    """For each UPDATE of the job table that sets `column`, run on `engine` in the block, the number of the
+    transaction it ran in (transactions numbered as they begin, on any connection)."""
+    numbers = itertools.count()
+    ran: list[int] = []
+
+    def begun(connection: Connection) -> None:
+        connection.info["test_transaction"] = next(numbers)
+
+    def executing(connection: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("UPDATE jobs SET") and column in statement.partition(" WHERE ")[0]:
+            ran.append(connection.info["test_transaction"])
+
+    event.listen(engine, "begin", begun)
+    event.listen(engine, "before_cursor_execute", executing)
+    try:
+        yield ran
+    finally:
+        event.remove(engine, "before_cursor_execute", executing)
+        event.remove(engine, "begin", begun)
+
+
+def all_finished_at_runpod(rt: Runtime, simulator: SimulatorProcess, count: int) -> list[jobs.Job]:
+    """`count` jobs of 30 s sent to RunPod, which has finished them all before anyone polled them."""
+    submitted = [jobs.submit("tts", {"sleep": 30, "output": i}, runtime=rt) for i in range(count)]
+    dispatch(rt, ENDPOINT_ID)
+
+    def all_done() -> bool:
+        simulator.advance(31)  # the endpoint's workers take a few jobs at a time: each turn finishes some
+        return {job["status"] for job in simulator.jobs(ENDPOINT_ID)} == {"COMPLETED"}
+
+    wait_until(all_done, timeout=10, what="RunPod to finish every job")
+    make_due(rt, *(job.id for job in submitted))
+    return submitted
+
+
+def test_a_poller_run_stores_every_answer_of_its_batch_in_one_transaction(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    submitted = all_finished_at_runpod(runtime, simulator, 5)
+
+    with transactions_updating(runtime.engine, "poll_count") as poll_writes:
+        outcome = poll_due(runtime, ENDPOINT_ID)
+
+    assert outcome.polled == outcome.finished == 5
+    assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.COMPLETED] * 5
+    assert [jobs.get(job.id, runtime=runtime).output for job in submitted] == [0, 1, 2, 3, 4]
+    assert len(poll_writes) == 5 and len(set(poll_writes)) == 1
+    for job in submitted:  # each job's history and stream, written at the batch's end, are its own and in order
+        assert [(e.from_status, e.to_status) for e in jobs.events(job.id, runtime=runtime)] == [
+            (None, JobStatus.PENDING), (JobStatus.PENDING, JobStatus.SUBMITTING),
+            (JobStatus.SUBMITTING, JobStatus.IN_QUEUE), (JobStatus.IN_QUEUE, JobStatus.COMPLETED)]
+        assert [(i.seq, i.kind) for i in jobs.stream_events(job.id, runtime=runtime)[1]] == [
+            (1, "started"), (2, "output"), (3, "end")]
+
+
+def test_a_dispatcher_run_stores_every_answer_of_its_batch_in_one_transaction(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    submitted = [jobs.submit("tts", {"sleep": 30}, runtime=runtime) for _ in range(5)]
+
+    with transactions_updating(runtime.engine, "deadline_at") as answer_writes:
+        outcome = dispatch(runtime, ENDPOINT_ID)
+
+    assert outcome.sent == 5
+    assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.IN_QUEUE] * 5
+    assert len(answer_writes) == 5 and len(set(answer_writes)) == 1
+
+
+def test_a_late_answer_about_an_older_attempt_in_a_batch_changes_nothing_and_the_others_are_stored(
+    runtime: Runtime, simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, retried, last = all_finished_at_runpod(runtime, simulator, 3)
+    ask = lifecycle.ask_status
+
+    def ask_then_retry(rt: Runtime, row: JobRow, **kwargs: Any) -> lifecycle.Findings:
+        found = ask(rt, row, **kwargs)
+        if row.id == retried.id:  # RunPod said COMPLETED about attempt 1; meanwhile a user retried the job
+            jobs.cancel(row.id, runtime=rt)
+            jobs.retry(row.id, runtime=rt)
+            lifecycle.submit_job(rt, row.id)
+        return found
+
+    monkeypatch.setattr(lifecycle, "ask_status", ask_then_retry)
+    with transactions_updating(runtime.engine, "poll_count") as poll_writes:
+        poll_due(runtime, ENDPOINT_ID)
+
+    assert statuses(runtime, first.id, last.id) == [JobStatus.COMPLETED] * 2
+    now = jobs.get(retried.id, runtime=runtime)
+    assert (now.attempt, now.status, now.output, now.poll_count) == (2, JobStatus.IN_QUEUE, None, 0)
+    assert JobStatus.COMPLETED not in [e.to_status for e in jobs.events(retried.id, runtime=runtime)]
+    assert len(poll_writes) == 3 and len(set(poll_writes)) == 1  # the stale write matched nothing
+
+
+def test_when_one_answer_cannot_be_stored_the_rest_of_its_batch_are_stored_and_the_error_is_raised(
+    runtime: Runtime, simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good, bad, also_good = all_finished_at_runpod(runtime, simulator, 3)
+    ask = lifecycle.ask_status
+
+    def ask_badly(rt: Runtime, row: JobRow, **kwargs: Any) -> lifecycle.Findings:
+        found = ask(rt, row, **kwargs)
+        if row.id != bad.id:
+            return found
+
+        def store(session: Session) -> lifecycle.Then:
+            then = found.store(session)  # the job's own write, then one the database refuses
+            record_event(session, "no-such-job", from_status=None, to_status=JobStatus.FAILED, source=Source.POLL)
+            return then
+        return replace(found, store=store)
+
+    monkeypatch.setattr(lifecycle, "ask_status", ask_badly)
+    with pytest.raises(IntegrityError):
+        poll_due(runtime, ENDPOINT_ID)
+
+    assert statuses(runtime, good.id, also_good.id) == [JobStatus.COMPLETED] * 2
+    assert [[e.to_status for e in jobs.events(job.id, runtime=runtime)].count(JobStatus.COMPLETED)
+            for job in (good, also_good)] == [1, 1]  # stored once: the failed batch left nothing behind
+    failed = jobs.get(bad.id, runtime=runtime)
+    assert (failed.status, failed.poll_count, failed.output) == (JobStatus.IN_QUEUE, 0, None)  # nothing half-stored
+    assert [job.id for job in claim_due(runtime, ENDPOINT_ID, 10)] == []  # it keeps its claim until it runs out
+
+
+def test_when_the_budget_allows_less_than_a_batch_the_poller_polls_that_and_comes_back_for_the_rest(
+    runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    many = [jobs.submit("tts", {"sleep": 60}, runtime=runtime) for _ in range(8)]
+    dispatch(runtime, ENDPOINT_ID)
+    make_due(runtime, *(job.id for job in many))
+    runtime.runpod.budget = Trickle(3)
+    try:
+        outcome = poll_due(runtime, ENDPOINT_ID)
+    finally:
+        runtime.runpod.budget = None
+
+    assert outcome.polled == 3 and outcome.again_in == polling.NO_BUDGET_RECHECK_SECONDS
+    assert sorted(jobs.get(job.id, runtime=runtime).poll_count for job in many) == [0] * 5 + [1] * 3
 
 
 # -- wake-ups ---------------------------------------------------------------------------------------------------

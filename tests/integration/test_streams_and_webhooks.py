@@ -7,6 +7,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 import jobs
+from jobs.dispatch import dispatch
 from jobs.lifecycle import poll_claimed, poll_job, submit_job
 from jobs.poller import claim_due, poll_due
 from jobs.runtime import POLL_DUE_TASK, POLL_TASK, Runtime
@@ -155,6 +156,27 @@ def test_a_webhooks_poll_goes_before_every_scheduled_poll(
 
     [first] = claim_due(webhook_runtime, ENDPOINT_ID, 1)
     assert first.id == woken.id
+
+
+def test_jobs_dispatched_together_each_carry_a_webhook_token_of_their_own(
+    webhook_runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    together = [jobs.submit("tts", {"sleep": 30}, runtime=webhook_runtime) for _ in range(3)]
+    own_hook = jobs.submit("tts", {"sleep": 30}, webhook="https://example.com/mine", runtime=webhook_runtime)
+    dispatch(webhook_runtime, ENDPOINT_ID)
+    make_due_now(webhook_runtime, *(job.id for job in together))  # all due: the webhook decides which goes first
+
+    def token(job: jobs.Job) -> str:
+        return webhook_of(simulator, jobs.get(job.id, runtime=webhook_runtime).runpod_job_id or "").split("/")[-1]
+
+    tokens = [token(job) for job in together]
+    assert len(set(tokens)) == 3
+    assert jobs.webhook_received(tokens[1], runtime=webhook_runtime) is True
+    [first] = claim_due(webhook_runtime, ENDPOINT_ID, 1)
+    assert first.id == together[1].id
+    assert webhook_of(simulator, jobs.get(own_hook.id, runtime=webhook_runtime).runpod_job_id or "") == \
+        "https://example.com/mine"
+    assert jobs.get(own_hook.id, runtime=webhook_runtime).webhook == "https://example.com/mine"
 
 
 def test_a_webhook_during_a_poll_is_not_undone_by_that_polls_answer(
