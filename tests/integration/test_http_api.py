@@ -794,7 +794,7 @@ def test_a_wrong_method_is_a_405_in_the_error_shape(api: httpx.Client) -> None:
 
 def test_a_waiting_job_is_read_and_listed_with_why_it_waits(start_api: Callable[..., ApiServer],
                                                             runtime: Runtime) -> None:
-    runtime.settings = replace(runtime.settings, max_in_flight={"tts": 1})
+    runtime.settings = runtime.settings.model_copy(update={"max_in_flight": {"tts": 1}})
     api = start_api(runtime).client()
     first, second, done = (jobs.submit("tts", {"n": n}, runtime=runtime) for n in range(3))
     finish(runtime, done.id, JobStatus.COMPLETED)

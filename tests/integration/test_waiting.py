@@ -6,7 +6,6 @@ then reads the jobs and asserts what they say.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
@@ -30,7 +29,7 @@ LONG = {"sleep": 300}  # a job the simulator keeps running for the whole test
 
 
 def with_cap(rt: Runtime, cap: int) -> Runtime:
-    rt.settings = replace(rt.settings, max_in_flight={ENDPOINT_NAME: cap})
+    rt.settings = rt.settings.model_copy(update={"max_in_flight": {ENDPOINT_NAME: cap}})
     return rt
 
 
