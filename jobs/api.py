@@ -25,7 +25,7 @@ from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
 from jobs.jsonsafe import json_problems, text_problems
 from jobs.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
 from jobs.models import JobEvent, JobRow, utcnow
-from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
+from jobs.runpod.client import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime, get_runtime
 from jobs.settings import Endpoint, Settings
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus

@@ -445,8 +445,8 @@ def endpoints() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def endpoints_health(name: str | None, live: bool, as_json: bool) -> None:
     """Workers, jobs, a state label and an estimated wait, per endpoint."""
-    from jobs import health
     from jobs.db import session_scope
+    from jobs.runpod import health
     from jobs.runtime import get_runtime
 
     rt = get_runtime()

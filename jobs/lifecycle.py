@@ -41,7 +41,7 @@ from jobs.errors import (
 from jobs.jsonsafe import storable_json, storable_text
 from jobs.models import JobRow, RunPodCancel, utcnow
 from jobs.pollplan import LONG_WAIT_CAP_SECONDS, JobSeen, Mode, Plan, plan_next_poll
-from jobs.runpod import JobState, RunPodStatus
+from jobs.runpod.client import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
 from jobs.store import (
@@ -265,7 +265,7 @@ def _submit_outcome(exc: RunPodError) -> str:
 
 def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand: Any) -> Findings:
     if isinstance(exc, RunPodTransient) and not isinstance(exc, RunOutcomeUnknown):
-        # For /run only errors RunPod provably never acted on get here (see jobs.runpod): send later.
+        # For /run only errors RunPod provably never acted on get here (see jobs.runpod.client): send later.
         if isinstance(exc, RunPodBudgetExhausted):  # not RunPod's failure: no backoff
             errors, delay = row.poll_errors, (exc.retry_after or 0.0) + rand()
         else:

@@ -2,7 +2,7 @@
 
 At each scrape it reads the job table, the latest endpoint health rows, the broker's queues, the
 counters workers keep in Redis (see `jobs.metrics_recorder`) and the RunPod request budget's denial
-counts (see `jobs.budget`).
+counts (see `jobs.runpod.budget`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from jobs import health
-from jobs.budget import OPERATIONS, read_denied
 from jobs.db import session_scope
 from jobs.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
 from jobs.models import JobRow, utcnow
+from jobs.runpod import health
+from jobs.runpod.budget import OPERATIONS, read_denied
 from jobs.runtime import Runtime
 from jobs.states import AT_RUNPOD
 from jobs.waiting import held_by_cap

@@ -7,9 +7,10 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from jobs import api, health
+from jobs import api
 from jobs.db import session_scope
 from jobs.models import JobRow, utcnow
+from jobs.runpod import health
 from jobs.runtime import Runtime
 from jobs.states import TERMINAL
 

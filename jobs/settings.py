@@ -26,8 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from jobs.budget import Limits, parse_limits
 from jobs.errors import ConfigError
+from jobs.runpod.budget import Limits, parse_limits
 
 # RunPod endpoint ids are lowercase letters and digits ("fh46rj7dq9r3o5"); public endpoints add
 # hyphens ("black-forest-labs-flux-1-schnell"). \Z, not $: $ also matches before a final newline.
@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     # order of priority then age, and go out as jobs finish. Unlisted endpoints have no cap.
     max_in_flight: Mapping[str, int] = Field(default_factory=dict, validation_alias="RPQ_MAX_IN_FLIGHT")
     # rpq's own budget of RunPod requests per 10 s, per endpoint and operation, shared by every process
-    # (jobs.budget). Below RunPod's documented limits, so rpq never draws a 429.
+    # (jobs.runpod.budget). Below RunPod's documented limits, so rpq never draws a 429.
     runpod_limits: Limits = Field(default_factory=Limits, validation_alias="RPQ_RUNPOD_LIMITS")
 
     @classmethod

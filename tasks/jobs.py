@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs import dispatch as dispatching
-from jobs import health as endpoint_health
 from jobs import lifecycle, logcontext, poller, retention
 from jobs.reconcile import reconcile as reconcile_jobs
+from jobs.runpod import health as endpoint_health
 from jobs.runtime import (
     CANCEL_TASK,
     DISPATCH_TASK,

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 if TYPE_CHECKING:
-    from jobs.runpod import RunPodClient
+    from jobs.runpod.client import RunPodClient
     from jobs.runtime import Runtime
     from jobs.settings import Settings
 
@@ -366,7 +366,7 @@ def make_settings(database_url: str, simulator: SimulatorProcess, **overrides: o
 def fast_client(simulator: SimulatorProcess, kind: type[RunPodClient] | None = None) -> RunPodClient:
     """A RunPod client (or a subclass of it) for in-process tests: short timeouts, quick retries."""
     from jobs.backoff import RetryPolicy
-    from jobs.runpod import RunPodClient
+    from jobs.runpod.client import RunPodClient
 
     return (kind or RunPodClient)(api_key=simulator.api_key, base_url=simulator.base_url, timeout=3.0,
                                   retry=RetryPolicy(max_attempts=2, base_delay=0.05, max_delay=1.0))
@@ -472,7 +472,7 @@ def _stack(request: pytest.FixtureRequest, start_simulator: Callable[..., Simula
     import redis as redis_lib
 
     from jobs.db import make_engine, upgrade
-    from jobs.runpod import RunPodClient
+    from jobs.runpod.client import RunPodClient
     from jobs.runtime import Runtime, celery_publisher
     from jobs.web.auth import new_token
 

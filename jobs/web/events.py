@@ -31,7 +31,7 @@ import jobs
 from jobs.api import JobNotFound
 from jobs.errors import Problem, RunPodTransient
 from jobs.jsonsafe import text_problems
-from jobs.runpod import MAX_RUNSYNC_PAYLOAD_BYTES, is_job_id
+from jobs.runpod.client import MAX_RUNSYNC_PAYLOAD_BYTES, is_job_id
 from jobs.runtime import Runtime
 from jobs.streams import FINAL_KINDS, end_data
 from jobs.web.schemas import ErrorBody, header_schema

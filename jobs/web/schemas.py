@@ -41,7 +41,7 @@ from jobs.api import (
 )
 from jobs.errors import ConfigError, Problem
 from jobs.jsonsafe import MAX_DEPTH
-from jobs.runpod import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
+from jobs.runpod.client import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
 from jobs.settings import ENDPOINT_ID_RE, Settings
 from jobs.states import JobStatus
 from jobs.waiting import WaitReason

@@ -15,7 +15,7 @@ from jobs.errors import (
     RunPodRejected,
     RunPodTransient,
 )
-from jobs.runpod import JobState, RunPodClient, RunPodStatus, describe_error
+from jobs.runpod.client import JobState, RunPodClient, RunPodStatus, describe_error
 from tests.conftest import SimulatorProcess, free_port, wait_until
 
 pytestmark = pytest.mark.integration

@@ -24,12 +24,12 @@ import jobs
 from jobs import dispatch as dispatching
 from jobs import lifecycle
 from jobs import poller as polling
-from jobs.budget import Limits, LocalBudget, UnlimitedBudget
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.models import JobRow, utcnow
 from jobs.poller import claim_due, poll_due
 from jobs.reconcile import reconcile
+from jobs.runpod.budget import Limits, LocalBudget, UnlimitedBudget
 from jobs.runtime import DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
 from jobs.store import Source, record_event, update_fields

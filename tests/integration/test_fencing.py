@@ -15,7 +15,7 @@ import jobs
 from jobs.db import session_scope
 from jobs.lifecycle import cancel_on_runpod, poll_job, submit_job
 from jobs.models import RunPodCancel
-from jobs.runpod import JobState
+from jobs.runpod.client import JobState
 from jobs.runtime import CANCEL_TASK, Runtime
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, SimulatorProcess, wait_until

@@ -34,7 +34,7 @@ from jobs.errors import ConfigError
 from jobs.jsonsafe import MAX_DEPTH
 from jobs.lifecycle import hash_token
 from jobs.models import JobRow, utcnow
-from jobs.runpod import RunPodClient
+from jobs.runpod.client import RunPodClient
 from jobs.runtime import DISPATCH_TASK, Runtime
 from jobs.settings import Settings
 from jobs.states import JobStatus

@@ -16,6 +16,7 @@ from jobs.db import session_scope
 from jobs.lifecycle import cancel_on_runpod, poll_job, submit_job
 from jobs.models import utcnow
 from jobs.reconcile import reconcile
+from jobs.runpod.client import RunPodClient
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.settings import Secret
 from jobs.states import JobStatus
@@ -177,7 +178,7 @@ def test_a_job_runpod_refuses_fails_with_the_reason(runtime: Runtime, simulator:
     job = jobs.submit("tts", {"output": 1}, runtime=runtime)
     runtime.settings = runtime.settings.__class__(**{**runtime.settings.__dict__,
                                                      "runpod_api_key": Secret("wrong")})
-    runtime.make_client = lambda: __import__("jobs.runpod").runpod.RunPodClient(
+    runtime.make_client = lambda: RunPodClient(
         api_key="wrong", base_url=simulator.base_url)
 
     submit_job(runtime, job.id)

@@ -11,13 +11,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlmodel import func, select
 
 import jobs
-from jobs import health, ops, retention
+from jobs import ops, retention
 from jobs.db import session_scope
 from jobs.lifecycle import submit_job
 from jobs.metrics import RpqCollector
 from jobs.metrics_recorder import RedisRecorder
 from jobs.models import EndpointHealthRow, JobEvent, JobRow, utcnow
 from jobs.reconcile import reconcile
+from jobs.runpod import health
 from jobs.runtime import DISPATCH_TASK, QUEUES, Runtime
 from jobs.states import JobStatus
 from jobs.store import update_fields

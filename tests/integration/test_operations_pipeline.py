@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 import jobs
-from jobs import health
 from jobs.db import session_scope
+from jobs.runpod import health
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, Pipeline, free_port, stop_process, wait_until
 

@@ -13,7 +13,7 @@ import jobs
 from jobs.lifecycle import DEFAULT_TTL_MS, poll_job, submit_job
 from jobs.models import utcnow
 from jobs.reconcile import reconcile
-from jobs.runpod import JobState
+from jobs.runpod.client import JobState
 from jobs.runtime import POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, SimulatorProcess, wait_until

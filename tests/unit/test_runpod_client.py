@@ -21,7 +21,7 @@ from jobs.errors import (
     RunPodTransient,
     StreamReadUnknown,
 )
-from jobs.runpod import (
+from jobs.runpod.client import (
     MAX_RUN_PAYLOAD_BYTES,
     EndpointHealth,
     RequestInvalid,

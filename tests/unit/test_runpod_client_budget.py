@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from jobs.backoff import RetryPolicy
-from jobs.budget import Limits, LocalBudget
 from jobs.errors import RunOutcomeUnknown, RunPodBudgetExhausted, RunPodTransient
+from jobs.runpod.budget import Limits, LocalBudget
 from tests.unit.test_budget import FakeTime
 from tests.unit.test_runpod_client import Recorder, make_client, ok
 
