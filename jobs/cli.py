@@ -23,7 +23,7 @@ from jobs.runtime import get_runtime
 from jobs.settings import Settings, redact_url
 from jobs.simulator import SimulatorConfig
 from jobs.states import RETRYABLE, TERMINAL, JobStatus
-from jobs.store import Source
+from jobs.storage.store import Source
 from jobs.waiting import WaitReason
 
 
@@ -445,9 +445,9 @@ def endpoints() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def endpoints_health(name: str | None, live: bool, as_json: bool) -> None:
     """Workers, jobs, a state label and an estimated wait, per endpoint."""
-    from jobs.db import session_scope
     from jobs.runpod import health
     from jobs.runtime import get_runtime
+    from jobs.storage.db import session_scope
 
     rt = get_runtime()
     targets = [rt.settings.resolve_endpoint(name)] if name else list(rt.settings.endpoints.values())
@@ -568,7 +568,7 @@ def db() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def upgrade(as_json: bool) -> None:
     """Create or migrate the tables at DATABASE_URL."""
-    from jobs.db import upgrade as upgrade_schema
+    from jobs.storage.db import upgrade as upgrade_schema
 
     url = Settings.from_env().database_url
     upgrade_schema(url)

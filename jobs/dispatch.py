@@ -27,10 +27,10 @@ from sqlmodel import Session, col, or_, select
 
 from jobs import lifecycle
 from jobs.batching import ask_and_store, tokens_available
-from jobs.db import session_scope
-from jobs.models import JobRow, utcnow
 from jobs.runtime import POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobRow, utcnow
 
 log = logging.getLogger("rpq.dispatch")
 

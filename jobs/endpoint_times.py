@@ -16,10 +16,10 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
-from jobs.db import READ_ONLY
-from jobs.models import JobRow
 from jobs.pollplan import DEFAULT_TUNING, NO_HISTORY, EndpointTimes
 from jobs.states import JobStatus
+from jobs.storage.db import READ_ONLY
+from jobs.storage.models import JobRow
 
 log = logging.getLogger("rpq.endpoint_times")
 

@@ -24,9 +24,8 @@ from urllib.parse import urlencode
 from sqlalchemy import CursorResult, case, update
 from sqlmodel import Session, col, select
 
-from jobs import logcontext, streams
+from jobs import logcontext
 from jobs.backoff import poll_delay, poll_error_delay
-from jobs.db import session_scope
 from jobs.errors import (
     RunOutcomeUnknown,
     RunPodAuthError,
@@ -39,12 +38,14 @@ from jobs.errors import (
     StreamReadUnknown,
 )
 from jobs.jsonsafe import storable_json, storable_text
-from jobs.models import JobRow, RunPodCancel, utcnow
 from jobs.pollplan import LONG_WAIT_CAP_SECONDS, JobSeen, Mode, Plan, plan_next_poll
 from jobs.runpod.client import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
-from jobs.store import (
+from jobs.storage import streams
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobRow, RunPodCancel, utcnow
+from jobs.storage.store import (
     JOBS,
     Fence,
     Source,

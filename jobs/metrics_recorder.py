@@ -24,7 +24,7 @@ from typing import Protocol
 import redis
 
 from jobs.errors import RunPodError
-from jobs.models import utcnow
+from jobs.storage.models import utcnow
 
 log = logging.getLogger("rpq.metrics")
 

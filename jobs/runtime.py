@@ -15,12 +15,12 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from jobs.backoff import PollSchedule
-from jobs.db import make_engine
 from jobs.endpoint_times import EndpointTimesCache
 from jobs.metrics_recorder import BufferedRecorder, NullRecorder, Recorder
 from jobs.runpod.budget import RedisBudget
 from jobs.runpod.client import RunPodClient
 from jobs.settings import Settings
+from jobs.storage.db import make_engine
 from jobs.wakeups import Wakeups
 
 log = logging.getLogger("rpq")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs import dispatch as dispatching
-from jobs import lifecycle, logcontext, poller, retention
+from jobs import lifecycle, logcontext, poller
 from jobs.reconcile import reconcile as reconcile_jobs
 from jobs.runpod import health as endpoint_health
 from jobs.runtime import (
@@ -28,6 +28,7 @@ from jobs.runtime import (
 )
 from jobs.runtime import get_runtime as _get_runtime
 from jobs.settings import Settings
+from jobs.storage import retention
 from tasks.app import app
 
 log = logging.getLogger("rpq.tasks")

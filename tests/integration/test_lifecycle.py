@@ -12,15 +12,15 @@ from datetime import timedelta
 import pytest
 
 import jobs
-from jobs.db import session_scope
 from jobs.lifecycle import cancel_on_runpod, poll_job, submit_job
-from jobs.models import utcnow
 from jobs.reconcile import reconcile
 from jobs.runpod.client import RunPodClient
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.settings import Secret
 from jobs.states import JobStatus
-from jobs.store import update_fields
+from jobs.storage.db import session_scope
+from jobs.storage.models import utcnow
+from jobs.storage.store import update_fields
 from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess, wait_until
 
 pytestmark = pytest.mark.integration
