@@ -18,13 +18,13 @@ import click
 from jobs import api
 from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET, Job
 from jobs.errors import ConfigError, Problem
+from jobs.flow.waiting import WaitReason
 from jobs.jsonsafe import text_problems
 from jobs.runtime import get_runtime
 from jobs.settings import Settings, redact_url
 from jobs.simulator import SimulatorConfig
 from jobs.states import RETRYABLE, TERMINAL, JobStatus
 from jobs.storage.store import Source
-from jobs.waiting import WaitReason
 
 
 class _Refused(click.ClickException):

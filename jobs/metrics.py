@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
+from jobs.flow.waiting import held_by_cap
 from jobs.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
 from jobs.runpod import health
 from jobs.runpod.budget import OPERATIONS, read_denied
@@ -27,7 +28,6 @@ from jobs.runtime import Runtime
 from jobs.states import AT_RUNPOD
 from jobs.storage.db import session_scope
 from jobs.storage.models import JobRow, utcnow
-from jobs.waiting import held_by_cap
 
 log = logging.getLogger("rpq.metrics")
 

@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     celery_broker_url: Annotated[str, _url("redis", "rediss")] = "redis://localhost:6379/0"
     # Polling: how soon after submission, and the longest gap once a job's status stops changing.
     # A lower cap notices long jobs finish sooner and costs more /status calls. Once an endpoint has
-    # history, polls follow jobs.pollplan: the cap then bounds the gaps across a job's likely end, and a
+    # history, polls follow jobs.flow.pollplan: the cap then bounds the gaps across a job's likely end, and a
     # wait far from it may be longer (pollplan.LONG_WAIT_CAP_SECONDS, or this cap if higher). The cap
     # stays far below the broker's visibility timeout and RunPod's 30-minute result retention.
     poll_first_seconds: Seconds = Field(default=1.0, validation_alias="RPQ_POLL_FIRST_SECONDS")

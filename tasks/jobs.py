@@ -1,5 +1,5 @@
-"""The Celery tasks: thin adapters over `jobs.dispatch`, `jobs.poller`, `jobs.lifecycle` and
-`jobs.reconcile`.
+"""The Celery tasks: thin adapters over `jobs.flow.dispatch`, `jobs.flow.poller`,
+`jobs.flow.lifecycle` and `jobs.flow.reconcile`.
 
 Each takes one id (a job's or an endpoint's; never an input or a key: Flower shows arguments), calls
 one function, and schedules what that function asks for. Nothing here decides anything about a job.
@@ -11,9 +11,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from jobs import dispatch as dispatching
-from jobs import lifecycle, logcontext, poller
-from jobs.reconcile import reconcile as reconcile_jobs
+from jobs import logcontext
+from jobs.flow import dispatch as dispatching
+from jobs.flow import lifecycle, poller
+from jobs.flow.reconcile import reconcile as reconcile_jobs
 from jobs.runpod import health as endpoint_health
 from jobs.runtime import (
     CANCEL_TASK,

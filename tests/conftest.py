@@ -365,7 +365,7 @@ def make_settings(database_url: str, simulator: SimulatorProcess, **overrides: o
 
 def fast_client(simulator: SimulatorProcess, kind: type[RunPodClient] | None = None) -> RunPodClient:
     """A RunPod client (or a subclass of it) for in-process tests: short timeouts, quick retries."""
-    from jobs.backoff import RetryPolicy
+    from jobs.flow.backoff import RetryPolicy
     from jobs.runpod.client import RunPodClient
 
     return (kind or RunPodClient)(api_key=simulator.api_key, base_url=simulator.base_url, timeout=3.0,

@@ -36,7 +36,6 @@ from urllib.parse import quote
 
 import httpx
 
-from jobs.backoff import RetryPolicy, parse_retry_after, retry_delay
 from jobs.errors import (
     PayloadTooLarge,
     Problem,
@@ -51,6 +50,7 @@ from jobs.errors import (
     RunPodTransient,
     StreamReadUnknown,
 )
+from jobs.flow.backoff import RetryPolicy, parse_retry_after, retry_delay
 from jobs.runpod.budget import OPERATION_OF_PATH, Budget
 from jobs.settings import Secret
 

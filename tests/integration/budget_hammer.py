@@ -19,8 +19,8 @@ import threading
 import time
 from collections import Counter
 
-from jobs.backoff import NO_RETRY
 from jobs.errors import RunPodBudgetExhausted, RunPodError, RunPodRateLimited
+from jobs.flow.backoff import NO_RETRY
 from jobs.runpod.budget import RedisBudget, parse_limits
 from jobs.runpod.client import RunPodClient
 

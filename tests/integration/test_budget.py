@@ -19,7 +19,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from jobs.backoff import NO_RETRY
+from jobs.flow.backoff import NO_RETRY
 from jobs.metrics import RpqCollector
 from jobs.runpod.budget import DENIED_KEY, Limits, RedisBudget, bucket_key
 from jobs.runpod.client import RunPodClient

@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import Engine
 
 import jobs
-from jobs.endpoint_times import EndpointTimesCache, load
-from jobs.lifecycle import poll_job, submit_job
-from jobs.poller import poll_due
-from jobs.pollplan import NO_HISTORY, EndpointTimes
+from jobs.flow.endpoint_times import EndpointTimesCache, load
+from jobs.flow.lifecycle import poll_job, submit_job
+from jobs.flow.poller import poll_due
+from jobs.flow.pollplan import NO_HISTORY, EndpointTimes
 from jobs.runtime import Runtime
 from jobs.states import JobStatus
 from jobs.storage.db import make_engine, session_scope

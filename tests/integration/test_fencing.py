@@ -12,7 +12,7 @@ import pytest
 from sqlmodel import col, select
 
 import jobs
-from jobs.lifecycle import cancel_on_runpod, poll_job, submit_job
+from jobs.flow.lifecycle import cancel_on_runpod, poll_job, submit_job
 from jobs.runpod.client import JobState
 from jobs.runtime import CANCEL_TASK, Runtime
 from jobs.states import JobStatus
@@ -179,7 +179,7 @@ def test_a_cancel_outbox_row_left_open_is_sent_again_by_the_reconciler(
 ) -> None:
     from datetime import timedelta
 
-    from jobs.reconcile import reconcile
+    from jobs.flow.reconcile import reconcile
     from jobs.storage.models import utcnow
 
     job = jobs.submit("tts", {"sleep": 60}, runtime=runtime)

@@ -28,10 +28,10 @@ from sqlalchemy import update
 
 import jobs
 from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET
-from jobs.backoff import RetryPolicy
 from jobs.errors import ConfigError
+from jobs.flow.backoff import RetryPolicy
+from jobs.flow.lifecycle import hash_token
 from jobs.jsonsafe import MAX_DEPTH
-from jobs.lifecycle import hash_token
 from jobs.runpod.client import RunPodClient
 from jobs.runtime import DISPATCH_TASK, Runtime
 from jobs.settings import Settings

@@ -12,8 +12,8 @@ from datetime import timedelta
 import pytest
 
 import jobs
-from jobs.lifecycle import cancel_on_runpod, poll_job, submit_job
-from jobs.reconcile import reconcile
+from jobs.flow.lifecycle import cancel_on_runpod, poll_job, submit_job
+from jobs.flow.reconcile import reconcile
 from jobs.runpod.client import RunPodClient
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.settings import Secret

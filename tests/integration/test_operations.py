@@ -12,10 +12,10 @@ from sqlmodel import func, select
 
 import jobs
 from jobs import ops
-from jobs.lifecycle import submit_job
+from jobs.flow.lifecycle import submit_job
+from jobs.flow.reconcile import reconcile
 from jobs.metrics import RpqCollector
 from jobs.metrics_recorder import RedisRecorder
-from jobs.reconcile import reconcile
 from jobs.runpod import health
 from jobs.runtime import DISPATCH_TASK, QUEUES, Runtime
 from jobs.states import JobStatus
@@ -106,7 +106,7 @@ def test_the_reconciler_runs_again_once_the_last_run_is_over(runtime: Runtime) -
 def test_a_reconciler_killed_holding_its_lease_holds_up_the_next_run_only_briefly(runtime: Runtime) -> None:
     from sqlalchemy import update
 
-    from jobs.reconcile import LOCK, lease_for
+    from jobs.flow.reconcile import LOCK, lease_for
     from jobs.storage.locks import try_acquire
     from jobs.storage.models import Lock
 

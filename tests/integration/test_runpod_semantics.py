@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 import jobs
-from jobs.lifecycle import DEFAULT_TTL_MS, poll_job, submit_job
-from jobs.reconcile import reconcile
+from jobs.flow.lifecycle import DEFAULT_TTL_MS, poll_job, submit_job
+from jobs.flow.reconcile import reconcile
 from jobs.runpod.client import JobState
 from jobs.runtime import POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
@@ -465,7 +465,7 @@ def test_a_malformed_webhook_body_is_answered_and_adopts_nothing(
 def test_a_cancel_runpod_cannot_take_now_stays_in_the_outbox_and_is_sent_later(
     runtime: Runtime, simulator: SimulatorProcess
 ) -> None:
-    from jobs.lifecycle import cancel_on_runpod
+    from jobs.flow.lifecycle import cancel_on_runpod
     from tests.integration.test_fencing import outbox
 
     job = jobs.submit("tts", {"sleep": 60}, runtime=runtime)

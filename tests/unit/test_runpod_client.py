@@ -9,7 +9,6 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from jobs.backoff import RetryPolicy
 from jobs.errors import (
     PayloadTooLarge,
     RunOutcomeUnknown,
@@ -21,6 +20,7 @@ from jobs.errors import (
     RunPodTransient,
     StreamReadUnknown,
 )
+from jobs.flow.backoff import RetryPolicy
 from jobs.runpod.client import (
     MAX_RUN_PAYLOAD_BYTES,
     EndpointHealth,

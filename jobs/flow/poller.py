@@ -29,8 +29,8 @@ from typing import Any
 from sqlalchemy import case, func, update
 from sqlmodel import col, or_, select
 
-from jobs import lifecycle
-from jobs.batching import ask_and_store, tokens_available
+from jobs.flow import lifecycle
+from jobs.flow.batching import ask_and_store, tokens_available
 from jobs.runtime import DISPATCH_TASK, Runtime
 from jobs.states import AT_RUNPOD
 from jobs.storage.db import session_scope

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, update
 from sqlmodel import col, or_, select
 
-from jobs.lifecycle import adopt_named
+from jobs.flow.lifecycle import adopt_named
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, JobStatus
 from jobs.storage.db import session_scope
