@@ -529,7 +529,7 @@ def purge(endpoint: str, yes: bool, as_json: bool) -> None:
 @click.option("--port", default=9464, show_default=True, type=int, help="Port to bind.")
 def metrics(host: str, port: int) -> None:
     """Serve Prometheus metrics at http://HOST:PORT/metrics."""
-    from jobs import metrics as exporter
+    from jobs.observability import metrics as exporter
     from jobs.runtime import get_runtime
 
     exporter.serve(get_runtime(), host=host, port=port)

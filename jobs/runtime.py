@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from jobs.flow.backoff import PollSchedule
 from jobs.flow.endpoint_times import EndpointTimesCache
 from jobs.flow.wakeups import Wakeups
-from jobs.metrics_recorder import BufferedRecorder, NullRecorder, Recorder
+from jobs.observability.metrics_recorder import BufferedRecorder, NullRecorder, Recorder
 from jobs.runpod.budget import RedisBudget
 from jobs.runpod.client import RunPodClient
 from jobs.settings import Settings

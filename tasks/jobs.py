@@ -11,10 +11,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from jobs import logcontext
 from jobs.flow import dispatch as dispatching
 from jobs.flow import lifecycle, poller
 from jobs.flow.reconcile import reconcile as reconcile_jobs
+from jobs.observability import logcontext
 from jobs.runpod import health as endpoint_health
 from jobs.runtime import (
     CANCEL_TASK,

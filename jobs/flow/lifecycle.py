@@ -24,7 +24,6 @@ from urllib.parse import urlencode
 from sqlalchemy import CursorResult, case, update
 from sqlmodel import Session, col, select
 
-from jobs import logcontext
 from jobs.errors import (
     RunOutcomeUnknown,
     RunPodAuthError,
@@ -39,6 +38,7 @@ from jobs.errors import (
 from jobs.flow.backoff import poll_delay, poll_error_delay
 from jobs.flow.pollplan import LONG_WAIT_CAP_SECONDS, JobSeen, Mode, Plan, plan_next_poll
 from jobs.jsonsafe import storable_json, storable_text
+from jobs.observability import logcontext
 from jobs.runpod.client import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus

@@ -20,7 +20,7 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
 from jobs.flow.backoff import NO_RETRY
-from jobs.metrics import RpqCollector
+from jobs.observability.metrics import RpqCollector
 from jobs.runpod.budget import DENIED_KEY, Limits, RedisBudget, bucket_key
 from jobs.runpod.client import RunPodClient
 from jobs.runtime import QUEUES, Runtime

@@ -14,8 +14,8 @@ import jobs
 from jobs import ops
 from jobs.flow.lifecycle import submit_job
 from jobs.flow.reconcile import reconcile
-from jobs.metrics import RpqCollector
-from jobs.metrics_recorder import RedisRecorder
+from jobs.observability.metrics import RpqCollector
+from jobs.observability.metrics_recorder import RedisRecorder
 from jobs.runpod import health
 from jobs.runtime import DISPATCH_TASK, QUEUES, Runtime
 from jobs.states import JobStatus

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 import jobs
 from jobs.flow.dispatch import dispatch
 from jobs.flow.waiting import Waiting, WaitReason, held_by_cap
-from jobs.metrics import RpqCollector
+from jobs.observability.metrics import RpqCollector
 from jobs.runtime import Runtime
 from jobs.states import JobStatus
 from jobs.storage.db import session_scope

@@ -1,8 +1,8 @@
 """The Prometheus exporter that `rpq metrics` serves.
 
 At each scrape it reads the job table, the latest endpoint health rows, the broker's queues, the
-counters workers keep in Redis (see `jobs.metrics_recorder`) and the RunPod request budget's denial
-counts (see `jobs.runpod.budget`).
+counters workers keep in Redis (see `jobs.observability.metrics_recorder`) and the RunPod request
+budget's denial counts (see `jobs.runpod.budget`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 
 from jobs.flow.waiting import held_by_cap
-from jobs.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
+from jobs.observability.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
 from jobs.runpod import health
 from jobs.runpod.budget import OPERATIONS, read_denied
 from jobs.runtime import Runtime
