@@ -3,7 +3,7 @@
     .venv/bin/python bench/budget.py
     .venv/bin/python bench/budget.py --calls 20000 --repeats 5
 
-Every RunPod call rpq makes (but /health) first takes a token (`jobs.budget`). This measures, per
+Every RunPod call rpq makes (but /health) first takes a token (`jobs.runpod.budget`). This measures, per
 call, on a private redis-server:
 
 - the arithmetic alone (`decide`) and the in-process bucket (`LocalBudget`, Redis's fallback);
@@ -39,8 +39,8 @@ from harness import (
     this_process,
 )
 
-from jobs.budget import MAX_LIMIT, Limits, LocalBudget, RedisBudget, bucket_for, decide
-from jobs.runpod import RunPodClient
+from jobs.runpod.budget import MAX_LIMIT, Limits, LocalBudget, RedisBudget, bucket_for, decide
+from jobs.runpod.client import RunPodClient
 
 JOB = b'{"id": "job-1-u1", "status": "COMPLETED", "output": {"url": "s3://b/k.wav"}}'
 

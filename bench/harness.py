@@ -240,7 +240,7 @@ def scratch_postgres() -> Iterator[str]:
 @contextmanager
 def database(kind: str, scratch_dir: Path) -> Iterator[str]:
     """A migrated, empty job table on `kind` ("sqlite" or "postgresql")."""
-    from jobs.db import upgrade
+    from jobs.storage.db import upgrade
 
     if kind == "sqlite":
         url = f"sqlite:///{scratch_dir / f'rpq-{uuid.uuid4().hex[:6]}.db'}"

@@ -6,7 +6,7 @@
     .venv/bin/python bench/polling.py --durations 2,20 --per-duration 5 --warmup 20    # a quicker look
     .venv/bin/python bench/polling.py --replay-only           # the plan alone, in a second, no services
 
-rpq places each poll where the endpoint's recent jobs say the job is likely to end (`jobs.pollplan`),
+rpq places each poll where the endpoint's recent jobs say the job is likely to end (`jobs.flow.pollplan`),
 so it needs history. The run therefore has two phases:
 
 1. **Warm-up** (rpq only, not compared): `--warmup` jobs of each length, all at once, so the job table
@@ -71,9 +71,9 @@ from harness import (
 )
 
 from jobs import api
-from jobs.backoff import PollSchedule
-from jobs.endpoint_times import CACHE_SECONDS
-from jobs.pollplan import LONG_WAIT_CAP_SECONDS, EndpointTimes, JobSeen, next_poll_delay
+from jobs.flow.backoff import PollSchedule
+from jobs.flow.endpoint_times import CACHE_SECONDS
+from jobs.flow.pollplan import LONG_WAIT_CAP_SECONDS, EndpointTimes, JobSeen, next_poll_delay
 from jobs.runtime import Runtime
 from jobs.settings import Endpoint, Secret, Settings
 from jobs.states import JobStatus
@@ -278,7 +278,7 @@ def report(phases: list[Phase], at_runpod: dict[str, dict[str, Any]], args: argp
 
 
 def replay(args: argparse.Namespace) -> None:
-    """The same measured jobs through `jobs.pollplan` alone, with no worker, broker or machine in the way:
+    """The same measured jobs through `jobs.flow.pollplan` alone, with no worker, broker or machine in the way:
     each poll happens exactly when planned and takes `REPLAY_POLL_SECONDS`. What the plan itself does,
     to set beside what the pipeline did on a busy machine."""
     durations = [int(d) for d in args.durations.split(",")]

@@ -428,7 +428,7 @@ def warm_up(rt: Runtime, args: argparse.Namespace, endpoints: list[tuple[str, st
     """Give each endpoint a history before the measured run, as a deployed endpoint has: --warmup jobs of
     the same duration, all final before the run begins (they are not among the run's figures)."""
     print(f"  warm-up: {args.warmup} jobs of {args.duration:g} s per endpoint, so rpq has recent jobs to learn "
-          "from (jobs.pollplan)", flush=True)
+          "from (jobs.flow.pollplan)", flush=True)
     rng = random.Random(args.seed + 1)
     ids = [api.submit(name, {"sleep": args.duration + rng.random(), "output": {"marker": f"{tag}-warmup-{i}"}},
                       runtime=rt).id

@@ -40,9 +40,9 @@ from harness import (
 )
 
 from jobs import api
+from jobs.flow.wakeups import Wakeups
 from jobs.runtime import Runtime
 from jobs.settings import Endpoint, Secret, Settings
-from jobs.wakeups import Wakeups
 
 WARM_UP = 50  # calls before timing: the first builds the Celery app and opens the connections
 

@@ -26,8 +26,8 @@ from jobs.api import (
     wait,
     webhook_received,
 )
+from jobs.flow.waiting import Waiting, WaitReason
 from jobs.states import JobStatus
-from jobs.waiting import Waiting, WaitReason
 
 __all__ = [
     "Event",

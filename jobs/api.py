@@ -18,18 +18,19 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from jobs import streams
-from jobs.db import session_scope
-from jobs.dispatch import GATHER_SECONDS
 from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
+from jobs.flow.dispatch import GATHER_SECONDS
+from jobs.flow.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
+from jobs.flow.waiting import Waiting, waiting_of, waiting_of_rows
 from jobs.jsonsafe import json_problems, text_problems
-from jobs.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
-from jobs.models import JobEvent, JobRow, utcnow
-from jobs.runpod import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
+from jobs.runpod.client import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime, get_runtime
 from jobs.settings import Endpoint, Settings
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
-from jobs.store import (
+from jobs.storage import streams
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobEvent, JobRow, utcnow
+from jobs.storage.store import (
     JOBS,
     Fence,
     Source,
@@ -42,8 +43,7 @@ from jobs.store import (
     transition,
     update_fields,
 )
-from jobs.store import events_of as _events_of
-from jobs.waiting import Waiting, waiting_of, waiting_of_rows
+from jobs.storage.store import events_of as _events_of
 
 log = logging.getLogger("rpq.api")
 

@@ -18,13 +18,13 @@ import click
 from jobs import api
 from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET, Job
 from jobs.errors import ConfigError, Problem
+from jobs.flow.waiting import WaitReason
 from jobs.jsonsafe import text_problems
 from jobs.runtime import get_runtime
 from jobs.settings import Settings, redact_url
 from jobs.simulator import SimulatorConfig
 from jobs.states import RETRYABLE, TERMINAL, JobStatus
-from jobs.store import Source
-from jobs.waiting import WaitReason
+from jobs.storage.store import Source
 
 
 class _Refused(click.ClickException):
@@ -445,9 +445,9 @@ def endpoints() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def endpoints_health(name: str | None, live: bool, as_json: bool) -> None:
     """Workers, jobs, a state label and an estimated wait, per endpoint."""
-    from jobs import health
-    from jobs.db import session_scope
+    from jobs.runpod import health
     from jobs.runtime import get_runtime
+    from jobs.storage.db import session_scope
 
     rt = get_runtime()
     targets = [rt.settings.resolve_endpoint(name)] if name else list(rt.settings.endpoints.values())
@@ -529,7 +529,7 @@ def purge(endpoint: str, yes: bool, as_json: bool) -> None:
 @click.option("--port", default=9464, show_default=True, type=int, help="Port to bind.")
 def metrics(host: str, port: int) -> None:
     """Serve Prometheus metrics at http://HOST:PORT/metrics."""
-    from jobs import metrics as exporter
+    from jobs.observability import metrics as exporter
     from jobs.runtime import get_runtime
 
     exporter.serve(get_runtime(), host=host, port=port)
@@ -568,7 +568,7 @@ def db() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def upgrade(as_json: bool) -> None:
     """Create or migrate the tables at DATABASE_URL."""
-    from jobs.db import upgrade as upgrade_schema
+    from jobs.storage.db import upgrade as upgrade_schema
 
     url = Settings.from_env().database_url
     upgrade_schema(url)

@@ -28,10 +28,10 @@ import httpx
 import redis
 
 from jobs import api
-from jobs.db import upgrade
 from jobs.runtime import Runtime
 from jobs.settings import Endpoint, Secret, Settings
 from jobs.states import JobStatus
+from jobs.storage.db import upgrade
 
 Echo = Callable[[str], None]
 ENDPOINT = "demo"

@@ -94,7 +94,7 @@ class RunPodRateLimited(RunPodTransient):
 
 
 class RunPodBudgetExhausted(RunPodTransient):
-    """rpq's own budget of RunPod requests (`jobs.budget`) had no token in time; nothing was sent.
+    """rpq's own budget of RunPod requests (`jobs.runpod.budget`) had no token in time; nothing was sent.
 
     `retry_after` is the seconds until a token would be free. A /run refused this way provably never
     reached RunPod, so it is sent later like any other unsent request."""

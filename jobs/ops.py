@@ -7,11 +7,12 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from jobs import api, health
-from jobs.db import session_scope
-from jobs.models import JobRow, utcnow
+from jobs import api
+from jobs.runpod import health
 from jobs.runtime import Runtime
 from jobs.states import TERMINAL
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobRow, utcnow
 
 WARMUP_MARK = "rpq_warmup"
 DEFAULT_WARMUP_INPUT: dict[str, Any] = {"warmup": True}

@@ -26,8 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from jobs.budget import Limits, parse_limits
 from jobs.errors import ConfigError
+from jobs.runpod.budget import Limits, parse_limits
 
 # RunPod endpoint ids are lowercase letters and digits ("fh46rj7dq9r3o5"); public endpoints add
 # hyphens ("black-forest-labs-flux-1-schnell"). \Z, not $: $ also matches before a final newline.
@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     celery_broker_url: Annotated[str, _url("redis", "rediss")] = "redis://localhost:6379/0"
     # Polling: how soon after submission, and the longest gap once a job's status stops changing.
     # A lower cap notices long jobs finish sooner and costs more /status calls. Once an endpoint has
-    # history, polls follow jobs.pollplan: the cap then bounds the gaps across a job's likely end, and a
+    # history, polls follow jobs.flow.pollplan: the cap then bounds the gaps across a job's likely end, and a
     # wait far from it may be longer (pollplan.LONG_WAIT_CAP_SECONDS, or this cap if higher). The cap
     # stays far below the broker's visibility timeout and RunPod's 30-minute result retention.
     poll_first_seconds: Seconds = Field(default=1.0, validation_alias="RPQ_POLL_FIRST_SECONDS")
@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     # order of priority then age, and go out as jobs finish. Unlisted endpoints have no cap.
     max_in_flight: Mapping[str, int] = Field(default_factory=dict, validation_alias="RPQ_MAX_IN_FLIGHT")
     # rpq's own budget of RunPod requests per 10 s, per endpoint and operation, shared by every process
-    # (jobs.budget). Below RunPod's documented limits, so rpq never draws a 429.
+    # (jobs.runpod.budget). Below RunPod's documented limits, so rpq never draws a 429.
     runpod_limits: Limits = Field(default_factory=Limits, validation_alias="RPQ_RUNPOD_LIMITS")
 
     @classmethod

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 
-from jobs.runpod import RunPodStatus
+from jobs.runpod.client import RunPodStatus
 
 
 class JobStatus(enum.StrEnum):

@@ -12,7 +12,7 @@ from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger
 from kombu import Queue
 
-from jobs import logcontext
+from jobs.observability import logcontext
 from jobs.runtime import (
     HEALTH_TASK,
     PURGE_TASK,

@@ -1,5 +1,5 @@
-"""The Celery tasks: thin adapters over `jobs.dispatch`, `jobs.poller`, `jobs.lifecycle` and
-`jobs.reconcile`.
+"""The Celery tasks: thin adapters over `jobs.flow.dispatch`, `jobs.flow.poller`,
+`jobs.flow.lifecycle` and `jobs.flow.reconcile`.
 
 Each takes one id (a job's or an endpoint's; never an input or a key: Flower shows arguments), calls
 one function, and schedules what that function asks for. Nothing here decides anything about a job.
@@ -11,10 +11,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from jobs import dispatch as dispatching
-from jobs import health as endpoint_health
-from jobs import lifecycle, logcontext, poller, retention
-from jobs.reconcile import reconcile as reconcile_jobs
+from jobs.flow import dispatch as dispatching
+from jobs.flow import lifecycle, poller
+from jobs.flow.reconcile import reconcile as reconcile_jobs
+from jobs.observability import logcontext
+from jobs.runpod import health as endpoint_health
 from jobs.runtime import (
     CANCEL_TASK,
     DISPATCH_TASK,
@@ -28,6 +29,7 @@ from jobs.runtime import (
 )
 from jobs.runtime import get_runtime as _get_runtime
 from jobs.settings import Settings
+from jobs.storage import retention
 from tasks.app import app
 
 log = logging.getLogger("rpq.tasks")

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 if TYPE_CHECKING:
-    from jobs.runpod import RunPodClient
+    from jobs.runpod.client import RunPodClient
     from jobs.runtime import Runtime
     from jobs.settings import Settings
 
@@ -317,7 +317,7 @@ def start_worker(
 @pytest.fixture
 def migrated_db(database_url: str) -> Iterator[str]:
     """`database_url` with the schema at head, emptied afterwards (PostgreSQL is shared by the session)."""
-    from jobs.db import make_engine, upgrade
+    from jobs.storage.db import make_engine, upgrade
 
     upgrade(database_url)
     yield database_url
@@ -365,8 +365,8 @@ def make_settings(database_url: str, simulator: SimulatorProcess, **overrides: o
 
 def fast_client(simulator: SimulatorProcess, kind: type[RunPodClient] | None = None) -> RunPodClient:
     """A RunPod client (or a subclass of it) for in-process tests: short timeouts, quick retries."""
-    from jobs.backoff import RetryPolicy
-    from jobs.runpod import RunPodClient
+    from jobs.flow.backoff import RetryPolicy
+    from jobs.runpod.client import RunPodClient
 
     return (kind or RunPodClient)(api_key=simulator.api_key, base_url=simulator.base_url, timeout=3.0,
                                   retry=RetryPolicy(max_attempts=2, base_delay=0.05, max_delay=1.0))
@@ -374,8 +374,8 @@ def fast_client(simulator: SimulatorProcess, kind: type[RunPodClient] | None = N
 
 def make_runtime(database_url: str, simulator: SimulatorProcess) -> Runtime:
     """A runtime on `database_url` and `simulator` that records, not sends, Celery messages."""
-    from jobs.db import make_engine
     from jobs.runtime import Runtime
+    from jobs.storage.db import make_engine
 
     return Runtime(settings=make_settings(database_url, simulator), engine=make_engine(database_url),
                    publish=Published(), make_client=lambda: fast_client(simulator))
@@ -471,9 +471,9 @@ def _stack(request: pytest.FixtureRequest, start_simulator: Callable[..., Simula
            with_api: bool = False) -> Iterator[Pipeline]:
     import redis as redis_lib
 
-    from jobs.db import make_engine, upgrade
-    from jobs.runpod import RunPodClient
+    from jobs.runpod.client import RunPodClient
     from jobs.runtime import Runtime, celery_publisher
+    from jobs.storage.db import make_engine, upgrade
     from jobs.web.auth import new_token
 
     log_dir = tmp_path_factory.mktemp(f"{name}-{request.param}")

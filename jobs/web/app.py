@@ -29,10 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import jobs
 from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH, InvalidJob, InvalidTransition, JobNotFound
 from jobs.errors import ConfigError, Problem, RpqError, RunPodError, RunPodNotFound, RunPodTransient
-from jobs.models import utcnow
-from jobs.runpod import MAX_RUN_PAYLOAD_BYTES
+from jobs.runpod.client import MAX_RUN_PAYLOAD_BYTES
 from jobs.runtime import Runtime, get_runtime
 from jobs.states import JobStatus
+from jobs.storage.models import utcnow
 from jobs.web.auth import Tokens
 from jobs.web.events import JobId
 from jobs.web.events import router as streams_and_webhooks

@@ -1,6 +1,6 @@
 """Server-Sent Events of a job, and the receiver of RunPod's webhooks.
 
-`GET /v1/jobs/{id}/events` replays the job's current attempt from the table (`jobs.streams`):
+`GET /v1/jobs/{id}/events` replays the job's current attempt from the table (`jobs.storage.streams`):
 `started`, then `progress` and `output`, then exactly one of `end` or `error`, after which the
 stream closes. Each event's id is its sequence number, so a client that reconnects with
 `Last-Event-ID` gets the events after it, without gaps or repeats. Each event is written whole,
@@ -31,9 +31,9 @@ import jobs
 from jobs.api import JobNotFound
 from jobs.errors import Problem, RunPodTransient
 from jobs.jsonsafe import text_problems
-from jobs.runpod import MAX_RUNSYNC_PAYLOAD_BYTES, is_job_id
+from jobs.runpod.client import MAX_RUNSYNC_PAYLOAD_BYTES, is_job_id
 from jobs.runtime import Runtime
-from jobs.streams import FINAL_KINDS, end_data
+from jobs.storage.streams import FINAL_KINDS, end_data
 from jobs.web.schemas import ErrorBody, header_schema
 
 #: How often an open stream looks for new events in the table.

@@ -40,11 +40,11 @@ from jobs.api import (
     SinceOutOfRange,
 )
 from jobs.errors import ConfigError, Problem
+from jobs.flow.waiting import WaitReason
 from jobs.jsonsafe import MAX_DEPTH
-from jobs.runpod import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
+from jobs.runpod.client import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
 from jobs.settings import ENDPOINT_ID_RE, Settings
 from jobs.states import JobStatus
-from jobs.waiting import WaitReason
 
 Model = TypeVar("Model", bound=BaseModel)
 

@@ -19,10 +19,10 @@ import threading
 import time
 from collections import Counter
 
-from jobs.backoff import NO_RETRY
-from jobs.budget import RedisBudget, parse_limits
 from jobs.errors import RunPodBudgetExhausted, RunPodError, RunPodRateLimited
-from jobs.runpod import RunPodClient
+from jobs.flow.backoff import NO_RETRY
+from jobs.runpod.budget import RedisBudget, parse_limits
+from jobs.runpod.client import RunPodClient
 
 OUTCOMES = ("ok", "rate_limited", "other", "denied")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from jobs.runpod import JobState, RunPodClient, StreamBatch
+from jobs.runpod.client import JobState, RunPodClient, StreamBatch
 from jobs.runtime import Runtime
 from tests.conftest import SimulatorProcess, fast_client
 

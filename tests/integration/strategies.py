@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH, MAX_LIST_LIMIT, MAX_LIST_OFFSET, MAX_WEBHOOK_LENGTH
 from jobs.jsonsafe import MAX_DEPTH, json_problems
-from jobs.runpod import POLICY_BOUNDS_MS
+from jobs.runpod.client import POLICY_BOUNDS_MS
 from tests.conftest import ENDPOINT_ID
 
 # Upper case and "_": no bad string with it can pass for a RunPod endpoint id (lower case, digits, "-").

@@ -19,10 +19,10 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from jobs.backoff import NO_RETRY
-from jobs.budget import DENIED_KEY, Limits, RedisBudget, bucket_key
-from jobs.metrics import RpqCollector
-from jobs.runpod import RunPodClient
+from jobs.flow.backoff import NO_RETRY
+from jobs.observability.metrics import RpqCollector
+from jobs.runpod.budget import DENIED_KEY, Limits, RedisBudget, bucket_key
+from jobs.runpod.client import RunPodClient
 from jobs.runtime import QUEUES, Runtime
 from jobs.settings import Endpoint
 from tests.conftest import ROOT, SimulatorProcess

@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import pytest
 
-from jobs.backoff import RetryPolicy
 from jobs.errors import (
     PayloadTooLarge,
     RunOutcomeUnknown,
@@ -15,7 +14,8 @@ from jobs.errors import (
     RunPodRejected,
     RunPodTransient,
 )
-from jobs.runpod import JobState, RunPodClient, RunPodStatus, describe_error
+from jobs.flow.backoff import RetryPolicy
+from jobs.runpod.client import JobState, RunPodClient, RunPodStatus, describe_error
 from tests.conftest import SimulatorProcess, free_port, wait_until
 
 pytestmark = pytest.mark.integration

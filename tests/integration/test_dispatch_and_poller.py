@@ -21,19 +21,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 import jobs
-from jobs import dispatch as dispatching
-from jobs import lifecycle
-from jobs import poller as polling
-from jobs.budget import Limits, LocalBudget, UnlimitedBudget
-from jobs.db import session_scope
-from jobs.dispatch import dispatch
-from jobs.models import JobRow, utcnow
-from jobs.poller import claim_due, poll_due
-from jobs.reconcile import reconcile
+from jobs.flow import dispatch as dispatching
+from jobs.flow import lifecycle
+from jobs.flow import poller as polling
+from jobs.flow.dispatch import dispatch
+from jobs.flow.poller import claim_due, poll_due
+from jobs.flow.reconcile import reconcile
+from jobs.flow.wakeups import Wakeups, key
+from jobs.runpod.budget import Limits, LocalBudget, UnlimitedBudget
 from jobs.runtime import DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
-from jobs.store import Source, record_event, update_fields
-from jobs.wakeups import Wakeups, key
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobRow, utcnow
+from jobs.storage.store import Source, record_event, update_fields
 from tests.conftest import ENDPOINT_ID, ENDPOINT_NAME, Published, SimulatorProcess, wait_until
 
 pytestmark = pytest.mark.integration

@@ -11,15 +11,15 @@ import pytest
 from sqlalchemy import Engine
 
 import jobs
-from jobs.db import make_engine, session_scope
-from jobs.endpoint_times import EndpointTimesCache, load
-from jobs.lifecycle import poll_job, submit_job
-from jobs.models import JobRow, utcnow
-from jobs.poller import poll_due
-from jobs.pollplan import NO_HISTORY, EndpointTimes
+from jobs.flow.endpoint_times import EndpointTimesCache, load
+from jobs.flow.lifecycle import poll_job, submit_job
+from jobs.flow.poller import poll_due
+from jobs.flow.pollplan import NO_HISTORY, EndpointTimes
 from jobs.runtime import Runtime
 from jobs.states import JobStatus
-from jobs.store import get_row
+from jobs.storage.db import make_engine, session_scope
+from jobs.storage.models import JobRow, utcnow
+from jobs.storage.store import get_row
 from tests.conftest import ENDPOINT_ID, SimulatorProcess, wait_until
 from tests.integration.test_dispatch_and_poller import make_due as make_due_now
 

@@ -12,12 +12,12 @@ import pytest
 from sqlmodel import col, select
 
 import jobs
-from jobs.db import session_scope
-from jobs.lifecycle import cancel_on_runpod, poll_job, submit_job
-from jobs.models import RunPodCancel
-from jobs.runpod import JobState
+from jobs.flow.lifecycle import cancel_on_runpod, poll_job, submit_job
+from jobs.runpod.client import JobState
 from jobs.runtime import CANCEL_TASK, Runtime
 from jobs.states import JobStatus
+from jobs.storage.db import session_scope
+from jobs.storage.models import RunPodCancel
 from tests.conftest import ENDPOINT_ID, SimulatorProcess, wait_until
 from tests.integration.conftest import Interposed
 from tests.integration.test_lifecycle import make_due, poll_until_final, published
@@ -179,8 +179,8 @@ def test_a_cancel_outbox_row_left_open_is_sent_again_by_the_reconciler(
 ) -> None:
     from datetime import timedelta
 
-    from jobs.models import utcnow
-    from jobs.reconcile import reconcile
+    from jobs.flow.reconcile import reconcile
+    from jobs.storage.models import utcnow
 
     job = jobs.submit("tts", {"sleep": 60}, runtime=runtime)
     submit_job(runtime, job.id)

@@ -28,17 +28,17 @@ from sqlalchemy import update
 
 import jobs
 from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET
-from jobs.backoff import RetryPolicy
-from jobs.db import make_engine, session_scope, upgrade
 from jobs.errors import ConfigError
+from jobs.flow.backoff import RetryPolicy
+from jobs.flow.lifecycle import hash_token
 from jobs.jsonsafe import MAX_DEPTH
-from jobs.lifecycle import hash_token
-from jobs.models import JobRow, utcnow
-from jobs.runpod import RunPodClient
+from jobs.runpod.client import RunPodClient
 from jobs.runtime import DISPATCH_TASK, Runtime
 from jobs.settings import Settings
 from jobs.states import JobStatus
-from jobs.store import Source, transition
+from jobs.storage.db import make_engine, session_scope, upgrade
+from jobs.storage.models import JobRow, utcnow
+from jobs.storage.store import Source, transition
 from jobs.web import create_app, new_token
 from jobs.web.app import MAX_BODY_BYTES
 from tests.conftest import ENDPOINT_ID, ROOT, Published, SimulatorProcess, free_port, stop_process, wait_until

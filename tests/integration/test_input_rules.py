@@ -14,10 +14,10 @@ from sqlalchemy import func, select
 
 import jobs
 from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET, MAX_SINCE_AGE, parse_since
-from jobs.db import session_scope
 from jobs.jsonsafe import MAX_DEPTH
-from jobs.models import JobRow
 from jobs.runtime import Runtime
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobRow
 from tests.conftest import ENDPOINT_ID
 
 pytestmark = pytest.mark.integration

@@ -12,14 +12,15 @@ from datetime import timedelta
 import pytest
 
 import jobs
-from jobs.db import session_scope
-from jobs.lifecycle import cancel_on_runpod, poll_job, submit_job
-from jobs.models import utcnow
-from jobs.reconcile import reconcile
+from jobs.flow.lifecycle import cancel_on_runpod, poll_job, submit_job
+from jobs.flow.reconcile import reconcile
+from jobs.runpod.client import RunPodClient
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.settings import Secret
 from jobs.states import JobStatus
-from jobs.store import update_fields
+from jobs.storage.db import session_scope
+from jobs.storage.models import utcnow
+from jobs.storage.store import update_fields
 from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -177,7 +178,7 @@ def test_a_job_runpod_refuses_fails_with_the_reason(runtime: Runtime, simulator:
     job = jobs.submit("tts", {"output": 1}, runtime=runtime)
     runtime.settings = runtime.settings.__class__(**{**runtime.settings.__dict__,
                                                      "runpod_api_key": Secret("wrong")})
-    runtime.make_client = lambda: __import__("jobs.runpod").runpod.RunPodClient(
+    runtime.make_client = lambda: RunPodClient(
         api_key="wrong", base_url=simulator.base_url)
 
     submit_job(runtime, job.id)

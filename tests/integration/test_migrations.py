@@ -28,7 +28,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
-from jobs.db import MIGRATIONS, ForeignKeyViolation, make_engine, upgrade
+from jobs.storage.db import MIGRATIONS, ForeignKeyViolation, make_engine, upgrade
 from tests.conftest import fresh_postgres_database
 
 pytestmark = pytest.mark.integration

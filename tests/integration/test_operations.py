@@ -11,16 +11,18 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlmodel import func, select
 
 import jobs
-from jobs import health, ops, retention
-from jobs.db import session_scope
-from jobs.lifecycle import submit_job
-from jobs.metrics import RpqCollector
-from jobs.metrics_recorder import RedisRecorder
-from jobs.models import EndpointHealthRow, JobEvent, JobRow, utcnow
-from jobs.reconcile import reconcile
+from jobs import ops
+from jobs.flow.lifecycle import submit_job
+from jobs.flow.reconcile import reconcile
+from jobs.observability.metrics import RpqCollector
+from jobs.observability.metrics_recorder import RedisRecorder
+from jobs.runpod import health
 from jobs.runtime import DISPATCH_TASK, QUEUES, Runtime
 from jobs.states import JobStatus
-from jobs.store import update_fields
+from jobs.storage import retention
+from jobs.storage.db import session_scope
+from jobs.storage.models import EndpointHealthRow, JobEvent, JobRow, utcnow
+from jobs.storage.store import update_fields
 from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess, wait_until
 from tests.integration.test_lifecycle import poll_until_final
 
@@ -104,9 +106,9 @@ def test_the_reconciler_runs_again_once_the_last_run_is_over(runtime: Runtime) -
 def test_a_reconciler_killed_holding_its_lease_holds_up_the_next_run_only_briefly(runtime: Runtime) -> None:
     from sqlalchemy import update
 
-    from jobs.locks import try_acquire
-    from jobs.models import Lock
-    from jobs.reconcile import LOCK, lease_for
+    from jobs.flow.reconcile import LOCK, lease_for
+    from jobs.storage.locks import try_acquire
+    from jobs.storage.models import Lock
 
     # A worker took the lease for a run and was killed with SIGKILL before it could release it.
     try_acquire(runtime.engine, LOCK, owner="worker-killed-mid-run", lease=lease_for(runtime))

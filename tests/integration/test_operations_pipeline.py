@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 import jobs
-from jobs import health
-from jobs.db import session_scope
+from jobs.runpod import health
 from jobs.states import JobStatus
+from jobs.storage.db import session_scope
 from tests.conftest import ENDPOINT_ID, Pipeline, free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.integration

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 import jobs
-from jobs.lifecycle import DEFAULT_TTL_MS, poll_job, submit_job
-from jobs.models import utcnow
-from jobs.reconcile import reconcile
-from jobs.runpod import JobState
+from jobs.flow.lifecycle import DEFAULT_TTL_MS, poll_job, submit_job
+from jobs.flow.reconcile import reconcile
+from jobs.runpod.client import JobState
 from jobs.runtime import POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
+from jobs.storage.models import utcnow
 from tests.conftest import ENDPOINT_ID, SimulatorProcess, wait_until
 from tests.integration.conftest import Interposed
 from tests.integration.test_lifecycle import make_due, poll_until_final, published
@@ -217,8 +217,8 @@ def test_every_run_carries_an_explicit_ttl_so_the_deadline_never_guesses(
 
 
 def test_a_slow_run_is_not_called_lost_while_its_answer_can_still_come(runtime: Runtime) -> None:
-    from jobs.db import session_scope
-    from jobs.store import update_fields
+    from jobs.storage.db import session_scope
+    from jobs.storage.store import update_fields
 
     job = jobs.submit("tts", {"n": 1}, runtime=runtime)
     with session_scope(runtime.engine) as session:
@@ -390,8 +390,8 @@ def test_a_run_to_an_endpoint_runpod_does_not_know_fails_saying_so(runtime: Runt
 
 
 def test_a_404_for_the_endpoint_itself_holds_the_job_instead_of_expiring_it(runtime: Runtime) -> None:
-    from jobs.db import session_scope
-    from jobs.store import update_fields
+    from jobs.storage.db import session_scope
+    from jobs.storage.store import update_fields
 
     job = jobs.submit("tts", {"sleep": 60}, runtime=runtime)
     submit_job(runtime, job.id)
@@ -465,7 +465,7 @@ def test_a_malformed_webhook_body_is_answered_and_adopts_nothing(
 def test_a_cancel_runpod_cannot_take_now_stays_in_the_outbox_and_is_sent_later(
     runtime: Runtime, simulator: SimulatorProcess
 ) -> None:
-    from jobs.lifecycle import cancel_on_runpod
+    from jobs.flow.lifecycle import cancel_on_runpod
     from tests.integration.test_fencing import outbox
 
     job = jobs.submit("tts", {"sleep": 60}, runtime=runtime)

@@ -26,9 +26,9 @@ import redis as redis_lib
 from sqlalchemy import text
 
 from jobs import api
-from jobs.db import upgrade
 from jobs.runtime import Runtime
 from jobs.settings import Settings
+from jobs.storage.db import upgrade
 from tasks.app import make_app
 from tests.conftest import (
     ENDPOINT_ID,

@@ -12,10 +12,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
-from jobs.db import make_engine, session_scope
-from jobs.models import JobRow
 from jobs.states import JobStatus
-from jobs.store import Fence, Source, claim_poll, events_of, get_row, transition
+from jobs.storage.db import make_engine, session_scope
+from jobs.storage.models import JobRow
+from jobs.storage.store import Fence, Source, claim_poll, events_of, get_row, transition
 
 pytestmark = pytest.mark.integration
 

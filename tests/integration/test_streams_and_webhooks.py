@@ -7,9 +7,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 import jobs
-from jobs.dispatch import dispatch
-from jobs.lifecycle import poll_claimed, poll_job, submit_job
-from jobs.poller import claim_due, poll_due
+from jobs.flow.dispatch import dispatch
+from jobs.flow.lifecycle import poll_claimed, poll_job, submit_job
+from jobs.flow.poller import claim_due, poll_due
 from jobs.runtime import POLL_DUE_TASK, POLL_TASK, Runtime
 from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess

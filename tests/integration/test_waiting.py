@@ -13,14 +13,14 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
 import jobs
-from jobs.db import session_scope
-from jobs.dispatch import dispatch
-from jobs.metrics import RpqCollector
-from jobs.models import utcnow
+from jobs.flow.dispatch import dispatch
+from jobs.flow.waiting import Waiting, WaitReason, held_by_cap
+from jobs.observability.metrics import RpqCollector
 from jobs.runtime import Runtime
 from jobs.states import JobStatus
-from jobs.store import Source, transition, update_fields
-from jobs.waiting import Waiting, WaitReason, held_by_cap
+from jobs.storage.db import session_scope
+from jobs.storage.models import utcnow
+from jobs.storage.store import Source, transition, update_fields
 from tests.conftest import ENDPOINT_ID, ENDPOINT_NAME, SimulatorProcess
 
 pytestmark = pytest.mark.integration

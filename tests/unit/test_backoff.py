@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from jobs.backoff import (
+from jobs.flow.backoff import (
     MAX_RETRY_AFTER_SECONDS,
     PollSchedule,
     RetryPolicy,

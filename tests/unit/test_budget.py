@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobs.budget import (
+from jobs.runpod.budget import (
     MAX_LIMIT,
     OPERATION_OF_PATH,
     WINDOW_US,

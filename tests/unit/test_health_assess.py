@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.health import assess
-from jobs.models import EndpointHealthRow
+from jobs.runpod.health import assess
+from jobs.storage.models import EndpointHealthRow
 
 
 def row(**counters: int) -> EndpointHealthRow:

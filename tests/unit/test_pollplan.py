@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobs.backoff import PollSchedule, poll_delay
-from jobs.pollplan import (
+from jobs.flow.backoff import PollSchedule, poll_delay
+from jobs.flow.pollplan import (
     DEFAULT_TUNING,
     LONG_WAIT_CAP_SECONDS,
     NO_HISTORY,

@@ -9,7 +9,6 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from jobs.backoff import RetryPolicy
 from jobs.errors import (
     PayloadTooLarge,
     RunOutcomeUnknown,
@@ -21,7 +20,8 @@ from jobs.errors import (
     RunPodTransient,
     StreamReadUnknown,
 )
-from jobs.runpod import (
+from jobs.flow.backoff import RetryPolicy
+from jobs.runpod.client import (
     MAX_RUN_PAYLOAD_BYTES,
     EndpointHealth,
     RequestInvalid,

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kombu.utils.json import dumps
 
-from jobs.budget import Limits
 from jobs.errors import ConfigError
+from jobs.runpod.budget import Limits
 from jobs.settings import Endpoint, Secret, Settings, redact_url
 
 

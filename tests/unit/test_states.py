@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.runpod import RunPodStatus
+from jobs.runpod.client import RunPodStatus
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, RETRYABLE, TERMINAL, TRANSITIONS, JobStatus, may_move, sources_of
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.states import JobStatus
-from jobs.streams import for_transition
+from jobs.storage.streams import for_transition
 
 S = JobStatus
 

@@ -25,12 +25,12 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func
 from sqlmodel import Session, col, or_, select
 
-from jobs import lifecycle
-from jobs.batching import ask_and_store, tokens_available
-from jobs.db import session_scope
-from jobs.models import JobRow, utcnow
+from jobs.flow import lifecycle
+from jobs.flow.batching import ask_and_store, tokens_available
 from jobs.runtime import POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobRow, utcnow
 
 log = logging.getLogger("rpq.dispatch")
 
@@ -49,7 +49,7 @@ NO_BUDGET_RECHECK_SECONDS = 0.25
 #: Statuses that count against an endpoint's max_in_flight: a job RunPod has, or may have.
 IN_FLIGHT = (JobStatus.SUBMITTING, JobStatus.SUBMIT_UNKNOWN, JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS)
 #: The order an endpoint's PENDING jobs go out in: higher priority first, then oldest, then by id (a
-#: total order, so "the jobs ahead of this one" (jobs.waiting) is the same set the dispatcher sends first).
+#: total order, so "the jobs ahead of this one" (jobs.flow.waiting) is the same set the dispatcher sends first).
 DISPATCH_ORDER: tuple[ColumnElement[Any], ...] = (
     col(JobRow.priority).desc(), col(JobRow.created_at).asc(), col(JobRow.id).asc())
 

@@ -9,12 +9,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete
 from sqlmodel import col, select
 
-from jobs import health
-from jobs.db import session_scope
-from jobs.locks import held
-from jobs.models import JobEvent, JobRow, utcnow
+from jobs.runpod import health
 from jobs.runtime import Runtime
 from jobs.states import TERMINAL
+from jobs.storage.db import session_scope
+from jobs.storage.locks import held
+from jobs.storage.models import JobEvent, JobRow, utcnow
 
 LOCK = "retention"
 

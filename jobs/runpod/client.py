@@ -17,7 +17,7 @@ Four kinds of operation, by what is safe to repeat:
 * other writes (retry, purge-queue): retried like submits; an ambiguous failure raises
   `RunPodTransient` without a retry, and the caller checks the job's status before trying again.
 
-With a `budget` (`jobs.budget`), every attempt of a budgeted operation (every one but /health),
+With a `budget` (`jobs.runpod.budget`), every attempt of a budgeted operation (every one but /health),
 retries included, first takes a token from it, waiting at most `budget_wait` seconds. With none in
 time, the call raises `RunPodBudgetExhausted` and sends nothing.
 """
@@ -36,8 +36,6 @@ from urllib.parse import quote
 
 import httpx
 
-from jobs.backoff import RetryPolicy, parse_retry_after, retry_delay
-from jobs.budget import OPERATION_OF_PATH, Budget
 from jobs.errors import (
     PayloadTooLarge,
     Problem,
@@ -52,6 +50,8 @@ from jobs.errors import (
     RunPodTransient,
     StreamReadUnknown,
 )
+from jobs.flow.backoff import RetryPolicy, parse_retry_after, retry_delay
+from jobs.runpod.budget import OPERATION_OF_PATH, Budget
 from jobs.settings import Secret
 
 log = logging.getLogger("rpq.runpod")
@@ -250,7 +250,7 @@ class RunPodClient:
 
     `transport` is injectable (an `httpx.MockTransport` in unit tests); `sleep`, `rand` and `clock`
     too, so retry timing and time budgets can be tested without waiting. `budget` is the request
-    budget shared with every other process (`jobs.budget.RedisBudget`); None spends without limit.
+    budget shared with every other process (`jobs.runpod.budget.RedisBudget`); None spends without limit.
     """
 
     def __init__(

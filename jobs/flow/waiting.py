@@ -20,10 +20,10 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from jobs.dispatch import DISPATCH_ORDER, IN_FLIGHT, ahead_of, due_pending, in_flight
-from jobs.models import JobRow
+from jobs.flow.dispatch import DISPATCH_ORDER, IN_FLIGHT, ahead_of, due_pending, in_flight
 from jobs.settings import Settings
 from jobs.states import JobStatus
+from jobs.storage.models import JobRow
 
 
 class WaitReason(StrEnum):

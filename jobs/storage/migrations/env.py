@@ -9,9 +9,9 @@ from alembic import context
 from alembic.migration import MigrationContext, MigrationInfo
 from sqlmodel import SQLModel
 
-import jobs.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from jobs.db import check_foreign_keys, make_engine, sqlite_foreign_keys_off
+import jobs.storage.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from jobs.settings import Settings
+from jobs.storage.db import check_foreign_keys, make_engine, sqlite_foreign_keys_off
 
 url = context.config.attributes.get("database_url") or Settings.from_env().database_url
 target_metadata = SQLModel.metadata

@@ -16,8 +16,8 @@ from sqlalchemy import Table, bindparam, func, insert
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from jobs.models import StreamEvent, utcnow
 from jobs.states import JobStatus
+from jobs.storage.models import StreamEvent, utcnow
 
 _TABLE: Table = StreamEvent.__table__  # type: ignore[attr-defined]
 

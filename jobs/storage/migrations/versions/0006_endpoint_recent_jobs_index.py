@@ -16,7 +16,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # Each worker process reads an endpoint's newest 200 completed jobs every 30 s (jobs.endpoint_times):
+    # Each worker process reads an endpoint's newest 200 completed jobs every 30 s (jobs.flow.endpoint_times):
     # without this index that is a scan and sort of every completed job of every endpoint.
     op.create_index("ix_jobs_endpoint_status_finished_at", "jobs", ["endpoint_id", "status", "finished_at"])
 

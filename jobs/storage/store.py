@@ -38,10 +38,10 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from jobs import streams
 from jobs.jsonsafe import storable_text
-from jobs.models import JobEvent, JobRow, RunPodCancel, utcnow
 from jobs.states import AT_RUNPOD, JobStatus, sources_of
+from jobs.storage import streams
+from jobs.storage.models import JobEvent, JobRow, RunPodCancel, utcnow
 
 JOBS: Table = JobRow.__table__  # type: ignore[attr-defined]
 EVENTS: Table = JobEvent.__table__  # type: ignore[attr-defined]
@@ -375,7 +375,7 @@ def insert_job(engine: Engine, values: Mapping[str, Any], *, source: str, detail
     statement (a data-modifying CTE), and one statement is atomic by itself, so it runs without
     BEGIN and COMMIT: one round trip in all. SQLite has no data-modifying CTEs; a local file needs no
     saving of round trips, so there it is two inserts in one transaction (which takes the write lock up
-    front, see `jobs.db`). A key already taken is ON CONFLICT DO NOTHING, which waits for a concurrent
+    front, see `jobs.storage.db`). A key already taken is ON CONFLICT DO NOTHING, which waits for a concurrent
     insert of the same key to commit or roll back, so of two racing submits exactly one inserts."""
     # Bound as new_<column>: a bind parameter of an INSERT may not have its column's own name.
     params = {f"new_{name}": values[name] for name in NEW_JOB_COLUMNS}
@@ -399,7 +399,7 @@ def insert_job(engine: Engine, values: Mapping[str, Any], *, source: str, detail
 def _build_insert_job(dialect: str) -> tuple[Any, ...]:
     insert_new = postgresql.insert if dialect == "postgresql" else sqlite.insert if dialect == "sqlite" else None
     if insert_new is None:
-        raise NotImplementedError(f"jobs.store.insert_job supports PostgreSQL and SQLite, not {dialect}")
+        raise NotImplementedError(f"jobs.storage.store.insert_job supports PostgreSQL and SQLite, not {dialect}")
     job = (insert_new(_jobs)
            .values({name: bindparam(f"new_{name}", type_=_jobs.c[name].type) for name in NEW_JOB_COLUMNS})
            .on_conflict_do_nothing(index_elements=["endpoint_id", "idempotency_key"])

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from jobs import lifecycle, logcontext
+from jobs.flow import lifecycle
+from jobs.observability import logcontext
 from jobs.runtime import Runtime
 
 #: Concurrent RunPod calls per process.

@@ -29,13 +29,13 @@ from typing import Any
 from sqlalchemy import case, func, update
 from sqlmodel import col, or_, select
 
-from jobs import lifecycle
-from jobs.batching import ask_and_store, tokens_available
-from jobs.db import session_scope
-from jobs.models import JobRow, utcnow
+from jobs.flow import lifecycle
+from jobs.flow.batching import ask_and_store, tokens_available
 from jobs.runtime import DISPATCH_TASK, Runtime
 from jobs.states import AT_RUNPOD
-from jobs.store import JOBS, put_off_polls
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobRow, utcnow
+from jobs.storage.store import JOBS, put_off_polls
 
 log = logging.getLogger("rpq.poller")
 

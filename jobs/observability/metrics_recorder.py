@@ -1,7 +1,7 @@
 """What workers count for the metrics: submits, polls, RunPod errors, job latency.
 
 Workers run in many processes, so their counters live in one Redis hash (HINCRBY is atomic); the
-exporter (`jobs.metrics`) reads it at each scrape. Losing the hash (a FLUSHALL) only resets the
+exporter (`jobs.observability.metrics`) reads it at each scrape. Losing the hash (a FLUSHALL) only resets the
 counters, which Prometheus handles like a restart. Recording never fails a job: a Redis error is
 logged (once a minute at most) and ignored.
 
@@ -24,7 +24,7 @@ from typing import Protocol
 import redis
 
 from jobs.errors import RunPodError
-from jobs.models import utcnow
+from jobs.storage.models import utcnow
 
 log = logging.getLogger("rpq.metrics")
 

@@ -1,14 +1,14 @@
 """When to poll a job next, placed where the job is likely to end, learned from its endpoint's recent jobs.
 
-The doubling schedule (`jobs.backoff.poll_delay`) knows nothing about the job: a two-minute job is
+The doubling schedule (`jobs.flow.backoff.poll_delay`) knows nothing about the job: a two-minute job is
 asked every 7.5-15 s for two minutes, and its end is noticed up to 15 s late. RunPod reports each
 finished job's `delayTime` (queued, cold start included) and `executionTime` (ran), and an endpoint's
 jobs tend to look alike. So rpq waits long while a job is far from where its endpoint's recent jobs
 ended, polls densely across that likely end, and goes back to the doubling schedule past it, or when
 there is too little history to learn from.
 
-Pure, like `jobs.backoff`: no I/O and no clocks of its own. Callers pass `now`, a random source and
-what was learned (`EndpointTimes`; `jobs.endpoint_times` loads it from the job table).
+Pure, like `jobs.flow.backoff`: no I/O and no clocks of its own. Callers pass `now`, a random source and
+what was learned (`EndpointTimes`; `jobs.flow.endpoint_times` loads it from the job table).
 
 How a gap is chosen for a job RunPod says is IN_PROGRESS (for one still IN_QUEUE, read "time since
 submission" and "delay + execution" for "run time" and "execution"):
@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from jobs.backoff import PollSchedule, poll_delay
+from jobs.flow.backoff import PollSchedule, poll_delay
 from jobs.states import JobStatus
 
 #: The longest a learned wait may be. Far below RunPod's 30-minute result retention and the broker's

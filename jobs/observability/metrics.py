@@ -1,8 +1,8 @@
 """The Prometheus exporter that `rpq metrics` serves.
 
 At each scrape it reads the job table, the latest endpoint health rows, the broker's queues, the
-counters workers keep in Redis (see `jobs.metrics_recorder`) and the RunPod request budget's denial
-counts (see `jobs.budget`).
+counters workers keep in Redis (see `jobs.observability.metrics_recorder`) and the RunPod request
+budget's denial counts (see `jobs.runpod.budget`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from jobs import health
-from jobs.budget import OPERATIONS, read_denied
-from jobs.db import session_scope
-from jobs.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
-from jobs.models import JobRow, utcnow
+from jobs.flow.waiting import held_by_cap
+from jobs.observability.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
+from jobs.runpod import health
+from jobs.runpod.budget import OPERATIONS, read_denied
 from jobs.runtime import Runtime
 from jobs.states import AT_RUNPOD
-from jobs.waiting import held_by_cap
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobRow, utcnow
 
 log = logging.getLogger("rpq.metrics")
 

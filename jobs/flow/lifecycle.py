@@ -24,9 +24,6 @@ from urllib.parse import urlencode
 from sqlalchemy import CursorResult, case, update
 from sqlmodel import Session, col, select
 
-from jobs import logcontext, streams
-from jobs.backoff import poll_delay, poll_error_delay
-from jobs.db import session_scope
 from jobs.errors import (
     RunOutcomeUnknown,
     RunPodAuthError,
@@ -38,13 +35,17 @@ from jobs.errors import (
     RunPodTransient,
     StreamReadUnknown,
 )
+from jobs.flow.backoff import poll_delay, poll_error_delay
+from jobs.flow.pollplan import LONG_WAIT_CAP_SECONDS, JobSeen, Mode, Plan, plan_next_poll
 from jobs.jsonsafe import storable_json, storable_text
-from jobs.models import JobRow, RunPodCancel, utcnow
-from jobs.pollplan import LONG_WAIT_CAP_SECONDS, JobSeen, Mode, Plan, plan_next_poll
-from jobs.runpod import JobState, RunPodStatus
+from jobs.observability import logcontext
+from jobs.runpod.client import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
-from jobs.store import (
+from jobs.storage import streams
+from jobs.storage.db import session_scope
+from jobs.storage.models import JobRow, RunPodCancel, utcnow
+from jobs.storage.store import (
     JOBS,
     Fence,
     Source,
@@ -189,7 +190,7 @@ def _store_each(rt: Runtime, findings: Sequence[Findings], order: list[int], fai
 
 def submit_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
     """Send one PENDING job to RunPod, exactly once, and hand it to the poller. (The dispatcher,
-    `jobs.dispatch`, does the same for an endpoint's next PENDING jobs, claimed together.)"""
+    `jobs.flow.dispatch`, does the same for an endpoint's next PENDING jobs, claimed together.)"""
     token = new_webhook_token(rt)
     with session_scope(rt.engine) as session:
         claimed = claim_submit(session, job_id, token)
@@ -265,7 +266,7 @@ def _submit_outcome(exc: RunPodError) -> str:
 
 def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand: Any) -> Findings:
     if isinstance(exc, RunPodTransient) and not isinstance(exc, RunOutcomeUnknown):
-        # For /run only errors RunPod provably never acted on get here (see jobs.runpod): send later.
+        # For /run only errors RunPod provably never acted on get here (see jobs.runpod.client): send later.
         if isinstance(exc, RunPodBudgetExhausted):  # not RunPod's failure: no backoff
             errors, delay = row.poll_errors, (exc.retry_after or 0.0) + rand()
         else:
@@ -459,7 +460,7 @@ def _move(session: Session, job_id: str, fence: Fence, to: JobStatus, detail: st
 
 def poll_job(rt: Runtime, job_id: str, *, rand: Any = random.random) -> Next:
     """Ask RunPod about one job now, store what it says, and say when to ask again. (The poller,
-    `jobs.poller`, does the same for an endpoint's jobs that are due, claimed together.)"""
+    `jobs.flow.poller`, does the same for an endpoint's jobs that are due, claimed together.)"""
     now = utcnow()
     with session_scope(rt.engine) as session:
         row = get_row(session, job_id)
@@ -675,7 +676,7 @@ def _status_stored(rt: Runtime, row: JobRow, fence: Fence, status: JobStatus, va
 def _poll_in(rt: Runtime, row: JobRow, status: JobStatus, *, now: datetime, polls: int, polls_since_change: int,
              started_at: datetime | None, delay_ms: int | None, rand: Any, reports_progress: bool = False) -> float:
     """Seconds until the job's next poll: where its endpoint's recent jobs say it is likely to end
-    (jobs.pollplan). A job a webhook will wake keeps the fixed schedule; so does one whose stream is
+    (jobs.flow.pollplan). A job a webhook will wake keeps the fixed schedule; so does one whose stream is
     drained, or whose progress is shown, as it comes."""
     webhooks = row.webhook_token_hash is not None
     if webhooks or row.stream or reports_progress:

@@ -23,13 +23,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, update
 from sqlmodel import col, or_, select
 
-from jobs.db import session_scope
-from jobs.lifecycle import adopt_named
-from jobs.locks import Lease, held
-from jobs.models import JobRow, RunPodCancel, utcnow
+from jobs.flow.lifecycle import adopt_named
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, JobStatus
-from jobs.store import Source, transition
+from jobs.storage.db import session_scope
+from jobs.storage.locks import Lease, held
+from jobs.storage.models import JobRow, RunPodCancel, utcnow
+from jobs.storage.store import Source, transition
 
 log = logging.getLogger("rpq.reconcile")
 

@@ -16,8 +16,8 @@ from sqlalchemy import Engine, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
-from jobs.db import session_scope
-from jobs.models import Lock, utcnow
+from jobs.storage.db import session_scope
+from jobs.storage.models import Lock, utcnow
 
 
 def try_acquire(engine: Engine, name: str, *, owner: str, lease: timedelta) -> bool:

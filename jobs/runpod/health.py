@@ -17,13 +17,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
-from jobs.db import session_scope
 from jobs.errors import RunPodError
-from jobs.locks import try_acquire
-from jobs.models import EndpointHealthRow, JobRow, utcnow
 from jobs.runtime import Runtime
 from jobs.settings import Endpoint
 from jobs.states import JobStatus
+from jobs.storage.db import session_scope
+from jobs.storage.locks import try_acquire
+from jobs.storage.models import EndpointHealthRow, JobRow, utcnow
 
 log = logging.getLogger("rpq.health")
 

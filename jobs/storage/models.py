@@ -109,7 +109,7 @@ class JobRow(SQLModel, table=True):
         Index("ix_jobs_dispatch", "endpoint_id", "status", "priority", "created_at"),
         # The poller's question: an endpoint's jobs at RunPod whose poll is due.
         Index("ix_jobs_poll_due", "endpoint_id", "status", "next_poll_at"),
-        # An endpoint's newest completed jobs, for the poll plan (jobs.endpoint_times) and health's estimate.
+        # An endpoint's newest completed jobs, for the poll plan (jobs.flow.endpoint_times) and health's estimate.
         Index("ix_jobs_endpoint_status_finished_at", "endpoint_id", "status", "finished_at"),
     )
 

@@ -1,6 +1,6 @@
 """What an endpoint's recent finished jobs say about the next one: loaded from the job table, kept a while.
 
-`jobs.pollplan` places polls from these figures. A poll must not pay a query each time, so each
+`jobs.flow.pollplan` places polls from these figures. A poll must not pay a query each time, so each
 process keeps what it loaded per endpoint for `ttl` seconds (30): a new job's figures count within
 half a minute, and an endpoint with many jobs in flight costs one small query per process per 30 s.
 """
@@ -16,10 +16,10 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
-from jobs.db import READ_ONLY
-from jobs.models import JobRow
-from jobs.pollplan import DEFAULT_TUNING, NO_HISTORY, EndpointTimes
+from jobs.flow.pollplan import DEFAULT_TUNING, NO_HISTORY, EndpointTimes
 from jobs.states import JobStatus
+from jobs.storage.db import READ_ONLY
+from jobs.storage.models import JobRow
 
 log = logging.getLogger("rpq.endpoint_times")
 

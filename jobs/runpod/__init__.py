@@ -1,0 +1,7 @@
+"""Talking to RunPod: the serverless API client (`client`), rpq's own request budget shared by every
+process (`budget`), and endpoint health collected from /health (`health`).
+
+Nothing is re-exported here: import from the module that defines a name (`from jobs.runpod.client
+import RunPodClient`). `jobs.settings` imports `budget`, and `client` imports `jobs.settings`, so a
+package that imported `client` on the way to `budget` would import itself in a circle.
+"""
