@@ -2,6 +2,9 @@
 
     RpqError
     ├── ConfigError                 a setting is missing or malformed: fix the environment
+    │   └── FilesNotConfigured      files were asked for but RPQ_S3_BUCKET is not set
+    ├── ObjectStoreError            S3 (or R2, MinIO) could not be reached, refused the credentials or
+    │                               the request; the message names the operation, key and S3's error code
     └── RunPodError                 anything that went wrong talking to RunPod
         ├── RunPodTransient         timeout, connection error, 429, 5xx: try again later
         │   ├── RunPodRateLimited   429; carries RunPod's Retry-After when it sent one
@@ -20,7 +23,8 @@
 
 Every error raised at the HTTP boundary is chained (`raise ... from exc`) to what httpx raised,
 and no message ever contains the API key: messages are built from the method, the path and
-RunPod's own error text only.
+RunPod's own error text only. Likewise ObjectStoreError is built from the operation, the key and S3's
+error code: never a credential, and never a presigned URL (its signature is a bearer token).
 """
 
 from __future__ import annotations
@@ -57,6 +61,24 @@ class ConfigError(RpqError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class FilesNotConfigured(ConfigError):
+    """Files need an object store, and RPQ_S3_BUCKET names none."""
+
+    def __init__(self) -> None:
+        super().__init__(["RPQ_S3_BUCKET: not set; files (inputs and outputs in S3 or R2) need a bucket"])
+
+
+class ObjectStoreError(RpqError):
+    """The object store did not do what was asked."""
+
+    def __init__(self, message: str, *, operation: str, code: str | None = None,
+                 status_code: int | None = None) -> None:
+        self.operation = operation
+        self.code = code
+        self.status_code = status_code
+        super().__init__(message)
 
 
 class RunPodError(RpqError):

@@ -35,6 +35,12 @@ ENDPOINT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{4,62}[a-z0-9]\Z")
 MAX_POLL_GAP_SECONDS = 300.0
 SUBMIT_STUCK_MARGIN_SECONDS = 30.0  # past a /run's worst case, for a busy worker to write its answer
 ENDPOINT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
+# S3's bucket naming rules (R2 and MinIO follow them): 3-63 lowercase letters, digits, dots and hyphens.
+S3_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
+S3_REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}\Z")
+# Path segments of safe characters, joined by single slashes: no leading or trailing slash, no "..".
+S3_PREFIX_RE = re.compile(r"^(?!.*(?:^|/)\.{1,2}(?:/|$))[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*\Z")
+PRESIGN_MAX_SECONDS = 604_800  # 7 days: the longest a SigV4 presigned URL may live
 
 
 class Secret(SecretStr):
@@ -86,9 +92,24 @@ def _url(*schemes: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _matching(pattern: re.Pattern[str], what: str) -> AfterValidator:
+    """A string `pattern` matches in full, else an error saying what was expected (not the regex)."""
+
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise ValueError(f"expected {what}")
+        return value
+
+    return AfterValidator(check)
+
+
 WebUrl = Annotated[str, _url("http", "https")]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(gt=0)]  # of seconds, days or jobs
+S3Bucket = Annotated[str, _matching(S3_BUCKET_RE, "a bucket name: 3-63 lowercase letters, digits, '.' and '-'")]
+S3Region = Annotated[str, _matching(S3_REGION_RE, "a region such as us-east-1, or auto for R2")]
+S3Prefix = Annotated[str, Field(max_length=128), _matching(
+    S3_PREFIX_RE, "letters, digits, '.', '_', '-' in parts joined by '/', with no '/' at either end and no '..'")]
 
 
 class Settings(BaseSettings):
@@ -138,6 +159,16 @@ class Settings(BaseSettings):
     # rpq's own budget of RunPod requests per 10 s, per endpoint and operation, shared by every process
     # (jobs.runpod.budget). Below RunPod's documented limits, so rpq never draws a 429.
     runpod_limits: Limits = Field(default_factory=Limits, validation_alias="RPQ_RUNPOD_LIMITS")
+    # Files (jobs.files): inputs and outputs in S3 or any S3-compatible store (Cloudflare R2, MinIO). No bucket:
+    # files are off. Credentials come only from boto3's own chain (AWS_ACCESS_KEY_ID..., profiles, roles).
+    s3_bucket: S3Bucket | None = Field(default=None, validation_alias="RPQ_S3_BUCKET")
+    # None: AWS. R2: https://<account>.r2.cloudflarestorage.com; any http(s) URL for others.
+    s3_endpoint_url: WebUrl | None = Field(default=None, validation_alias="RPQ_S3_ENDPOINT_URL")
+    # None: boto3's chain (AWS_REGION, the profile); an R2 endpoint then gets "auto", the region R2 signs with.
+    s3_region: S3Region | None = Field(default=None, validation_alias="RPQ_S3_REGION")
+    s3_prefix: S3Prefix = Field(default="rpq", validation_alias="RPQ_S3_PREFIX")
+    presign_seconds: Annotated[int, Field(ge=1, le=PRESIGN_MAX_SECONDS)] = Field(
+        default=3600, validation_alias="RPQ_PRESIGN_SECONDS")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

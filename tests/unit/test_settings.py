@@ -206,6 +206,11 @@ BAD_VALUES = {
     "RPQ_SUBMIT_STUCK_SECONDS": "never",
     "RPQ_MAX_IN_FLIGHT": "tts",
     "RPQ_RUNPOD_LIMITS": "status=0",
+    "RPQ_S3_BUCKET": "My_Bucket",
+    "RPQ_S3_ENDPOINT_URL": "abc.r2.cloudflarestorage.com",
+    "RPQ_S3_REGION": "US East",
+    "RPQ_S3_PREFIX": "/rpq/",
+    "RPQ_PRESIGN_SECONDS": "604801",
 }
 #: Variables in .env.example that other parts read: Flower its login, the HTTP API its tokens (jobs.web.auth).
 READ_ELSEWHERE = {"FLOWER_BASIC_AUTH", "RPQ_API_TOKENS", "RPQ_API_ALLOW_NO_AUTH"}
@@ -283,3 +288,26 @@ def test_settings_built_in_code_are_checked_too_and_copies_keep_the_key() -> Non
     capped = settings.model_copy(update={"max_in_flight": {"tts": 2}})
     assert capped.max_in_flight_for("fh46rj7dq9r3o5") == 2 and settings.max_in_flight_for("fh46rj7dq9r3o5") is None
     assert capped.require_api_key().reveal() == "rp-key"
+
+
+def test_files_are_off_by_default_and_read_from_their_variables() -> None:
+    assert Settings.from_env({}).s3_bucket is None
+    settings = Settings.from_env({
+        "RPQ_S3_BUCKET": "rpq-outputs",
+        "RPQ_S3_ENDPOINT_URL": "https://0123abcd.r2.cloudflarestorage.com/",
+        "RPQ_S3_REGION": "auto",
+        "RPQ_S3_PREFIX": "prod/rpq",
+        "RPQ_PRESIGN_SECONDS": "604800",
+    })
+
+    assert (settings.s3_bucket, settings.s3_region, settings.s3_prefix) == ("rpq-outputs", "auto", "prod/rpq")
+    assert settings.s3_endpoint_url == "https://0123abcd.r2.cloudflarestorage.com"
+    assert settings.presign_seconds == 604800
+
+
+@pytest.mark.parametrize("prefix", ["/rpq", "rpq/", "a//b", "a/../b", "..", "rpq files", "rpq\\x"])
+def test_a_prefix_that_could_escape_or_blur_its_keys_is_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RPQ_S3_PREFIX": prefix})
+
+    assert [problem.split(":")[0] for problem in caught.value.problems] == ["RPQ_S3_PREFIX"]
