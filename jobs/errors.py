@@ -3,6 +3,7 @@
     RpqError
     ├── ConfigError                 a setting is missing or malformed: fix the environment
     │   └── FilesNotConfigured      files were asked for but RPQ_S3_BUCKET is not set
+    ├── InvalidObjectName           a file name or object key rpq refuses (also a ValueError); nothing sent
     ├── ObjectStoreError            S3 (or R2, MinIO) could not be reached, refused the credentials or
     │                               the request; the message names the operation, key and S3's error code
     └── RunPodError                 anything that went wrong talking to RunPod
@@ -68,6 +69,14 @@ class FilesNotConfigured(ConfigError):
 
     def __init__(self) -> None:
         super().__init__(["RPQ_S3_BUCKET: not set; files (inputs and outputs in S3 or R2) need a bucket"])
+
+
+class InvalidObjectName(RpqError, ValueError):
+    """A file name or object key rpq refuses to store: every problem is listed, and nothing was sent."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
 
 
 class ObjectStoreError(RpqError):

@@ -194,6 +194,52 @@ def simulator(_shared_simulator: SimulatorProcess) -> SimulatorProcess:
     return _shared_simulator
 
 
+# -- S3: moto's server over HTTP --------------------------------------------------------------------
+
+#: The secret access key every S3 test signs with: distinctive, so a test can prove it is shown nowhere.
+FAKE_S3_SECRET = "rpq-fake-s3-secret-" + secrets.token_hex(12)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint_url() -> Iterator[str]:
+    """A real S3 server over HTTP: moto's, in a thread of this process. It needs no service, so it fails
+    rather than skips when it cannot start. It checks neither signatures nor expiry."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    try:
+        server.start()
+        host, port = server.get_host_and_port()
+    except Exception as exc:
+        pytest.fail(f"moto's S3 server did not start: {exc!r}", pytrace=False)
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_credentials(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Fake credentials in boto3's standard variables for this test only, and nothing else boto3 could find."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIARPQTESTKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_S3_SECRET)
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return FAKE_S3_SECRET
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint_url: str, s3_credentials: str) -> str:
+    """A new, empty bucket on the S3 server, for this test alone."""
+    import boto3.session
+
+    name = f"rpq-test-{uuid.uuid4().hex[:16]}"
+    boto3.session.Session().client("s3", endpoint_url=s3_endpoint_url, region_name="us-east-1").create_bucket(
+        Bucket=name)
+    return name
+
+
 # -- Redis, PostgreSQL, SQLite -------------------------------------------------------------------
 
 
