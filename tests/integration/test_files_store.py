@@ -81,6 +81,21 @@ def test_put_stores_bytes_a_path_or_a_file_object_and_head_reports_each(store: O
     assert store.head(store.key_for("job-2", 1, "never-written")) is None
 
 
+def test_uploads_carry_no_checksum_headers_a_compatible_store_may_refuse(
+        store: ObjectStore, tmp_path: Path) -> None:
+    sent: list[str] = []
+    store.client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.extend(name.lower() for name in request.headers))
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"y" * 1000)
+
+    for data in (b"x" * 1000, path, io.BytesIO(b"z" * 1000)):
+        store.put(store.key_for("job-6", 1, "out.bin"), data, "application/octet-stream")
+
+    assert "content-type" in sent
+    assert not [name for name in sent if "checksum" in name or name == "x-amz-trailer"]
+
+
 def test_a_presigned_put_is_signed_for_its_bucket_key_expiry_method_and_both_headers(
         store: ObjectStore, s3_credentials: str) -> None:
     key = store.key_for("job-3", 2, "result 1.bin")
