@@ -31,6 +31,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from jobs.simulator import transfers
+
 #: Marks "no output" (distinct from an output of ``None``).
 _MISSING: Any = object()
 
@@ -123,10 +125,28 @@ async def default_handler(job: dict[str, Any], rt: JobRuntime) -> Outcome:
                               {"error": ...} item, so the error is str()'d and there is no output)
         error_dict: true      with fail: the error is {"message": ...} instead of a string
         output: any           the output (default {"echo": input})
+        read_inputs: {name: url}   before the work, GET each URL; the output gains
+                              {"inputs": {name: {"bytes", "sha256"}}}
+        write_output: {name, bytes, url, content_type} or a list of them   after the work (unless it
+                              fails), PUT that many deterministic bytes with exactly that Content-Type
+                              and Content-Length; the output gains {"outputs": {name: {"bytes", "sha256"}}}
+
+    File reports are merged into a dict output (a non-dict output moves under "output"; with no output
+    given, the reports alone, not an echo of the URLs); a streaming job's output stays the list of chunks.
+    A transfer that fails fails the job, naming the file.
     """
     inp = job["input"]
     if not isinstance(inp, dict):
         return Outcome(output={"echo": inp})
+    reads, uploads, problems = transfers.parse(inp)
+    if problems:
+        return Outcome(error="bad file transfer input: " + "; ".join(problems))
+    files: dict[str, Any] = {}
+    try:
+        if reads:
+            files["inputs"] = await transfers.read_all(reads)
+    except transfers.TransferError as exc:
+        return Outcome(error=str(exc))
     seconds = float(inp.get("sleep", 0) or 0)
     progress = list(inp.get("progress") or [])
     chunks = inp.get("stream")
@@ -149,9 +169,19 @@ async def default_handler(job: dict[str, Any], rt: JobRuntime) -> Outcome:
         if isinstance(chunks, list):
             return Outcome(error=str(error))  # SDK handle_job: a streamed error item ends as {"error": str(...)}
         return Outcome(error=error)
+    try:
+        if uploads:
+            files["outputs"] = await transfers.write_all(uploads)
+    except transfers.TransferError as exc:
+        return Outcome(error=str(exc))
     if isinstance(chunks, list):
         return Outcome(output=stream if aggregate else [])
-    return Outcome(output=inp.get("output", {"echo": inp}))
+    if not files:
+        return Outcome(output=inp.get("output", {"echo": inp}))
+    # No echo by default here: it would repeat the presigned URLs, which are credentials until they expire.
+    output = inp.get("output", {})
+    output = {**output, **files} if isinstance(output, dict) else {"output": output, **files}
+    return Outcome(output=output)
 
 
 # -- user handlers --------------------------------------------------------------------------------------
