@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
+from jobs.simulator import transfers
 from jobs.simulator.handlers import Outcome, default_handler, load_handler, outcome_from_return, wrap_user_handler
 
 
@@ -104,6 +107,52 @@ def test_the_default_handler_fails_with_a_string_or_a_dict_error() -> None:
 
     assert as_string.error == "out of memory" and not as_string.has_output
     assert as_dict.error == {"message": "out of memory"}
+
+
+def test_bad_file_transfer_input_fails_the_job_listing_every_problem_before_any_work() -> None:
+    outcome, rt = run(default_handler, {
+        "sleep": 5,
+        "read_inputs": {"audio": "ftp://host/a.wav"},
+        "write_output": [{"name": "", "bytes": -1, "url": "not a url"}, "x",
+                         {"name": "v.mp4", "bytes": 1, "url": "http://h/v", "content_type": "video/mp4"},
+                         {"name": "v.mp4", "bytes": 2, "url": "http://h/w", "content_type": "video/mp4"}],
+    })
+
+    assert outcome.error == (
+        "bad file transfer input: read_inputs.audio: must be an http(s) URL; "
+        "write_output[0].name: must be a non-empty string; write_output[0].bytes: must be a whole number from 0; "
+        "write_output[0].url: must be an http(s) URL; write_output[0].content_type: must be a non-empty string; "
+        "write_output[1]: must be an object with name, bytes, url, content_type; "
+        "write_output: name 'v.mp4' appears more than once")
+    assert not outcome.has_output and rt.slept == 0
+
+
+def test_an_upload_is_sent_unchunked_with_exactly_the_signed_headers_and_reports_its_sha256() -> None:
+    seen: list[httpx.Request] = []
+    bodies: list[bytes] = []
+
+    async def receive(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        bodies.append(b"".join([chunk async for chunk in request.stream]))  # type: ignore[union-attr]
+        return httpx.Response(200)
+
+    async def send() -> dict[str, Any]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(receive)) as client:
+            return await transfers.upload(client, transfers.Upload("v.mp4", 200_000, "http://s3/b/k?sig=1",
+                                                                   "video/mp4"))
+
+    report = asyncio.run(send())
+
+    (request,), (body,) = seen, bodies
+    assert request.method == "PUT" and "transfer-encoding" not in request.headers
+    assert (request.headers["content-type"], request.headers["content-length"]) == ("video/mp4", "200000")
+    assert report == {"bytes": 200_000, "sha256": hashlib.sha256(body).hexdigest()}
+    assert report["sha256"] == transfers.generated_sha256("v.mp4", 200_000) != transfers.generated_sha256("w", 200_000)
+
+
+def test_a_url_in_a_message_loses_its_query() -> None:
+    assert transfers.without_query("https://b.s3.example/k/v.mp4?X-Amz-Signature=abc#f") == \
+        "https://b.s3.example/k/v.mp4"
 
 
 # -- user handlers --------------------------------------------------------------------------------------
