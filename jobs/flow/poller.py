@@ -78,20 +78,20 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
         if room <= 0:
             outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /status budget is spent for now"
             break
-        claimed = claim_due(rt, endpoint_id, room)
-        if not claimed:
+        claimed, put_off = _claim(rt, endpoint_id, room, rand)
+        outcome.put_off += put_off
+        if not claimed and not put_off:
             due = _next_due(rt, endpoint_id)
             outcome.again_in = None if due is None else max(due, GATHER_SECONDS)
             outcome.reason = "nothing due"
             break
-        asked = _without_planned_waits(rt, claimed, rand, outcome)
-        steps = ask_and_store(rt, lambda row: lifecycle.ask_status(rt, row, rand=rand), asked)
-        outcome.polled += len(asked)
+        steps = ask_and_store(rt, lambda row: lifecycle.ask_status(rt, row, rand=rand), claimed)
+        outcome.polled += len(claimed)
         outcome.finished += sum(1 for step in steps if step.poll_in is None)
         if time.monotonic() - started >= run_seconds:
             outcome.again_in, outcome.reason = 0.0, "time is up; more may be due"
             break
-        if short and len(claimed) == room:
+        if short and len(claimed) + put_off == room:
             # Every token went, and more polls may be due. Going on now would poll them one or two at a
             # time as tokens trickle back, each batch paying a claim and a transaction: come back when a
             # batch's worth has gathered (the bucket holds them: none is lost).
@@ -102,30 +102,20 @@ def poll_due(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
     return outcome
 
 
-def _without_planned_waits(rt: Runtime, claimed: list[JobRow], rand: Any, outcome: Outcome) -> list[JobRow]:
-    """The claimed polls worth a /status call now. A poll placed before the endpoint had the history
-    to plan from (or by an older plan) may now be one the plan would not make: the job is unlikely to
-    be over. It is put off, free, so the budget goes to jobs that may have ended; this is what lets a
-    new endpoint's polls focus on its likely ends as soon as its first jobs finish."""
-    now = utcnow()
-    ask: list[JobRow] = []
-    later: list[tuple[JobRow, datetime]] = []
-    for row in claimed:
-        wait = lifecycle.planned_wait(rt, row, now=now, rand=rand)
-        if wait is None:
-            ask.append(row)
-        else:
-            later.append((row, now + timedelta(seconds=wait)))
-    if later:
-        with session_scope(rt.engine) as session:
-            outcome.put_off += put_off_polls(session, later)
-    return ask
-
-
-def claim_due(rt: Runtime, endpoint_id: str, limit: int) -> list[JobRow]:
+def claim_due(rt: Runtime, endpoint_id: str, limit: int, *, rand: Any = random.random) -> list[JobRow]:
     """Claim up to `limit` of the endpoint's due polls, most urgent first, in one transaction: each
     claimed job's next_poll_at moves to the end of its lease, so a poller killed mid-call leaves it
-    for the reconciler. Returns the rows as they were before the claim."""
+    for the reconciler. Returns the rows as they were before the claim (the polls put off in the same
+    transaction, see `_claim`, are not among them)."""
+    return _claim(rt, endpoint_id, limit, rand)[0]
+
+
+def _claim(rt: Runtime, endpoint_id: str, limit: int, rand: Any) -> tuple[list[JobRow], int]:
+    """`claim_due`, and how many of the due polls it put off instead. A poll placed before the
+    endpoint had the history to plan from (or by an older plan) may now be one the plan would not
+    make: the job is unlikely to be over. Its next_poll_at moves to the job's likely end in the same
+    transaction, free, so the budget goes to jobs that may have ended; this is what lets a new
+    endpoint's polls focus on its likely ends as soon as its first jobs finish."""
     now = utcnow()
     urgent = or_(col(JobRow.poll_count) == 0, col(JobRow.next_poll_at) < now - STARVING)
     with session_scope(rt.engine) as session:
@@ -138,11 +128,19 @@ def claim_due(rt: Runtime, endpoint_id: str, limit: int) -> list[JobRow]:
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all())
-        if not rows:
-            return []
-        session.execute(update(JOBS).where(JOBS.c.id.in_([row.id for row in rows]))
-                        .values(next_poll_at=now + lifecycle.poll_lease(rt)))
-    return rows
+        ask: list[JobRow] = []
+        later: list[tuple[JobRow, datetime]] = []
+        for row in rows:
+            wait = lifecycle.planned_wait(rt, row, now=now, rand=rand)
+            if wait is None:
+                ask.append(row)
+            else:
+                later.append((row, now + timedelta(seconds=wait)))
+        if ask:
+            session.execute(update(JOBS).where(JOBS.c.id.in_([row.id for row in ask]))
+                            .values(next_poll_at=now + lifecycle.poll_lease(rt)))
+        put_off = put_off_polls(session, later)
+    return ask, put_off
 
 
 def _next_due(rt: Runtime, endpoint_id: str) -> float | None:
