@@ -67,6 +67,18 @@ def stop_on_sigterm() -> None:
 # -- statistics ----------------------------------------------------------------------------------------
 
 
+def wait_for_quiet_machine(max_load: float, timeout: float) -> None:
+    """Poll the 1-minute load average until it is below `max_load`; go on with a warning after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while (load := os.getloadavg()[0]) >= max_load:
+        if time.monotonic() > deadline:
+            say(f"  WARNING: the 1-minute load is still {load:.2f} after {timeout:.0f} s; measuring anyway")
+            return
+        say(f"  1-minute load {load:.2f}, waiting for it to fall below {max_load}")
+        time.sleep(15)
+    say(f"  1-minute load {load:.2f}: measuring")
+
+
 def percentile(values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile: the value below which `pct` % of the sorted values fall."""
     ordered = sorted(values)

@@ -84,6 +84,7 @@ from harness import (
     simulator,
     stop_on_sigterm,
     this_process,
+    wait_for_quiet_machine,
     wait_until,
 )
 from sqlalchemy import text
@@ -474,17 +475,6 @@ def sim_stats(sim: Simulator) -> dict[str, Any]:
     response = httpx.get(f"{sim.root_url}/_sim/stats", timeout=30)
     response.raise_for_status()
     return dict(response.json())
-
-
-def wait_for_quiet_machine(max_load: float, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (load := os.getloadavg()[0]) >= max_load:
-        if time.monotonic() > deadline:
-            say(f"  WARNING: the 1-minute load is still {load:.2f} after {timeout:.0f} s; measuring anyway")
-            return
-        say(f"  1-minute load {load:.2f}, waiting for it to fall below {max_load}")
-        time.sleep(15)
-    say(f"  1-minute load {load:.2f}: measuring")
 
 
 # -- the figures ----------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ from harness import (
     say,
     simulator,
     stop_on_sigterm,
+    wait_for_quiet_machine,
     wait_until,
 )
 
@@ -81,18 +82,6 @@ from jobs.web.auth import new_token
 
 MODES = ("webhook", "polling")
 SUBMIT_BODY = {"endpoint": ENDPOINT_NAME, "input": {"prompt": "a cat in a hat", "n": 1}}
-
-
-def wait_for_quiet_machine(max_load: float, timeout: float) -> None:
-    """Poll the 1-minute load average until it is below `max_load`; go on with a warning after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while (load := os.getloadavg()[0]) >= max_load:
-        if time.monotonic() > deadline:
-            say(f"  WARNING: the 1-minute load is still {load:.2f} after {timeout:.0f} s; measuring anyway")
-            return
-        say(f"  1-minute load {load:.2f}, waiting for it to fall below {max_load}")
-        time.sleep(15)
-    say(f"  1-minute load {load:.2f}: measuring")
 
 
 def epoch(iso: str) -> float:
