@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -10,8 +11,10 @@ import jobs
 from jobs.flow.dispatch import dispatch
 from jobs.flow.lifecycle import poll_claimed, poll_job, submit_job
 from jobs.flow.poller import claim_due, poll_due
+from jobs.flow.reconcile import reconcile
 from jobs.runtime import POLL_DUE_TASK, POLL_TASK, Runtime
 from jobs.states import JobStatus
+from jobs.storage.models import utcnow
 from tests.conftest import ENDPOINT_ID, Published, SimulatorProcess
 from tests.integration.test_dispatch_and_poller import make_due as make_due_now
 from tests.integration.test_lifecycle import make_due, poll_until_final
@@ -239,3 +242,30 @@ def test_a_late_webhook_for_a_finished_job_is_answered_and_changes_nothing(
 
     assert published.messages == []
     assert jobs.get(job.id, runtime=webhook_runtime) == finished
+
+
+def test_a_webhook_whose_wake_up_cannot_be_published_is_still_answered_and_the_reconciler_wakes_the_poller(
+    webhook_runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    job = jobs.submit("tts", {"sleep": 30}, runtime=webhook_runtime)
+    submit_job(webhook_runtime, job.id)
+    token = webhook_of(simulator, jobs.get(job.id, runtime=webhook_runtime).runpod_job_id or "").split("/")[-1]
+    published = webhook_runtime.publish
+    assert isinstance(published, Published)
+
+    def broker_down(task: str, arg: str, countdown: float | None) -> None:
+        raise ConnectionError("Redis is restarting")
+
+    webhook_runtime.publish = broker_down
+    assert webhook_runtime.wakeups is not None
+    webhook_runtime.wakeups._publish = broker_down  # the wake-up publishes through the same broker
+
+    assert jobs.webhook_received(token, runtime=webhook_runtime) is True  # RunPod gets its 200
+
+    webhook_runtime.publish = published
+    webhook_runtime.wakeups._publish = published
+    published.messages.clear()
+    report = reconcile(webhook_runtime, now=utcnow() + timedelta(minutes=5))
+    assert report.woke_poller == [ENDPOINT_ID]  # the job's poll, due now in the table, is not lost
+    assert published.of(POLL_DUE_TASK) == [ENDPOINT_ID]
+    assert poll_due(webhook_runtime, ENDPOINT_ID).polled == 1
