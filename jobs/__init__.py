@@ -26,23 +26,39 @@ from jobs.api import (
     wait,
     webhook_received,
 )
+from jobs.bucket.access import (
+    FileNotFound,
+    InvalidUpload,
+    JobFileInfo,
+    UploadTicket,
+    file_url,
+    files,
+    prepare_upload,
+)
 from jobs.flow.waiting import Waiting, WaitReason
 from jobs.states import JobStatus
 
 __all__ = [
     "Event",
+    "FileNotFound",
     "InvalidJob",
     "InvalidTransition",
+    "InvalidUpload",
     "Job",
+    "JobFileInfo",
     "JobNotFound",
     "JobStatus",
     "StreamItem",
+    "UploadTicket",
     "WaitReason",
     "Waiting",
     "cancel",
     "events",
+    "file_url",
+    "files",
     "get",
     "list_jobs",
+    "prepare_upload",
     "retry",
     "stream_events",
     "submit",

@@ -11,13 +11,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
+from jobs.bucket import jobfiles
 from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
 from jobs.flow.dispatch import GATHER_SECONDS
 from jobs.flow.lifecycle import RUNPOD_RETRY_WINDOW, adopt_from_webhook, hash_token
@@ -27,7 +28,7 @@ from jobs.runpod.client import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestI
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime, get_runtime
 from jobs.settings import Endpoint, Settings
 from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
-from jobs.storage import streams
+from jobs.storage import filerows, streams
 from jobs.storage.db import session_scope
 from jobs.storage.models import JobEvent, JobRow, utcnow
 from jobs.storage.store import (
@@ -119,6 +120,12 @@ class Job:
     output_missing: bool = False
     #: Among an endpoint's PENDING jobs, higher goes to RunPod first; equal priorities go oldest first.
     priority: int = 0
+    #: A declared output was not in the bucket when the job completed: see `files()` and the job's events.
+    files_missing: bool = False
+    #: Where an input sent with offload=True, and an output over RPQ_INLINE_OUTPUT_MAX_BYTES, live in the
+    #: bucket. `get` and `wait` read them back into `input` and `output`; `list_jobs` leaves those None.
+    input_key: str | None = None
+    output_key: str | None = None
     #: Why a PENDING job has not gone to RunPod yet (None for any other status). Read from the queue
     #: around the job by `get` and `list_jobs`; `submit` and `retry` do not read the queue (a submit
     #: stays a single write), so the job they return has None here. Not part of equality: two reads
@@ -139,7 +146,8 @@ class Job:
             metadata=row.meta, stream=row.stream, created_at=row.created_at, submitted_at=row.submitted_at,
             started_at=row.started_at, finished_at=row.finished_at, delay_time_ms=row.delay_time_ms,
             execution_time_ms=row.execution_time_ms, worker_id=row.worker_id, output_missing=row.output_missing,
-            priority=row.priority, waiting=waiting,
+            priority=row.priority, files_missing=row.files_missing, input_key=row.input_key,
+            output_key=row.output_key, waiting=waiting,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,6 +193,9 @@ def submit(
     metadata: Mapping[str, Any] | None = None,
     stream: bool = False,
     priority: int = 0,
+    files: Mapping[str, Any] | None = None,
+    outputs: Sequence[str] | Mapping[str, str] | None = None,
+    offload: bool = False,
     runtime: Runtime | None = None,
 ) -> Job:
     """Accept a job for `endpoint` (a configured name or a RunPod endpoint id) and return it.
@@ -198,6 +209,13 @@ def submit(
 
     Every problem with the arguments is reported at once in `InvalidJob`, and nothing is written.
     With `idempotency_key`, a second submit to the same endpoint returns the first job.
+
+    Files (they need RPQ_S3_BUCKET; see README "Files"): `files` maps a name to bytes, a `pathlib.Path`, a
+    binary file object (each put in the bucket now) or `{"key": ...}` for an object already there (one
+    `prepare_upload` made, checked by HEAD before the job is sent). `outputs` declares the files the handler
+    will write, by name (or name: content type). The handler gets a URL for each under the input's "rpq"
+    key (`rpq_worker` reads them). `offload=True` puts the input itself in the bucket, for one over RunPod's
+    10 MB /run limit: the handler gets its URL instead.
     """
     rt = runtime or get_runtime()
     policy = whole_milliseconds(policy)
@@ -205,25 +223,50 @@ def submit(
     resolved = _resolve(endpoint, rt.settings)
     problems = _submission_problems(endpoint, resolved, input, policy=policy, webhook=webhook,
                                     idempotency_key=idempotency_key, correlation_id=correlation_id, metadata=metadata,
-                                    stream=stream, priority=priority)
+                                    stream=stream, priority=priority, offload=offload)
+    request, wrong_files = jobfiles.read_request(files, outputs, offload, input)
+    problems += wrong_files
+    if request and not rt.has_files:
+        problems.append(_FILES_OFF)
     if problems or resolved is None:
         raise InvalidJob(problems)
+    if request and idempotency_key is not None:
+        # Put nothing in the bucket for a job that exists already.
+        with session_scope(rt.engine, read_only=True) as session:
+            existing = find_by_idempotency_key(session, resolved.id, idempotency_key)
+        if existing is not None:
+            return Job.from_row(existing)
 
+    job_id = str(uuid.uuid4())
+    prepared = _prepare_files(rt, job_id, request, input) if request else None
     now = utcnow()
     job = Job(
-        id=str(uuid.uuid4()), status=JobStatus.PENDING, endpoint=resolved.name, endpoint_id=resolved.id,
+        id=job_id, status=JobStatus.PENDING, endpoint=resolved.name, endpoint_id=resolved.id,
         runpod_job_id=None, input=input, output=None, error=None, progress=None, attempt=1, poll_count=0,
         policy=dict(policy) if policy else None, webhook=webhook, correlation_id=correlation_id,
         idempotency_key=idempotency_key, metadata=None if metadata is None else dict(metadata), stream=stream,
         created_at=now, submitted_at=None, started_at=None, finished_at=None, delay_time_ms=None,
         execution_time_ms=None, worker_id=None, output_missing=False, priority=priority,
+        input_key=prepared.input_key if prepared else None,
     )
     values = {"id": job.id, "endpoint_name": job.endpoint, "endpoint_id": job.endpoint_id, "status": job.status,
-              "input": job.input, "policy": job.policy, "webhook": job.webhook, "metadata": job.metadata,
+              "input": None if job.input_key else job.input, "has_files": bool(prepared and prepared.rows),
+              "input_key": job.input_key, "policy": job.policy, "webhook": job.webhook, "metadata": job.metadata,
               "stream": job.stream, "correlation_id": job.correlation_id, "idempotency_key": job.idempotency_key,
               "attempt": job.attempt, "poll_count": job.poll_count, "poll_errors": 0, "polls_since_change": 0,
               "output_missing": job.output_missing, "priority": job.priority, "created_at": now, "updated_at": now}
-    if not insert_job(rt.engine, values, source=Source.API, detail=f"submitted to {job.endpoint}"):
+    try:
+        inserted = insert_job(rt.engine, values, source=Source.API, detail=f"submitted to {job.endpoint}",
+                              also=_files_writer(prepared) if prepared else None)
+    except BaseException as exc:
+        if prepared:
+            jobfiles.forget(rt.objects, prepared.written)
+        if isinstance(exc, filerows.UploadTaken):
+            raise InvalidJob([Problem("files", "known", str(exc))]) from None
+        raise
+    if not inserted:
+        if prepared:
+            jobfiles.forget(rt.objects, prepared.written)
         # An earlier submit with this key (to this endpoint) made the job, or a concurrent one just did:
         # that job is the answer, and nothing was written or published for this call.
         with session_scope(rt.engine, read_only=True) as session:
@@ -234,6 +277,30 @@ def submit(
 
     _wake_dispatcher(rt, job.endpoint_id)
     return job
+
+
+_FILES_OFF = Problem("files", "configured", "files are off: RPQ_S3_BUCKET is not set (files, outputs and offload "
+                     "need a bucket in S3 or R2)")
+
+
+def _prepare_files(rt: Runtime, job_id: str, request: jobfiles.FileRequest, input: Any) -> jobfiles.Prepared:
+    """Put the job's files in the bucket and return the rows to write with it; InvalidJob for keys that
+    name no usable object (nothing is put then)."""
+    store = rt.objects
+    keys = [item.key for item in request.inputs if item.key is not None]
+    with session_scope(rt.engine, read_only=True) as session:
+        uploads = filerows.uploads_named(session, keys)
+    prepared, problems = jobfiles.prepare(store, job_id, request, input, uploads)
+    if problems:
+        raise InvalidJob(problems)
+    return prepared
+
+
+def _files_writer(prepared: jobfiles.Prepared) -> Callable[[Connection], None]:
+    def write(connection: Connection) -> None:
+        filerows.add(connection, prepared.rows)
+        filerows.take_uploads(connection, prepared.uploads_taken)
+    return write
 
 
 def submission_problems(
@@ -279,6 +346,7 @@ def _submission_problems(
     metadata: object,
     stream: object,
     priority: object,
+    offload: object = False,
 ) -> list[Problem]:
     """`submission_problems` once the endpoint is resolved and the policy's whole milliseconds are ints:
     `submit` does each of those once, for the check and for the row."""
@@ -297,7 +365,7 @@ def _submission_problems(
     problems += options
     input_wrong = input_problems(input)
     problems += input_wrong
-    if not input_wrong:  # only storable JSON is encoded: encoding the rest could crash or quote it
+    if not input_wrong and offload is not True:  # only storable JSON is encoded: the rest could crash or quote it
         try:  # the input's size is checked even when the options were wrong: every problem at once
             encode_body({"input": input} if options else body, limit=MAX_RUN_PAYLOAD_BYTES, operation="submit")
         except RequestInvalid as exc:
@@ -390,12 +458,24 @@ def get(job_id: str, *, runtime: Runtime | None = None) -> Job:
     return _read(runtime or get_runtime(), job_id, explain=True)
 
 
-def _read(rt: Runtime, job_id: str, *, explain: bool) -> Job:
+def _read(rt: Runtime, job_id: str, *, explain: bool, documents: bool = True) -> Job:
     with session_scope(rt.engine, read_only=True) as session:
         row = get_row(session, job_id)
         if row is None:
             raise JobNotFound(job_id)
-        return Job.from_row(row, waiting_of(session, row, rt.settings, utcnow()) if explain else None)
+        job = Job.from_row(row, waiting_of(session, row, rt.settings, utcnow()) if explain else None)
+    return with_documents(rt, job) if documents else job
+
+
+def with_documents(rt: Runtime, job: Job) -> Job:
+    """`job` with an input sent with offload=True and an output moved to the bucket read back into `input`
+    and `output`. ObjectStoreError when the bucket cannot be read."""
+    if job.input_key is None and job.output_key is None:
+        return job
+    store = rt.objects
+    return replace(job,
+                   input=jobfiles.load_document(store, job.input_key) if job.input_key else job.input,
+                   output=jobfiles.load_document(store, job.output_key) if job.output_key else job.output)
 
 
 def events(job_id: str, *, runtime: Runtime | None = None) -> list[Event]:
@@ -549,7 +629,10 @@ def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = No
         row = get_row(session, job_id)
         if row is None:
             raise JobNotFound(job_id)
-        reuse = (row.status in (JobStatus.FAILED, JobStatus.TIMED_OUT) and row.runpod_job_id is not None
+        # RunPod's /retry re-runs the old input, whose file URLs name the old attempt's folder and may have
+        # expired: a job with files gets a fresh /run, with fresh URLs and its own folder.
+        reuse = (not row.has_files and row.status in (JobStatus.FAILED, JobStatus.TIMED_OUT)
+                 and row.runpod_job_id is not None
                  and row.finished_at is not None and now - row.finished_at < RUNPOD_RETRY_WINDOW)
         left = transition(session, job_id, to=JobStatus.PENDING, source=source, expected=RETRYABLE,
                           detail=f"attempt {row.attempt + 1}" + (" via RunPod /retry" if reuse else ""),
@@ -560,7 +643,7 @@ def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = No
                               "next_poll_at": None, "deadline_at": None, "last_runpod_status": None,
                               "polls_since_change": 0, "poll_errors": 0, "delay_time_ms": None,
                               "execution_time_ms": None, "worker_id": None, "output_missing": False,
-                              "webhook_runpod_job_id": None,
+                              "webhook_runpod_job_id": None, "files_missing": False, "output_key": None,
                           })
         if left is None:
             raise InvalidTransition(job_id, JobStatus(row.status), "retry")
@@ -653,9 +736,9 @@ def wait(job_id: str, *, timeout: float = 600.0, runtime: Runtime | None = None)
     while True:
         # Not get(): a waiter asks only whether the job is done, and 10,000 of them waiting on held jobs
         # should not count the jobs ahead of each, every second.
-        job = _read(rt, job_id, explain=False)
+        job = _read(rt, job_id, explain=False, documents=False)
         if job.is_terminal:
-            return job
+            return with_documents(rt, job)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"job {job_id} is still {job.status} after {timeout}s")

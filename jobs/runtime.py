@@ -14,6 +14,7 @@ import httpx
 from celery import Celery
 from sqlalchemy import Engine
 
+from jobs.bucket.store import ObjectStore
 from jobs.flow.backoff import PollSchedule
 from jobs.flow.endpoint_times import EndpointTimesCache
 from jobs.flow.wakeups import Wakeups
@@ -84,6 +85,7 @@ class Runtime:
     # What each endpoint's recent jobs say about the next one (jobs.flow.pollplan), kept ~30 s per endpoint.
     endpoint_times: EndpointTimesCache = field(default_factory=EndpointTimesCache)
     _client: RunPodClient | None = field(default=None, init=False, repr=False)
+    _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +107,18 @@ class Runtime:
             if self._client is None:
                 self._client = self.make_client()
             return self._client
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The bucket files live in, built on first use; FilesNotConfigured (naming RPQ_S3_BUCKET) when none is set."""
+        with self._lock:
+            if self._objects is None:
+                self._objects = ObjectStore.from_settings(self.settings)
+            return self._objects
+
+    @property
+    def has_files(self) -> bool:
+        return self.settings.s3_bucket is not None
 
     def close(self) -> None:
         if self._client is not None:

@@ -41,6 +41,7 @@ S3_REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}\Z")
 # Path segments of safe characters, joined by single slashes: no leading or trailing slash, no "..".
 S3_PREFIX_RE = re.compile(r"^(?!.*(?:^|/)\.{1,2}(?:/|$))[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*\Z")
 PRESIGN_MAX_SECONDS = 604_800  # 7 days: the longest a SigV4 presigned URL may live
+MAX_SINGLE_PUT_BYTES = 5 * 1024**3  # S3 and R2 take at most 5 GiB in one PUT (larger needs multipart)
 
 
 class Secret(SecretStr):
@@ -159,7 +160,7 @@ class Settings(BaseSettings):
     # rpq's own budget of RunPod requests per 10 s, per endpoint and operation, shared by every process
     # (jobs.runpod.budget). Below RunPod's documented limits, so rpq never draws a 429.
     runpod_limits: Limits = Field(default_factory=Limits, validation_alias="RPQ_RUNPOD_LIMITS")
-    # Files (jobs.files): inputs and outputs in S3 or any S3-compatible store (Cloudflare R2, MinIO). No bucket:
+    # Files (jobs.bucket): inputs and outputs in S3 or any S3-compatible store (Cloudflare R2, MinIO). No bucket:
     # files are off. Credentials come only from boto3's own chain (AWS_ACCESS_KEY_ID..., profiles, roles).
     s3_bucket: S3Bucket | None = Field(default=None, validation_alias="RPQ_S3_BUCKET")
     # None: AWS. R2: https://<account>.r2.cloudflarestorage.com; any http(s) URL for others.
@@ -169,6 +170,12 @@ class Settings(BaseSettings):
     s3_prefix: S3Prefix = Field(default="rpq", validation_alias="RPQ_S3_PREFIX")
     presign_seconds: Annotated[int, Field(ge=1, le=PRESIGN_MAX_SECONDS)] = Field(
         default=3600, validation_alias="RPQ_PRESIGN_SECONDS")
+    # A completed job's output larger than this (as JSON) goes to the bucket, and the row keeps a reference
+    # (`jobs.get` reads it back). Without a bucket every output stays in its row, as before.
+    inline_output_max_bytes: Count = Field(default=1_048_576, validation_alias="RPQ_INLINE_OUTPUT_MAX_BYTES")
+    # The largest file a direct upload (`jobs.prepare_upload`) may reserve: S3's limit on one PUT by default.
+    upload_max_bytes: Annotated[int, Field(gt=0, le=MAX_SINGLE_PUT_BYTES)] = Field(
+        default=MAX_SINGLE_PUT_BYTES, validation_alias="RPQ_UPLOAD_MAX_BYTES")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -16,7 +16,7 @@ import logging
 import random
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -24,7 +24,11 @@ from urllib.parse import urlencode
 from sqlalchemy import CursorResult, case, update
 from sqlmodel import Session, col, select
 
+from jobs.bucket import jobfiles
 from jobs.errors import (
+    ConfigError,
+    ObjectStoreError,
+    RpqError,
     RunOutcomeUnknown,
     RunPodAuthError,
     RunPodBudgetExhausted,
@@ -42,7 +46,7 @@ from jobs.observability import logcontext
 from jobs.runpod.client import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
-from jobs.storage import streams
+from jobs.storage import filerows, streams
 from jobs.storage.db import session_scope
 from jobs.storage.models import JobRow, RunPodCancel, utcnow
 from jobs.storage.store import (
@@ -245,8 +249,24 @@ def send_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = ran
     # Everything this submit writes from here on is about this attempt, before RunPod named its job.
     fence = Fence(attempt=row.attempt, runpod_job_id=None)
     logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
+    sent: Any = row.input
+    checks: list[jobfiles.InputCheck] = []
+    if row.has_files:
+        try:
+            sent, checks = _with_files(rt, row)
+        except jobfiles.InputFilesRejected as exc:
+            rt.metrics.submitted(row.endpoint_name, "rejected")
+            return _refused(rt, row, fence, f"not sent: {exc}")
+        except (ObjectStoreError, ConfigError) as exc:
+            rt.metrics.submitted(row.endpoint_name, "deferred")
+            log.warning("job %s: its files could not be prepared for /run (%s); trying again later", row.id, exc)
+            errors = row.poll_errors + 1
+            delay = poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=errors, retry_after=None,
+                                     rand=rand)
+            return _later(row, fence, f"its files could not be prepared ({exc}); next try in {delay:.0f}s",
+                          delay=delay, errors=errors)
     try:
-        state = _send(rt, row, fence, token if token and row.webhook_token_hash == hash_token(token) else None)
+        state = _send(rt, row, fence, token if token and row.webhook_token_hash == hash_token(token) else None, sent)
     except RunPodError as exc:
         rt.metrics.runpod_error("run", exc)
         rt.metrics.submitted(row.endpoint_name, _submit_outcome(exc))
@@ -255,7 +275,18 @@ def send_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = ran
         return _nothing_to_store(row, Next.stop("row moved before /run: nothing sent"))
     rt.metrics.submitted(row.endpoint_name, "accepted")
     log.info("job %s is RunPod job %s (attempt %d)", row.id, state.id, row.attempt)
-    return _accepted(rt, row, fence, state, rand)
+    return _accepted(rt, row, fence, state, rand, checks)
+
+
+def _with_files(rt: Runtime, row: JobRow) -> tuple[Any, list[jobfiles.InputCheck]]:
+    """The input to send with its files' fresh URLs, once each input named by key is checked by HEAD.
+    The URLs exist only in this /run's body: never stored, logged or put in a message."""
+    with session_scope(rt.engine, read_only=True) as session:
+        files = filerows.of_job(session, row.id)
+    store = rt.objects
+    checks = jobfiles.check_inputs(store, files)
+    expires = jobfiles.url_seconds(ttl_ms(row.policy), rt.settings.presign_seconds)
+    return jobfiles.run_input(store, row, files, checks, expires=expires), checks
 
 
 def _submit_outcome(exc: RunPodError) -> str:
@@ -273,30 +304,10 @@ def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, ran
             errors = row.poll_errors + 1
             delay = poll_error_delay(rt.schedule_for(webhooks=False), consecutive_errors=errors,
                                      retry_after=exc.retry_after, rand=rand)
-        retry_at = utcnow() + timedelta(seconds=delay)
-
-        def later(session: Session) -> Then:
-            _move(session, row.id, fence, JobStatus.PENDING, f"RunPod unavailable ({exc}); next try in {delay:.0f}s",
-                  values={"next_poll_at": retry_at, "poll_errors": errors})
-            return lambda: Next(again_in=delay, reason="transient")
-
-        return _findings(row, later)
+        return _later(row, fence, f"RunPod unavailable ({exc}); next try in {delay:.0f}s", delay=delay, errors=errors)
     if isinstance(exc, RunPodRejected | RunPodAuthError | RunPodNotFound):
-        reason = (f"RunPod does not know endpoint {row.endpoint_id} (404): it was deleted, or the id is wrong"
-                  if isinstance(exc, RunPodNotFound) else f"RunPod refused the job: {exc}")
-        failed_at = utcnow()
-
-        def refused(session: Session) -> Then:
-            moved = _move(session, row.id, fence, JobStatus.FAILED, reason,
-                          values={"error": reason, "finished_at": failed_at})
-
-            def then() -> Next:
-                if moved:
-                    rt.metrics.finished(row.endpoint_name, JobStatus.FAILED.value, row.created_at)
-                return Next.stop("rejected")
-            return then
-
-        return _findings(row, refused)
+        return _refused(rt, row, fence, f"RunPod does not know endpoint {row.endpoint_id} (404): it was deleted, or "
+                        "the id is wrong" if isinstance(exc, RunPodNotFound) else f"RunPod refused the job: {exc}")
     # RunOutcomeUnknown, an unreadable answer, or anything unforeseen: a job may exist at RunPod.
     detail = (f"{exc}" if isinstance(exc, RunOutcomeUnknown)
               else f"RunPod's answer could not be read ({exc}); a job may exist")
@@ -311,6 +322,35 @@ def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, ran
         return then
 
     return _findings(row, unknown)
+
+
+def _later(row: JobRow, fence: Fence, detail: str, *, delay: float, errors: int) -> Findings:
+    """Nothing was sent: back to PENDING, to be sent again in `delay` seconds."""
+    retry_at = utcnow() + timedelta(seconds=delay)
+
+    def later(session: Session) -> Then:
+        _move(session, row.id, fence, JobStatus.PENDING, detail,
+              values={"next_poll_at": retry_at, "poll_errors": errors})
+        return lambda: Next(again_in=delay, reason="transient")
+
+    return _findings(row, later)
+
+
+def _refused(rt: Runtime, row: JobRow, fence: Fence, reason: str) -> Findings:
+    """The job cannot be sent as it is: FAILED, with the reason as its error (a retry may send it again)."""
+    failed_at = utcnow()
+
+    def refused(session: Session) -> Then:
+        moved = _move(session, row.id, fence, JobStatus.FAILED, reason,
+                      values={"error": reason, "finished_at": failed_at})
+
+        def then() -> Next:
+            if moved:
+                rt.metrics.finished(row.endpoint_name, JobStatus.FAILED.value, row.created_at)
+            return Next.stop("rejected")
+        return then
+
+    return _findings(row, refused)
 
 
 def adopt_named(rt: Runtime, job_id: str) -> str:
@@ -328,7 +368,7 @@ def adopt_named(rt: Runtime, job_id: str) -> str:
         return "not confirmed"
 
 
-def _send(rt: Runtime, row: JobRow, fence: Fence, token: str | None) -> JobState | None:
+def _send(rt: Runtime, row: JobRow, fence: Fence, token: str | None, sent: Any) -> JobState | None:
     """`/retry` the previous RunPod job when a retry can reuse it (it keeps its webhook), else `/run`
     a new one. Returns RunPod's answer; None when the row moved on before anything was sent."""
     if row.runpod_retry_of:
@@ -345,7 +385,7 @@ def _send(rt: Runtime, row: JobRow, fence: Fence, token: str | None) -> JobState
     webhook = row.webhook
     if webhook is None and token is not None and rt.settings.runpod_webhook_base_url:
         webhook = webhook_url(rt.settings.runpod_webhook_base_url, token, row.correlation_id)
-    return rt.runpod.run(row.endpoint_id, row.input, webhook=webhook, policy=runpod_policy(row.policy),
+    return rt.runpod.run(row.endpoint_id, sent, webhook=webhook, policy=runpod_policy(row.policy),
                          budget_seconds=rt.settings.submit_budget_seconds)
 
 
@@ -389,7 +429,8 @@ def _runpod_retry(rt: Runtime, endpoint_id: str, runpod_job_id: str) -> JobState
         raise RunOutcomeUnknown(f"retry of RunPod job {runpod_job_id} got no clear answer ({exc})") from exc
 
 
-def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any) -> Findings:
+def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any,
+              checks: Sequence[jobfiles.InputCheck] = ()) -> Findings:
     now = utcnow()
     first = _poll_in(rt, row, FROM_RUNPOD[state.status], now=now, polls=0, polls_since_change=0, started_at=None,
                      delay_ms=state.delay_time_ms, rand=rand)
@@ -407,6 +448,9 @@ def _accepted(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand: Any
                                detail=f"RunPod job {state.id}: /run's answer came late; adopted")
         if moved is None:
             _orphaned(session, row, fence, state.id)
+        elif checks:
+            filerows.record_inputs_checked(session, row.id, [(c.name, c.info.size, c.info.etag, c.info.content_type)
+                                                             for c in checks], now)
 
         def then() -> Next:
             if moved is not None:
@@ -538,7 +582,7 @@ def _status_not_found(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodNotFoun
     return _findings(row, expire)
 
 
-def _poll_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, rand: Any, *,
+def _poll_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RpqError, rand: Any, *,
                  note: str | None = None) -> Findings:
     """A failed poll changes nothing but the schedule (and, with a `note`, the job's history): RunPod's
     silence is not a job outcome."""
@@ -623,6 +667,20 @@ def _status_found(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
         values.update(finished_at=now, next_poll_at=None, output=storable_json(state.output),
                       error=_error_text(state.error))
 
+    finished_files = _FinishedFiles()
+    if status is JobStatus.COMPLETED and (row.has_files or rt.has_files):
+        try:
+            finished_files = _finish_files(rt, row, values["output"])
+        except (ObjectStoreError, ConfigError) as exc:
+            if row.poll_errors + 1 < FINAL_DRAIN_TRIES:
+                # RunPod keeps the result 30 minutes: ask again rather than store the job without its files.
+                return _poll_failed(rt, row, fence, exc, rand,
+                                    note=f"the job's files could not be checked ({exc}); trying again")
+            finished_files = _FinishedFiles(values={"files_missing": row.has_files}, note=(
+                f"the job's files could not be checked {FINAL_DRAIN_TRIES} times ({exc}); stored as completed "
+                "with its output in the row" + (", flagged files_missing" if row.has_files else "")))
+        values.update(finished_files.values)
+
     past_deadline = row.deadline_at is not None and now > row.deadline_at
     if not status.is_terminal and past_deadline:
         status = JobStatus.EXPIRED
@@ -647,11 +705,50 @@ def _status_found(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
         if stored and drained.missing_note:
             record_event(session, row.id, from_status=status, to_status=status, source=Source.POLL,
                          detail=drained.missing_note, coalesce=True)
+        if stored and finished_files.rows:
+            filerows.add(session, finished_files.rows)
+        if stored and finished_files.note:
+            record_event(session, row.id, from_status=status, to_status=status, source=Source.POLL,
+                         detail=finished_files.note)
         current = get_row(session, row.id) if not stored else None
         return lambda: _status_stored(rt, row, fence, status, written, stored=stored, current=current,
                                       changed=changed, delay=delay, dropped=len(drained.chunks))
 
     return _findings(row, store)
+
+
+@dataclass(frozen=True)
+class _FinishedFiles:
+    """What a completed attempt's files come to: fields for its row, job_files rows, a line for its history."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    note: str | None = None
+
+
+def _finish_files(rt: Runtime, row: JobRow, output: Any) -> _FinishedFiles:
+    """Check the attempt's declared outputs by HEAD, and move an output too large for the row to the bucket.
+    Talks to the bucket, so it runs before the poll's transaction; ObjectStoreError when it cannot."""
+    values: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    if row.has_files:
+        with session_scope(rt.engine, read_only=True) as session:
+            files = filerows.of_job(session, row.id)
+        if jobfiles.declares_outputs(files):
+            found = jobfiles.check_outputs(rt.objects, row, files)
+            rows += found.rows
+            notes.append(found.detail)
+            values["files_missing"] = bool(found.missing)
+    if rt.has_files and output is not None:
+        size = jobfiles.encoded_size(output)
+        if size > rt.settings.inline_output_max_bytes:
+            moved = jobfiles.move_result(rt.objects, row, output)
+            rows.append(moved)
+            values.update(output=None, output_key=moved["key"])
+            notes.append(f"output of {size} bytes moved to the bucket (over RPQ_INLINE_OUTPUT_MAX_BYTES): "
+                         f"{moved['key']}")
+    return _FinishedFiles(values, rows, "; ".join(notes) or None)
 
 
 def _status_stored(rt: Runtime, row: JobRow, fence: Fence, status: JobStatus, values: dict[str, Any], *,
@@ -670,6 +767,9 @@ def _status_stored(rt: Runtime, row: JobRow, fence: Fence, status: JobStatus, va
         rt.metrics.finished(row.endpoint_name, status.value, row.created_at)
         if values.get("output_missing"):
             rt.metrics.output_missing(row.endpoint_name)
+        if values.get("files_missing"):
+            rt.metrics.files_missing(row.endpoint_name)
+            log.warning("job %s completed without all its declared output files: see its events", row.id)
     return Next.stop(f"final: {status}") if status.is_terminal else Next(poll_in=delay, reason=str(status))
 
 

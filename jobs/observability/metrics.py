@@ -129,6 +129,8 @@ class RpqCollector(Collector):
                                      labels=["operation", "kind"])
         missing = CounterMetricFamily("rpq_output_missing", "Jobs RunPod reported COMPLETED with no output "
                                       "(how it shows a result over its ~20 MB limit).", labels=["endpoint"])
+        files_missing = CounterMetricFamily("rpq_files_missing", "Completed jobs a declared output file was missing "
+                                            "from the bucket for (or could not be checked).", labels=["endpoint"])
         gaps = CounterMetricFamily("rpq_stream_gaps", "Streaming jobs whose /stream read was lost: chunks may be "
                                    "missing.", labels=["endpoint"])
         latency = HistogramMetricFamily("rpq_job_latency_seconds",
@@ -152,6 +154,8 @@ class RpqCollector(Collector):
                 errors.add_metric(labels, value)
             elif kind == "output_missing" and len(labels) == 1:
                 missing.add_metric(labels, value)
+            elif kind == "files_missing" and len(labels) == 1:
+                files_missing.add_metric(labels, value)
             elif kind == "stream_gaps" and len(labels) == 1:
                 gaps.add_metric(labels, value)
             elif kind == "latency_sum" and len(labels) == 2:
@@ -164,7 +168,7 @@ class RpqCollector(Collector):
             observed = buckets.get(series, {})
             cumulative = [(str(bound), observed.get(bound, 0.0)) for bound in LATENCY_BUCKETS]
             latency.add_metric(list(series), [*cumulative, ("+Inf", count)], sums.get(series, 0.0))
-        yield from (submits, polls, errors, missing, gaps, latency)
+        yield from (submits, polls, errors, missing, files_missing, gaps, latency)
 
 
     def _budget(self) -> Iterator[Any]:

@@ -40,6 +40,7 @@ class Recorder(Protocol):
     def runpod_error(self, operation: str, error: RunPodError) -> None: ...
     def finished(self, endpoint: str, status: str, created_at: datetime) -> None: ...
     def output_missing(self, endpoint: str) -> None: ...
+    def files_missing(self, endpoint: str) -> None: ...
     def stream_gap(self, endpoint: str) -> None: ...
 
 
@@ -57,6 +58,9 @@ class NullRecorder:
         pass
 
     def output_missing(self, endpoint: str) -> None:
+        pass
+
+    def files_missing(self, endpoint: str) -> None:
         pass
 
     def stream_gap(self, endpoint: str) -> None:
@@ -99,6 +103,9 @@ class RedisRecorder:
 
     def output_missing(self, endpoint: str) -> None:
         self._add({SEP.join(("output_missing", endpoint)): 1})
+
+    def files_missing(self, endpoint: str) -> None:
+        self._add({SEP.join(("files_missing", endpoint)): 1})
 
     def stream_gap(self, endpoint: str) -> None:
         self._add({SEP.join(("stream_gaps", endpoint)): 1})

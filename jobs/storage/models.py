@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Dialect, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, String, Text, UniqueConstraint
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -155,6 +156,16 @@ class JobRow(SQLModel, table=True):
     # The RunPod job id a webhook for this attempt named while /run's answer was still awaited. Not
     # trusted: used only if /run's outcome turns out unknown, and only once /status confirms it.
     webhook_runpod_job_id: str | None = Field(default=None, max_length=128)
+    # The job has rows in job_files (inputs, declared outputs, an offloaded input): the submit and the final
+    # poll read them only then, so a job without files costs no extra query.
+    has_files: bool = False
+    # A declared output was not in the bucket when the job completed (or could not be checked): flagged,
+    # evented and counted like output_missing. The job stays COMPLETED: its RunPod result is real.
+    files_missing: bool = False
+    # Where an input sent with offload=True lives in the bucket (the row's `input` is then JSON null), and
+    # where an output over RPQ_INLINE_OUTPUT_MAX_BYTES was moved (`output` is then null). `jobs.get` reads both back.
+    input_key: str | None = Field(default=None, sa_column=Column(Text))
+    output_key: str | None = Field(default=None, sa_column=Column(Text))
 
     correlation_id: str | None = Field(default=None, max_length=128, index=True)
     idempotency_key: str | None = Field(default=None, max_length=255)
@@ -246,6 +257,62 @@ class RunPodCancel(SQLModel, table=True):
     tries: int = 0
     done_at: datetime | None = _time()
     result: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class FileRole(StrEnum):
+    INPUT = "input"  # a file the handler reads (attempt 0: every attempt reads it)
+    OUTPUT = "output"  # a declared output: attempt 0 is the declaration, attempt N what attempt N left
+    INPUT_DOCUMENT = "input_document"  # an input sent with offload=True (attempt 0)
+    RESULT = "result"  # an output over RPQ_INLINE_OUTPUT_MAX_BYTES, moved to the bucket (attempt N)
+
+
+class FileState(StrEnum):
+    DECLARED = "declared"  # promised, not checked yet: an output to be written, an upload to be made
+    STORED = "stored"  # HEAD found it: size, ETag and content type are the store's
+    MISSING = "missing"  # looked for and not found (or the store could not be asked: see the job's events)
+
+
+class JobFile(SQLModel, table=True):
+    """An object in the bucket that belongs to a job. Written with the write it belongs to: the submit's
+    insert, the final poll's transition. Retention deletes the objects of the rows it removes."""
+
+    __tablename__ = "job_files"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "role", "name", name="uq_job_files_job_attempt_role_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", ondelete="CASCADE", max_length=36)
+    # 0 for what every attempt shares (inputs, the declaration of outputs); N for what attempt N left.
+    attempt: int = 0
+    role: str = Field(max_length=16)  # FileRole
+    name: str = Field(max_length=255)
+    key: str | None = Field(default=None, sa_column=Column(Text))  # None for a declaration: each attempt has its own
+    content_type: str | None = Field(default=None, max_length=255)
+    size: int | None = Field(default=None, sa_type=BigInteger)
+    etag: str | None = Field(default=None, max_length=128)
+    state: str = Field(max_length=16)  # FileState
+    # rpq made the object (an upload, a job's input or output folder): retention deletes it with the job.
+    # An object the caller named by key is theirs, and is left alone.
+    owned: bool = True
+    # An input from a direct upload: the most bytes its signature allowed, checked again by HEAD before /run.
+    max_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    created_at: datetime = _time(required=True)
+    checked_at: datetime | None = _time()
+
+
+class Upload(SQLModel, table=True):
+    """A key reserved for a direct upload (`jobs.prepare_upload`) and not used yet: what its signature allows,
+    so the submit that names it can check the object against it. That submit moves it into job_files, in its
+    own transaction, so an upload serves one job. Unused ones are purged with their objects."""
+
+    __tablename__ = "file_uploads"
+    __table_args__ = (Index("ix_file_uploads_created_at", "created_at"),)
+
+    key: str = Field(primary_key=True, max_length=1024)
+    name: str = Field(max_length=255)
+    content_type: str = Field(max_length=255)
+    max_bytes: int = Field(sa_type=BigInteger)
+    created_at: datetime = _time(required=True)
+    expires_at: datetime = _time(required=True)
 
 
 class StreamEvent(SQLModel, table=True):

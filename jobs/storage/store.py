@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import (
     ClauseElement,
     ColumnElement,
+    Connection,
     CursorResult,
     Engine,
     Table,
@@ -357,7 +358,7 @@ def open_runpod_cancels(session: Session, job_id: str) -> Sequence[RunPodCancel]
 #: The columns of a new job row that `insert_job` is given values for: every column without a value is NULL.
 NEW_JOB_COLUMNS = ("id", "endpoint_name", "endpoint_id", "status", "input", "policy", "webhook", "metadata", "stream",
                    "correlation_id", "idempotency_key", "attempt", "poll_count", "poll_errors", "polls_since_change",
-                   "output_missing", "priority", "created_at", "updated_at")
+                   "output_missing", "priority", "has_files", "input_key", "created_at", "updated_at")
 _FIRST_EVENT_COLUMNS = ("job_id", "from_status", "to_status", "at", "source", "detail", "repeats")
 _jobs = JobRow.__table__  # type: ignore[attr-defined]
 _events = JobEvent.__table__  # type: ignore[attr-defined]
@@ -365,27 +366,36 @@ _new_job_statements: dict[str, Any] = {}
 _sqlite_writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 
 
-def insert_job(engine: Engine, values: Mapping[str, Any], *, source: str, detail: str) -> bool:
+def insert_job(engine: Engine, values: Mapping[str, Any], *, source: str, detail: str,
+               also: Callable[[Connection], None] | None = None) -> bool:
     """Write a new job row (`values`, keyed by NEW_JOB_COLUMNS) and its first event, `None → status`, at
     its `created_at`. False, and nothing written, when another job already has its (endpoint_id,
-    idempotency_key).
+    idempotency_key). `also` writes what belongs with the job (its files) on the same connection, in the
+    same transaction; if it raises, nothing is written.
 
     The ORM's flush and commit cost more CPU than the two inserts themselves, and each statement is a
     round trip, so this is SQLAlchemy Core with statements built once. On PostgreSQL both rows go in one
     statement (a data-modifying CTE), and one statement is atomic by itself, so it runs without
-    BEGIN and COMMIT: one round trip in all. SQLite has no data-modifying CTEs; a local file needs no
-    saving of round trips, so there it is two inserts in one transaction (which takes the write lock up
-    front, see `jobs.storage.db`). A key already taken is ON CONFLICT DO NOTHING, which waits for a concurrent
-    insert of the same key to commit or roll back, so of two racing submits exactly one inserts."""
+    BEGIN and COMMIT: one round trip in all (a job with files is a transaction, as it must be). SQLite has
+    no data-modifying CTEs; a local file needs no saving of round trips, so there it is two inserts in one
+    transaction (which takes the write lock up front, see `jobs.storage.db`). A key already taken is ON
+    CONFLICT DO NOTHING, which waits for a concurrent insert of the same key to commit or roll back, so of
+    two racing submits exactly one inserts."""
     # Bound as new_<column>: a bind parameter of an INSERT may not have its column's own name.
     params = {f"new_{name}": values[name] for name in NEW_JOB_COLUMNS}
     params.update(new_source=source, new_detail=storable_text(detail))
     dialect = engine.dialect.name
     statements = _new_job_statements.get(dialect) or _new_job_statements.setdefault(dialect, _build_insert_job(dialect))
     if dialect == "postgresql":
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            result: CursorResult[Any] = connection.execute(statements[0], params)
-            return result.rowcount == 1
+        if also is None:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                result: CursorResult[Any] = connection.execute(statements[0], params)
+                return result.rowcount == 1
+        with engine.begin() as connection:
+            if connection.execute(statements[0], params).rowcount != 1:
+                return False
+            also(connection)
+            return True
     # Submits in one process queue here for SQLite's one writer: its busy handler sleeps with growing
     # waits and serves no order, so with many at once some lost the lock again and again (p99 of seconds).
     with _sqlite_writers.setdefault(engine, threading.Lock()), engine.begin() as connection:
@@ -393,6 +403,8 @@ def insert_job(engine: Engine, values: Mapping[str, Any], *, source: str, detail
         if result.rowcount != 1:
             return False
         connection.execute(statements[1], params)
+        if also is not None:
+            also(connection)
         return True
 
 

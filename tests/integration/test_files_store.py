@@ -1,4 +1,4 @@
-"""jobs.files.store against a real S3 server over HTTP (moto's).
+"""jobs.bucket.store against a real S3 server over HTTP (moto's).
 
 moto checks neither signatures nor expiry, so what a presigned URL allows is checked here by verifying
 its signature with botocore's own SigV4 code: that is the part rpq controls. That S3 and R2 then refuse
@@ -23,8 +23,8 @@ from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from jobs.bucket.store import ObjectInfo, ObjectStore
 from jobs.errors import FilesNotConfigured, ObjectStoreError
-from jobs.files.store import ObjectInfo, ObjectStore
 from jobs.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from jobs.files.store import ObjectStore
+from jobs.bucket.store import ObjectStore
 from jobs.settings import Settings
 from tests.conftest import SimulatorProcess
 from tests.integration.test_simulator import Api, open_api

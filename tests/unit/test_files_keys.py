@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jobs.bucket.store import ObjectStore
 from jobs.errors import InvalidObjectName
-from jobs.files.store import ObjectStore
 from jobs.settings import Settings
 
 

@@ -134,15 +134,46 @@ class ObjectStore:
         # A client holds resolved credentials; build the store again from settings where it is needed.
         raise TypeError("an ObjectStore cannot be pickled")
 
+    @property
+    def is_r2(self) -> bool:
+        """Cloudflare R2, which has no POST policies: a direct upload is then a PUT of a size known up front."""
+        return self.endpoint_url is not None and (urlsplit(self.endpoint_url).hostname or "").endswith(R2_HOST_SUFFIX)
+
     def key_for(self, job_id: str, attempt: int, name: str) -> str:
         """Where output `name` of a job's attempt lives: {prefix}/jobs/{job_id}/{attempt}/out/{name}."""
-        problems = check_name(name) if isinstance(name, str) else ["name: must be a string"]
-        if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
-            problems.append("job_id: letters, digits, '-' and '_', at most 64")
+        problems = (check_name(name) if isinstance(name, str) else ["name: must be a string"]) + _job_problems(job_id)
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
             problems.append("attempt: a whole number from 1")
         _require(problems)
-        key = f"{self.prefix}/jobs/{job_id}/{attempt}/out/{name}"
+        return self._checked(f"{self.prefix}/jobs/{job_id}/{attempt}/out/{name}")
+
+    def input_key(self, job_id: str, name: str) -> str:
+        """Where rpq puts input `name` it was handed at submit: {prefix}/jobs/{job_id}/in/{name}."""
+        _require(_job_problems(job_id) + (check_name(name) if isinstance(name, str) else ["name: must be a string"]))
+        return self._checked(f"{self.prefix}/jobs/{job_id}/in/{name}")
+
+    def input_document_key(self, job_id: str) -> str:
+        """Where a job's input sent with offload=True lives: {prefix}/jobs/{job_id}/input.json."""
+        _require(_job_problems(job_id))
+        return self._checked(f"{self.prefix}/jobs/{job_id}/input.json")
+
+    def result_key(self, job_id: str, attempt: int) -> str:
+        """Where an attempt's output too large for its row is moved: {prefix}/jobs/{job_id}/{attempt}/output.json."""
+        return self.key_for(job_id, attempt, "x").removesuffix("/out/x") + "/output.json"
+
+    def upload_key(self, token: str, name: str) -> str:
+        """A key for a direct upload: {prefix}/uploads/{token}/{name}, the token unguessable."""
+        _require(check_name(name) if isinstance(name, str) else ["name: must be a string"])
+        return self._checked(f"{self.prefix}/uploads/{token}/{name}")
+
+    def is_upload_key(self, key: str) -> bool:
+        return key.startswith(f"{self.prefix}/uploads/")
+
+    def owns(self, key: str) -> bool:
+        """Whether `key` is under this store's prefix, the only place rpq reads from or writes to."""
+        return key.startswith(f"{self.prefix}/")
+
+    def _checked(self, key: str) -> str:
         _require(check_key(key))
         return key
 
@@ -179,20 +210,46 @@ class ObjectStore:
                 "get_object", Params={"Bucket": self.bucket, "Key": key},
                 ExpiresIn=expires or self.presign_seconds, HttpMethod="GET"))
 
-    def presign_put(self, key: str, content_type: str, content_length: int, expires: int | None = None) -> str:
-        """A URL to PUT exactly `content_length` bytes of `content_type` at `key`, until it expires.
+    def presign_put(self, key: str, content_type: str, content_length: int | None,
+                    expires: int | None = None) -> str:
+        """A URL to PUT an object of `content_type` at `key` until it expires: exactly `content_length` bytes
+        of it when given (a direct upload's size), any size when None (a handler's output, not yet made).
 
-        Both headers are in the signature: S3 and R2 refuse an upload that sends others. Treat it as a secret."""
+        The headers given are in the signature: S3 and R2 refuse an upload that sends others. Treat it as a secret."""
         problems = check_key(key) + _check_content_type(content_type) + self._check_expires(expires)
-        if isinstance(content_length, bool) or not isinstance(content_length, int) or content_length < 0:
+        if content_length is not None and (isinstance(content_length, bool) or not isinstance(content_length, int)
+                                           or content_length < 0):
             problems.append("content_length: a whole number of bytes from 0")
         _require(problems)
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "ContentType": content_type}
+        if content_length is not None:
+            params["ContentLength"] = content_length
         with self._translated("presign PutObject", key):
-            return str(self.client.generate_presigned_url(
-                "put_object",
-                Params={"Bucket": self.bucket, "Key": key, "ContentType": content_type,
-                        "ContentLength": content_length},
-                ExpiresIn=expires or self.presign_seconds, HttpMethod="PUT"))
+            return str(self.client.generate_presigned_url("put_object", Params=params,
+                                                          ExpiresIn=expires or self.presign_seconds, HttpMethod="PUT"))
+
+    def presign_post(self, key: str, content_type: str, max_bytes: int,
+                     expires: int | None = None) -> tuple[str, dict[str, str]]:
+        """A URL and form fields for a browser's multipart POST of at most `max_bytes` of `content_type` to
+        `key`: the policy S3 signs holds the key, the content type and the size range, and S3 refuses a POST
+        outside them. R2 has no POST policies (use presign_put there). Treat the fields as a secret."""
+        problems = check_key(key) + _check_content_type(content_type) + self._check_expires(expires)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            problems.append("max_bytes: a whole number of bytes from 1")
+        _require(problems)
+        with self._translated("presign PostObject", key):
+            answer = self.client.generate_presigned_post(
+                Bucket=self.bucket, Key=key, Fields={"Content-Type": content_type},
+                Conditions=[{"Content-Type": content_type}, ["content-length-range", 0, max_bytes]],
+                ExpiresIn=expires or self.presign_seconds)
+        return str(answer["url"]), {str(k): str(v) for k, v in answer["fields"].items()}
+
+    def get_bytes(self, key: str) -> bytes:
+        """The whole object at `key` (for rpq's own small documents: an offloaded input, a moved output)."""
+        _require(check_key(key))
+        with self._translated("GetObject", key):
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            return bytes(answer["Body"].read())
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Delete every key (absent ones count as deleted), 1,000 to a request. Every batch is tried; keys
@@ -241,6 +298,12 @@ def _translated(operation: str, where: str) -> Iterator[None]:
         cause = exc.__context__ if isinstance(exc.__context__, ClientError) else None
         code = cause.response.get("Error", {}).get("Code") if cause is not None else type(exc).__name__
         raise ObjectStoreError(f"{operation} {where}: {code}", operation=operation, code=code) from exc
+
+
+def _job_problems(job_id: object) -> list[str]:
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        return ["job_id: letters, digits, '-' and '_', at most 64"]
+    return []
 
 
 def _check_content_type(content_type: str) -> list[str]:
