@@ -396,6 +396,29 @@ def move_result(store: ObjectStore, row: JobRow, output: Any) -> dict[str, Any]:
                 content_type="application/json", size=len(document))
 
 
+_SIGNED = ("X-Amz-Signature=", "X-Amz-Credential=", "Signature=")
+
+
+def scrub(value: Any) -> Any:
+    """`value` with the query of every presigned URL in it replaced: a handler that echoes its input (many
+    a first handler does) would otherwise hand rpq its own URLs back to store. Applied to what a job with
+    files reports (output, progress, error) before it is stored."""
+    if isinstance(value, str):
+        if not any(marker in value for marker in _SIGNED):
+            return value
+        return " ".join(_without_query(word) if any(m in word for m in _SIGNED) else word for word in value.split(" "))
+    if isinstance(value, list):
+        return [scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {key: scrub(item) for key, item in value.items()}
+    return value
+
+
+def _without_query(text: str) -> str:
+    head, _, _ = text.partition("?")
+    return f"{head}?<presigned query removed>"
+
+
 def load_document(store: ObjectStore, key: str) -> Any:
     """A JSON document rpq put in the bucket (an offloaded input, a moved output)."""
     return json.loads(store.get_bytes(key))

@@ -16,7 +16,7 @@ import logging
 import random
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -627,7 +627,8 @@ def _status_found(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
     if _should_drain(row, state, status):
         try:
             batch = rt.runpod.stream(row.endpoint_id, row.runpod_job_id or "", wait_ms=STREAM_WAIT_MS)
-            drained.chunks = [storable_json(chunk) for chunk in batch.chunks]
+            drained.chunks = [storable_json(jobfiles.scrub(chunk) if row.has_files else chunk)
+                              for chunk in batch.chunks]
         except RunPodError as exc:
             rt.metrics.runpod_error("stream", exc)
             if isinstance(exc, StreamReadUnknown):
@@ -659,6 +660,8 @@ def _status_found(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
         values["worker_id"] = storable_text(state.worker_id)[:MAX_WORKER_ID_LENGTH]
     if status is JobStatus.IN_PROGRESS and row.started_at is None:
         values["started_at"] = now
+    if row.has_files:  # never store the job's own presigned URLs, should its handler echo them
+        state = replace(state, output=jobfiles.scrub(state.output), error=jobfiles.scrub(state.error))
     progress = storable_json(state.output) if status is JobStatus.IN_PROGRESS else None
     progressed = progress is not None and progress != row.progress
     if progressed:
