@@ -232,7 +232,8 @@ def test_a_retry_writes_its_outputs_in_a_folder_of_its_own(rt: Runtime, simulato
 # -- direct uploads --------------------------------------------------------------------------------------------------
 
 
-def test_a_direct_upload_by_put_is_checked_by_head_before_the_job_is_sent(rt: Runtime, simulator: SimulatorProcess) -> None:
+def test_a_direct_upload_by_put_is_checked_by_head_before_the_job_is_sent(
+        rt: Runtime, simulator: SimulatorProcess) -> None:
     body = b"\x00\x01" * 500
     ticket = jobs.prepare_upload("clip.wav", "audio/wav", size=len(body), runtime=rt)
     assert "X-Amz-Signature" not in repr(ticket)
