@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import rpq_worker
 from jobs.simulator import transfers
 
 #: Marks "no output" (distinct from an output of ``None``).
@@ -127,9 +128,17 @@ async def default_handler(job: dict[str, Any], rt: JobRuntime) -> Outcome:
         output: any           the output (default {"echo": input})
         read_inputs: {name: url}   before the work, GET each URL; the output gains
                               {"inputs": {name: {"bytes", "sha256"}}}
+        read_inputs: true     the same for every file in rpq's block (input["rpq"]["files"])
         write_output: {name, bytes, url, content_type} or a list of them   after the work (unless it
                               fails), PUT that many deterministic bytes with exactly that Content-Type
                               and Content-Length; the output gains {"outputs": {name: {"bytes", "sha256"}}}
+        write_output: {name, bytes} (no url)   the same, to the URL and with the headers rpq's block
+                              declares for that output; a name it does not declare fails the job
+
+    The input rpq sends a job with files carries its reserved block under "rpq" (see rpq_worker); the
+    directives are the rest of the input. When rpq offloaded the input (the block, with an input_url, is
+    all there is), the document at input_url is fetched first and its directives are followed as if they
+    had come inline. An echo never includes the block: its URLs are credentials until they expire.
 
     File reports are merged into a dict output (a non-dict output moves under "output"; with no output
     given, the reports alone, not an echo of the URLs); a streaming job's output stays the list of chunks.
@@ -138,7 +147,20 @@ async def default_handler(job: dict[str, Any], rt: JobRuntime) -> Outcome:
     inp = job["input"]
     if not isinstance(inp, dict):
         return Outcome(output={"echo": inp})
-    reads, uploads, problems = transfers.parse(inp)
+    try:
+        block = rpq_worker.read_block(inp)
+    except rpq_worker.ProtocolError as exc:
+        return Outcome(error=f"bad file transfer input: {exc}")
+    if block is not None and block.input_url is not None:
+        try:
+            inp = await transfers.fetch_input(block.input_url)
+        except transfers.TransferError as exc:
+            return Outcome(error=str(exc))
+        if not isinstance(inp, dict):
+            return Outcome(output={"echo": inp})
+    elif block is not None:
+        inp = {key: value for key, value in inp.items() if key != rpq_worker.RESERVED_KEY}
+    reads, uploads, problems = transfers.parse(inp, block)
     if problems:
         return Outcome(error="bad file transfer input: " + "; ".join(problems))
     files: dict[str, Any] = {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -92,3 +94,77 @@ def test_an_unreachable_input_fails_the_job_naming_it_without_the_url_query(api:
     assert done["status"] == "FAILED"
     assert "read_inputs 'audio'" in done["error"] and "http://127.0.0.1:9/in/audio.wav" in done["error"]
     assert "s3cr3t" not in done["error"] and "X-Amz" not in done["error"]
+
+
+# -- rpq's block: the URLs come with the job, not in the directives ------------------------------------------
+
+
+def rpq_block(store: ObjectStore, job: str, files: dict[str, bytes] | None = None,
+              outputs: dict[str, tuple[str, int]] | None = None, **extra: Any) -> dict[str, Any]:
+    """The block rpq puts in a job's input: inputs stored now, outputs ({name: (content type, bytes)}) declared."""
+    block: dict[str, Any] = {"version": 1, **extra, "files": {}, "outputs": {}}
+    for name, data in (files or {}).items():
+        key = store.key_for(job, 1, f"in/{name}")
+        store.put(key, data, "application/octet-stream")
+        block["files"][name] = {"url": store.presign_get(key), "content_type": "application/octet-stream",
+                                "size": len(data)}
+    for name, (content_type, size) in (outputs or {}).items():
+        block["outputs"][name] = {"url": store.presign_put(store.key_for(job, 1, name), content_type, size),
+                                  "method": "PUT", "headers": {"Content-Type": content_type}}
+    return block
+
+
+def stored_report(store: ObjectStore, key: str) -> dict[str, Any]:
+    data = httpx.get(store.presign_get(key), timeout=30).content
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_job_reads_the_files_rpq_sent_and_writes_the_outputs_rpq_declared(api: Api, store: ObjectStore) -> None:
+    audio, frame = os.urandom(300_000), os.urandom(2_000)
+    block = rpq_block(store, "job-rpq1", files={"audio.wav": audio, "frames/0001.png": frame},
+                      outputs={"video.mp4": ("video/mp4", FIVE_MB), "frames/out.png": ("image/png", 1234)})
+
+    job_id = api.run({"text": "hello", "read_inputs": True, "rpq": block, "write_output": [
+        {"name": "video.mp4", "bytes": FIVE_MB}, {"name": "frames/out.png", "bytes": 1234}]})
+    done = api.wait_status(job_id, "COMPLETED", "FAILED", timeout=60)
+
+    assert done["status"] == "COMPLETED", done
+    assert done["output"] == {
+        "inputs": {"audio.wav": {"bytes": len(audio), "sha256": hashlib.sha256(audio).hexdigest()},
+                   "frames/0001.png": {"bytes": len(frame), "sha256": hashlib.sha256(frame).hexdigest()}},
+        "outputs": {"video.mp4": stored_report(store, store.key_for("job-rpq1", 1, "video.mp4")),
+                    "frames/out.png": stored_report(store, store.key_for("job-rpq1", 1, "frames/out.png"))}}
+    info = store.head(store.key_for("job-rpq1", 1, "video.mp4"))
+    assert info is not None and (info.size, info.content_type) == (FIVE_MB, "video/mp4")
+
+
+def test_an_offloaded_input_is_fetched_from_the_store_and_its_directives_followed(
+        api: Api, store: ObjectStore) -> None:
+    document = {"text": "x" * 100_000, "write_output": {"name": "video.mp4", "bytes": 4096}, "output": {"m": 2}}
+    input_key = store.key_for("job-rpq2", 1, "input.json")
+    store.put(input_key, json.dumps(document).encode(), "application/json")
+    failing_key = store.key_for("job-rpq2", 1, "failing.json")
+    store.put(failing_key, json.dumps({"sleep": 0.2, "fail": "from the document"}).encode(), "application/json")
+
+    writing = api.run({"rpq": rpq_block(store, "job-rpq2", outputs={"video.mp4": ("video/mp4", 4096)},
+                                        input_url=store.presign_get(input_key))})
+    failing = api.run({"rpq": rpq_block(store, "job-rpq2", input_url=store.presign_get(failing_key))})
+    written = api.wait_status(writing, "COMPLETED", "FAILED", timeout=30)
+    failed = api.wait_status(failing, "COMPLETED", "FAILED", timeout=30)
+
+    assert written["status"] == "COMPLETED", written
+    assert written["output"] == {"m": 2, "outputs": {
+        "video.mp4": stored_report(store, store.key_for("job-rpq2", 1, "video.mp4"))}}
+    assert (failed["status"], failed["error"]) == ("FAILED", "from the document")
+
+
+def test_an_output_rpq_did_not_declare_fails_the_job_naming_it(api: Api, store: ObjectStore) -> None:
+    block = rpq_block(store, "job-rpq3", outputs={"video.mp4": ("video/mp4", 10)})
+
+    done = api.wait_status(api.run({"rpq": block, "write_output": {"name": "x.mp4", "bytes": 10}}),
+                           "COMPLETED", "FAILED")
+
+    assert done["status"] == "FAILED" and "output" not in done
+    assert done["error"] == ("bad file transfer input: write_output: output 'x.mp4' was not declared at submit; "
+                             "declared: 'video.mp4'")
+    assert store.head(store.key_for("job-rpq3", 1, "x.mp4")) is None

@@ -13,6 +13,7 @@ import pytest
 
 from jobs.simulator import transfers
 from jobs.simulator.handlers import Outcome, default_handler, load_handler, outcome_from_return, wrap_user_handler
+from tests.object_server import Misbehave, ObjectServer, serving
 
 
 class Recorder:
@@ -139,7 +140,7 @@ def test_an_upload_is_sent_unchunked_with_exactly_the_signed_headers_and_reports
     async def send() -> dict[str, Any]:
         async with httpx.AsyncClient(transport=httpx.MockTransport(receive)) as client:
             return await transfers.upload(client, transfers.Upload("v.mp4", 200_000, "http://s3/b/k?sig=1",
-                                                                   "video/mp4"))
+                                                                   {"Content-Type": "video/mp4"}))
 
     report = asyncio.run(send())
 
@@ -153,6 +154,133 @@ def test_an_upload_is_sent_unchunked_with_exactly_the_signed_headers_and_reports
 def test_a_url_in_a_message_loses_its_query() -> None:
     assert transfers.without_query("https://b.s3.example/k/v.mp4?X-Amz-Signature=abc#f") == \
         "https://b.s3.example/k/v.mp4"
+
+
+# -- the default handler and rpq's block ------------------------------------------------------------------
+
+
+@pytest.fixture
+def server() -> Iterator[ObjectServer]:
+    with serving() as running:
+        yield running
+
+
+def rpq_block(server: ObjectServer, files: dict[str, bytes] | None = None,
+              outputs: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    """rpq's block for inputs served by ``server`` and outputs ({name: content type}) to be PUT there."""
+    for name, data in (files or {}).items():
+        server.objects[f"/in/{name}"] = data
+    return {"version": 1, **extra,
+            "files": {name: {"url": server.url(f"in/{name}"), "size": len(data)}
+                      for name, data in (files or {}).items()},
+            "outputs": {name: {"url": server.url(f"out/{name}"), "method": "PUT",
+                               "headers": {"Content-Type": content_type}}
+                        for name, content_type in (outputs or {}).items()}}
+
+
+def report(data: bytes) -> dict[str, Any]:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_read_inputs_true_reads_every_file_rpq_sent(server: ObjectServer) -> None:
+    files = {"audio.wav": b"RIFF" * 1000, "frames/0001.png": b"\x89PNG"}
+
+    outcome, _ = run(default_handler, {"read_inputs": True, "rpq": rpq_block(server, files)})
+
+    assert outcome.output == {"inputs": {name: report(data) for name, data in files.items()}}
+    assert [seen.path for seen in server.seen] == ["/in/audio.wav", "/in/frames/0001.png"]
+
+
+def test_a_job_with_files_echoes_its_input_without_the_block_and_its_urls(server: ObjectServer) -> None:
+    outcome, _ = run(default_handler, {"text": "hi", "rpq": rpq_block(server, {"a.wav": b"a"})})
+
+    assert outcome.output == {"echo": {"text": "hi"}} and server.seen == []
+
+
+def test_a_write_output_without_a_url_goes_where_rpq_declared_it_with_the_declared_headers(
+        server: ObjectServer) -> None:
+    block = rpq_block(server, outputs={"video.mp4": "video/mp4", "frames/0001.png": "image/png"})
+    block["outputs"]["video.mp4"]["headers"]["x-amz-meta-job"] = "job-1"
+
+    outcome, _ = run(default_handler, {"rpq": block, "output": {"model": "v1"}, "write_output": [
+        {"name": "video.mp4", "bytes": 300_000},
+        {"name": "frames/0001.png", "bytes": 10, "content_type": "image/png"}]})
+
+    video, frame = server.requests("PUT", "out/video.mp4")[0], server.requests("PUT", "out/frames/0001.png")[0]
+    assert outcome.output == {"model": "v1", "outputs": {
+        "video.mp4": report(server.objects["/out/video.mp4"]), "frames/0001.png": report(server.objects[
+            "/out/frames/0001.png"])}}
+    assert (video.header("Content-Type"), video.header("Content-Length"), video.header("x-amz-meta-job")) == (
+        "video/mp4", "300000", "job-1")
+    assert (frame.header("Content-Type"), frame.body_size, frame.header("Transfer-Encoding")) == ("image/png", 10, None)
+    assert video.query == "X-Amz-Signature=s3cr3t-signature&X-Amz-Credential=AKIA%2Fsecret"
+
+
+def test_an_output_that_was_not_declared_fails_the_job_before_any_work_naming_it(server: ObjectServer) -> None:
+    outcome, rt = run(default_handler, {"sleep": 5, "rpq": rpq_block(server, outputs={"video.mp4": "video/mp4"}),
+                                        "write_output": {"name": "x.mp4", "bytes": 10}})
+
+    assert outcome.error == ("bad file transfer input: write_output: output 'x.mp4' was not declared at submit; "
+                             "declared: 'video.mp4'")
+    assert rt.slept == 0 and server.seen == []
+
+
+def test_declared_transfers_without_a_block_or_against_its_headers_list_every_problem(server: ObjectServer) -> None:
+    no_block, _ = run(default_handler, {"read_inputs": True, "write_output": {"name": "v.mp4", "bytes": 1}})
+    block = rpq_block(server, outputs={"v.mp4": "video/mp4"})
+    block["outputs"]["v.mp4"]["headers"]["Content-Length"] = "100"
+    against, _ = run(default_handler, {"rpq": block, "write_output": {"name": "v.mp4", "bytes": 99,
+                                                                      "content_type": "video/webm"}})
+
+    assert no_block.error == (
+        "bad file transfer input: read_inputs: true reads the files rpq sent, but the input has no 'rpq' block "
+        "(the job was submitted without files); write_output: output 'v.mp4' was not declared at submit; "
+        "declared: none (the input has no 'rpq' block: the job was submitted without files)")
+    assert against.error == (
+        "bad file transfer input: write_output.content_type: output 'v.mp4' was declared with Content-Type "
+        "'video/mp4'; leave content_type out to send the declared one; write_output.bytes: output 'v.mp4' was "
+        "declared as 100 bytes")
+    assert server.seen == []
+
+
+def test_a_malformed_block_fails_the_job_with_the_parsers_problems() -> None:
+    outcome, rt = run(default_handler, {"sleep": 1, "rpq": {"version": 2}})
+
+    assert outcome.error == ("bad file transfer input: input.rpq.version: 2 is not the version this rpq_worker "
+                             "speaks (1); use the rpq_worker.py of the rpq that sent the job")
+    assert rt.slept == 0
+
+
+def test_an_offloaded_input_is_fetched_and_its_directives_followed_as_if_inline(server: ObjectServer) -> None:
+    server.objects["/in/failing.json"] = json.dumps({"sleep": 2, "progress": ["half"], "fail": "boom"}).encode()
+    server.objects["/in/writing.json"] = json.dumps({"write_output": {"name": "v.mp4", "bytes": 1000},
+                                                    "output": {"model": "v2"}}).encode()
+    server.objects["/in/list.json"] = b"[1, 2]"
+
+    failing, rt = run(default_handler, {"rpq": rpq_block(server, input_url=server.url("in/failing.json"))})
+    writing, _ = run(default_handler, {"rpq": rpq_block(server, outputs={"v.mp4": "video/mp4"},
+                                                        input_url=server.url("in/writing.json"))})
+    echoed, _ = run(default_handler, {"rpq": rpq_block(server, input_url=server.url("in/list.json"))})
+
+    assert failing.error == "boom" and rt.slept == pytest.approx(2) and rt.events == [("progress", "half")]
+    assert writing.output == {"model": "v2", "outputs": {"v.mp4": report(server.objects["/out/v.mp4"])}}
+    assert echoed.output == {"echo": [1, 2]}
+
+
+@pytest.mark.parametrize(("document", "expected"), [
+    (None, "answered HTTP 403"), (b"{not json", "is not JSON (Expecting property name enclosed in double quotes")])
+def test_an_offloaded_input_that_cannot_be_read_fails_the_job_without_the_url_query(
+        server: ObjectServer, document: bytes | None, expected: str) -> None:
+    if document is None:
+        server.then("in/input.json", Misbehave(status=403))
+    else:
+        server.objects["/in/input.json"] = document
+
+    outcome, rt = run(default_handler, {"rpq": rpq_block(server, input_url=server.url("in/input.json"))})
+
+    assert outcome.error.startswith("job input: ") and expected in outcome.error
+    assert f"http://127.0.0.1:{server.port}/in/input.json" in outcome.error
+    assert "s3cr3t" not in outcome.error and "X-Amz" not in outcome.error and rt.slept == 0
 
 
 # -- user handlers --------------------------------------------------------------------------------------
