@@ -1,4 +1,4 @@
-"""rpq_worker against a real S3 server over HTTP (moto's), with URLs presigned by jobs.files.store.
+"""rpq_worker against a real S3 server over HTTP (moto's), with URLs presigned by jobs.bucket.store.
 
 moto checks no signatures, so the headers rpq_worker sends are also checked against the PUT URL's SigV4
 signature with botocore's own code (the way test_files_store checks the URLs themselves).
@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 import rpq_worker
-from jobs.files.store import ObjectStore
+from jobs.bucket.store import ObjectStore
 from jobs.settings import Settings
 from tests.integration.test_files_store import signature_matches
 from tests.object_server import ObjectServer, serving
