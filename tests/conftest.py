@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -514,7 +514,9 @@ class Pipeline:
 @contextmanager
 def _stack(request: pytest.FixtureRequest, start_simulator: Callable[..., SimulatorProcess], redis_url: str,
            tmp_path_factory: pytest.TempPathFactory, *, name: str, broker_offset: int,
-           with_api: bool = False) -> Iterator[Pipeline]:
+           with_api: bool = False, settings: Mapping[str, object] | None = None,
+           env: Mapping[str, str] | None = None) -> Iterator[Pipeline]:
+    """The stack; `settings` (Settings fields) and `env` (their variables, for the child processes) add to it."""
     import redis as redis_lib
 
     from jobs.runpod.client import RunPodClient
@@ -538,10 +540,12 @@ def _stack(request: pytest.FixtureRequest, start_simulator: Callable[..., Simula
     webhook_base = f"http://127.0.0.1:{api_port}" if with_api else None
     settings = make_settings(database_url, simulator, celery_broker_url=broker, runpod_timeout_seconds=2.0,
                              reconcile_interval_seconds=1, poll_grace_seconds=2, submit_stuck_seconds=30,
-                             runpod_health_poll_seconds=2, runpod_webhook_base_url=webhook_base)
+                             runpod_health_poll_seconds=2, runpod_webhook_base_url=webhook_base, **(settings or {}))
     token, token_line = new_token()
+    extra_env = env or {}
     env = {
         **os.environ,
+        **extra_env,
         "DATABASE_URL": database_url,
         "CELERY_BROKER_URL": broker,
         "RUNPOD_API_KEY": simulator.api_key,
