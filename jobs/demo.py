@@ -8,6 +8,8 @@ The exit code is 0 only when every job ended as planned.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import random
 import secrets
@@ -24,10 +26,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import boto3.session
 import httpx
 import redis
 
 from jobs import api
+from jobs.bucket.access import file_url, files
 from jobs.runtime import Runtime
 from jobs.settings import Endpoint, Secret, Settings
 from jobs.states import JobStatus
@@ -36,6 +40,7 @@ from jobs.storage.db import upgrade
 Echo = Callable[[str], None]
 ENDPOINT = "demo"
 ENDPOINT_ID = "demo-endpoint"
+VIDEO_BYTES = 5_000_000
 
 
 class DemoError(Exception):
@@ -55,6 +60,7 @@ def run_demo(*, job_count: int, echo: Echo, database_url: str | None = None, see
                  "--workers-max", "6", "--cold-start-seconds", "1", "--endpoint", ENDPOINT_ID],
                 Path(scratch), env=None, ready=lambda: _answers(f"http://127.0.0.1:{sim_port}/_sim/health"),
             ))
+            files_env = stack.enter_context(_bucket(Path(scratch), echo))
             url = database_url or f"sqlite:///{Path.cwd() / 'rpq-demo.db'}"
             if database_url is None:
                 for suffix in ("", "-wal", "-shm"):
@@ -64,10 +70,12 @@ def run_demo(*, job_count: int, echo: Echo, database_url: str | None = None, see
                 runpod_api_key=Secret(api_key), runpod_serverless_url=f"http://127.0.0.1:{sim_port}/v2",
                 database_url=url, celery_broker_url=broker, endpoints={ENDPOINT: Endpoint(ENDPOINT, ENDPOINT_ID)},
                 reconcile_interval_seconds=5, poll_grace_seconds=5,
+                s3_bucket=files_env.get("RPQ_S3_BUCKET"), s3_endpoint_url=files_env.get("RPQ_S3_ENDPOINT_URL"),
+                s3_region=files_env.get("RPQ_S3_REGION"),
             )
             env = {**os.environ, "RUNPOD_API_KEY": api_key, "RUNPOD_SERVERLESS_URL": settings.runpod_serverless_url,
                    "DATABASE_URL": url, "CELERY_BROKER_URL": broker, "RUNPOD_ENDPOINTS": f"{ENDPOINT}={ENDPOINT_ID}",
-                   "RPQ_RECONCILE_SECONDS": "5", "RPQ_POLL_GRACE_SECONDS": "5"}
+                   "RPQ_RECONCILE_SECONDS": "5", "RPQ_POLL_GRACE_SECONDS": "5", **files_env}
             stack.enter_context(_child(
                 "worker",
                 [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", "threads", "-c", "16",
@@ -119,6 +127,15 @@ def _session(rt: Runtime, job_count: int, rng: random.Random, echo: Echo) -> int
         expected[job.id] = by_label[label][3]
     submitted = time.monotonic() - started
     echo(f"submitted in {submitted * 1000:.0f} ms ({submitted / job_count * 1000:.1f} ms each)")
+    video_job = None
+    if rt.has_files:
+        # An export with a file: the handler reads its input from the bucket and writes a video there.
+        video_job = api.submit(ENDPOINT, {"sleep": 2, "read_inputs": True,
+                                          "write_output": {"name": "video.mp4", "bytes": VIDEO_BYTES}},
+                               files={"script": b"INT. GPU - NIGHT"}, outputs=["video.mp4"],
+                               metadata={"kind": "export-with-file"}, runtime=rt)
+        expected[video_job.id] = JobStatus.COMPLETED
+        echo(f"submitted 1 export with a file: input script, output video.mp4 ({VIDEO_BYTES // 1_000_000} MB)")
 
     to_cancel = {job_id for job_id, status in expected.items() if status is JobStatus.CANCELLED}
     deadline = time.monotonic() + 120
@@ -157,10 +174,49 @@ def _session(rt: Runtime, job_count: int, rng: random.Random, echo: Echo) -> int
              f"p95 {_pct(latencies, 95):.2f}s")
     polls = [j.poll_count for j in final.values()]
     echo(f"  RunPod status calls per job: {sum(polls) / len(polls):.1f} on average, {max(polls)} at most")
+    if video_job is not None and final[video_job.id].status is JobStatus.COMPLETED:
+        video = next((f for f in files(video_job.id, runtime=rt) if f.name == "video.mp4"), None)
+        if video is None or video.state != "stored":
+            echo(f"  UNEXPECTED: job {video_job.id} completed without its video.mp4 in the bucket")
+            return 1
+        url = file_url(video_job.id, "video.mp4", expires=600, runtime=rt)
+        digest = hashlib.sha256(httpx.get(url, timeout=60).raise_for_status().content).hexdigest()
+        written = (final[video_job.id].output or {}).get("outputs", {}).get("video.mp4", {}).get("sha256")
+        echo(f"  the export's video.mp4: {video.size} bytes in the bucket, downloaded through its presigned URL, "
+             f"sha256 {'equal to' if digest == written else 'DIFFERENT from'} what the GPU handler wrote")
+        echo(f"  its download URL (a credential for 10 minutes; the demo's own S3 server stops with it):\n    {url}")
+        if digest != written:
+            return 1
     wrong = [(job_id, job.status, expected[job_id]) for job_id, job in final.items() if job.status != expected[job_id]]
     for job_id, got, want in wrong:
         echo(f"  UNEXPECTED: {job_id} ended {got}, planned {want}")
     return 1 if wrong else 0
+
+
+@contextmanager
+def _bucket(scratch: Path, echo: Echo) -> Iterator[dict[str, str]]:
+    """The settings of a bucket for the file job: the one RPQ_S3_BUCKET names, else a local S3 server
+    (moto's, installed with rpq's development tools), else none (the demo runs without the file job)."""
+    if os.environ.get("RPQ_S3_BUCKET"):
+        echo(f"files: using the bucket {os.environ['RPQ_S3_BUCKET']}")
+        yield {}
+        return
+    if importlib.util.find_spec("moto") is None:
+        echo("files: RPQ_S3_BUCKET is not set and moto is not installed (scripts/setup installs it): no file job")
+        yield {}
+        return
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    # Credentials for the local server only, in boto3's own variables (this process reads them too).
+    env = {"RPQ_S3_BUCKET": "rpq-demo", "RPQ_S3_ENDPOINT_URL": endpoint, "RPQ_S3_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
+    with _child("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], scratch, env=None,
+                ready=lambda: _answers(f"{endpoint}/moto-api/")):
+        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+        boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+            Bucket="rpq-demo")
+        echo(f"files: a local S3 server at {endpoint}, bucket rpq-demo")
+        yield env
 
 
 def _pct(values: list[float], pct: int) -> float:
