@@ -196,6 +196,7 @@ def submit(
     files: Mapping[str, Any] | None = None,
     outputs: Sequence[str] | Mapping[str, str] | None = None,
     offload: bool = False,
+    s3_config: bool = False,
     runtime: Runtime | None = None,
 ) -> Job:
     """Accept a job for `endpoint` (a configured name or a RunPod endpoint id) and return it.
@@ -215,7 +216,8 @@ def submit(
     `prepare_upload` made, checked by HEAD before the job is sent). `outputs` declares the files the handler
     will write, by name (or name: content type). The handler gets a URL for each under the input's "rpq"
     key (`rpq_worker` reads them). `offload=True` puts the input itself in the bucket, for one over RunPod's
-    10 MB /run limit: the handler gets its URL instead.
+    10 MB /run limit: the handler gets its URL instead. `s3_config=True` also sends RunPod's `s3Config`
+    (the RPQ_WORKER_S3_* credentials, bucket and endpoint) for handlers that upload with the runpod SDK.
     """
     rt = runtime or get_runtime()
     policy = whole_milliseconds(policy)
@@ -224,10 +226,12 @@ def submit(
     problems = _submission_problems(endpoint, resolved, input, policy=policy, webhook=webhook,
                                     idempotency_key=idempotency_key, correlation_id=correlation_id, metadata=metadata,
                                     stream=stream, priority=priority, offload=offload)
-    request, wrong_files = jobfiles.read_request(files, outputs, offload, input)
+    request, wrong_files = jobfiles.read_request(files, outputs, offload, input, s3_config)
     problems += wrong_files
     if request and not rt.has_files:
         problems.append(_FILES_OFF)
+    if request.worker_s3 and not (rt.settings.worker_s3_access_key_id and rt.settings.worker_s3_secret_access_key):
+        problems.append(_WORKER_S3_OFF)
     if problems or resolved is None:
         raise InvalidJob(problems)
     if request and idempotency_key is not None:
@@ -250,7 +254,8 @@ def submit(
         input_key=prepared.input_key if prepared else None,
     )
     values = {"id": job.id, "endpoint_name": job.endpoint, "endpoint_id": job.endpoint_id, "status": job.status,
-              "input": None if job.input_key else job.input, "has_files": bool(prepared and prepared.rows),
+              "input": None if job.input_key else job.input, "worker_s3": request.worker_s3,
+              "has_files": bool(prepared and (prepared.rows or request.worker_s3)),
               "input_key": job.input_key, "policy": job.policy, "webhook": job.webhook, "metadata": job.metadata,
               "stream": job.stream, "correlation_id": job.correlation_id, "idempotency_key": job.idempotency_key,
               "attempt": job.attempt, "poll_count": job.poll_count, "poll_errors": 0, "polls_since_change": 0,
@@ -281,6 +286,10 @@ def submit(
 
 _FILES_OFF = Problem("files", "configured", "files are off: RPQ_S3_BUCKET is not set (files, outputs and offload "
                      "need a bucket in S3 or R2)")
+
+
+_WORKER_S3_OFF = Problem("s3_config", "configured", "RPQ_WORKER_S3_ACCESS_KEY_ID and RPQ_WORKER_S3_SECRET_ACCESS_KEY "
+                         "are not set: s3_config hands the worker those credentials, never rpq's own")
 
 
 def _prepare_files(rt: Runtime, job_id: str, request: jobfiles.FileRequest, input: Any) -> jobfiles.Prepared:

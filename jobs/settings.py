@@ -170,6 +170,12 @@ class Settings(BaseSettings):
     s3_prefix: S3Prefix = Field(default="rpq", validation_alias="RPQ_S3_PREFIX")
     presign_seconds: Annotated[int, Field(ge=1, le=PRESIGN_MAX_SECONDS)] = Field(
         default=3600, validation_alias="RPQ_PRESIGN_SECONDS")
+    # Only for jobs submitted with s3_config=True: the credentials RunPod hands the worker as `s3Config`, for
+    # handlers that upload with the runpod SDK's helpers. Make them a key that can write to this bucket and
+    # nothing more (an R2 token scoped to the bucket): rpq's own credentials never leave boto3's chain.
+    worker_s3_access_key_id: Secret | None = Field(default=None, validation_alias="RPQ_WORKER_S3_ACCESS_KEY_ID")
+    worker_s3_secret_access_key: Secret | None = Field(default=None,
+                                                       validation_alias="RPQ_WORKER_S3_SECRET_ACCESS_KEY")
     # A completed job's output larger than this (as JSON) goes to the bucket, and the row keeps a reference
     # (`jobs.get` reads it back). Without a bucket every output stays in its row, as before.
     inline_output_max_bytes: Count = Field(default=1_048_576, validation_alias="RPQ_INLINE_OUTPUT_MAX_BYTES")

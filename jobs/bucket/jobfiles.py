@@ -77,9 +77,10 @@ class FileRequest:
     inputs: list[InputFile] = field(default_factory=list)
     outputs: list[OutputFile] = field(default_factory=list)
     offload: bool = False
+    worker_s3: bool = False  # s3_config=True: RunPod's s3Config goes with each /run
 
     def __bool__(self) -> bool:
-        return bool(self.inputs or self.outputs or self.offload)
+        return bool(self.inputs or self.outputs or self.offload or self.worker_s3)
 
 
 def content_type_for(name: str) -> str:
@@ -88,7 +89,8 @@ def content_type_for(name: str) -> str:
     return guessed or DEFAULT_CONTENT_TYPE
 
 
-def read_request(files: object, outputs: object, offload: object, input: object) -> tuple[FileRequest, list[Problem]]:
+def read_request(files: object, outputs: object, offload: object, input: object,
+                 s3_config: object = False) -> tuple[FileRequest, list[Problem]]:
     """`submit`'s files, outputs and offload arguments, checked: every problem at once, each naming the
     argument (a name that is itself wrong is named by its position, never quoted)."""
     problems: list[Problem] = []
@@ -137,8 +139,11 @@ def read_request(files: object, outputs: object, offload: object, input: object)
     if not isinstance(offload, bool):
         problems.append(Problem("offload", "type", "must be true or false"))
         offload = False
-    request = FileRequest(inputs, declared, offload)
-    if (files is not None or outputs is not None) and not offload \
+    if not isinstance(s3_config, bool):
+        problems.append(Problem("s3_config", "type", "must be true or false"))
+        s3_config = False
+    request = FileRequest(inputs, declared, offload, s3_config)
+    if (files is not None or outputs is not None or s3_config) and not offload \
             and not (isinstance(input, Mapping) and RPQ_KEY not in input):
         problems.append(Problem("input", "type", f"must be an object without a {RPQ_KEY!r} key when the job "
                                     f"has files: rpq adds the files' URLs under {RPQ_KEY!r}"))
@@ -330,6 +335,10 @@ def run_input(store: ObjectStore, row: JobRow, files: Sequence[JobFile], checks:
             outputs[f.name] = {"url": store.presign_put(store.key_for(row.id, row.attempt, f.name), content_type,
                                                         None, expires),
                                "method": "PUT", "headers": {"Content-Type": content_type}}
+    if row.worker_s3:
+        # Where a handler using s3Config should write: the attempt's output folder (declared outputs are
+        # checked there when the job completes, as for presigned PUTs).
+        block["s3"] = {"bucket": store.bucket, "prefix": store.key_for(row.id, row.attempt, "x").removesuffix("x")}
     if inputs:
         block["files"] = inputs
     if outputs:

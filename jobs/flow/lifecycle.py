@@ -251,9 +251,11 @@ def send_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = ran
     logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
     sent: Any = row.input
     checks: list[jobfiles.InputCheck] = []
+    s3_config: dict[str, str] | None = None
     if row.has_files:
         try:
             sent, checks = _with_files(rt, row)
+            s3_config = worker_s3_config(rt) if row.worker_s3 else None
         except jobfiles.InputFilesRejected as exc:
             rt.metrics.submitted(row.endpoint_name, "rejected")
             return _refused(rt, row, fence, f"not sent: {exc}")
@@ -266,7 +268,8 @@ def send_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = ran
             return _later(row, fence, f"its files could not be prepared ({exc}); next try in {delay:.0f}s",
                           delay=delay, errors=errors)
     try:
-        state = _send(rt, row, fence, token if token and row.webhook_token_hash == hash_token(token) else None, sent)
+        state = _send(rt, row, fence, token if token and row.webhook_token_hash == hash_token(token) else None, sent,
+                      s3_config)
     except RunPodError as exc:
         rt.metrics.runpod_error("run", exc)
         rt.metrics.submitted(row.endpoint_name, _submit_outcome(exc))
@@ -368,7 +371,8 @@ def adopt_named(rt: Runtime, job_id: str) -> str:
         return "not confirmed"
 
 
-def _send(rt: Runtime, row: JobRow, fence: Fence, token: str | None, sent: Any) -> JobState | None:
+def _send(rt: Runtime, row: JobRow, fence: Fence, token: str | None, sent: Any,
+          s3_config: dict[str, str] | None = None) -> JobState | None:
     """`/retry` the previous RunPod job when a retry can reuse it (it keeps its webhook), else `/run`
     a new one. Returns RunPod's answer; None when the row moved on before anything was sent."""
     if row.runpod_retry_of:
@@ -386,7 +390,22 @@ def _send(rt: Runtime, row: JobRow, fence: Fence, token: str | None, sent: Any) 
     if webhook is None and token is not None and rt.settings.runpod_webhook_base_url:
         webhook = webhook_url(rt.settings.runpod_webhook_base_url, token, row.correlation_id)
     return rt.runpod.run(row.endpoint_id, sent, webhook=webhook, policy=runpod_policy(row.policy),
+                         s3_config=s3_config,
                          budget_seconds=rt.settings.submit_budget_seconds)
+
+
+def worker_s3_config(rt: Runtime) -> dict[str, str]:
+    """RunPod's s3Config for a job submitted with s3_config=True: the worker's own credentials (RPQ_WORKER_S3_*),
+    revealed here alone, into the /run body. Never stored, logged or put in a message."""
+    settings = rt.settings
+    if settings.worker_s3_access_key_id is None or settings.worker_s3_secret_access_key is None:
+        raise ConfigError(["RPQ_WORKER_S3_ACCESS_KEY_ID and RPQ_WORKER_S3_SECRET_ACCESS_KEY: not set, and a job "
+                           "submitted with s3_config=True needs them"])
+    region = settings.s3_region or "us-east-1"
+    return {"accessId": settings.worker_s3_access_key_id.reveal(),
+            "accessSecret": settings.worker_s3_secret_access_key.reveal(),
+            "bucketName": rt.objects.bucket,
+            "endpointUrl": settings.s3_endpoint_url or f"https://s3.{region}.amazonaws.com"}
 
 
 def runpod_policy(policy: dict[str, Any] | None) -> dict[str, Any]:

@@ -435,6 +435,9 @@ def _job_record(sim: Simulator, job: Job) -> dict[str, Any]:
         "input": job.request.input,
         "policy": job.request.policy,
         "webhook": job.request.webhook,
+        # What s3Config named, without its secret: the control API is for tests, and they need no more.
+        "s3_config": None if job.request.s3_config is None else {
+            k: v for k, v in job.request.s3_config.items() if k != "accessSecret"},
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),

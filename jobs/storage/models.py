@@ -162,6 +162,8 @@ class JobRow(SQLModel, table=True):
     # A declared output was not in the bucket when the job completed (or could not be checked): flagged,
     # evented and counted like output_missing. The job stays COMPLETED: its RunPod result is real.
     files_missing: bool = False
+    # Submitted with s3_config=True: each /run carries RunPod's s3Config (RPQ_WORKER_S3_*), never stored here.
+    worker_s3: bool = False
     # Where an input sent with offload=True lives in the bucket (the row's `input` is then JSON null), and
     # where an output over RPQ_INLINE_OUTPUT_MAX_BYTES was moved (`output` is then null). `jobs.get` reads both back.
     input_key: str | None = Field(default=None, sa_column=Column(Text))

@@ -358,7 +358,7 @@ def open_runpod_cancels(session: Session, job_id: str) -> Sequence[RunPodCancel]
 #: The columns of a new job row that `insert_job` is given values for: every column without a value is NULL.
 NEW_JOB_COLUMNS = ("id", "endpoint_name", "endpoint_id", "status", "input", "policy", "webhook", "metadata", "stream",
                    "correlation_id", "idempotency_key", "attempt", "poll_count", "poll_errors", "polls_since_change",
-                   "output_missing", "priority", "has_files", "input_key", "created_at", "updated_at")
+                   "output_missing", "priority", "has_files", "worker_s3", "input_key", "created_at", "updated_at")
 _FIRST_EVENT_COLUMNS = ("job_id", "from_status", "to_status", "at", "source", "detail", "repeats")
 _jobs = JobRow.__table__  # type: ignore[attr-defined]
 _events = JobEvent.__table__  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ from jobs.bucket.jobfiles import RPQ_KEY
 from jobs.errors import FilesNotConfigured
 from jobs.flow.lifecycle import poll_job, submit_job
 from jobs.runtime import Runtime
+from jobs.settings import Secret
 from jobs.states import JobStatus
 from jobs.storage.db import make_engine, session_scope
 from jobs.storage.models import utcnow
@@ -228,6 +229,27 @@ def test_a_retry_writes_its_outputs_in_a_folder_of_its_own(rt: Runtime, simulato
     again = jobs.get(job.id, runtime=rt)
     url = sent_input(simulator, again.runpod_job_id)[RPQ_KEY]["outputs"]["video.mp4"]["url"]
     assert again.attempt == 2 and f"/jobs/{job.id}/2/out/video.mp4?" in url
+
+
+def test_s3_config_sends_the_workers_own_credentials_and_where_to_write_and_stores_neither(
+        rt: Runtime, simulator: SimulatorProcess) -> None:
+    rt.settings = rt.settings.model_copy(update={"worker_s3_access_key_id": Secret("AKIAWORKERONLY"),
+                                                 "worker_s3_secret_access_key": Secret("worker-secret-xyz")})
+
+    job = jobs.submit("tts", {"text": "hi"}, outputs=["video.mp4"], s3_config=True, runtime=rt)
+    submit_job(rt, job.id)
+
+    record = next(j for j in simulator.jobs() if j["id"] == jobs.get(job.id, runtime=rt).runpod_job_id)
+    assert record["s3_config"] == {"accessId": "AKIAWORKERONLY", "bucketName": rt.objects.bucket,
+                                   "endpointUrl": rt.settings.s3_endpoint_url}
+    assert record["input"][RPQ_KEY]["s3"] == {"bucket": rt.objects.bucket, "prefix": f"rpq/jobs/{job.id}/1/out/"}
+    stored = every_stored_text(rt)
+    assert "AKIAWORKERONLY" not in stored and "worker-secret-xyz" not in stored
+
+
+def test_s3_config_without_the_worker_credentials_is_refused_naming_them(rt: Runtime) -> None:
+    with pytest.raises(jobs.InvalidJob, match="RPQ_WORKER_S3_ACCESS_KEY_ID"):
+        jobs.submit("tts", {}, outputs=["a.bin"], s3_config=True, runtime=rt)
 
 
 # -- direct uploads --------------------------------------------------------------------------------------------------

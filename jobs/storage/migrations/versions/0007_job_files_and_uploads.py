@@ -20,6 +20,7 @@ def upgrade() -> None:
     # Plain ADD COLUMN with server defaults: no table rebuild on SQLite, existing rows keep their data.
     op.add_column("jobs", sa.Column("has_files", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.add_column("jobs", sa.Column("files_missing", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column("jobs", sa.Column("worker_s3", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.add_column("jobs", sa.Column("input_key", sa.Text()))
     op.add_column("jobs", sa.Column("output_key", sa.Text()))
     op.create_table(
@@ -59,5 +60,6 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("output_key")
         batch.drop_column("input_key")
+        batch.drop_column("worker_s3")
         batch.drop_column("files_missing")
         batch.drop_column("has_files")
