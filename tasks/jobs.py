@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from jobs.flow import dispatch as dispatching
@@ -120,7 +121,11 @@ def health() -> None:
 
 
 @app.task(name=PURGE_TASK)  # type: ignore[untyped-decorator]
-def purge() -> None:
+def purge() -> dict[str, Any]:
+    """One retention run. Its result (counts, and why objects could not be deleted) is what Flower shows; a run
+    that kept rows for want of a bucket has also logged a warning."""
     purged = retention.purge(get_runtime())
-    if purged.jobs or purged.health_rows:
-        log.info("retention: deleted %d jobs and %d health rows", purged.jobs, purged.health_rows)
+    if purged.jobs or purged.health_rows or purged.uploads:
+        log.info("retention: deleted %d jobs, %d unused uploads and %d health rows, and %d objects in the bucket",
+                 purged.jobs, purged.uploads, purged.health_rows, purged.objects)
+    return asdict(purged)

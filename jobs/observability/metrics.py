@@ -133,6 +133,9 @@ class RpqCollector(Collector):
                                             "from the bucket for (or could not be checked).", labels=["endpoint"])
         gaps = CounterMetricFamily("rpq_stream_gaps", "Streaming jobs whose /stream read was lost: chunks may be "
                                    "missing.", labels=["endpoint"])
+        retention = CounterMetricFamily("rpq_retention_blocked", "Retention runs that kept jobs or uploads past "
+                                        "retention because their objects could not be deleted (reason: "
+                                        "store_error, no_bucket); each next run tries again.", labels=["reason"])
         latency = HistogramMetricFamily("rpq_job_latency_seconds",
                                         "From submit() to the final status stored, by endpoint and status.",
                                         labels=["endpoint", "status"])
@@ -158,6 +161,8 @@ class RpqCollector(Collector):
                 files_missing.add_metric(labels, value)
             elif kind == "stream_gaps" and len(labels) == 1:
                 gaps.add_metric(labels, value)
+            elif kind == "retention_blocked" and len(labels) == 1:
+                retention.add_metric(labels, value)
             elif kind == "latency_sum" and len(labels) == 2:
                 sums[(labels[0], labels[1])] = value
             elif kind == "latency_count" and len(labels) == 2:
@@ -168,7 +173,7 @@ class RpqCollector(Collector):
             observed = buckets.get(series, {})
             cumulative = [(str(bound), observed.get(bound, 0.0)) for bound in LATENCY_BUCKETS]
             latency.add_metric(list(series), [*cumulative, ("+Inf", count)], sums.get(series, 0.0))
-        yield from (submits, polls, errors, missing, files_missing, gaps, latency)
+        yield from (submits, polls, errors, missing, files_missing, gaps, retention, latency)
 
 
     def _budget(self) -> Iterator[Any]:

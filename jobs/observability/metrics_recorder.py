@@ -1,4 +1,4 @@
-"""What workers count for the metrics: submits, polls, RunPod errors, job latency.
+"""What workers count for the metrics: submits, polls, RunPod errors, job latency, retention runs held up.
 
 Workers run in many processes, so their counters live in one Redis hash (HINCRBY is atomic); the
 exporter (`jobs.observability.metrics`) reads it at each scrape. Losing the hash (a FLUSHALL) only resets the
@@ -42,6 +42,7 @@ class Recorder(Protocol):
     def output_missing(self, endpoint: str) -> None: ...
     def files_missing(self, endpoint: str) -> None: ...
     def stream_gap(self, endpoint: str) -> None: ...
+    def retention_blocked(self, reason: str) -> None: ...
 
 
 class NullRecorder:
@@ -64,6 +65,9 @@ class NullRecorder:
         pass
 
     def stream_gap(self, endpoint: str) -> None:
+        pass
+
+    def retention_blocked(self, reason: str) -> None:
         pass
 
 
@@ -109,6 +113,9 @@ class RedisRecorder:
 
     def stream_gap(self, endpoint: str) -> None:
         self._add({SEP.join(("stream_gaps", endpoint)): 1})
+
+    def retention_blocked(self, reason: str) -> None:
+        self._add({SEP.join(("retention_blocked", reason)): 1})
 
     def finished(self, endpoint: str, status: str, created_at: datetime) -> None:
         seconds = max((utcnow() - created_at).total_seconds(), 0.0)
