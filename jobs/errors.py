@@ -37,7 +37,8 @@ from dataclasses import dataclass
 class Problem:
     """One thing wrong with a request: which field, which rule it broke, and a message for people.
 
-    `constraint` is a short stable word (required, type, range, format, unknown, size, known) that
+    `constraint` is a short stable word (required, type, range, format, unknown, size, known, unique,
+    configured: the server lacks a setting the request needs) that
     programs can branch on; `message` may change. Messages never quote the offending value's content.
     """
 

@@ -62,6 +62,7 @@ class InputFile:
     content_type: str
     data: Data | None = None
     key: str | None = None
+    index: int = 0  # its place in `files`: problems name it files[i], never by the caller's text
 
 
 @dataclass(frozen=True)
@@ -143,11 +144,19 @@ def read_request(files: object, outputs: object, offload: object, input: object,
         problems.append(Problem("s3_config", "type", "must be true or false"))
         s3_config = False
     request = FileRequest(inputs, declared, offload, s3_config)
-    if (files is not None or outputs is not None or s3_config) and not offload \
-            and not (isinstance(input, Mapping) and RPQ_KEY not in input):
-        problems.append(Problem("input", "type", f"must be an object without a {RPQ_KEY!r} key when the job "
-                                    f"has files: rpq adds the files' URLs under {RPQ_KEY!r}"))
+    asking = next((name for name, asked in (("files", inputs), ("outputs", declared), ("s3_config", s3_config))
+                   if asked), None)
+    if asking is not None and not offload and not (isinstance(input, Mapping) and RPQ_KEY not in input):
+        # Reported on the argument that needs it: the input alone is fine for a job without files.
+        problems.append(Problem(asking, "type", f"needs the input to be a JSON object without a {RPQ_KEY!r} key "
+                                "(rpq adds the files' URLs there), or offload=true"))
     return request, problems
+
+
+def asked_for(request: FileRequest) -> str:
+    """The first argument of submit that asked for files: the one a problem with files as a whole is named by."""
+    return next(name for name, asked in (("files", request.inputs), ("outputs", request.outputs),
+                                         ("offload", request.offload), ("s3_config", request.worker_s3)) if asked)
 
 
 _NAME_RULE = ("a file name: printable, at most 255 characters, parts joined by '/', none empty, '.' or '..', "
@@ -156,17 +165,17 @@ _CONTENT_TYPE_RULE = "content_type: a MIME type such as image/png, in printable 
 
 
 def _input_file(i: int, name: object, source: object) -> InputFile | list[Problem]:
+    where = f"files[{i}]"
     if not isinstance(name, str) or check_name(name):
-        return [Problem(f"files[{i}]", "format", _NAME_RULE)]
-    where = f"files.{name}"
+        return [Problem(where, "format", _NAME_RULE)]
     if isinstance(source, bytes | bytearray | memoryview):
-        return InputFile(name, content_type_for(name), data=bytes(source))
+        return InputFile(name, content_type_for(name), data=bytes(source), index=i)
     if isinstance(source, os.PathLike):
         if not os.path.isfile(source):
             return [Problem(where, "known", "no such file (a path must name a readable file)")]
-        return InputFile(name, content_type_for(os.fspath(source)), data=source)
+        return InputFile(name, content_type_for(os.fspath(source)), data=source, index=i)
     if hasattr(source, "read"):
-        return InputFile(name, content_type_for(name), data=source)  # type: ignore[arg-type]
+        return InputFile(name, content_type_for(name), data=source, index=i)  # type: ignore[arg-type]
     if isinstance(source, Mapping):
         key, content_type = source.get("key"), source.get("content_type")
         problems: list[Problem] = []
@@ -179,7 +188,7 @@ def _input_file(i: int, name: object, source: object) -> InputFile | list[Proble
             problems.append(Problem(f"{where}.content_type", "format", _CONTENT_TYPE_RULE))
         if problems:
             return problems
-        return InputFile(name, content_type or content_type_for(name), key=key)
+        return InputFile(name, content_type or content_type_for(name), key=key, index=i)
     if isinstance(source, str):
         return [Problem(where, "type", "a string is ambiguous: pass pathlib.Path(...) for a local file, or "
                         "{'key': ...} for an object in the bucket")]
@@ -212,9 +221,9 @@ def prepare(store: ObjectStore, job_id: str, request: FileRequest, input: Any,
         if item.key is None:
             continue
         if not store.owns(item.key):
-            problems.append(Problem(f"files.{item.name}.key", "known", f"must be under the prefix {store.prefix}/"))
+            problems.append(Problem(f"files[{item.index}].key", "known", f"must be under the prefix {store.prefix}/"))
         elif store.is_upload_key(item.key) and item.key not in uploads:
-            problems.append(Problem(f"files.{item.name}.key", "known", "no unused upload has this key: it was used "
+            problems.append(Problem(f"files[{item.index}].key", "known", "no unused upload has this key: it was used "
                                     "by another job, purged, or never prepared"))
     document: bytes | None = None
     if request.offload:

@@ -121,6 +121,27 @@ bad_priorities = st.one_of(st.booleans(), st.floats().filter(lambda f: not f.is_
                            st.none(), st.lists(st.integers(), max_size=1), st.integers(max_value=-1001),
                            st.integers(min_value=1001))
 
+#: Not a usable set of input files: not an object, a name that is no file name, a source that is no file.
+bad_files = st.one_of(
+    st.just(CANARY), st.integers(), st.lists(st.just(b"x"), max_size=2),
+    st.builds(lambda v: {"a.wav": b"ok", "b.wav": v},
+              st.just(CANARY) | st.integers() | st.booleans() | st.none() | st.lists(st.integers(), max_size=1)),
+    st.builds(lambda name: {name: b"x"}, st.sampled_from(["", "/abs", "a/../b", "a//b", "."]) | _nul_text()
+              | st.just(CANARY + "n" * 300)),
+    st.builds(lambda key: {"a": {"key": key}}, st.just("") | st.just("../" + CANARY) | st.integers() | _nul_text()),
+    st.just({"a": {"key": "rpq/x", CANARY: 1}}), st.just({"a": {"key": "rpq/x", "content_type": "\n" + CANARY}}),
+    st.just({f"f{i}": b"" for i in range(257)}),
+)
+#: Not a usable declaration of outputs.
+bad_outputs = st.one_of(
+    st.just(CANARY), st.integers(), st.booleans(),
+    st.builds(lambda name: ["ok.mp4", name], st.sampled_from(["", "/abs", "..", "a/./b"]) | _nul_text()
+              | st.integers() | st.just(CANARY + "n" * 300)),
+    st.just(["same.mp4", "same.mp4"]), st.just({"a.mp4": "not a\ntype" + CANARY}),
+    st.just([f"o{i}" for i in range(257)]),
+)
+bad_flags = st.one_of(st.integers(), st.just(CANARY), st.lists(st.booleans(), max_size=1))
+
 #: For the Python API: argument → its bad values.
 BAD_ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
     "endpoint": bad_endpoints.filter(lambda v: v is not None),
@@ -132,6 +153,10 @@ BAD_ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
     "metadata": st.one_of(bad_metadata_in_json, st.builds(lambda v: {"m": v}, bad_json_in_python)),
     "stream": bad_streams.filter(lambda v: v is not None),
     "priority": bad_priorities,
+    "files": bad_files,
+    "outputs": bad_outputs,
+    "offload": bad_flags,
+    "s3_config": bad_flags,
 }
 
 

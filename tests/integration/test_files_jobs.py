@@ -105,7 +105,7 @@ def test_every_problem_with_files_is_reported_at_once_and_nothing_is_written(rt:
                     outputs=["ok.mp4", "ok.mp4", "/abs"], offload="yes", runtime=rt)  # type: ignore[arg-type]
 
     fields = sorted(p.field for p in caught.value.problems)
-    assert fields == ["files.a", "files.c", "files[1]", "input", "offload", "outputs[1]", "outputs[2]"]
+    assert fields == ["files[0]", "files[1]", "files[2]", "offload", "outputs", "outputs[1]", "outputs[2]"]
     assert jobs.list_jobs(runtime=rt) == [] and bucket_keys(rt) == []
 
 

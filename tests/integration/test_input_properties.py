@@ -52,7 +52,8 @@ pytestmark = pytest.mark.integration
 EXAMPLES = 200
 ODD_EXAMPLES = 60
 TOKEN, TOKEN_ENTRY = new_token()
-CONSTRAINTS = {"required", "type", "range", "format", "unknown", "size", "known", "text", "depth", "json"}
+CONSTRAINTS = {"required", "type", "range", "format", "unknown", "size", "known", "text", "depth", "json", "unique",
+               "configured"}
 generated = settings(max_examples=EXAMPLES, deadline=None,
                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                             HealthCheck.data_too_large, HealthCheck.filter_too_much])
