@@ -1,4 +1,4 @@
-"""Fixtures for the integration tests that drive interleavings by holding RunPod's answers."""
+"""Fixtures for the integration tests that drive interleavings by holding RunPod's answers, and s3rver."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from jobs.runpod.client import JobState, RunPodClient, StreamBatch
 from jobs.runtime import Runtime
 from tests.conftest import SimulatorProcess, fast_client
+from tests.integration.s3rver import s3rver  # noqa: F401  (a fixture: pytest finds it here)
 
 Hook = Callable[[], object]
 
