@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
+import tempfile
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
+import httpx
 
 from jobs import api
 from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET, Job
-from jobs.errors import ConfigError, Problem
+from jobs.bucket import access
+from jobs.errors import ConfigError, ObjectStoreError, Problem
 from jobs.flow.waiting import WaitReason
 from jobs.jsonsafe import text_problems
 from jobs.runtime import get_runtime
-from jobs.settings import Settings, redact_url
+from jobs.settings import PRESIGN_MAX_SECONDS, Settings, redact_url
 from jobs.simulator import SimulatorConfig
 from jobs.states import RETRYABLE, TERMINAL, JobStatus
+from jobs.storage.models import FileRole, FileState
 from jobs.storage.store import Source
 
 
@@ -37,7 +43,13 @@ class _Refused(click.ClickException):
 
 
 class _NotFound(_Refused):
-    """Exit status 1: the input was fine, but no such job."""
+    """Exit status 1: the input was fine, but no such job (or file)."""
+
+    exit_code = 1
+
+
+class _Failed(_Refused):
+    """Exit status 1: the input was fine, but what was asked could not be done (a download broke off)."""
 
     exit_code = 1
 
@@ -51,8 +63,10 @@ class _Rpq(click.Group):
             return super().invoke(ctx)
         except (ConfigError, api.InvalidJob) as exc:
             raise _Refused(str(exc)) from None
-        except api.JobNotFound as exc:
+        except (api.JobNotFound, access.FileNotFound) as exc:
             raise _NotFound(str(exc)) from None
+        except ObjectStoreError as exc:  # names the operation, key and S3's error code: never a URL or credential
+            raise _Failed(str(exc)) from None
 
 
 @click.group(cls=_Rpq)
@@ -65,6 +79,8 @@ def main(verbose: bool) -> None:
     )
     # httpx logs every request at INFO; that is noise for a person at a terminal.
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # So does botocore (where it found credentials), and at DEBUG it logs signatures: never below INFO.
+    logging.getLogger("botocore").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _simulator_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -226,6 +242,11 @@ def _print_jobs(found: list[Job], as_json: bool) -> None:
         rows.append((job.id, job.status.value, job.endpoint, str(job.attempt), str(job.poll_count),
                      _when(job.created_at), _when(job.finished_at), job.runpod_job_id or "-",
                      _waiting_cell(job)))
+    _print_table(rows)
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, the first row a header: plain text, easy to grep and cut."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -325,13 +346,15 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps({**job.to_dict(), "events": [e.to_dict() for e in history]}, indent=2, default=str))
         return
     for name, value in job.to_dict().items():
-        if value is not None and not (name == "output_missing" and not value):
+        if value is not None and not (name in ("output_missing", "files_missing") and not value):
             shown = (job.waiting.message if name == "waiting" and job.waiting
                      else value if isinstance(value, str) else json.dumps(value, default=str))
             click.echo(f"{name:>18}: {shown[:500]}")
     if job.output_missing:
         click.echo("                    RunPod said COMPLETED but gave no output: a result over its ~20 MB "
                    "limit is dropped this way")
+    if job.files_missing:
+        click.echo(f"                    a declared output was not in the bucket: rpq jobs files {job.id}")
     click.echo("\nhistory:")
     for event in history:
         came_from = event.from_status or "-"
@@ -429,6 +452,146 @@ def retry(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str
     """
     ids = _select(job_ids, status, endpoint, since, limit, allowed=RETRYABLE)
     _bulk(ids, lambda job_id: api.retry(job_id, source=Source.OPERATOR), "retry", dry_run, as_json)
+
+
+# -- files -----------------------------------------------------------------------------------------------------
+
+#: A download's bytes are written this many at a time.
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+#: Generous for a slow link; a connection that stalls this long is given up.
+DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+
+@jobs_group.command(name="files")
+@click.argument("job_id", type=_JobId())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def files_command(job_id: str, as_json: bool) -> None:
+    """List a job's files: its inputs, then its current attempt's outputs."""
+    found = access.files(job_id)
+    if as_json:
+        click.echo(json.dumps([info.to_dict() for info in found], indent=2))
+        return
+    if not found:
+        click.echo("no files")
+        return
+    rows = [("NAME", "ROLE", "STATE", "SIZE", "CONTENT-TYPE", "ETAG")]
+    rows += [(info.name, info.role, info.state, "-" if info.size is None else str(info.size),
+              info.content_type or "-", info.etag or "-") for info in found]
+    _print_table(rows)
+
+
+@jobs_group.command()
+@click.argument("job_id", type=_JobId())
+@click.argument("name")
+@click.option("-o", "--output", "path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the file. Default: its base name, in the current directory.")
+@click.option("--force", is_flag=True, help="Overwrite the file at the path if there is one.")
+@click.option("--url", "print_url", is_flag=True,
+              help="Print a presigned URL of the file instead of downloading it. The URL is a credential until it "
+              "expires: anyone holding it can read the file, so paste it nowhere others can see it.")
+@click.option("--expires", type=click.IntRange(1, PRESIGN_MAX_SECONDS),
+              help="Seconds the URL lives. Default: RPQ_PRESIGN_SECONDS.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def download(job_id: str, name: str, path: Path | None, force: bool, print_url: bool, expires: int | None,
+             as_json: bool) -> None:
+    """Download the file NAME of a job: an output of its current attempt, else an input of that name.
+
+    The bytes go from the bucket to a temporary file beside the target, which is renamed into place once its
+    size matches the one recorded for the file: an interrupted download leaves nothing at the path."""
+    info = _stored_file(job_id, name)
+    if print_url:
+        click.echo(access.file_url(job_id, name, expires=expires))
+        return
+    target = path or Path(PurePosixPath(name).name)
+    if target.is_dir() or (target.exists() and not force):
+        raise _Refused(f"{target} exists; pass --force to overwrite it" if not target.is_dir()
+                       else f"{target} is a directory; name a file with -o")
+    url = access.file_url(job_id, name, expires=expires)
+    with _partial_file(target) as (partial, out):
+        written = _transfer(url, info, out)
+        if written != info.size:
+            raise _Failed(f"{name!r}: got {written} bytes where the bucket recorded {info.size}; nothing written")
+        if target.exists() and not force:  # made while the bytes came
+            raise _Refused(f"{target} exists; pass --force to overwrite it")
+        partial.chmod(0o666 & ~_umask())  # mkstemp made it private; the file gets what any new file would
+        os.replace(partial, target)
+    if as_json:
+        click.echo(json.dumps({"job_id": job_id, "name": name, "role": info.role, "path": str(target),
+                               "bytes": written, "etag": info.etag}))
+    else:
+        click.echo(f"{target} ({written} bytes)")
+
+
+def _stored_file(job_id: str, name: str) -> access.JobFileInfo:
+    """The file `file_url` signs for `name`: an output of the current attempt before an input. FileNotFound
+    when the bucket has none (an output is there once its job has completed)."""
+    found = [info for info in access.files(job_id)
+             if info.name == name and info.state == FileState.STORED and info.key is not None]
+    found.sort(key=lambda info: info.role != FileRole.OUTPUT)
+    if not found:
+        raise access.FileNotFound(job_id, name)
+    return found[0]
+
+
+@contextlib.contextmanager
+def _partial_file(target: Path) -> Iterator[tuple[Path, typing.BinaryIO]]:
+    """A new file beside `target` (so the rename into place is atomic), removed unless it was renamed."""
+    try:
+        descriptor, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as exc:
+        raise _Failed(f"cannot write in {target.parent}: {exc.strerror}") from None
+    partial = Path(name)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            yield partial, out
+    except OSError as exc:
+        raise _Failed(f"cannot write {target}: {exc.strerror}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _transfer(url: str, info: access.JobFileInfo, out: typing.BinaryIO) -> int:
+    """GET `url` into `out`, with a progress bar on a terminal; the bytes written. The URL is a credential: no
+    message or log line shows it (httpx logs each request's URL, so it is quiet meanwhile)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    written = 0
+    with _quiet(logging.getLogger("httpx")), Progress(*columns, console=console,
+                                                       disable=not console.is_terminal) as progress:
+        task = progress.add_task(info.name, total=info.size)
+        try:
+            with httpx.Client(timeout=DOWNLOAD_TIMEOUT) as client, client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise _Failed(f"{info.name!r}: the bucket answered HTTP {response.status_code}")
+                for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                    out.write(chunk)
+                    written += len(chunk)
+                    progress.update(task, completed=written)
+                out.flush()
+                os.fsync(out.fileno())
+        except httpx.HTTPError as exc:  # only its class: httpx's messages can hold the URL
+            raise _Failed(f"{info.name!r}: the download failed ({type(exc).__name__})") from None
+    return written
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # -- endpoints, queues, metrics -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Which job a log line is about: every line logged while a task works on a job carries its id and
-correlation id, so one grep follows a request from the web app through every task."""
+correlation id, so one grep follows a request from the web app through every task. And what no line may
+carry: botocore's signatures (`quiet_botocore`)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,18 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def quiet_botocore() -> None:
+    """botocore logs at DEBUG every signature it computes (a presigned URL's signature is its credential) and
+    every request's headers, Authorization too: its loggers stay at INFO when a process logs at DEBUG, unless a
+    level was chosen for them on purpose."""
+    botocore = logging.getLogger("botocore")
+    if botocore.level == logging.NOTSET:  # it would follow the root logger down to DEBUG
+        botocore.setLevel(logging.INFO)
+
+
 def install(logger: logging.Logger) -> None:
     """Add the job tags to every handler of `logger` and show them in its format."""
+    quiet_botocore()
     for handler in logger.handlers:
         handler.addFilter(ContextFilter())
         handler.setFormatter(logging.Formatter(FORMAT))

@@ -12,12 +12,13 @@ from dataclasses import asdict
 from http import HTTPStatus
 from importlib.metadata import version
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import Engine
@@ -28,9 +29,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jobs
 from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH, InvalidJob, InvalidTransition, JobNotFound
-from jobs.errors import ConfigError, Problem, RpqError, RunPodError, RunPodNotFound, RunPodTransient
+from jobs.bucket.access import FileNotFound, InvalidUpload
+from jobs.bucket.store import R2_HOST_SUFFIX
+from jobs.errors import (
+    ConfigError,
+    FilesNotConfigured,
+    InvalidObjectName,
+    ObjectStoreError,
+    Problem,
+    RpqError,
+    RunPodError,
+    RunPodNotFound,
+    RunPodTransient,
+)
+from jobs.observability import logcontext
 from jobs.runpod.client import MAX_RUN_PAYLOAD_BYTES
 from jobs.runtime import Runtime, get_runtime
+from jobs.settings import Settings
 from jobs.states import JobStatus
 from jobs.storage.models import utcnow
 from jobs.web.auth import Tokens
@@ -40,16 +55,24 @@ from jobs.web.schemas import (
     CORRELATION_ID_PATTERN,
     EndpointHealth,
     ErrorBody,
+    FileUrl,
+    FileUrlQuery,
     Healthz,
+    JobFiles,
     JobFilter,
     JobList,
     JobOut,
     JobRequest,
     SubmitHeaders,
+    UploadRequest,
+    UploadTicketOut,
     check,
     endpoint_schema,
+    files_schema,
     header_schema,
     is_usable_correlation_id,
+    joined_file_problems,
+    outputs_schema,
     problems_of,
     query_values,
 )
@@ -80,6 +103,7 @@ def create_app(
     accepted = Tokens.configure(tokens, allow_no_auth=allow_no_auth)
     # Here rather than in serve(): each of uvicorn's worker processes builds its own app with this.
     redact_webhook_tokens(logging.getLogger("uvicorn.access"))
+    logcontext.quiet_botocore()
     if accepted.open:
         log.warning("the HTTP API is serving WITHOUT authentication (RPQ_API_ALLOW_NO_AUTH=true)")
     app = _Api(
@@ -193,14 +217,28 @@ def translate(exc: Exception) -> ApiError:
     match exc:
         case ApiError():
             return exc
-        case InvalidJob():
+        case InvalidJob() | InvalidUpload():
             return ApiError(422, exc.problems)
         case JobNotFound():
             return ApiError(404, [Problem("id", "known", "no job has this id")])
+        case FileNotFound():
+            return ApiError(404, [Problem("name", "known", "the job has no file of this name in the bucket (an "
+                                                           "output is there once its job has completed)")])
         case InvalidTransition():
             return ApiError(409, [Problem("status", "transition", f"cannot {exc.action} a job that is {exc.status}")])
         case RunPodError():
             return _runpod_error(exc)
+        case FilesNotConfigured():
+            # The server's configuration, not the request: a client can do nothing but go elsewhere.
+            return ApiError(503, [Problem("files", "configured", "files are off on this server: RPQ_S3_BUCKET is "
+                                                                 "not set")])
+        case ObjectStoreError():
+            # Built from the operation, the key and S3's error code: never a URL or a credential.
+            log.warning("the object store failed: %s", exc)
+            return ApiError(502, [Problem("store", "upstream", str(exc))])
+        case InvalidObjectName():  # each "field: rule", as jobs.bucket.store words them
+            return ApiError(422, [Problem(text.partition(": ")[0], "format", text.partition(": ")[2] or text)
+                                  for text in exc.problems])
         case ConfigError():
             log.error("cannot serve a request: %s", exc)
             return ApiError(500, [Problem("server", "config", "the server is misconfigured; its log says how")])
@@ -279,18 +317,37 @@ class _Api(FastAPI):
         schema = super().openapi()
         if first:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (JobRequest, JobFilter):
+            for model in (JobRequest, JobFilter, UploadRequest):
                 definition = _json_schema(model)
                 components.update(definition.pop("$defs", {}))
                 components[model.__name__] = definition
             # Which strings are endpoints depends on this server's settings, not on the models alone.
-            endpoint = endpoint_schema(self.state.runtime.settings)
+            settings = self.state.runtime.settings
+            endpoint = endpoint_schema(settings)
             components["JobRequest"]["properties"]["endpoint"].update(endpoint)
             components["JobFilter"]["properties"]["endpoint"]["items"] = endpoint
             for parameter in schema["paths"]["/v1/jobs"]["get"]["parameters"]:
                 if parameter["name"] == "endpoint":
                     parameter["schema"]["items"] = endpoint
+            _document_files(components, settings)
         return schema
+
+
+def _document_files(components: dict[str, Any], settings: Settings) -> None:
+    """What this server takes for files: keys under its prefix, uploads up to its limit, or, with no bucket, none."""
+    job = components["JobRequest"]["properties"]
+    job["files"].update(files_schema(settings))
+    job["outputs"].update(outputs_schema(settings))
+    if settings.s3_bucket is None:
+        job["offload"]["enum"] = [False]
+        for name in ("files", "outputs", "offload"):
+            job[name]["description"] += " This server has no bucket: RPQ_S3_BUCKET is not set."
+    upload = components["UploadRequest"]
+    for name in ("size", "max_bytes"):
+        upload["properties"][name]["anyOf"][0]["maximum"] = settings.upload_max_bytes
+    if (urlsplit(settings.s3_endpoint_url or "").hostname or "").endswith(R2_HOST_SUFFIX):
+        upload["anyOf"] = [option for option in upload["anyOf"] if option["required"] == ["size"]]
+        upload["properties"]["size"]["description"] += " This server's bucket is on R2: size is required."
 
 
 # -- correlation ids and auth --------------------------------------------------------------------
@@ -363,7 +420,7 @@ probes = APIRouter()
     description="202 with the new job; 200 with the existing one when an earlier request had the same "
     "Idempotency-Key (for the same endpoint). Nothing is written for a request with any problem.",
     responses={200: {"model": JobOut, "description": "The job an earlier request with this Idempotency-Key made."},
-               **_errors(400, 413, 415)},
+               **_errors(400, 413, 415, 502)},
     openapi_extra=_json_body(JobRequest),
 )
 async def submit_job(
@@ -385,7 +442,8 @@ async def submit_job(
     job = await run_in_threadpool(
         jobs.submit, job_request.endpoint, job_request.input, policy=job_request.policy_dict(),
         webhook=job_request.webhook, idempotency_key=headers.idempotency_key, correlation_id=correlation_id,
-        metadata=job_request.metadata, stream=job_request.stream, priority=job_request.priority, runtime=runtime,
+        metadata=job_request.metadata, stream=job_request.stream, priority=job_request.priority,
+        files=job_request.files, outputs=job_request.outputs, offload=job_request.offload, runtime=runtime,
     )
     # For a known Idempotency-Key, jobs.submit returns the first job: one made before this request
     # began. (Two first requests racing each other may both get 202; they get the same job.)
@@ -408,7 +466,9 @@ def list_jobs(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
             "next_offset": filters.offset + len(found) if len(found) == filters.limit else None}
 
 
-@v1.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job", responses=_errors(404))
+@v1.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job",
+        description="An input sent with offload, or an output moved to the bucket, is read back from the bucket "
+        "(502 when it cannot be read, 503 when this server has no bucket any more).", responses=_errors(404, 502, 503))
 def get_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     return jobs.get(job_id, runtime=runtime).to_dict()
 
@@ -428,6 +488,78 @@ def cancel_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
          responses=_errors(404, 409))
 def retry_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     return jobs.retry(job_id, runtime=runtime).to_dict()
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+#: A presigned URL is a credential: no cache, proxy or browser history keeps an answer holding one, and no
+#: page the client opens next learns it from a Referer.
+_CREDENTIAL_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+_CREDENTIAL_HEADER_DOCS = {"Cache-Control": {"description": "no-store: the answer holds a credential.",
+                                             "schema": {"type": "string"}}}
+_BUCKET_ERRORS: dict[int | str, dict[str, Any]] = {
+    502: {"model": ErrorBody, "description": "The bucket did not answer as asked."},
+    503: {"model": ErrorBody, "description": "This server has no bucket: RPQ_S3_BUCKET is not set."},
+}
+
+
+@v1.post(
+    "/uploads",
+    status_code=201,
+    response_model=UploadTicketOut,
+    summary="Prepare a direct upload of one file",
+    description="Reserves a key and signs an upload of the file straight to the bucket, bound to that key, its "
+    "content type and its size: with `size`, a PUT of exactly that many bytes; without it, an S3 POST policy of "
+    "at most `max_bytes` (R2 has none: give `size`). Then submit the job with `files: {name: {\"key\": key}}`; "
+    "the object is checked by HEAD before the job goes to RunPod. The ticket is a credential until it expires.",
+    responses={201: {"headers": _CREDENTIAL_HEADER_DOCS}, **_errors(400, 413, 415), **_BUCKET_ERRORS},
+    openapi_extra=_json_body(UploadRequest),
+)
+async def prepare_upload(request: Request, response: Response, runtime: RuntimeDep) -> dict[str, Any]:
+    upload, problems = check(UploadRequest, await _read_json(request))
+    if upload is None:
+        raise InvalidUpload(problems)
+    ticket = await run_in_threadpool(jobs.prepare_upload, upload.name, upload.content_type, upload.max_bytes,
+                                     size=upload.size, expires=upload.expires, runtime=runtime)
+    response.headers.update(_CREDENTIAL_HEADERS)
+    return ticket.to_dict()
+
+
+@v1.get("/jobs/{job_id}/files", response_model=JobFiles, summary="List a job's files",
+        description="Its inputs, then its current attempt's outputs, each with what the bucket said about it. "
+        "No URLs: GET /v1/jobs/{id}/files/{name} makes one.", responses=_errors(404))
+def job_files(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
+    return {"files": [info.to_dict() for info in jobs.files(job_id, runtime=runtime)]}
+
+
+@v1.get(
+    "/jobs/{job_id}/files/{name:path}",
+    response_class=Response,
+    summary="Download one of a job's files",
+    description="A presigned GET of the file `name` (an output of the current attempt first, then an input): by "
+    "default a 302 to it, so `curl -L` downloads the file; with `redirect=false` a 200 with the URL in JSON. A "
+    "client following the redirect must not send this API's Authorization header on to the bucket (curl and "
+    "httpx drop it for another host; the store refuses a request with two credentials). The URL is a "
+    "credential until it expires: never cached, and never written to this server's log. 404 until the file is "
+    "in the bucket (an output once its job has completed).",
+    responses={
+        200: {"model": FileUrl, "description": "With redirect=false: the URL.", "headers": _CREDENTIAL_HEADER_DOCS},
+        302: {"description": "The URL, in Location.",
+              "headers": {"Location": {"description": "The presigned GET.", "schema": {"type": "string"}},
+                          **_CREDENTIAL_HEADER_DOCS}},
+        **_errors(404), **_BUCKET_ERRORS,
+    },
+    openapi_extra=_query_parameters(FileUrlQuery),
+)
+def job_file(job_id: JobId, name: str, request: Request, runtime: RuntimeDep) -> Response:
+    query, problems = check(FileUrlQuery, query_values(FileUrlQuery, request.query_params), root="query")
+    if query is None:
+        raise InvalidJob(problems)
+    url = jobs.file_url(job_id, name, expires=query.expires, runtime=runtime)
+    if query.redirect:
+        return RedirectResponse(url, status_code=302, headers=_CREDENTIAL_HEADERS)
+    return JSONResponse({"url": url, "expires_in": query.expires or runtime.settings.presign_seconds},
+                        headers=_CREDENTIAL_HEADERS)
 
 
 @v1.get("/endpoints/{name}/health", response_model=EndpointHealth, summary="RunPod's /health of an endpoint, live",
@@ -480,7 +612,10 @@ async def _read_submission(
     request: Request, runtime: Runtime, idempotency_key: str | None, correlation_header: str | None
 ) -> tuple[JobRequest, SubmitHeaders]:
     """The body and headers of `POST /v1/jobs`, or InvalidJob with every problem in either."""
-    job_request, problems = check(JobRequest, await _read_json(request), settings=runtime.settings)
+    body = await _read_json(request)
+    job_request, problems = check(JobRequest, body, settings=runtime.settings)
+    if job_request is None:
+        problems += [p for p in joined_file_problems(body, has_files=runtime.has_files) if p not in problems]
     headers, header_problems = check(SubmitHeaders, {"Idempotency-Key": idempotency_key,
                                                      CORRELATION_HEADER: correlation_header})
     if job_request is None or headers is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Annotated, Any, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -39,12 +39,16 @@ from jobs.api import (
     MAX_WEBHOOK_LENGTH,
     SinceOutOfRange,
 )
+from jobs.bucket import jobfiles
+from jobs.bucket.jobfiles import MAX_FILES, RPQ_KEY
+from jobs.bucket.store import CONTENT_TYPE_RE, MAX_KEY_BYTES, MAX_NAME_CHARS
 from jobs.errors import ConfigError, Problem
 from jobs.flow.waiting import WaitReason
 from jobs.jsonsafe import MAX_DEPTH
 from jobs.runpod.client import POLICY_BOUNDS_MS, JobCounts, WorkerCounts
-from jobs.settings import ENDPOINT_ID_RE, Settings
+from jobs.settings import ENDPOINT_ID_RE, PRESIGN_MAX_SECONDS, Settings
 from jobs.states import JobStatus
+from jobs.storage.models import FileRole, FileState
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -123,10 +127,99 @@ class Policy(BaseModel):
     )
 
 
+# -- files ----------------------------------------------------------------------------------------
+
+# check_name (jobs.bucket.store) as a pattern: parts joined by '/', none empty, '.' or '..', no leading '/'.
+# "Printable" is stated as far as a pattern can: no control characters (ECMA regex has no \p{...} here).
+_NAME_CHAR = r"[^/\u0000-\u001f\u007f-\u009f]"
+_NAME_PART = (r"(?:[^/.\u0000-\u001f\u007f-\u009f]|\.[^/.\u0000-\u001f\u007f-\u009f]|\.\." + _NAME_CHAR + ")"
+              + _NAME_CHAR + "*")
+_NAME_PATH = f"{_NAME_PART}(?:/{_NAME_PART})*"
+NAME_SCHEMA: dict[str, Any] = {
+    "type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS, "pattern": f"^{_NAME_PATH}$",
+    "description": "A file name: printable, parts joined by '/' (frames/0001.png), none empty, '.' or '..', no "
+    "leading '/'.", "examples": ["audio.wav"]}
+CONTENT_TYPE_SCHEMA: dict[str, Any] = {"type": "string", "pattern": CONTENT_TYPE_RE.pattern.removesuffix(r"\Z") + "$",
+                                       "description": "A MIME type, printable ASCII.", "examples": ["video/mp4"]}
+_NULL = {"type": "null"}
+# What a client sends instead of a file: over HTTP a file is always an object the bucket holds already.
+_FILE_REF_RULE = ("must be an object {key, content_type}: over HTTP a file is named by its key in the bucket "
+                  "(upload it first with POST /v1/uploads)")
+
+
+def key_schema(prefix: str | None) -> dict[str, Any]:
+    """An object key as submit takes one (check_key), under this server's prefix when it is known."""
+    start = prefix.replace(".", r"\.") + "/" if prefix else ""
+    return {"type": "string", "minLength": 1, "maxLength": MAX_KEY_BYTES, "pattern": f"^{start}{_NAME_PATH}$",
+            "description": "The key of an object in the bucket: an upload ticket's key, or any object under the "
+            f"server's prefix{f' ({prefix}/)' if prefix else ''}. At most {MAX_KEY_BYTES} bytes in UTF-8."}
+
+
+def files_schema(settings: Settings | None) -> dict[str, Any]:
+    """`JobRequest.files` for clients: with `settings` that have no bucket, only an empty object or null."""
+    if settings is not None and settings.s3_bucket is None:
+        return {"anyOf": [{"type": "object", "maxProperties": 0}, _NULL]}
+    file_ref = {
+        "title": "FileRef", "type": "object", "required": ["key"], "additionalProperties": False,
+        "properties": {"key": key_schema(settings.s3_prefix if settings else None),
+                       "content_type": {"anyOf": [CONTENT_TYPE_SCHEMA, _NULL],
+                                        "description": "Default: the upload's, else guessed from the name."}}}
+    return {"anyOf": [{"type": "object", "maxProperties": MAX_FILES, "propertyNames": NAME_SCHEMA,
+                       "additionalProperties": file_ref}, _NULL]}
+
+
+def outputs_schema(settings: Settings | None) -> dict[str, Any]:
+    """`JobRequest.outputs` for clients: with `settings` that have no bucket, only empty or null."""
+    if settings is not None and settings.s3_bucket is None:
+        return {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "object", "maxProperties": 0}, _NULL]}
+    return {"anyOf": [
+        {"type": "array", "items": NAME_SCHEMA, "uniqueItems": True, "maxItems": MAX_FILES},
+        {"type": "object", "maxProperties": MAX_FILES, "propertyNames": NAME_SCHEMA,
+         "additionalProperties": {"anyOf": [CONTENT_TYPE_SCHEMA, _NULL]}},
+        _NULL]}
+
+
+def files_problems(files: dict[str, Any] | None) -> list[Problem]:
+    """submit's rules for `files`, worded for HTTP where a file is always a key (Python also takes bytes and paths)."""
+    if files is None:
+        return []
+    not_objects = {f"files.{name}" for name, source in files.items() if not isinstance(source, dict)}
+    return [Problem(p.field, p.constraint, _FILE_REF_RULE) if p.field in not_objects and p.constraint == "type"
+            else p for p in jobfiles.read_request(files, None, False, {})[1]]
+
+
+def outputs_problems(outputs: list[Any] | dict[str, Any] | None) -> list[Problem]:
+    return jobfiles.read_request(None, outputs, False, {})[1]
+
+
+def joined_file_problems(body: object, *, has_files: bool) -> list[Problem]:
+    """submit's rules that join the files to the rest of the job: the input must be an object to add their URLs
+    to, and the server must have a bucket. For a body its model refused, so that the answer still names every
+    problem `jobs.submit` would (it checks these only once each field is right)."""
+    if not isinstance(body, dict):
+        return []
+    request, problems = jobfiles.read_request(body.get("files"), body.get("outputs"), body.get("offload", False),
+                                              body.get("input"))
+    joined = [p for p in problems if p.field == "input"]
+    if request and not has_files:
+        joined.append(jobs_api._FILES_OFF)  # submit's own problem, word for word
+    return joined
+
+
+# The rule `joined_file_problems` checks on the input, as JSON Schema states it: with files or outputs (and no
+# offload) the input is an object without the key rpq adds.
+_INPUT_FOR_FILES: dict[str, Any] = {
+    "if": {"anyOf": [{"required": ["files"], "properties": {"files": {"type": "object"}}},
+                     {"required": ["outputs"], "properties": {"outputs": {"type": ["array", "object"]}}}],
+           "not": {"required": ["offload"], "properties": {"offload": {"const": True}}}},
+    "then": {"properties": {"input": {"type": "object", "not": {"required": [RPQ_KEY]}}}},
+}
+
+
 class JobRequest(BaseModel):
     """A job to run. `Idempotency-Key` and `X-Correlation-ID` come as headers."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_INPUT_FOR_FILES)
 
     endpoint: EndpointName = Field(description="A name from RUNPOD_ENDPOINTS, or a RunPod endpoint id.",
                                    examples=["tts"])
@@ -150,6 +243,18 @@ class JobRequest(BaseModel):
         0, ge=jobs_api.MIN_PRIORITY, le=jobs_api.MAX_PRIORITY,
         description="Among the endpoint's waiting jobs, higher goes to RunPod first; equal priorities go oldest "
         "first. (RunPod's own queue priority is policy.lowPriority.)")
+    files: Annotated[dict[str, Any] | None, domain_rule(files_problems), WithJsonSchema(files_schema(None))] = Field(
+        None, description="Inputs the handler reads, by name: each an object in the bucket, named by its key (upload "
+        "it first with POST /v1/uploads). Checked by HEAD before the job goes to RunPod. The handler gets a "
+        f"presigned GET for each under its input's {RPQ_KEY!r} key, so the input must then be an object "
+        f"without one. Needs a bucket (RPQ_S3_BUCKET).")
+    outputs: Annotated[list[Any] | dict[str, Any] | None, domain_rule(outputs_problems),
+                       WithJsonSchema(outputs_schema(None))] = Field(
+        None, description="Files the handler will write, by name (or an object of name: content type; the default "
+        "is guessed from the name). The handler gets a presigned PUT for each; when the job completes each is looked "
+        "for in the bucket, and one not there sets files_missing. Needs a bucket.")
+    offload: bool = Field(False, description="Put the input itself in the bucket (for one over RunPod's 10 MB "
+                          "limit): the handler gets its URL instead. Needs a bucket.")
 
     def policy_dict(self) -> dict[str, Any] | None:
         return self.policy.model_dump(exclude_none=True) if self.policy else None
@@ -214,6 +319,44 @@ class JobFilter(BaseModel):
     offset: int = Field(0, ge=0, le=MAX_LIST_OFFSET, description="Skip this many jobs first.")
 
 
+_OPTIONAL_COUNT = {"anyOf": [{"type": "integer", "minimum": 1}, _NULL]}
+
+
+class UploadRequest(BaseModel):
+    """A file a client will upload straight to the bucket. Each value is checked by `jobs.prepare_upload` itself,
+    which names every problem at once; the schema states its rules as far as JSON Schema can (not that size is
+    at most max_bytes when both are given)."""
+
+    # A size or a max_bytes: one of the two is needed (on R2 the size: see app._document_files).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": [field], "properties": {field: {"type": "integer"}}} for field in ("size", "max_bytes")]})
+
+    name: Annotated[Any, WithJsonSchema(NAME_SCHEMA)] = Field(
+        description="The file's name; the key ends with it.")
+    content_type: Annotated[Any, WithJsonSchema({"anyOf": [CONTENT_TYPE_SCHEMA, _NULL]})] = Field(
+        None, description="What the upload must send as Content-Type. Default: application/octet-stream.")
+    size: Annotated[Any, BeforeValidator(jobs_api.whole_number),
+                    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, _NULL]})] = Field(
+        None, description="The file's exact size in bytes: the ticket is then a PUT whose signature binds it and the "
+        "Content-Type. Required on R2, which has no POST policies.")
+    max_bytes: Annotated[Any, BeforeValidator(jobs_api.whole_number), WithJsonSchema(_OPTIONAL_COUNT)] = Field(
+        None, description="Without size: the ticket is an S3 POST policy allowing up to this many bytes.")
+    expires: Annotated[Any, BeforeValidator(jobs_api.whole_number), WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 1, "maximum": PRESIGN_MAX_SECONDS}, _NULL]})] = Field(
+        None, description="Seconds the ticket stays usable. Default: RPQ_PRESIGN_SECONDS.")
+
+
+class FileUrlQuery(BaseModel):
+    """The query of `GET /v1/jobs/{id}/files/{name}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expires: int | None = Field(None, ge=1, le=PRESIGN_MAX_SECONDS,
+                                description="Seconds the URL stays valid. Default: RPQ_PRESIGN_SECONDS.")
+    redirect: bool = Field(True, description="true: answer 302 with the URL in Location. false: answer 200 with "
+                           "the URL in a JSON body.")
+
+
 # -- responses -----------------------------------------------------------------------------------
 
 _Time = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
@@ -267,9 +410,68 @@ class JobOut(BaseModel):
         description="RunPod reported COMPLETED with no output to store (and no streamed chunks to build one "
         "from): how RunPod shows a result over its ~20 MB limit. Never a silent success.")
     priority: int = Field(description="Among the endpoint's waiting jobs, higher goes to RunPod first.")
+    files_missing: bool = Field(
+        description="A declared output was not in the bucket when the job completed: GET /v1/jobs/{id}/files "
+        "says which.")
+    input_key: str | None = Field(
+        description="Where an input sent with offload lives in the bucket. GET /v1/jobs/{id} shows the input as "
+        "sent; the list, cancel and retry answers leave input null for such a job.")
+    output_key: str | None = Field(
+        description="Where an output over RPQ_INLINE_OUTPUT_MAX_BYTES was moved in the bucket. GET /v1/jobs/{id} "
+        "reads it back into output; the list leaves output null for such a job.")
     waiting: WaitingOut | None = Field(
         description="Why a PENDING job has not gone to RunPod yet; null for any other status. Read from the queue "
         "when the job is read (GET): the answers of POST /v1/jobs and /retry, which only write, carry null.")
+
+
+class JobFileOut(BaseModel):
+    """One of a job's files: exactly `jobs.JobFileInfo.to_dict()`."""
+
+    name: str
+    role: FileRole = Field(description="input: the handler reads it; output: it writes it; input_document: the "
+                           "input sent with offload; result: an output over RPQ_INLINE_OUTPUT_MAX_BYTES, moved to "
+                           "the bucket.")
+    attempt: int = Field(description="0 for what every attempt shares (the inputs), else the attempt it belongs to.")
+    key: str | None = Field(description="The object's key in the bucket. Not a credential: reading the object takes "
+                            "a presigned URL (GET /v1/jobs/{id}/files/{name}).")
+    state: FileState = Field(description="declared: not written, or not looked for yet (an input named by key is "
+                             "looked for when the job goes to RunPod, an output when it completes); stored: the "
+                             "bucket has it (size, etag and content_type are the bucket's); missing: looked for and "
+                             "not found.")
+    size: int | None
+    etag: str | None
+    content_type: str | None
+    checked_at: _Time | None = Field(description="When the bucket was last asked about it.")
+
+
+class JobFiles(BaseModel):
+    """A job's inputs, then its current attempt's outputs."""
+
+    files: list[JobFileOut]
+
+
+class FileUrl(BaseModel):
+    """A download link. The URL is a credential until it expires: hand it to the one client that downloads."""
+
+    url: str = Field(description="A presigned GET of the object. Send it no Authorization header: the store "
+                     "refuses a second credential.")
+    expires_in: int = Field(description="Seconds from now for which the URL works.")
+
+
+class UploadTicketOut(BaseModel):
+    """How to upload the file: exactly `jobs.UploadTicket.to_dict()`. The URL and fields are a credential until
+    expires_at: hand them to the one client that uploads. Then submit the job with files: {name: {key}}."""
+
+    key: str = Field(description="The object's key: name it in the job's files.")
+    method: Literal["PUT", "POST"] = Field(
+        description="PUT: send the file as the body to url with exactly these headers. POST: a multipart form to "
+        "url with fields first and the file last, in a field named file.")
+    url: str
+    headers: dict[str, str] = Field(description="PUT: the headers to send, exactly (the signature binds them).")
+    fields: dict[str, str] = Field(description="POST: the form fields, in any order, before the file.")
+    content_type: str
+    max_bytes: int = Field(description="The most the store accepts: the size, for a PUT.")
+    expires_at: _Time
 
 
 class JobList(BaseModel):

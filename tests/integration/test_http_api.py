@@ -433,7 +433,7 @@ def test_an_unknown_field_is_answered_with_the_known_ones_never_its_name(api: ht
     assert sorted(body["errors"], key=str) == [
         {"field": "body", "constraint": "unknown",
          "message": "unknown field (known: endpoint, input, policy, webhook, correlation_id, metadata, stream, "
-                    "priority)"},
+                    "priority, files, outputs, offload)"},
         {"field": "policy", "constraint": "unknown",
          "message": "unknown field (known: executionTimeout, ttl, lowPriority)"},
     ]
@@ -833,6 +833,7 @@ def test_the_openapi_schema_lists_every_route_and_resolves_every_reference(serve
         ("/v1/jobs/{job_id}/cancel", "POST"), ("/v1/jobs/{job_id}/retry", "POST"),
         ("/v1/endpoints/{name}/health", "GET"), ("/healthz", "GET"),
         ("/v1/jobs/{job_id}/events", "GET"), ("/v1/webhooks/runpod/{token}", "POST"),
+        ("/v1/uploads", "POST"), ("/v1/jobs/{job_id}/files", "GET"), ("/v1/jobs/{job_id}/files/{name}", "GET"),
     }
     # Every documented route is served: whatever it answers, it is not "no such route" or "wrong method".
     client = server.client()

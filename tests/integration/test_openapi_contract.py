@@ -29,19 +29,46 @@ pytestmark = pytest.mark.integration
 
 TOKEN, TOKEN_ENTRY = new_token()
 EXAMPLES = 40
+BUCKET_ROUTES = r"^/v1/(uploads|jobs/\{job_id\}/files/\{name\})$"
 
 
 def test_every_route_answers_as_its_schema_says_and_never_with_a_500(runtime: Runtime) -> None:
     # The token as the schema's own security scheme: Schemathesis then knows which requests carry auth, and
     # checks too that the routes behind it refuse a request without it.
+    config = SchemathesisConfig.from_dict({
+        "auth": {"openapi": {"HTTPBearer": {"bearer": TOKEN}}},
+        "checks": {"positive_data_acceptance": {"enabled": True}},
+        # This server has no bucket, so the two routes that need one answer 503, as their schema says.
+        "operations": [{"include-path-regex": BUCKET_ROUTES,
+                        "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]}}}],
+    })
+    answered = _walk(schemathesis.openapi.from_asgi("/openapi.json", create_app(runtime, tokens=[TOKEN_ENTRY]),
+                                                    config=config))
+    # The token was sent: the routes behind it answered more than 401s.
+    assert {202, 422} <= answered["POST /v1/jobs"] and 200 in answered["GET /v1/jobs"], answered
+    assert 503 in answered["POST /v1/uploads"], answered
+
+
+def test_with_a_bucket_every_route_answers_as_its_schema_says(runtime: Runtime, s3_bucket: str,
+                                                                s3_endpoint_url: str) -> None:
+    runtime.settings = runtime.settings.model_copy(update={
+        "s3_bucket": s3_bucket, "s3_endpoint_url": s3_endpoint_url, "s3_region": "us-east-1"})
+    # Every request the schema calls invalid must still be refused. Not every one it calls valid is accepted: a
+    # file name must be printable, which a pattern cannot say of every code point Unicode has not assigned, and
+    # an upload's size must not exceed its max_bytes. The run without a bucket holds valid requests to acceptance.
     config = SchemathesisConfig.from_dict({"auth": {"openapi": {"HTTPBearer": {"bearer": TOKEN}}},
-                                           "checks": {"positive_data_acceptance": {"enabled": True}}})
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(runtime, tokens=[TOKEN_ENTRY]),
-                                            config=config)
+                                           "checks": {"positive_data_acceptance": {"enabled": False}}})
+    answered = _walk(schemathesis.openapi.from_asgi("/openapi.json", create_app(runtime, tokens=[TOKEN_ENTRY]),
+                                                    config=config))
+    assert {202, 422} <= answered["POST /v1/jobs"] and 201 in answered["POST /v1/uploads"], answered
+
+
+def _walk(schema: Any) -> dict[str, set[int]]:
+    """Every operation of `schema` in both generation modes; the status codes each answered."""
     failures: list[str] = []
     answered: dict[str, set[int]] = defaultdict(set)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 9  # every route, so none goes untested
+    assert len(operations) == 12  # every route, so none goes untested
 
     for operation in operations:
         for mode in GenerationMode:
@@ -60,5 +87,4 @@ def test_every_route_answers_as_its_schema_says_and_never_with_a_500(runtime: Ru
                 failures.append(f"{operation.label} ({mode}):\n{exc}")
 
     assert not failures, "\n\n".join(failures)
-    # The token was sent: the routes behind it answered more than 401s.
-    assert {202, 422} <= answered["POST /v1/jobs"] and 200 in answered["GET /v1/jobs"], answered
+    return answered
