@@ -229,7 +229,7 @@ def submit(
     request, wrong_files = jobfiles.read_request(files, outputs, offload, input, s3_config)
     problems += wrong_files
     if request and not rt.has_files:
-        problems.append(Problem(jobfiles.asked_for(request), "configured", _FILES_OFF))
+        problems.append(Problem(jobfiles.asked_for(request), "configured", FILES_OFF))
     if request.worker_s3 and not (rt.settings.worker_s3_access_key_id and rt.settings.worker_s3_secret_access_key):
         problems.append(_WORKER_S3_OFF)
     if problems or resolved is None:
@@ -284,7 +284,7 @@ def submit(
     return job
 
 
-_FILES_OFF = "files are off: RPQ_S3_BUCKET is not set (files, outputs, offload and s3_config need a bucket)"
+FILES_OFF = "files are off: RPQ_S3_BUCKET is not set (files, outputs, offload and s3_config need a bucket)"
 
 
 _WORKER_S3_OFF = Problem("s3_config", "configured", "RPQ_WORKER_S3_ACCESS_KEY_ID and RPQ_WORKER_S3_SECRET_ACCESS_KEY "

@@ -148,8 +148,7 @@ def read_request(files: object, outputs: object, offload: object, input: object,
                    if asked), None)
     if asking is not None and not offload and not (isinstance(input, Mapping) and RPQ_KEY not in input):
         # Reported on the argument that needs it: the input alone is fine for a job without files.
-        problems.append(Problem(asking, "type", f"needs the input to be a JSON object without a {RPQ_KEY!r} key "
-                                "(rpq adds the files' URLs there), or offload=true"))
+        problems.append(Problem(asking, "type", INPUT_FOR_FILES_RULE))
     return request, problems
 
 
@@ -159,6 +158,8 @@ def asked_for(request: FileRequest) -> str:
                                          ("offload", request.offload), ("s3_config", request.worker_s3)) if asked)
 
 
+INPUT_FOR_FILES_RULE = (f"needs the input to be a JSON object without a {RPQ_KEY!r} key (rpq adds the files' URLs "
+                        "there), or offload=true")
 _NAME_RULE = ("a file name: printable, at most 255 characters, parts joined by '/', none empty, '.' or '..', "
               "no leading '/'")
 _CONTENT_TYPE_RULE = "content_type: a MIME type such as image/png, in printable ASCII, at most 255 characters"

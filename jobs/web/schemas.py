@@ -183,7 +183,7 @@ def files_problems(files: dict[str, Any] | None) -> list[Problem]:
     """submit's rules for `files`, worded for HTTP where a file is always a key (Python also takes bytes and paths)."""
     if files is None:
         return []
-    not_objects = {f"files.{name}" for name, source in files.items() if not isinstance(source, dict)}
+    not_objects = {f"files[{i}]" for i, source in enumerate(files.values()) if not isinstance(source, dict)}
     return [Problem(p.field, p.constraint, _FILE_REF_RULE) if p.field in not_objects and p.constraint == "type"
             else p for p in jobfiles.read_request(files, None, False, {})[1]]
 
@@ -200,9 +200,10 @@ def joined_file_problems(body: object, *, has_files: bool) -> list[Problem]:
         return []
     request, problems = jobfiles.read_request(body.get("files"), body.get("outputs"), body.get("offload", False),
                                               body.get("input"))
-    joined = [p for p in problems if p.field == "input"]
+    joined = [p for p in problems if p.message == jobfiles.INPUT_FOR_FILES_RULE]
     if request and not has_files:
-        joined.append(jobs_api._FILES_OFF)  # submit's own problem, word for word
+        # submit's own problem, word for word
+        joined.append(Problem(jobfiles.asked_for(request), "configured", jobs_api.FILES_OFF))
     return joined
 
 

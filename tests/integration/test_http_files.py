@@ -191,11 +191,12 @@ def test_a_submit_with_bad_files_names_every_problem_jobs_submit_would(api: http
                     runtime=bucket_runtime)
 
     assert answer.status_code == 422
-    assert problems(answer) == {("files.audio", "type"), ("files[1]", "format"), ("outputs[1]", "unique"),
-                                ("input", "type")}
+    # The input that is no object is named by the argument that needs one: the outputs (both files were wrong).
+    assert problems(answer) == {("files[0]", "type"), ("files[1]", "format"), ("outputs[1]", "unique"),
+                                ("outputs", "type")}
     assert "POST /v1/uploads" in answer.text  # over HTTP a file is a key: the answer says how to make one
     # The same fields as the Python API's answer (there, "audio" was a key of the wrong type).
-    assert {p.field for p in python.value.problems} == {"files.audio.key", "files[1]", "outputs[1]", "input"}
+    assert {p.field for p in python.value.problems} == {"files[0].key", "files[1]", "outputs[1]", "outputs"}
     assert jobs.list_jobs(runtime=bucket_runtime) == []
 
 
@@ -203,7 +204,7 @@ def test_a_key_no_upload_reserved_is_refused_at_submit(api: httpx.Client) -> Non
     answer = api.post("/v1/jobs", json={"endpoint": "tts", "input": {},
                                         "files": {"a": {"key": f"rpq/uploads/{secrets.token_urlsafe(8)}/a"}}})
 
-    assert answer.status_code == 422 and problems(answer) == {("files.a.key", "known")}
+    assert answer.status_code == 422 and problems(answer) == {("files[0].key", "known")}
 
 
 def test_a_file_the_job_does_not_have_is_a_404_and_so_is_a_job_that_does_not_exist(
@@ -254,7 +255,7 @@ def test_without_a_bucket_uploads_and_links_are_503_and_a_submit_with_files_is_r
     assert "RPQ_S3_BUCKET" in uploads.text
     assert (link.status_code, problems(link)) == (503, {("files", "configured")})
     assert (listed.status_code, listed.json()) == (200, {"files": []})
-    assert (submitted.status_code, problems(submitted)) == (422, {("files", "configured")})
+    assert (submitted.status_code, problems(submitted)) == (422, {("outputs", "configured")})  # what asked for files
     assert schema["offload"]["enum"] == [False] and "RPQ_S3_BUCKET is not set" in schema["files"]["description"]
 
 
