@@ -362,12 +362,21 @@ def start_worker(
 
 @pytest.fixture
 def migrated_db(database_url: str) -> Iterator[str]:
-    """`database_url` with the schema at head, emptied afterwards (PostgreSQL is shared by the session)."""
-    from jobs.storage.db import make_engine, upgrade
+    """`database_url` with the schema at head and no rows, emptied again afterwards. PostgreSQL is one database
+    per test process, which the module-scoped pipelines write to as well: their rows are gone before a test
+    that counts every row of a table begins."""
+    from jobs.storage.db import upgrade
 
     upgrade(database_url)
+    _empty(database_url)
     yield database_url
+    _empty(database_url)
+
+
+def _empty(database_url: str) -> None:
     from sqlmodel import SQLModel
+
+    from jobs.storage.db import make_engine
 
     engine = make_engine(database_url)
     with engine.begin() as connection:
