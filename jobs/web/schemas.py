@@ -210,8 +210,10 @@ def joined_file_problems(body: object, *, has_files: bool) -> list[Problem]:
 # The rule `joined_file_problems` checks on the input, as JSON Schema states it: with files or outputs (and no
 # offload) the input is an object without the key rpq adds.
 _INPUT_FOR_FILES: dict[str, Any] = {
-    "if": {"anyOf": [{"required": ["files"], "properties": {"files": {"type": "object"}}},
-                     {"required": ["outputs"], "properties": {"outputs": {"type": ["array", "object"]}}}],
+    # Only a non-empty declaration asks for files: `"outputs": {}` is a job without any.
+    "if": {"anyOf": [{"required": ["files"], "properties": {"files": {"type": "object", "minProperties": 1}}},
+                     {"required": ["outputs"], "properties": {"outputs": {"type": ["array", "object"],
+                                                                          "minItems": 1, "minProperties": 1}}}],
            "not": {"required": ["offload"], "properties": {"offload": {"const": True}}}},
     "then": {"properties": {"input": {"type": "object", "not": {"required": [RPQ_KEY]}}}},
 }
