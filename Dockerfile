@@ -4,6 +4,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY jobs ./jobs
 COPY tasks ./tasks
+COPY rpq_worker.py ./
 COPY flower.conf ./
 RUN pip install --no-cache-dir .
 USER nobody
