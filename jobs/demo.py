@@ -100,6 +100,7 @@ def run_demo(*, job_count: int, echo: Echo, database_url: str | None = None, see
         echo(f"\nwhere to look next:\n"
              f"  DATABASE_URL={url} rpq jobs list\n"
              f"  DATABASE_URL={url} rpq jobs show <id>      (a job and its history)\n"
+             f"  DATABASE_URL={url} rpq jobs files <id>     (a job's files, as recorded)\n"
              f"  celery -A tasks flower --conf=flower.conf    (queues and workers; set FLOWER_BASIC_AUTH)")
         return code
 
