@@ -14,7 +14,7 @@ from typing import Any
 
 from jobs.api import JobNotFound
 from jobs.bucket.jobfiles import DEFAULT_CONTENT_TYPE, MAX_FILES
-from jobs.bucket.store import CONTENT_TYPE_RE, check_name, is_r2_endpoint
+from jobs.bucket.store import CONTENT_TYPE_RE, check_name
 from jobs.errors import Problem, RpqError
 from jobs.runtime import Runtime, get_runtime
 from jobs.settings import PRESIGN_MAX_SECONDS
@@ -77,6 +77,7 @@ def prepare_upload(name: str, content_type: str | None = None, max_bytes: int | 
     key is checked again by HEAD before /run: the object must exist, fit the size and have the type.
     Every problem at once in InvalidUpload; FilesNotConfigured without RPQ_S3_BUCKET."""
     rt = runtime or get_runtime()
+    store = rt.objects
     limit = rt.settings.upload_max_bytes
     content_type = content_type or DEFAULT_CONTENT_TYPE
     problems: list[Problem] = []
@@ -94,7 +95,7 @@ def prepare_upload(name: str, content_type: str | None = None, max_bytes: int | 
         problems.append(Problem("expires", "range", f"whole seconds from 1 to {PRESIGN_MAX_SECONDS}"))
     if size is None and max_bytes is None:
         problems.append(Problem("size", "required", "give the file's size, or max_bytes for an upload by POST"))
-    elif size is None and is_r2_endpoint(rt.settings.s3_endpoint_url):
+    elif size is None and store.is_r2:
         problems.append(Problem("size", "required", "R2 has no POST policies: give the file's exact size, which "
                                 "the upload URL's signature then binds"))
     elif (isinstance(size, int) and isinstance(max_bytes, int) and not isinstance(size, bool)
@@ -103,7 +104,6 @@ def prepare_upload(name: str, content_type: str | None = None, max_bytes: int | 
     if problems:
         raise InvalidUpload(problems)
 
-    store = rt.objects  # FilesNotConfigured without a bucket: checked after the arguments, whose problems come first
     key = store.upload_key(secrets.token_urlsafe(18), name)
     seconds = expires or rt.settings.presign_seconds
     now = utcnow()

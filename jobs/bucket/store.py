@@ -108,7 +108,7 @@ class ObjectStore:
             raise FilesNotConfigured()
         endpoint = settings.s3_endpoint_url
         region = settings.s3_region
-        if region is None and is_r2_endpoint(endpoint):
+        if region is None and endpoint is not None and (urlsplit(endpoint).hostname or "").endswith(R2_HOST_SUFFIX):
             region = "auto"  # R2 signs with "auto"; boto3's chain would otherwise pick (or lack) an AWS region
         config = Config(
             signature_version="s3v4",  # boto3 presigns with SigV2 on some AWS endpoints otherwise; R2 has only v4
@@ -137,7 +137,7 @@ class ObjectStore:
     @property
     def is_r2(self) -> bool:
         """Cloudflare R2, which has no POST policies: a direct upload is then a PUT of a size known up front."""
-        return is_r2_endpoint(self.endpoint_url)
+        return self.endpoint_url is not None and (urlsplit(self.endpoint_url).hostname or "").endswith(R2_HOST_SUFFIX)
 
     def key_for(self, job_id: str, attempt: int, name: str) -> str:
         """Where output `name` of a job's attempt lives: {prefix}/jobs/{job_id}/{attempt}/out/{name}."""
@@ -277,10 +277,6 @@ class ObjectStore:
         if isinstance(expires, bool) or not isinstance(expires, int) or not 1 <= expires <= PRESIGN_MAX_SECONDS:
             return [f"expires: whole seconds from 1 to {PRESIGN_MAX_SECONDS}"]
         return []
-
-def is_r2_endpoint(endpoint_url: str | None) -> bool:
-    return endpoint_url is not None and (urlsplit(endpoint_url).hostname or "").endswith(R2_HOST_SUFFIX)
-
 
 @contextmanager
 def _translated(operation: str, where: str) -> Iterator[None]:
