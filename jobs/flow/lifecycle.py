@@ -314,6 +314,8 @@ def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, ran
     # RunOutcomeUnknown, an unreadable answer, or anything unforeseen: a job may exist at RunPod.
     detail = (f"{exc}" if isinstance(exc, RunOutcomeUnknown)
               else f"RunPod's answer could not be read ({exc}); a job may exist")
+    if row.has_files:
+        detail = jobfiles.scrub(detail)
 
     def unknown(session: Session) -> Then:
         _move(session, row.id, fence, JobStatus.SUBMIT_UNKNOWN, f"{detail}; not resubmitted: adopted if RunPod's "
@@ -330,6 +332,8 @@ def _submit_failed(rt: Runtime, row: JobRow, fence: Fence, exc: RunPodError, ran
 def _later(row: JobRow, fence: Fence, detail: str, *, delay: float, errors: int) -> Findings:
     """Nothing was sent: back to PENDING, to be sent again in `delay` seconds."""
     retry_at = utcnow() + timedelta(seconds=delay)
+    if row.has_files:  # RunPod's answer to a /run may quote the body it was sent, URLs and all
+        detail = jobfiles.scrub(detail)
 
     def later(session: Session) -> Then:
         _move(session, row.id, fence, JobStatus.PENDING, detail,
@@ -342,6 +346,8 @@ def _later(row: JobRow, fence: Fence, detail: str, *, delay: float, errors: int)
 def _refused(rt: Runtime, row: JobRow, fence: Fence, reason: str) -> Findings:
     """The job cannot be sent as it is: FAILED, with the reason as its error (a retry may send it again)."""
     failed_at = utcnow()
+    if row.has_files:  # RunPod's answer to a /run may quote the body it was sent, URLs and all
+        reason = jobfiles.scrub(reason)
 
     def refused(session: Session) -> Then:
         moved = _move(session, row.id, fence, JobStatus.FAILED, reason,

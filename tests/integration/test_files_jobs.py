@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from sqlalchemy import MetaData, select
 
 import jobs
 from jobs.bucket.jobfiles import RPQ_KEY
-from jobs.errors import FilesNotConfigured
+from jobs.errors import FilesNotConfigured, RunPodRejected
 from jobs.flow.lifecycle import poll_job, submit_job
 from jobs.runtime import Runtime
 from jobs.settings import Secret
@@ -217,6 +218,25 @@ def test_a_presigned_url_a_handler_hands_back_is_stored_without_its_query(rt: Ru
 
     assert done.output == {"log": "read http://s3.example/b/k?<presigned query removed> ok",
                            "urls": ["http://s3.example/b/k?<presigned query removed>"]}
+
+
+def test_a_refusal_that_quotes_the_run_body_is_stored_without_the_urls_in_it(
+        rt: Runtime, simulator: SimulatorProcess) -> None:
+    job = jobs.submit("tts", {"text": "hi"}, outputs=["video.mp4"], runtime=rt)
+    real_run = rt.runpod.run
+
+    def run_refused_quoting_its_body(endpoint_id: str, input: Any, **options: Any) -> Any:
+        raise RunPodRejected(f"400 input is invalid: {json.dumps(input)}")
+
+    rt.runpod.run = run_refused_quoting_its_body  # type: ignore[method-assign]
+    try:
+        submit_job(rt, job.id)
+    finally:
+        rt.runpod.run = real_run  # type: ignore[method-assign]
+
+    failed = jobs.get(job.id, runtime=rt)
+    assert failed.status is JobStatus.FAILED and "presigned query removed" in (failed.error or "")
+    assert "X-Amz-Signature" not in every_stored_text(rt)
 
 
 def test_a_retry_writes_its_outputs_in_a_folder_of_its_own(rt: Runtime, simulator: SimulatorProcess) -> None:
