@@ -18,7 +18,9 @@
         ├── RunPodAuthError         401/403: the API key is wrong or lacks access
         ├── RunPodNotFound          404: unknown endpoint, or a job RunPod no longer keeps
         ├── RunOutcomeUnknown       a /run (or /runsync) whose request may or may not have
-        │                           created a job: never resubmit it blindly
+        │   │                       created a job: never resubmit it blindly
+        │   └── ChangeOutcomeUnknown  a management write (PATCH) whose answer was lost: read the
+        │                           resource back before deciding to send it again
         └── RunPodProtocolError     RunPod answered something we cannot read (an unknown
                                     status, a body that is not the documented shape)
 
@@ -154,6 +156,10 @@ class RunPodNotFound(RunPodError):
 
 class RunOutcomeUnknown(RunPodError):
     """The submit may or may not have reached RunPod; an operator must decide whether to resubmit."""
+
+
+class ChangeOutcomeUnknown(RunOutcomeUnknown):
+    """A management change (an endpoint PATCH) may or may not have been applied; read it back before resending."""
 
 
 class RunPodProtocolError(RunPodError):
