@@ -148,6 +148,8 @@ class JobRequest:
     execution_timeout_ms: int = DEFAULT_EXECUTION_TIMEOUT_MS
     ttl_ms: int = DEFAULT_TTL_MS
     low_priority: bool = False
+    #: False: the job named no ``policy.executionTimeout``, so its endpoint's ``timeout`` applies.
+    own_execution_timeout: bool = False
 
 
 def _policy_ms(policy: dict[str, Any], name: str, default: int, minimum: int, enforce_max: bool) -> int:
@@ -195,6 +197,7 @@ def parse_job_request(body: Any, *, enforce_policy_max: bool = True) -> JobReque
         ),
         ttl_ms=_policy_ms(policy, "ttl", DEFAULT_TTL_MS, MIN_TTL_MS, enforce_policy_max),
         low_priority=low_priority,
+        own_execution_timeout="executionTimeout" in policy,
     )
 
 
@@ -226,9 +229,9 @@ class EndpointSettings:
     #: The serverless GPU pool (a catalog pool id) and GPUs per worker: what execution is billed at.
     gpu_pool: str = "ADA_24"
     gpu_count: int = 1
-    #: The management API's view of the endpoint (``PATCH /mgmt/v2/serverless/{id}``). Shown and stored;
-    #: ``timeout`` does not yet replace a job's own executionTimeout default.
-    execution_timeout_ms: int = 600_000
+    #: The management API's view of the endpoint (``PATCH /mgmt/v2/serverless/{id}``). ``timeout`` is the
+    #: execution timeout of a job whose policy names none; scaling and flashboot are shown, not modelled.
+    execution_timeout_ms: int = DEFAULT_EXECUTION_TIMEOUT_MS
     flashboot: bool = False
     scaling_type: str = "QUEUE_DELAY"
     scaling_value: float = 4.0
@@ -652,6 +655,9 @@ class Engine:
         self.reconcile()
         ep = self.endpoint(endpoint_id)
         now = self.clock.now()
+        if not request.own_execution_timeout:
+            # RunPod: the endpoint's execution timeout applies unless the job's policy sets its own.
+            request = replace(request, execution_timeout_ms=ep.settings.execution_timeout_ms)
         job = Job(
             id=_new_job_id(sync),
             endpoint_id=endpoint_id,

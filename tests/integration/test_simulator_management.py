@@ -131,6 +131,18 @@ def test_a_patch_changes_only_the_fields_present_and_the_engine_follows(mgmt: Mg
     assert mgmt.get("/serverless/beta")["workers"]["max"] == 3
 
 
+def test_the_endpoint_timeout_ends_jobs_whose_policy_names_none(mgmt: Mgmt) -> None:
+    assert mgmt.patch("alpha", {"timeout": 10_000}).status_code == 200
+    plain = mgmt.run("alpha", {"sleep": 60})
+    own = mgmt.run("alpha", {"sleep": 60}, policy={"executionTimeout": 120_000})
+    wait_until(lambda: mgmt.statuses("alpha") == ["IN_PROGRESS"] * 2, timeout=10, what="both jobs to start")
+
+    mgmt.sim.advance(60)
+
+    assert mgmt.status("alpha", plain)["status"] == "FAILED"
+    assert mgmt.status("alpha", own)["status"] == "COMPLETED"
+
+
 def test_scaling_on_request_count_drops_idle_timeout_and_refuses_one(mgmt: Mgmt) -> None:
     switched = mgmt.patch("alpha", {"scaling": {"type": "REQUEST_COUNT", "requestCount": 2}})
     refused = mgmt.patch("alpha", {"workers": {"idleTimeout": 10}})

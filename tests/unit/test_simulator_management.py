@@ -66,3 +66,20 @@ def test_graphql_refuses_syntax_it_does_not_serve_with_an_error_not_a_guess() ->
     assert "errors" in graphql_answer('{ myself(id: "x") { clientBalance } }', account, 80, 0)
     assert "errors" in graphql_answer("{ myself }", account, 80, 0)
     assert "errors" in graphql_answer(None, account, 80, 0)
+
+
+def test_management_calls_over_the_minute_quota_are_429_problems_with_retry_after() -> None:
+    from starlette.testclient import TestClient
+
+    from jobs.simulator import SimulatorConfig, create_app
+
+    config = SimulatorConfig(api_key="k", endpoints=("ep",), rate_limit_scale=0.05)  # 3 calls a minute
+    with TestClient(create_app(config)) as c:
+        # Eight quick calls cross at most one minute boundary, so at most six can pass.
+        answers = [c.get("/mgmt/v2/serverless", headers={"Authorization": "Bearer k"}) for _ in range(8)]
+
+    limited = [a for a in answers if a.status_code == 429]
+    assert limited and all(a.status_code in (200, 429) for a in answers)
+    assert limited[0].headers["content-type"] == "application/problem+json"
+    assert int(limited[0].headers["Retry-After"]) >= 1
+    assert limited[0].headers["RateLimit"].startswith('"minute";r=0;')
