@@ -13,7 +13,7 @@ after 3 idle days, 0 after 7) live in the engine, since they change capacity wit
 
 Our readings where RunPod's answer is UNCONFIRMED:
 
-* A PATCH whose ``workers.max`` would take the account's total max workers over its balance tier is refused
+* A PATCH that raises ``workers.max`` and so takes the account's total max workers over its balance tier is refused
   with 400 (it names the cap); nothing is clamped, so a client never believes a value that is not in force.
 * ``{"workers": {"max": 5}}`` keeps ``min`` (the docs say only fields present change).
 * Billing records exist only for buckets with usage, and a job is billed when its run ends (RunPod bills
@@ -501,7 +501,9 @@ def management_routes(sim: Simulator) -> list[Route]:
         except ValueError:
             raise Problem(400, "Bad Request", "request body is not valid JSON") from None
         changes = parse_patch(body, ep)
-        if "workers_max" in changes:
+        if changes.get("workers_max", 0) > ep.settings.workers_max:
+            # Only a raise is checked: lowering must always work, even on an account already over its cap
+            # (its balance fell, or its endpoints were made with the /_sim control API).
             cap = worker_cap(mgmt.account.balance)
             others = sum(other.settings.workers_max for other in engine.endpoints.values() if other is not ep)
             if others + changes["workers_max"] > cap:

@@ -83,3 +83,17 @@ def test_management_calls_over_the_minute_quota_are_429_problems_with_retry_afte
     assert limited[0].headers["content-type"] == "application/problem+json"
     assert int(limited[0].headers["Retry-After"]) >= 1
     assert limited[0].headers["RateLimit"].startswith('"minute";r=0;')
+
+
+def test_an_account_over_its_worker_cap_can_still_lower_max_workers_but_not_raise_them() -> None:
+    from starlette.testclient import TestClient
+
+    from jobs.simulator import SimulatorConfig, create_app
+
+    config = SimulatorConfig(api_key="k", endpoints=("a", "b", "c"), account_balance=0)  # 9 max workers, cap 5
+    with TestClient(create_app(config)) as c:
+        lowered = c.patch("/mgmt/v2/serverless/a", json={"workers": {"max": 2}}, headers={"Authorization": "Bearer k"})
+        raised = c.patch("/mgmt/v2/serverless/a", json={"workers": {"max": 3}}, headers={"Authorization": "Bearer k"})
+
+    assert lowered.status_code == 200 and lowered.json()["workers"]["max"] == 2
+    assert raised.status_code == 400 and "cap of 5" in raised.json()["detail"]
