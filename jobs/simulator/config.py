@@ -53,6 +53,7 @@ class SimulatorConfig:
     --fault-5xx-rate / --fault-429-rate / --fault-slow-rate / --fault-slow-seconds / --fault-drop-rate
     --gpu-pool / --gpu-count       GPU pool and GPUs per worker of a new endpoint (what execution bills at)
     --account-balance / --spend-limit   the simulated account behind the management API
+    --pod ID (repeatable)          a pod the management API lists (inventory only)
     --handler                      module:function, a real RunPod handler to run instead of the default one
     --access-log                   log every request (off by default: pollers are chatty)
     """
@@ -139,6 +140,14 @@ class SimulatorConfig:
         "Starting account balance in USD (GraphQL clientBalance). Billed execution lowers it, and it sets the "
         "account's max-worker cap (RunPod's balance tiers: 5; 10 at $100 ... 60 at $900).",
     )
+    pods: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "flag": "pod",
+            "help": "A pod id GET /mgmt/v2/pods lists as RUNNING on one --gpu-pool GPU (repeatable). Pods are "
+            "inventory only: not billed.",
+        },
+    )
     spend_limit: float = _opt(80.0, "GraphQL spendLimit in USD per hour (shown only; RunPod's default UNCONFIRMED).")
     handler: str | None = _opt(None, "module:function of a RunPod handler to run instead of the default one.")
     access_log: bool = _opt(False, "Log every HTTP request.")
@@ -156,6 +165,7 @@ class SimulatorConfig:
             raise ValueError("max_result_bytes must be >= 1")
         if self.max_stream_chunk_bytes < MIN_STREAM_CHUNK_BYTES:
             raise ValueError(f"max_stream_chunk_bytes must be >= {MIN_STREAM_CHUNK_BYTES} (one UTF-8 character)")
+        object.__setattr__(self, "pods", tuple(dict.fromkeys(self.pods)))
         for endpoint_id in self.endpoints:
             if not endpoint_id or "/" in endpoint_id or endpoint_id != endpoint_id.strip():
                 raise ValueError(f"endpoint id {endpoint_id!r} must be non-empty, without '/' or spaces around")

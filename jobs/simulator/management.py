@@ -22,6 +22,7 @@ Our readings where RunPod's answer is UNCONFIRMED:
 
 from __future__ import annotations
 
+import hmac
 import math
 import re
 from collections import defaultdict
@@ -576,11 +577,28 @@ def management_routes(sim: Simulator) -> list[Route]:
             },
         }
 
+    started = sim.clock.iso_at(sim.clock.now())
+
     async def pods(request: Request) -> dict[str, Any]:
-        return {"pods": []}
+        gpu = POOLS[sim.config.gpu_pool]
+        return {"pods": [
+            {"id": pod_id, "name": pod_id, "status": "RUNNING", "cost": gpu.secure, "cloud": "SECURE",
+             "gpu": {"id": gpu.id, "count": 1, "displayName": gpu.name}, "dataCenterId": DATA_CENTER,
+             "image": IMAGE, "template": None, "createdAt": started, "startedAt": started, "locked": False}
+            for pod_id in sim.config.pods
+        ]}
+
+    def graphql_authorized(request: Request) -> bool:
+        # RunPod's GraphQL docs show the key as ?api_key=KEY (SDKs send the Bearer header instead); a client
+        # written to those docs must work too.
+        key = request.query_params.get("api_key")
+        if key is None:
+            return authorized(request)
+        return bool(key) and (sim.config.api_key is None or hmac.compare_digest(key.encode(),
+                                                                                sim.config.api_key.encode()))
 
     async def graphql(request: Request) -> Response:
-        if not authorized(request):
+        if not graphql_authorized(request):
             return JSONResponse({"errors": [{"message": "Unauthorized"}]}, status_code=401)
         engine.reconcile()
         try:

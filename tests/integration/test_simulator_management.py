@@ -299,3 +299,15 @@ def test_graphql_answers_the_account_fields_and_200_errors_for_unknown_ones(mgmt
     assert [e["message"] for e in unknown.json()["errors"]] == [
         'Cannot query field "gpuTypes" on type "Query".', 'Cannot query field "pods" on type "User".']
     assert broken.status_code == 200 and broken.json()["errors"][0]["message"].startswith("Syntax Error")
+
+
+def test_graphql_takes_the_key_as_the_docs_show_it_too_and_refuses_a_wrong_one(mgmt: Mgmt) -> None:
+    query = {"query": "{ myself { clientBalance } }"}
+    url = f"{mgmt.sim.root_url}/mgmt/graphql"
+
+    in_url = httpx.post(url, params={"api_key": mgmt.sim.api_key}, json=query)
+    wrong = httpx.post(url, params={"api_key": "nope"}, json=query)
+    missing = httpx.post(url, json=query)
+
+    assert in_url.status_code == 200 and in_url.json() == {"data": {"myself": {"clientBalance": 150}}}
+    assert wrong.status_code == missing.status_code == 401

@@ -97,3 +97,19 @@ def test_an_account_over_its_worker_cap_can_still_lower_max_workers_but_not_rais
 
     assert lowered.status_code == 200 and lowered.json()["workers"]["max"] == 2
     assert raised.status_code == 400 and "cap of 5" in raised.json()["detail"]
+
+
+def test_configured_pods_are_listed_running_and_none_by_default() -> None:
+    from starlette.testclient import TestClient
+
+    from jobs.simulator import SimulatorConfig, create_app
+
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(create_app(SimulatorConfig(api_key="k", pods=("pod-a", "pod-b")))) as c:
+        pods = c.get("/mgmt/v2/pods", headers=auth).json()["pods"]
+    with TestClient(create_app(SimulatorConfig(api_key="k"))) as c:
+        none = c.get("/mgmt/v2/pods", headers=auth).json()
+
+    assert [(p["id"], p["status"], p["gpu"]["id"]) for p in pods] == [
+        ("pod-a", "RUNNING", "NVIDIA GeForce RTX 4090"), ("pod-b", "RUNNING", "NVIDIA GeForce RTX 4090")]
+    assert none == {"pods": []}
