@@ -1,7 +1,8 @@
 """A local stand-in for RunPod serverless: the job API under ``/v2`` plus a control API under ``/_sim``.
 
 Clients written to RunPod's documented API (the official ``runpod`` SDK included) work against it
-unchanged; point them at ``http://HOST:PORT/v2``.
+unchanged; point them at ``http://HOST:PORT/v2``. RunPod's management API (REST v2 and GraphQL, a
+different host on RunPod) is under ``/mgmt/v2`` and ``/mgmt/graphql``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def serve(config: SimulatorConfig, *, host: str, port: int) -> None:
     app = create_app(config)
     simulator: Simulator = app.state.simulator
     shown_host = f"[{host}]" if ":" in host else host
-    log.info("RunPod simulator serving http://%s:%d/v2 (control API at /_sim)", shown_host, port)
+    log.info("RunPod simulator serving http://%s:%d/v2 (management API at /mgmt/v2 and /mgmt/graphql, "
+             "control API at /_sim)", shown_host, port)
     if config.endpoints:
         log.info("endpoints: %s", ", ".join(config.endpoints))
     else:

@@ -1,4 +1,5 @@
-"""The HTTP layer: RunPod's serverless job API under ``/v2`` and the simulator's control API under ``/_sim``.
+"""The HTTP layer: RunPod's serverless job API under ``/v2``, the simulator's control API under ``/_sim``, and
+RunPod's management API under ``/mgmt`` (:mod:`jobs.simulator.management`).
 
 Every ``/v2`` request goes through the same steps, in this order: authentication (401), the endpoint id
 (404 unless the endpoint was created), the rate limiter (429), a "before" fault, the operation itself
@@ -40,6 +41,7 @@ from jobs.simulator.engine import (
 )
 from jobs.simulator.faults import FaultInjector, FaultRule, RateLimited, RateLimiter
 from jobs.simulator.handlers import load_handler
+from jobs.simulator.management import Management, management_routes
 from jobs.simulator.stats import RequestStats
 from jobs.simulator.webhooks import WebhookDispatcher
 
@@ -112,11 +114,13 @@ class Simulator:
             interval_seconds=config.webhook_interval_seconds,
             timeout_seconds=config.webhook_timeout_seconds,
         )
+        self.management = Management(config.account_balance, config.rate_limit_scale)
         self.engine = Engine(
             config,
             self.clock,
             load_handler(config.handler),
             on_webhook=lambda job, payload: self.webhooks.deliver(job.request.webhook or "", job.id, payload),
+            on_run_ended=self._bill,
         )
         self.faults = FaultInjector.from_config(
             seed=config.seed,
@@ -134,8 +138,14 @@ class Simulator:
         #: a test can tell a long poll is in place before it changes what the poll waits for.
         self.held: Counter[str] = Counter()
 
+    def _bill(self, ep: Endpoint, started: float, ended: float) -> None:
+        s = ep.settings
+        self.management.account.bill(ep.id, s.gpu_pool, s.gpu_count, self.clock.wall_at(started),
+                                     self.clock.wall_at(ended))
+
     async def reset(self) -> None:
         await self.engine.reset()
+        self.management.reset()
         await self.webhooks.reset()
         self.faults.reset()
         self.limiter.reset()
@@ -579,7 +589,7 @@ def create_app(config: SimulatorConfig) -> Starlette:
             await sim.close()
 
     app = Starlette(
-        routes=[*_api_routes(sim), *_control_routes(sim)],
+        routes=[*_api_routes(sim), *_control_routes(sim), *management_routes(sim)],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         lifespan=lifespan,
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.simulator.catalog import POOLS
+
 #: RunPod's documented statuses for a job that ran past ``policy.executionTimeout``. The docs only say the
 #: job is "marked as failed"; whether the API shows FAILED or TIMED_OUT is UNCONFIRMED.
 EXECUTION_TIMEOUT_STATUSES = frozenset({"FAILED", "TIMED_OUT"})
@@ -49,6 +51,9 @@ class SimulatorConfig:
     --rate-limits / --dynamic-rate-limits / --rate-limit-scale / --queue-full-limit
     --max-run-payload-bytes / --max-runsync-payload-bytes / --enforce-policy-max
     --fault-5xx-rate / --fault-429-rate / --fault-slow-rate / --fault-slow-seconds / --fault-drop-rate
+    --gpu-pool / --gpu-count       GPU pool and GPUs per worker of a new endpoint (what execution bills at)
+    --account-balance / --spend-limit   the simulated account behind the management API
+    --pod ID (repeatable)          a pod the management API lists (inventory only)
     --handler                      module:function, a real RunPod handler to run instead of the default one
     --access-log                   log every request (off by default: pollers are chatty)
     """
@@ -126,6 +131,24 @@ class SimulatorConfig:
     fault_slow_rate: float = _opt(0.0, "Probability that any API request is delayed by --fault-slow-seconds.")
     fault_slow_seconds: float = _opt(15.0, "Delay of a slow fault, in seconds.")
     fault_drop_rate: float = _opt(0.0, "Probability that any API request's connection is dropped mid-response.")
+    gpu_pool: str = _opt(
+        "ADA_24", "Serverless GPU pool of a new endpoint (a pool id of GET /mgmt/v2/catalog/gpus): its price bills."
+    )
+    gpu_count: int = _opt(1, "GPUs per worker of a new endpoint; execution is billed per GPU.")
+    account_balance: float = _opt(
+        500.0,
+        "Starting account balance in USD (GraphQL clientBalance). Billed execution lowers it, and it sets the "
+        "account's max-worker cap (RunPod's balance tiers: 5; 10 at $100 ... 60 at $900).",
+    )
+    pods: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "flag": "pod",
+            "help": "A pod id GET /mgmt/v2/pods lists as RUNNING on one --gpu-pool GPU (repeatable). Pods are "
+            "inventory only: not billed.",
+        },
+    )
+    spend_limit: float = _opt(80.0, "GraphQL spendLimit in USD per hour (shown only; RunPod's default UNCONFIRMED).")
     handler: str | None = _opt(None, "module:function of a RunPod handler to run instead of the default one.")
     access_log: bool = _opt(False, "Log every HTTP request.")
 
@@ -142,9 +165,14 @@ class SimulatorConfig:
             raise ValueError("max_result_bytes must be >= 1")
         if self.max_stream_chunk_bytes < MIN_STREAM_CHUNK_BYTES:
             raise ValueError(f"max_stream_chunk_bytes must be >= {MIN_STREAM_CHUNK_BYTES} (one UTF-8 character)")
+        object.__setattr__(self, "pods", tuple(dict.fromkeys(self.pods)))
         for endpoint_id in self.endpoints:
             if not endpoint_id or "/" in endpoint_id or endpoint_id != endpoint_id.strip():
                 raise ValueError(f"endpoint id {endpoint_id!r} must be non-empty, without '/' or spaces around")
+        if self.gpu_pool not in POOLS:
+            raise ValueError(f"gpu_pool must be one of {', '.join(POOLS)}")
+        if self.gpu_count < 1:
+            raise ValueError("gpu_count must be >= 1")
         if self.webhook_attempts < 1:
             raise ValueError("webhook_attempts must be >= 1")
         if self.rate_limit_scale <= 0:

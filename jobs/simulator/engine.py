@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
+from jobs.simulator.catalog import POOLS
 from jobs.simulator.clock import Clock, Signal
 from jobs.simulator.config import SimulatorConfig
 from jobs.simulator.handlers import Handler, Outcome, exception_error
@@ -147,6 +148,8 @@ class JobRequest:
     execution_timeout_ms: int = DEFAULT_EXECUTION_TIMEOUT_MS
     ttl_ms: int = DEFAULT_TTL_MS
     low_priority: bool = False
+    #: False: the job named no ``policy.executionTimeout``, so its endpoint's ``timeout`` applies.
+    own_execution_timeout: bool = False
 
 
 def _policy_ms(policy: dict[str, Any], name: str, default: int, minimum: int, enforce_max: bool) -> int:
@@ -194,12 +197,21 @@ def parse_job_request(body: Any, *, enforce_policy_max: bool = True) -> JobReque
         ),
         ttl_ms=_policy_ms(policy, "ttl", DEFAULT_TTL_MS, MIN_TTL_MS, enforce_policy_max),
         low_priority=low_priority,
+        own_execution_timeout="executionTimeout" in policy,
     )
 
 
 # -- model ----------------------------------------------------------------------------------------------
 
 _NO_OUTPUT: Any = object()
+
+
+#: RunPod's autoscaling types (REST v2 ``scaling.type``).
+SCALING_TYPES = frozenset({"QUEUE_DELAY", "REQUEST_COUNT"})
+
+#: RunPod's own scale-down of idle endpoints (docs: endpoint-configurations): after this much time with
+#: nothing queued or running, max workers drops to this many, and stays there.
+IDLE_CUTS: tuple[tuple[float, int], ...] = ((3 * 86400.0, 2), (7 * 86400.0, 0))
 
 
 @dataclass
@@ -214,6 +226,15 @@ class EndpointSettings:
     return_aggregate_stream: bool = False
     unhealthy: bool = False
     throttled: bool = False
+    #: The serverless GPU pool (a catalog pool id) and GPUs per worker: what execution is billed at.
+    gpu_pool: str = "ADA_24"
+    gpu_count: int = 1
+    #: The management API's view of the endpoint (``PATCH /mgmt/v2/serverless/{id}``). ``timeout`` is the
+    #: execution timeout of a job whose policy names none; scaling and flashboot are shown, not modelled.
+    execution_timeout_ms: int = DEFAULT_EXECUTION_TIMEOUT_MS
+    flashboot: bool = False
+    scaling_type: str = "QUEUE_DELAY"
+    scaling_value: float = 4.0
 
     def updated(self, changes: dict[str, Any]) -> EndpointSettings:
         """A copy with ``changes`` applied; raises :class:`BadRequest` on unknown or ill-typed fields."""
@@ -224,12 +245,20 @@ class EndpointSettings:
                 raise BadRequest(f"unknown endpoint setting {name!r}")
             if kind == "bool":
                 ok = isinstance(value, bool)
+            elif kind == "str":
+                ok = isinstance(value, str)
             elif kind == "int":
                 ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
             else:
                 ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
             if not ok:
                 raise BadRequest(f"{name} must be a non-negative {kind}")
+        if changes.get("gpu_pool", self.gpu_pool) not in POOLS:
+            raise BadRequest(f"gpu_pool must be one of {', '.join(POOLS)}")
+        if changes.get("gpu_count", self.gpu_count) < 1:
+            raise BadRequest("gpu_count must be >= 1")
+        if changes.get("scaling_type", self.scaling_type) not in SCALING_TYPES:
+            raise BadRequest(f"scaling_type must be one of {', '.join(sorted(SCALING_TYPES))}")
         return replace(self, **changes)
 
 
@@ -241,6 +270,7 @@ class Worker:
     ready_at: float = 0.0  #: When an INITIALIZING worker becomes warm.
     idle_since: float = 0.0
     job_id: str | None = None
+    created_at: float = 0.0
 
     @property
     def reported_state(self) -> str:
@@ -263,6 +293,15 @@ class Endpoint:
     completed: int = 0
     failed: int = 0
     retried: int = 0
+    created_at: float = 0.0
+    #: Last time a job arrived or ended, or the management API changed the endpoint: idle cuts count from it.
+    last_active: float = 0.0
+    #: How many of :data:`IDLE_CUTS` have been applied since ``last_active``.
+    idle_cuts: int = 0
+
+    def touch(self, now: float) -> None:
+        self.last_active = now
+        self.idle_cuts = 0
 
     @property
     def running(self) -> int:
@@ -435,6 +474,8 @@ class _Runtime:
 # -- the engine -----------------------------------------------------------------------------------------
 
 WebhookCallback = Callable[[Job, dict[str, Any]], None]
+#: Told of every stretch a job ran on a worker (``now()`` readings), for billing.
+RunCallback = Callable[[Endpoint, float, float], None]
 
 
 class Engine:
@@ -447,11 +488,13 @@ class Engine:
         handler: Handler,
         *,
         on_webhook: WebhookCallback | None = None,
+        on_run_ended: RunCallback | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.handler = handler
         self.on_webhook = on_webhook
+        self.on_run_ended = on_run_ended
         #: Fired on every observable change, and when the clock moves: long polls re-check on it.
         self.changed = Signal()
         #: Set when the server is shutting down: long polls answer at once instead of holding on.
@@ -570,8 +613,11 @@ class Engine:
             cold_start_seconds=cfg.cold_start_seconds,
             idle_timeout_seconds=cfg.idle_timeout_seconds,
             return_aggregate_stream=cfg.return_aggregate_stream,
+            gpu_pool=cfg.gpu_pool,
+            gpu_count=cfg.gpu_count,
         )
-        ep = Endpoint(id=endpoint_id, settings=defaults.updated(changes or {}))
+        now = self.clock.now()
+        ep = Endpoint(id=endpoint_id, settings=defaults.updated(changes or {}), created_at=now, last_active=now)
         self.endpoints[endpoint_id] = ep
         self.reconcile()
         self.changed.fire()
@@ -583,6 +629,15 @@ class Engine:
         self.reconcile()
         self.changed.fire()
         return ep.settings
+
+    def manage_endpoint(self, endpoint_id: str, changes: dict[str, Any]) -> Endpoint:
+        """Apply a management-API change. It counts as activity: RunPod's idle cuts start over from it."""
+        ep = self.endpoint(endpoint_id)
+        ep.settings = ep.settings.updated(changes)
+        ep.touch(self.clock.now())
+        self.reconcile()
+        self.changed.fire()
+        return ep
 
     def running_workers(self, endpoint_id: str) -> int:
         ep = self.endpoints.get(endpoint_id)
@@ -600,6 +655,9 @@ class Engine:
         self.reconcile()
         ep = self.endpoint(endpoint_id)
         now = self.clock.now()
+        if not request.own_execution_timeout:
+            # RunPod: the endpoint's execution timeout applies unless the job's policy sets its own.
+            request = replace(request, execution_timeout_ms=ep.settings.execution_timeout_ms)
         job = Job(
             id=_new_job_id(sync),
             endpoint_id=endpoint_id,
@@ -611,6 +669,7 @@ class Engine:
         self.jobs[job.id] = job
         self.history.append(job)
         ep.queue.append(job.id)
+        ep.touch(now)
         self._schedule(job.ttl_at, job)
         self.reconcile()
         self.changed.fire()
@@ -723,6 +782,15 @@ class Engine:
             raise InvalidTransition(f"job {job.id}: {job.status.value} -> {to.value} is not allowed")
         job.status = to
 
+    def _run_ended(self, job: Job, ended: float) -> None:
+        """A job's stretch on a worker is over: bill it, and count it as the endpoint's last activity."""
+        ep = self.endpoints.get(job.endpoint_id)
+        if ep is None or job.started_at is None:
+            return
+        ep.touch(ended)
+        if self.on_run_ended is not None:
+            self.on_run_ended(ep, job.started_at, ended)
+
     def _stop_task(self, job: Job) -> None:
         if job.task is not None:
             job.task.cancel()
@@ -744,6 +812,8 @@ class Engine:
         self._set_status(job, to)
         job.run += 1
         job.finished_at = self.clock.now()
+        if was_running:
+            self._run_ended(job, job.finished_at)
         self._stop_task(job)
         if was_running:
             self._release_worker(job, stop_worker=stop_worker)
@@ -773,6 +843,7 @@ class Engine:
         elif job.status is JobStatus.IN_PROGRESS:
             self._stop_task(job)
             self._release_worker(job)
+            self._run_ended(job, self.clock.now())
         job.run += 1
         job.deleted_reason = reason
         del self.jobs[job.id]
@@ -868,6 +939,7 @@ class Engine:
 
     def _reconcile_endpoint(self, ep: Endpoint, now: float) -> bool:
         """One scaling pass over an endpoint; True if it started a worker that is already warm."""
+        self._apply_idle_cuts(ep, now)
         s = ep.settings
         blocked = WorkerState.UNHEALTHY if s.unhealthy else WorkerState.THROTTLED if s.throttled else None
         changed = False
@@ -937,12 +1009,28 @@ class Engine:
             self.changed.fire()
         return warm_now
 
+    def _apply_idle_cuts(self, ep: Endpoint, now: float) -> None:
+        """RunPod lowers an idle endpoint's max workers by itself (to 2 after 3 days, 0 after 7), and the
+        lower value stays: a client must read the endpoint back rather than trust its last write."""
+        if ep.queue or ep.running or ep.idle_cuts >= len(IDLE_CUTS):
+            return
+        for after, limit in IDLE_CUTS[ep.idle_cuts :]:
+            if now - ep.last_active < after:
+                break
+            ep.idle_cuts += 1
+            if ep.settings.workers_max > limit:
+                log.info("endpoint %s idle for %.0f days: max workers %d -> %d",
+                         ep.id, after / 86400, ep.settings.workers_max, limit)
+                ep.settings = replace(ep.settings, workers_max=limit)
+                self.changed.fire()
+
     def _add_worker(self, ep: Endpoint, now: float, *, active: bool, blocked: WorkerState | None) -> bool:
         worker = Worker(
             id=_new_worker_id(),
             state=blocked or WorkerState.INITIALIZING,
             active=active,
             ready_at=now + ep.settings.cold_start_seconds,
+            created_at=now,
         )
         ep.add(worker)
         self.changed.fire()

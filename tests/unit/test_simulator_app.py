@@ -130,9 +130,10 @@ def test_an_endpoint_setting_that_does_not_exist_or_has_the_wrong_type_is_400() 
     with client() as c:
         unknown = c.post("/_sim/endpoints/ep", json={"gpu": "A100"})
         wrong = c.post("/_sim/endpoints/ep", json={"workers_max": "many"})
+        no_such_pool = c.post("/_sim/endpoints/ep", json={"gpu_pool": "VOODOO_3"})
         fine = c.post("/_sim/endpoints/ep", json={"workers_max": 5, "cold_start_seconds": 0.5})
 
-    assert unknown.status_code == wrong.status_code == 400
+    assert unknown.status_code == wrong.status_code == no_such_pool.status_code == 400
     assert fine.json() == {
         "id": "ep",
         "workers_max": 5,
@@ -142,6 +143,12 @@ def test_an_endpoint_setting_that_does_not_exist_or_has_the_wrong_type_is_400() 
         "return_aggregate_stream": False,
         "unhealthy": False,
         "throttled": False,
+        "gpu_pool": "ADA_24",
+        "gpu_count": 1,
+        "execution_timeout_ms": 600000,
+        "flashboot": False,
+        "scaling_type": "QUEUE_DELAY",
+        "scaling_value": 4.0,
     }
 
 
