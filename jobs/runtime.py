@@ -21,6 +21,7 @@ from jobs.flow.wakeups import Wakeups
 from jobs.observability.metrics_recorder import BufferedRecorder, NullRecorder, Recorder
 from jobs.runpod.budget import RedisBudget
 from jobs.runpod.client import RunPodClient
+from jobs.runpod.management import RunPodGraphQL, RunPodManagement
 from jobs.settings import Settings
 from jobs.storage.db import make_engine
 
@@ -86,6 +87,8 @@ class Runtime:
     endpoint_times: EndpointTimesCache = field(default_factory=EndpointTimesCache)
     _client: RunPodClient | None = field(default=None, init=False, repr=False)
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
+    _management: RunPodManagement | None = field(default=None, init=False, repr=False)
+    _graphql: RunPodGraphQL | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,12 +120,33 @@ class Runtime:
             return self._objects
 
     @property
+    def management(self) -> RunPodManagement:
+        """RunPod's management API (REST v2: endpoints, workers, catalog, billing, pods), built on first use."""
+        with self._lock:
+            if self._management is None:
+                self._management = RunPodManagement(api_key=self.settings.require_api_key(),
+                                                    base_url=self.settings.runpod_rest_url)
+            return self._management
+
+    @property
+    def graphql(self) -> RunPodGraphQL:
+        """RunPod's GraphQL API, for the account's balance and spend rate alone (v2 has neither)."""
+        with self._lock:
+            if self._graphql is None:
+                self._graphql = RunPodGraphQL(api_key=self.settings.require_api_key(),
+                                              url=self.settings.runpod_graphql_url)
+            return self._graphql
+
+    @property
     def has_files(self) -> bool:
         return self.settings.s3_bucket is not None
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        for api in (self._management, self._graphql):
+            if api is not None:
+                api.close()
         self.engine.dispose()
 
     @classmethod

@@ -162,6 +162,9 @@ class JobRow(SQLModel, table=True):
     # A declared output was not in the bucket when the job completed (or could not be checked): flagged,
     # evented and counted like output_missing. The job stays COMPLETED: its RunPod result is real.
     files_missing: bool = False
+    # An estimate of what the job cost: execution time x the endpoint's GPU list price per second x GPU count,
+    # written when it finishes (None when the price was not known). List price: discounts are not in it.
+    cost_usd: float | None = None
     # Submitted with s3_config=True: each /run carries RunPod's s3Config (RPQ_WORKER_S3_*), never stored here.
     worker_s3: bool = False
     # Where an input sent with offload=True lives in the bucket (the row's `input` is then JSON null), and
@@ -223,6 +226,138 @@ class EndpointHealthRow(SQLModel, table=True):
     workers_running: int | None = None
     workers_throttled: int | None = None
     workers_unhealthy: int | None = None
+
+
+# -- RunPod's management API: what the collectors saw (issue 11) ------------------------------------------------
+# A collector run that failed is recorded as a failure (ok False, its error, NULL figures), never as zeros,
+# which would read as an endpoint scaled to nothing or an account with no balance.
+
+
+class EndpointSnapshot(SQLModel, table=True):
+    """One observation of an endpoint's configuration (`GET /serverless/{id}`) and its workers' exact states
+    (`/serverless/{id}/workers`, which `/health` only approximates)."""
+
+    __tablename__ = "endpoint_snapshots"
+    __table_args__ = (Index("ix_endpoint_snapshots_endpoint_observed", "endpoint_name", "observed_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    endpoint_name: str = Field(max_length=64)
+    endpoint_id: str = Field(max_length=64)
+    observed_at: datetime = _time(required=True)
+    ok: bool
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    workers_min: int | None = None
+    workers_max: int | None = None
+    idle_timeout: int | None = None
+    scaling_type: str | None = Field(default=None, max_length=32)
+    scaling_value: float | None = None
+    gpu_pools: str | None = Field(default=None, max_length=255)  # pool ids, comma-separated ("ADA_24,AMPERE_48")
+    gpu_count: int | None = None
+    timeout_ms: int | None = Field(default=None, sa_type=BigInteger)
+    flashboot: bool | None = None
+    workers_running: int | None = None
+    workers_idle: int | None = None
+    workers_initializing: int | None = None
+    workers_throttled: int | None = None
+    workers_unhealthy: int | None = None
+    workers_total: int | None = None
+
+
+class AccountSnapshot(SQLModel, table=True):
+    """The account's balance, spend per hour and spend limit (GraphQL `myself`: v2 has no such route)."""
+
+    __tablename__ = "account_snapshots"
+    __table_args__ = (Index("ix_account_snapshots_observed", "observed_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    observed_at: datetime = _time(required=True)
+    ok: bool
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    balance: float | None = None
+    spend_per_hour: float | None = None
+    spend_limit: float | None = None
+
+
+class BillingRecordRow(SQLModel, table=True):
+    """RunPod's billed serverless amount for one endpoint and one hour (`/billing/serverless`). A bucket seen
+    again is updated in place: RunPod bills every 5 minutes, so the current hour grows until it is over."""
+
+    __tablename__ = "billing_records"
+    __table_args__ = (UniqueConstraint("endpoint_id", "start", name="uq_billing_records_endpoint_start"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    endpoint_id: str = Field(max_length=64)
+    start: datetime = _time(required=True)
+    end: datetime = _time(required=True)
+    total_amount: float
+    gpu_amount: float | None = None
+    observed_at: datetime = _time(required=True)
+
+
+class GpuPrice(SQLModel, table=True):
+    """A GPU type's serverless list price per GPU-hour, as the catalog gave it (negotiated discounts are not in it)."""
+
+    __tablename__ = "gpu_prices"
+    __table_args__ = (Index("ix_gpu_prices_pool_observed", "pool", "observed_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    observed_at: datetime = _time(required=True)
+    gpu_id: str = Field(max_length=128)
+    pool: str | None = Field(default=None, max_length=64)
+    serverless_per_hour: float | None = None
+
+
+class PodSnapshot(SQLModel, table=True):
+    __tablename__ = "pod_snapshots"
+    __table_args__ = (Index("ix_pod_snapshots_observed", "observed_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    observed_at: datetime = _time(required=True)
+    pod_id: str = Field(max_length=128)
+    name: str | None = Field(default=None, max_length=255)
+    status: str | None = Field(default=None, max_length=32)
+    cost_per_hour: float | None = None
+
+
+class CollectorRun(SQLModel, table=True):
+    """Every run of every collector (endpoints, account, billing, catalog, pods): when, and whether it worked.
+    A catalog or pod list that could not be read is this row with its error, and no data rows."""
+
+    __tablename__ = "collector_runs"
+    __table_args__ = (Index("ix_collector_runs_collector_at", "collector", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    collector: str = Field(max_length=32)
+    at: datetime = _time(required=True)
+    ok: bool
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    rows: int = 0
+
+
+class ScaleChange(SQLModel, table=True):
+    """One change of an endpoint's workers, by an operator, the autoscaler or the budget guard: what it was,
+    what was asked, what RunPod showed after. Written whether or not RunPod took it."""
+
+    __tablename__ = "scale_audit"
+    __table_args__ = (Index("ix_scale_audit_endpoint_at", "endpoint_name", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _time(required=True)
+    endpoint_name: str = Field(max_length=64)
+    endpoint_id: str = Field(max_length=64)
+    actor: str = Field(max_length=128)  # "operator:<user>", "autoscaler", "budget-guard"
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    before_min: int | None = None
+    before_max: int | None = None
+    before_idle_timeout: int | None = None
+    asked_min: int | None = None
+    asked_max: int | None = None
+    asked_idle_timeout: int | None = None
+    after_min: int | None = None
+    after_max: int | None = None
+    after_idle_timeout: int | None = None
+    ok: bool
+    error: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class Lock(SQLModel, table=True):
