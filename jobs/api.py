@@ -126,6 +126,8 @@ class Job:
     #: bucket. `get` and `wait` read them back into `input` and `output`; `list_jobs` leaves those None.
     input_key: str | None = None
     output_key: str | None = None
+    #: What the job cost, estimated at list price when it finished (None when its endpoint's price was not known).
+    cost_usd: float | None = None
     #: Why a PENDING job has not gone to RunPod yet (None for any other status). Read from the queue
     #: around the job by `get` and `list_jobs`; `submit` and `retry` do not read the queue (a submit
     #: stays a single write), so the job they return has None here. Not part of equality: two reads
@@ -147,7 +149,7 @@ class Job:
             started_at=row.started_at, finished_at=row.finished_at, delay_time_ms=row.delay_time_ms,
             execution_time_ms=row.execution_time_ms, worker_id=row.worker_id, output_missing=row.output_missing,
             priority=row.priority, files_missing=row.files_missing, input_key=row.input_key,
-            output_key=row.output_key, waiting=waiting,
+            output_key=row.output_key, cost_usd=row.cost_usd, waiting=waiting,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -652,6 +654,7 @@ def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = No
                               "polls_since_change": 0, "poll_errors": 0, "delay_time_ms": None,
                               "execution_time_ms": None, "worker_id": None, "output_missing": False,
                               "webhook_runpod_job_id": None, "files_missing": False, "output_key": None,
+                              "cost_usd": None,
                           })
         if left is None:
             raise InvalidTransition(job_id, JobStatus(row.status), "retry")

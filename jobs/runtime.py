@@ -21,6 +21,7 @@ from jobs.flow.wakeups import Wakeups
 from jobs.observability.metrics_recorder import BufferedRecorder, NullRecorder, Recorder
 from jobs.runpod.budget import RedisBudget
 from jobs.runpod.client import RunPodClient
+from jobs.runpod.cost import PriceCache
 from jobs.runpod.management import RunPodGraphQL, RunPodManagement
 from jobs.settings import Settings
 from jobs.storage.db import make_engine
@@ -85,6 +86,8 @@ class Runtime:
     wakeups: Wakeups | None = None
     # What each endpoint's recent jobs say about the next one (jobs.flow.pollplan), kept ~30 s per endpoint.
     endpoint_times: EndpointTimesCache = field(default_factory=EndpointTimesCache)
+    # Each endpoint's GPU list price, from what the collectors stored, kept ~60 s (jobs.runpod.cost).
+    prices: PriceCache = field(default_factory=PriceCache)
     _client: RunPodClient | None = field(default=None, init=False, repr=False)
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _management: RunPodManagement | None = field(default=None, init=False, repr=False)

@@ -43,6 +43,7 @@ from jobs.flow.backoff import poll_delay, poll_error_delay
 from jobs.flow.pollplan import LONG_WAIT_CAP_SECONDS, JobSeen, Mode, Plan, plan_next_poll
 from jobs.jsonsafe import storable_json, storable_text
 from jobs.observability import logcontext
+from jobs.runpod import cost
 from jobs.runpod.client import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
@@ -694,6 +695,11 @@ def _status_found(rt: Runtime, row: JobRow, fence: Fence, state: JobState, rand:
     if status.is_terminal:
         values.update(finished_at=now, next_poll_at=None, output=storable_json(state.output),
                       error=_error_text(state.error))
+        # What it cost at list price, when the collectors have stored its endpoint's price (else None).
+        job_cost = cost.estimate(values.get("execution_time_ms", row.execution_time_ms),
+                                 rt.prices.get(rt.engine, row.endpoint_id))
+        if job_cost is not None:
+            values["cost_usd"] = job_cost
 
     finished_files = _FinishedFiles()
     if status is JobStatus.COMPLETED and (row.has_files or rt.has_files):
@@ -795,6 +801,8 @@ def _status_stored(rt: Runtime, row: JobRow, fence: Fence, status: JobStatus, va
         rt.metrics.finished(row.endpoint_name, status.value, row.created_at)
         if values.get("output_missing"):
             rt.metrics.output_missing(row.endpoint_name)
+        if values.get("cost_usd") is not None:
+            rt.metrics.cost(row.endpoint_name, values["cost_usd"])
         if values.get("files_missing"):
             rt.metrics.files_missing(row.endpoint_name)
             log.warning("job %s completed without all its declared output files: see its events", row.id)

@@ -131,6 +131,8 @@ class RpqCollector(Collector):
                                       "(how it shows a result over its ~20 MB limit).", labels=["endpoint"])
         files_missing = CounterMetricFamily("rpq_files_missing", "Completed jobs a declared output file was missing "
                                             "from the bucket for (or could not be checked).", labels=["endpoint"])
+        costs = CounterMetricFamily("rpq_cost_usd", "Finished jobs' estimated cost in USD: execution time x the "
+                                    "endpoint's GPU list price x GPU count.", labels=["endpoint"])
         gaps = CounterMetricFamily("rpq_stream_gaps", "Streaming jobs whose /stream read was lost: chunks may be "
                                    "missing.", labels=["endpoint"])
         retention = CounterMetricFamily("rpq_retention_blocked", "Retention runs that kept jobs or uploads past "
@@ -157,6 +159,8 @@ class RpqCollector(Collector):
                 errors.add_metric(labels, value)
             elif kind == "output_missing" and len(labels) == 1:
                 missing.add_metric(labels, value)
+            elif kind == "cost_usd" and len(labels) == 1:
+                costs.add_metric(labels, value)
             elif kind == "files_missing" and len(labels) == 1:
                 files_missing.add_metric(labels, value)
             elif kind == "stream_gaps" and len(labels) == 1:
@@ -173,7 +177,7 @@ class RpqCollector(Collector):
             observed = buckets.get(series, {})
             cumulative = [(str(bound), observed.get(bound, 0.0)) for bound in LATENCY_BUCKETS]
             latency.add_metric(list(series), [*cumulative, ("+Inf", count)], sums.get(series, 0.0))
-        yield from (submits, polls, errors, missing, files_missing, gaps, retention, latency)
+        yield from (submits, polls, errors, missing, files_missing, costs, gaps, retention, latency)
 
 
     def _budget(self) -> Iterator[Any]:

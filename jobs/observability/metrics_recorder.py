@@ -41,6 +41,7 @@ class Recorder(Protocol):
     def finished(self, endpoint: str, status: str, created_at: datetime) -> None: ...
     def output_missing(self, endpoint: str) -> None: ...
     def files_missing(self, endpoint: str) -> None: ...
+    def cost(self, endpoint: str, usd: float) -> None: ...
     def stream_gap(self, endpoint: str) -> None: ...
     def retention_blocked(self, reason: str) -> None: ...
 
@@ -62,6 +63,9 @@ class NullRecorder:
         pass
 
     def files_missing(self, endpoint: str) -> None:
+        pass
+
+    def cost(self, endpoint: str, usd: float) -> None:
         pass
 
     def stream_gap(self, endpoint: str) -> None:
@@ -110,6 +114,9 @@ class RedisRecorder:
 
     def files_missing(self, endpoint: str) -> None:
         self._add({SEP.join(("files_missing", endpoint)): 1})
+
+    def cost(self, endpoint: str, usd: float) -> None:
+        self._add({SEP.join(("cost_usd", endpoint)): float(usd)})
 
     def stream_gap(self, endpoint: str) -> None:
         self._add({SEP.join(("stream_gaps", endpoint)): 1})

@@ -422,6 +422,9 @@ class JobOut(BaseModel):
     output_key: str | None = Field(
         description="Where an output over RPQ_INLINE_OUTPUT_MAX_BYTES was moved in the bucket. GET /v1/jobs/{id} "
         "reads it back into output; the list leaves output null for such a job.")
+    cost_usd: float | None = Field(
+        description="What the job cost, estimated when it finished: execution time x its endpoint's GPU list "
+        "price x GPU count (discounts, cold starts and idle workers are not in it). Null when no price was known.")
     waiting: WaitingOut | None = Field(
         description="Why a PENDING job has not gone to RunPod yet; null for any other status. Read from the queue "
         "when the job is read (GET): the answers of POST /v1/jobs and /retry, which only write, carry null.")
