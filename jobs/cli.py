@@ -263,6 +263,8 @@ def _waiting_cell(job: Job) -> str:
         return f"max_in_flight {waiting.in_flight}/{waiting.max_in_flight}, {waiting.jobs_ahead} ahead"
     if waiting.reason is WaitReason.QUEUED:
         return f"queued, {waiting.jobs_ahead} ahead"
+    if waiting.reason is WaitReason.SPEND:
+        return "spend guard"
     return waiting.reason.value
 
 

@@ -176,6 +176,12 @@ class Settings(BaseSettings):
     worker_s3_access_key_id: Secret | None = Field(default=None, validation_alias="RPQ_WORKER_S3_ACCESS_KEY_ID")
     worker_s3_secret_access_key: Secret | None = Field(default=None,
                                                        validation_alias="RPQ_WORKER_S3_SECRET_ACCESS_KEY")
+    # The spend guard (jobs.flow.spend_guard): new jobs are held, not lost, while the account spends at least this
+    # many USD an hour, or its balance is at or below this. From the account collector's snapshots. None: off.
+    budget_max_spend_per_hour: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None, validation_alias="RPQ_BUDGET_MAX_SPEND_PER_HOUR")
+    budget_min_balance: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        default=None, validation_alias="RPQ_BUDGET_MIN_BALANCE")
     # A completed job's output larger than this (as JSON) goes to the bucket, and the row keeps a reference
     # (`jobs.get` reads it back). Without a bucket every output stays in its row, as before.
     inline_output_max_bytes: Count = Field(default=1_048_576, validation_alias="RPQ_INLINE_OUTPUT_MAX_BYTES")

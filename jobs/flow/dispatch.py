@@ -27,6 +27,7 @@ from sqlmodel import Session, col, or_, select
 
 from jobs.flow import lifecycle
 from jobs.flow.batching import ask_and_store, tokens_available
+from jobs.flow.spend_guard import HOLD_RECHECK_SECONDS, spend_hold
 from jobs.runtime import POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
 from jobs.storage.db import session_scope
@@ -69,6 +70,12 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
     outcome = Outcome()
     started = time.monotonic()
     cap = rt.settings.max_in_flight_for(endpoint_id)
+    with session_scope(rt.engine, read_only=True) as session:
+        hold = spend_hold(session, rt.settings, utcnow())
+    if hold is not None:
+        log.warning("endpoint %s: %s", endpoint_id, hold.message)
+        outcome.again_in, outcome.reason = HOLD_RECHECK_SECONDS, hold.message
+        return outcome
     while True:
         room = batch
         if cap is not None:

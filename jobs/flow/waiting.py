@@ -21,6 +21,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from jobs.flow.dispatch import DISPATCH_ORDER, IN_FLIGHT, ahead_of, due_pending, in_flight
+from jobs.flow.spend_guard import spend_hold
 from jobs.settings import Settings
 from jobs.states import JobStatus
 from jobs.storage.models import JobRow
@@ -38,6 +39,9 @@ class WaitReason(StrEnum):
     NEXT = "next"
     #: Its /run was put off (RunPod unavailable, or rpq's /run budget spent) until `next_try_at`.
     DEFERRED = "deferred"
+    #: The spend guard holds new jobs: the account spends too fast, or its balance is too low
+    #: (jobs.flow.spend_guard). It goes, in its usual order, once the limit clears.
+    SPEND = "spend"
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ def waiting_of(session: Session, row: JobRow, settings: Settings, now: datetime)
     """Why this job waits; None unless it is PENDING."""
     if row.status is not JobStatus.PENDING:
         return None
+    hold = spend_hold(session, settings, now)
+    if hold is not None:
+        return Waiting(WaitReason.SPEND, hold.message)
     if _deferred(row, now):
         return _explain(row, settings, now, ahead=None, flying=None)
     ahead = session.exec(select(func.count()).select_from(JobRow).where(
@@ -82,6 +89,9 @@ def waiting_of_rows(session: Session, rows: Iterable[JobRow], settings: Settings
     """`waiting_of` for a page of jobs, keyed by job id (PENDING jobs only): the jobs ahead of each are
     ranked once per endpoint, and each capped endpoint's jobs in flight are counted once."""
     pending = [row for row in rows if row.status is JobStatus.PENDING]
+    hold = spend_hold(session, settings, now) if pending else None
+    if hold is not None:
+        return {row.id: Waiting(WaitReason.SPEND, hold.message) for row in pending}
     due = [row for row in pending if not _deferred(row, now)]
     endpoint_ids = sorted({row.endpoint_id for row in due})
     places: dict[str, int] = {}

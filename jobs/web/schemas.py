@@ -370,7 +370,9 @@ class WaitingOut(BaseModel):
 
     reason: WaitReason = Field(description="max_in_flight: the endpoint's cap on jobs at RunPod is full, counting "
                                "the jobs ahead; queued: other jobs of the endpoint go first (by priority, then "
-                               "age); next: first in line; deferred: its /run was put off until next_try_at.")
+                               "age); next: first in line; deferred: its /run was put off until next_try_at; "
+                               "spend: the spend guard holds new jobs while the account spends too fast or its "
+                               "balance is too low.")
     message: str = Field(description="The reason as a sentence for people.",
                          examples=["endpoint tts has 10 of 10 jobs in flight (max_in_flight); 3 jobs ahead of "
                                    "this one"])

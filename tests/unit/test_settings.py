@@ -213,6 +213,8 @@ BAD_VALUES = {
     "RPQ_PRESIGN_SECONDS": "604801",
     "RPQ_INLINE_OUTPUT_MAX_BYTES": "0",
     "RPQ_UPLOAD_MAX_BYTES": "5368709121",
+    "RPQ_BUDGET_MAX_SPEND_PER_HOUR": "0",
+    "RPQ_BUDGET_MIN_BALANCE": "-1",
 }
 #: Variables in .env.example that other parts read: Flower its login, the HTTP API its tokens (jobs.web.auth).
 READ_ELSEWHERE = {"FLOWER_BASIC_AUTH", "RPQ_API_TOKENS", "RPQ_API_ALLOW_NO_AUTH"}
