@@ -25,11 +25,13 @@ from jobs.bucket import access
 from jobs.errors import ConfigError, ObjectStoreError, Problem
 from jobs.flow.waiting import WaitReason
 from jobs.jsonsafe import text_problems
+from jobs.runpod import cost
 from jobs.runtime import get_runtime
 from jobs.settings import PRESIGN_MAX_SECONDS, Settings, redact_url
 from jobs.simulator import SimulatorConfig
 from jobs.states import RETRYABLE, TERMINAL, JobStatus
-from jobs.storage.models import FileRole, FileState
+from jobs.storage.db import session_scope
+from jobs.storage.models import FileRole, FileState, utcnow
 from jobs.storage.store import Source
 
 
@@ -305,6 +307,29 @@ def submit(endpoint: str, input_json: str, policy_json: str | None, webhook: str
         click.echo(json.dumps(job.to_dict(), indent=2, default=str))
     else:
         click.echo(f"{job.id} {job.status}")
+
+
+@main.command(name="cost")
+@click.option("--since", default="24h", show_default=True,
+              help="Jobs finished since: an age (30m, 1h, 2d) or an ISO 8601 time.")
+@click.option("--by", type=click.Choice(cost.BY), default="endpoint", show_default=True, help="How to group.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cost_command(since: str, by: str, as_json: bool) -> None:
+    """What finished jobs cost, estimated at list price, beside what RunPod billed for the same hours."""
+    moment = _parse_since(since)
+    start = utcnow() - moment if isinstance(moment, timedelta) else moment
+    assert start is not None
+    with session_scope(get_runtime().engine, read_only=True) as session:
+        lines = cost.cost_report(session, since=start, by=by)
+    if as_json:
+        click.echo(json.dumps([line.to_dict() for line in lines], indent=2))
+        return
+    rows = [(by.upper(), "JOBS", "ESTIMATED USD", "NO PRICE", "BILLED USD")]
+    rows += [(line.group, str(line.jobs), f"{line.estimated_usd:.4f}", str(line.jobs_without_price),
+              "-" if line.billed_usd is None else f"{line.billed_usd:.4f}") for line in lines]
+    _print_table(rows)
+    click.echo("Estimates are list prices (execution time x GPU price x GPUs); RunPod's bill also counts cold "
+               "starts and idle workers, and lags by up to an hour.")
 
 
 @main.group(name="jobs")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -92,3 +93,56 @@ class PriceCache:
     def clear(self) -> None:
         with self._lock:
             self._kept.clear()
+
+
+# -- rpq cost: the estimates summed, beside what RunPod billed -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostLine:
+    """One group of `rpq cost`: finished jobs, their summed estimate, and RunPod's billed amount for the same
+    hours where the grouping allows (by endpoint and by day; by status it cannot)."""
+
+    group: str
+    jobs: int
+    estimated_usd: float
+    jobs_without_price: int
+    billed_usd: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"group": self.group, "jobs": self.jobs, "estimated_usd": round(self.estimated_usd, 6),
+                "jobs_without_price": self.jobs_without_price,
+                "billed_usd": None if self.billed_usd is None else round(self.billed_usd, 6)}
+
+
+BY = ("endpoint", "status", "day")
+
+
+def cost_report(session: Session, *, since: datetime, by: str = "endpoint") -> list[CostLine]:
+    """Finished jobs since `since`, grouped `by` endpoint, status or day (UTC), with RunPod's billed amounts
+    from the billing collector's hourly records (from the hour `since` falls in)."""
+    from jobs.storage.models import BillingRecordRow, JobRow
+
+    if by not in BY:
+        raise ValueError(f"by: one of {', '.join(BY)}")
+    estimated: dict[str, list[float | None]] = {}
+    names: dict[str, str] = {}
+    for endpoint_id, endpoint_name, status, finished_at, usd in session.execute(
+            sa_select(col(JobRow.endpoint_id), col(JobRow.endpoint_name), col(JobRow.status), col(JobRow.finished_at),
+                      col(JobRow.cost_usd)).where(col(JobRow.finished_at) >= since)):
+        names[endpoint_id] = endpoint_name
+        group = {"endpoint": endpoint_name, "status": str(status),
+                 "day": finished_at.strftime("%Y-%m-%d") if finished_at else "-"}[by]
+        estimated.setdefault(group, []).append(usd)
+    billed: dict[str, float] = {}
+    if by != "status":
+        hour = since.replace(minute=0, second=0, microsecond=0)
+        for record in session.exec(select(BillingRecordRow).where(col(BillingRecordRow.start) >= hour)):
+            group = names.get(record.endpoint_id, record.endpoint_id) if by == "endpoint" \
+                else record.start.strftime("%Y-%m-%d")
+            billed[group] = billed.get(group, 0.0) + record.total_amount
+    groups = sorted(set(estimated) | set(billed))
+    return [CostLine(group, len(estimated.get(group, [])), sum(u for u in estimated.get(group, []) if u is not None),
+                     sum(1 for u in estimated.get(group, []) if u is None),
+                     None if by == "status" else billed.get(group, 0.0))
+            for group in groups]

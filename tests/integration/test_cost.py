@@ -3,16 +3,19 @@ what the collectors stored. In-process, on SQLite and PostgreSQL, against the si
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+from sqlalchemy import update
 
 import jobs
 from jobs.flow.lifecycle import poll_job, submit_job
-from jobs.runpod.cost import EndpointPrice, estimate
+from jobs.runpod.cost import EndpointPrice, cost_report, estimate
 from jobs.runtime import Runtime
 from jobs.states import JobStatus
 from jobs.storage.db import session_scope
-from jobs.storage.models import EndpointSnapshot, GpuPrice, utcnow
-from jobs.storage.store import update_fields
+from jobs.storage.models import BillingRecordRow, EndpointSnapshot, GpuPrice, utcnow
+from jobs.storage.store import JOBS, update_fields
 from tests.conftest import ENDPOINT_ID, ENDPOINT_NAME, wait_until
 
 pytestmark = pytest.mark.integration
@@ -71,3 +74,46 @@ def test_the_estimate_is_none_without_either_fact() -> None:
     price = EndpointPrice(pool="ADA_24", gpu_count=1, per_gpu_hour=3.6, observed_at=utcnow())
     assert estimate(1500, price) == pytest.approx(0.0015)
     assert estimate(None, price) is None and estimate(1500, None) is None
+
+
+def test_the_report_sums_the_estimates_beside_what_runpod_billed_for_the_same_hours(runtime: Runtime) -> None:
+    collected(runtime, pools="ADA_24", gpu_count=1, prices={"ADA_24": 3.6})  # $0.001 a second
+    done = [finished(runtime, jobs.submit("tts", {"sleep": 0.2}, runtime=runtime).id) for _ in range(2)]
+    unpriced = jobs.submit("tts", {"sleep": 0.1}, runtime=runtime)
+    with session_scope(runtime.engine) as session:  # as if it finished before a price was known
+        session.add(BillingRecordRow(endpoint_id=ENDPOINT_ID, start=utcnow().replace(minute=0, second=0,
+                                     microsecond=0), end=utcnow() + timedelta(hours=1), total_amount=0.5,
+                                     observed_at=utcnow()))
+    runtime.prices.clear()
+    with session_scope(runtime.engine) as session:
+        session.execute(update(JOBS).where(JOBS.c.id == unpriced.id).values(
+            status=JobStatus.COMPLETED, finished_at=utcnow(), cost_usd=None))
+
+    with session_scope(runtime.engine, read_only=True) as session:
+        by_endpoint = cost_report(session, since=utcnow() - timedelta(hours=1), by="endpoint")
+        by_status = cost_report(session, since=utcnow() - timedelta(hours=1), by="status")
+
+    assert [line.to_dict() for line in by_endpoint] == [{
+        "group": ENDPOINT_NAME, "jobs": 3, "jobs_without_price": 1, "billed_usd": 0.5,
+        "estimated_usd": round(sum(j.cost_usd or 0 for j in done), 6)}]
+    assert [(line.group, line.jobs, line.billed_usd) for line in by_status] == [("COMPLETED", 3, None)]
+
+
+def test_rpq_cost_prints_the_report_as_json(runtime: Runtime) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    collected(runtime, pools="ADA_24", gpu_count=1, prices={"ADA_24": 3.6})
+    finished(runtime, jobs.submit("tts", {"sleep": 0.1}, runtime=runtime).id)
+    env = {**os.environ, "DATABASE_URL": runtime.settings.database_url,
+           "RUNPOD_ENDPOINTS": f"{ENDPOINT_NAME}={ENDPOINT_ID}"}
+
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "cost", "--since", "1h", "--by", "day", "--json"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    [line] = json.loads(done.stdout)
+    assert (line["group"], line["jobs"], line["jobs_without_price"]) == (utcnow().strftime("%Y-%m-%d"), 1, 0)
+    assert line["estimated_usd"] > 0
