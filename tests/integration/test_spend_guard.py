@@ -7,11 +7,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import redis
+from prometheus_client import CollectorRegistry
 
 import jobs
 from jobs.flow.dispatch import dispatch
 from jobs.flow.spend_guard import HOLD_RECHECK_SECONDS
 from jobs.flow.waiting import WaitReason
+from jobs.observability.metrics import RpqCollector
 from jobs.runtime import Runtime
 from jobs.states import JobStatus
 from jobs.storage.db import session_scope
@@ -33,6 +36,13 @@ def account_seen(rt: Runtime, *, spend_per_hour: float | None = 1.0, balance: fl
                                     balance=balance if ok else None, spend_per_hour=spend_per_hour if ok else None))
 
 
+def holding(rt: Runtime) -> float | None:
+    """rpq_spend_guard_holding, as the exporter shows it."""
+    registry = CollectorRegistry()
+    registry.register(RpqCollector(rt, redis.Redis.from_url(rt.settings.celery_broker_url), []))
+    return registry.get_sample_value("rpq_spend_guard_holding")
+
+
 def test_jobs_wait_while_the_account_spends_over_the_limit_and_go_in_order_once_it_clears(
         runtime: Runtime, simulator: SimulatorProcess) -> None:
     rt = guarded(runtime, budget_max_spend_per_hour=10.0)
@@ -48,10 +58,12 @@ def test_jobs_wait_while_the_account_spends_over_the_limit_and_go_in_order_once_
     assert {j.waiting.reason for j in jobs.list_jobs(runtime=rt) if j.waiting} == {WaitReason.SPEND}
     assert simulator.jobs() == []
 
+    assert holding(rt) == 1.0
+
     account_seen(rt, spend_per_hour=4.0)
     released = dispatch(rt, ENDPOINT_ID)
 
-    assert released.sent == 2
+    assert released.sent == 2 and holding(rt) == 0.0
     assert [jobs.get(j.id, runtime=rt).status for j in (first, second)] == [JobStatus.IN_QUEUE] * 2
 
 
