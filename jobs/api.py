@@ -128,6 +128,8 @@ class Job:
     output_key: str | None = None
     #: What the job cost, estimated at list price when it finished (None when its endpoint's price was not known).
     cost_usd: float | None = None
+    #: An operator let this job past the spend guard (`release`).
+    spend_released: bool = False
     #: Why a PENDING job has not gone to RunPod yet (None for any other status). Read from the queue
     #: around the job by `get` and `list_jobs`; `submit` and `retry` do not read the queue (a submit
     #: stays a single write), so the job they return has None here. Not part of equality: two reads
@@ -149,7 +151,7 @@ class Job:
             started_at=row.started_at, finished_at=row.finished_at, delay_time_ms=row.delay_time_ms,
             execution_time_ms=row.execution_time_ms, worker_id=row.worker_id, output_missing=row.output_missing,
             priority=row.priority, files_missing=row.files_missing, input_key=row.input_key,
-            output_key=row.output_key, cost_usd=row.cost_usd, waiting=waiting,
+            output_key=row.output_key, cost_usd=row.cost_usd, spend_released=row.spend_released, waiting=waiting,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -627,6 +629,24 @@ def cancel(job_id: str, *, source: str = Source.API, runtime: Runtime | None = N
     return Job.from_row(row)
 
 
+def release(job_id: str, *, source: str = Source.OPERATOR, runtime: Runtime | None = None) -> Job:
+    """Let a PENDING job past the spend guard: it goes out while the guard holds the others (the guard decides
+    what is sent; an operator may decide otherwise for one job). InvalidTransition unless it is PENDING."""
+    rt = runtime or get_runtime()
+    with session_scope(rt.engine) as session:
+        row = get_row(session, job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        if not update_fields(session, job_id, while_status={JobStatus.PENDING}, values={"spend_released": True}):
+            raise InvalidTransition(job_id, JobStatus(row.status), "release")
+        record_event(session, job_id, from_status=JobStatus.PENDING, to_status=JobStatus.PENDING, source=source,
+                     detail="released past the spend guard: sent even while it holds other jobs")
+        row = get_row(session, job_id)
+        assert row is not None
+    _wake_dispatcher(rt, row.endpoint_id)
+    return Job.from_row(row)
+
+
 def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = None) -> Job:
     """Start a new attempt of a finished (not completed) job, keeping its id and history.
 
@@ -654,7 +674,7 @@ def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = No
                               "polls_since_change": 0, "poll_errors": 0, "delay_time_ms": None,
                               "execution_time_ms": None, "worker_id": None, "output_missing": False,
                               "webhook_runpod_job_id": None, "files_missing": False, "output_key": None,
-                              "cost_usd": None,
+                              "cost_usd": None, "spend_released": False,
                           })
         if left is None:
             raise InvalidTransition(job_id, JobStatus(row.status), "retry")

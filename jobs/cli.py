@@ -373,7 +373,7 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps({**job.to_dict(), "events": [e.to_dict() for e in history]}, indent=2, default=str))
         return
     for name, value in job.to_dict().items():
-        if value is not None and not (name in ("output_missing", "files_missing") and not value):
+        if value is not None and not (name in ("output_missing", "files_missing", "spend_released") and not value):
             shown = (job.waiting.message if name == "waiting" and job.waiting
                      else value if isinstance(value, str) else json.dumps(value, default=str))
             click.echo(f"{name:>18}: {shown[:500]}")
@@ -479,6 +479,15 @@ def retry(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str
     """
     ids = _select(job_ids, status, endpoint, since, limit, allowed=RETRYABLE)
     _bulk(ids, lambda job_id: api.retry(job_id, source=Source.OPERATOR), "retry", dry_run, as_json)
+
+
+@jobs_group.command()
+@_bulk_options
+def release(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
+            limit: int, dry_run: bool, as_json: bool) -> None:
+    """Let PENDING jobs past the spend guard, by id or by filter: they go out while it holds the others."""
+    ids = _select(job_ids, status, endpoint, since, limit, allowed=frozenset({JobStatus.PENDING}))
+    _bulk(ids, lambda job_id: api.release(job_id, source=Source.OPERATOR), "release", dry_run, as_json)
 
 
 # -- files -----------------------------------------------------------------------------------------------------

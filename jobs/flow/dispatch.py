@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func
+from sqlalchemy import ColumnElement, and_, func, true
 from sqlmodel import Session, col, or_, select
 
 from jobs.flow import lifecycle
@@ -72,10 +72,8 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
     cap = rt.settings.max_in_flight_for(endpoint_id)
     with session_scope(rt.engine, read_only=True) as session:
         hold = spend_hold(session, rt.settings, utcnow())
-    if hold is not None:
+    if hold is not None:  # only jobs an operator released go out (jobs.release)
         log.warning("endpoint %s: %s", endpoint_id, hold.message)
-        outcome.again_in, outcome.reason = HOLD_RECHECK_SECONDS, hold.message
-        return outcome
     while True:
         room = batch
         if cap is not None:
@@ -90,7 +88,10 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
         if room <= 0:
             outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /run budget is spent for now"
             return outcome
-        claimed = claim_pending(rt, endpoint_id, room)
+        claimed = claim_pending(rt, endpoint_id, room, released_only=hold is not None)
+        if not claimed and hold is not None:
+            outcome.again_in, outcome.reason = HOLD_RECHECK_SECONDS, hold.message
+            return outcome
         if not claimed:
             outcome.again_in, outcome.reason = _next_due(rt, endpoint_id), "nothing left to send"
             return outcome
@@ -110,14 +111,17 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
             return outcome
 
 
-def claim_pending(rt: Runtime, endpoint_id: str, limit: int) -> list[tuple[JobRow, str | None]]:
+def claim_pending(rt: Runtime, endpoint_id: str, limit: int, *,
+                  released_only: bool = False) -> list[tuple[JobRow, str | None]]:
     """Claim up to `limit` of the endpoint's due PENDING jobs (PENDING -> SUBMITTING), in order, in one
-    transaction; returns each claimed row with the webhook token its /run will carry."""
+    transaction; returns each claimed row with the webhook token its /run will carry. `released_only`: only
+    jobs an operator let past the spend guard."""
     now = utcnow()
     with session_scope(rt.engine) as session:
         ids = session.exec(
             select(JobRow.id)
-            .where(JobRow.endpoint_id == endpoint_id, due_pending(now))
+            .where(JobRow.endpoint_id == endpoint_id, due_pending(now),
+                   col(JobRow.spend_released) if released_only else true())
             .order_by(*DISPATCH_ORDER)
             .limit(limit)
             .with_for_update(skip_locked=True)

@@ -72,7 +72,7 @@ def waiting_of(session: Session, row: JobRow, settings: Settings, now: datetime)
     if row.status is not JobStatus.PENDING:
         return None
     hold = spend_hold(session, settings, now)
-    if hold is not None:
+    if hold is not None and not row.spend_released:
         return Waiting(WaitReason.SPEND, hold.message)
     if _deferred(row, now):
         return _explain(row, settings, now, ahead=None, flying=None)
@@ -90,8 +90,9 @@ def waiting_of_rows(session: Session, rows: Iterable[JobRow], settings: Settings
     ranked once per endpoint, and each capped endpoint's jobs in flight are counted once."""
     pending = [row for row in rows if row.status is JobStatus.PENDING]
     hold = spend_hold(session, settings, now) if pending else None
-    if hold is not None:
-        return {row.id: Waiting(WaitReason.SPEND, hold.message) for row in pending}
+    held = {row.id: Waiting(WaitReason.SPEND, hold.message) for row in pending
+            if hold is not None and not row.spend_released}
+    pending = [row for row in pending if row.id not in held]
     due = [row for row in pending if not _deferred(row, now)]
     endpoint_ids = sorted({row.endpoint_id for row in due})
     places: dict[str, int] = {}
@@ -108,9 +109,10 @@ def waiting_of_rows(session: Session, rows: Iterable[JobRow], settings: Settings
             col(JobRow.endpoint_id).in_(capped), col(JobRow.status).in_(sorted(IN_FLIGHT)))
         flying |= dict(session.exec(counted.group_by(col(JobRow.endpoint_id))).all())
     # A due job missing from the ranking was sent (or put off) between the two reads: it was first in line.
-    return {row.id: _explain(row, settings, now, ahead=None if _deferred(row, now) else places.get(row.id, 0),
-                             flying=flying.get(row.endpoint_id))
-            for row in pending}
+    return held | {row.id: _explain(row, settings, now,
+                                    ahead=None if _deferred(row, now) else places.get(row.id, 0),
+                                    flying=flying.get(row.endpoint_id))
+                   for row in pending}
 
 
 def held_by_cap(session: Session, settings: Settings, now: datetime) -> dict[str, int]:

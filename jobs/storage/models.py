@@ -165,6 +165,8 @@ class JobRow(SQLModel, table=True):
     # An estimate of what the job cost: execution time x the endpoint's GPU list price per second x GPU count,
     # written when it finishes (None when the price was not known). List price: discounts are not in it.
     cost_usd: float | None = None
+    # An operator let this PENDING job past the spend guard (`jobs.release`): it goes out while others are held.
+    spend_released: bool = False
     # Submitted with s3_config=True: each /run carries RunPod's s3Config (RPQ_WORKER_S3_*), never stored here.
     worker_s3: bool = False
     # Where an input sent with offload=True lives in the bucket (the row's `input` is then JSON null), and

@@ -427,6 +427,9 @@ class JobOut(BaseModel):
     cost_usd: float | None = Field(
         description="What the job cost, estimated when it finished: execution time x its endpoint's GPU list "
         "price x GPU count (discounts, cold starts and idle workers are not in it). Null when no price was known.")
+    spend_released: bool = Field(
+        False, description="An operator let this job past the spend guard (rpq jobs release): it goes out while "
+        "the guard holds others.")
     waiting: WaitingOut | None = Field(
         description="Why a PENDING job has not gone to RunPod yet; null for any other status. Read from the queue "
         "when the job is read (GET): the answers of POST /v1/jobs and /retry, which only write, carry null.")

@@ -94,3 +94,21 @@ def test_with_no_limit_set_the_guard_reads_nothing_and_holds_nothing(
     jobs.submit("tts", {}, runtime=runtime)
 
     assert dispatch(runtime, ENDPOINT_ID).sent == 1
+
+
+def test_an_operator_can_release_one_held_job_past_the_guard_and_the_rest_stay_held(
+        runtime: Runtime, simulator: SimulatorProcess) -> None:
+    rt = guarded(runtime, budget_min_balance=50.0)
+    account_seen(rt, balance=10.0)
+    urgent, ordinary = (jobs.submit("tts", {"sleep": 0.1}, runtime=rt) for _ in range(2))
+
+    released = jobs.release(urgent.id, runtime=rt)
+    sent = dispatch(rt, ENDPOINT_ID)
+
+    assert released.spend_released and sent.sent == 1
+    assert jobs.get(urgent.id, runtime=rt).status is JobStatus.IN_QUEUE
+    still = jobs.get(ordinary.id, runtime=rt)
+    assert still.status is JobStatus.PENDING and still.waiting and still.waiting.reason is WaitReason.SPEND
+    assert any("released past the spend guard" in (e.detail or "") for e in jobs.events(urgent.id, runtime=rt))
+    with pytest.raises(jobs.InvalidTransition):
+        jobs.release(urgent.id, runtime=rt)  # no longer PENDING

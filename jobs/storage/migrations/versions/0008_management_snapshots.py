@@ -1,5 +1,5 @@
 """RunPod management API: endpoint and account snapshots, billing records, GPU prices, pods, collector runs,
-the scale audit, and jobs.cost_usd
+the scale audit, and jobs.cost_usd and spend_released
 
 Revision ID: 0008
 Revises: 0007
@@ -21,6 +21,7 @@ TIME = sa.DateTime(timezone=True)
 
 def upgrade() -> None:
     op.add_column("jobs", sa.Column("cost_usd", sa.Float()))
+    op.add_column("jobs", sa.Column("spend_released", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.create_table(
         "endpoint_snapshots",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -121,4 +122,5 @@ def downgrade() -> None:
                   "account_snapshots", "endpoint_snapshots"):
         op.drop_table(table)
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("spend_released")
         batch.drop_column("cost_usd")
