@@ -18,6 +18,7 @@ to anyone scanning `rpq endpoints audit` (the table has no column to say otherwi
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,7 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"              # RunPod refused the change, or could not be read or reached
     UNKNOWN = "unknown"            # the PATCH's answer was lost: it may or may not have been applied
     DRY_RUN = "dry_run"            # planned only; nothing sent, nothing audited
+    DECLINED = "declined"          # the confirmation said no; nothing sent, nothing audited
 
 
 @dataclass(frozen=True)
@@ -154,11 +156,15 @@ class ScaleResult:
 
 def scale_endpoint(rt: Runtime, endpoint_name: str, *, max: int | None = None,
                    min: int | None = None, idle_timeout: int | None = None, actor: str,
-                   reason: str | None = None, dry_run: bool = False) -> ScaleResult:
+                   reason: str | None = None, dry_run: bool = False,
+                   confirm: Callable[[ScalePlan], bool] | None = None) -> ScaleResult:
     """Read the endpoint's live configuration, plan, PATCH what changes, read it back, audit it.
 
     Never raises for what RunPod does: every outcome comes back as a `ScaleResult` and (except a dry run)
-    one `scale_audit` row. An unknown endpoint name raises ConfigError before anything is sent or written.
+    one `scale_audit` row. A dry run reads and plans, and is never audited, even when it is refused.
+    `confirm` (an operator's yes or no) sees the plan made from the very read the PATCH is built on, so
+    what was shown is what is sent; a no is not audited either, since nothing was attempted. An unknown
+    endpoint name raises ConfigError before anything is sent or written.
     """
     target = rt.settings.resolve_endpoint(endpoint_name)
     # The values as given: None is "keep", and the audit shows that.
@@ -168,7 +174,7 @@ def scale_endpoint(rt: Runtime, endpoint_name: str, *, max: int | None = None,
     def result(outcome: Outcome, message: str, plan: ScalePlan | None, after: Workers | None = None,
                notes: tuple[str, ...] = ()) -> ScaleResult:
         ok = outcome is Outcome.CHANGED
-        row_id = None if outcome is Outcome.DRY_RUN else _record(rt, audit, plan, after, ok=ok,
+        row_id = None if dry_run or outcome is Outcome.DECLINED else _record(rt, audit, plan, after, ok=ok,
                                                                  error=None if ok else message)
         return ScaleResult(target.name, target.id, outcome, message, plan, after, row_id, notes)
 
@@ -184,6 +190,8 @@ def scale_endpoint(rt: Runtime, endpoint_name: str, *, max: int | None = None,
     if dry_run:
         return result(Outcome.DRY_RUN, f"dry run: would change {plan.before} to {plan.after}; nothing sent", plan,
                       notes=plan.notes)
+    if confirm is not None and not confirm(plan):
+        return result(Outcome.DECLINED, "not confirmed; nothing sent", plan)
     # Only a value that changes is sent, but min and max always both (a fresh read's, for the one not asked).
     send_idle = plan.after.idle_timeout if "idle_timeout" in plan.changes else None
     try:

@@ -110,9 +110,11 @@ def test_a_dry_run_changes_nothing_and_writes_no_audit_row(rt: Runtime, simulato
     before = live(simulator)
 
     result = scale_endpoint(rt, ENDPOINT_NAME, max=before.max + 1, actor=ACTOR, dry_run=True)
+    refused = scale_endpoint(rt, ENDPOINT_NAME, max=-1, actor=ACTOR, dry_run=True)
 
     assert result.outcome is Outcome.DRY_RUN and result.audit_id is None
     assert result.plan is not None and result.plan.after.max == before.max + 1
+    assert refused.outcome is Outcome.REFUSED and refused.audit_id is None
     assert live(simulator) == before
     assert audit_rows(rt) == []
 
@@ -159,3 +161,16 @@ def test_a_change_whose_answer_was_lost_is_audited_as_unknown_and_says_to_read_b
     [row] = audit_rows(rt)
     assert (row.ok, row.asked_max, row.after_max) == (False, before.max + 1, None)
     assert row.error is not None and "outcome unknown" in row.error
+
+
+def test_the_confirmation_sees_the_plan_that_is_sent_and_a_no_sends_and_records_nothing(
+        rt: Runtime, simulator: SimulatorProcess) -> None:
+    before = live(simulator)
+    shown: list[Workers] = []
+
+    result = scale_endpoint(rt, ENDPOINT_NAME, max=before.max + 1, actor=ACTOR,
+                            confirm=lambda plan: shown.append(plan.after) is not None)
+
+    assert result.outcome is Outcome.DECLINED and shown == [Workers(before.min, before.max + 1, before.idle_timeout)]
+    assert live(simulator) == before
+    assert audit_rows(rt) == []
