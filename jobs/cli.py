@@ -777,6 +777,106 @@ def upgrade(as_json: bool) -> None:
         click.echo(f"database at {redact_url(url)} is up to date")
 
 
+# -- scaling endpoints: rpq endpoints scale, rpq endpoints audit ------------------------------------------
+
+
+def _bounds(min_: int | None, max_: int | None, idle: int | None) -> str:
+    """Worker bounds in a few characters: "0/3/5s" (min/max/idle timeout); "-" for a value not known or kept."""
+    return "/".join("-" if v is None else str(v) for v in (min_, max_)) + ("/-" if idle is None else f"/{idle}s")
+
+
+def _operator() -> str:
+    import getpass
+
+    try:
+        return f"operator:{getpass.getuser()}"
+    except (OSError, KeyError):  # no login name in the environment and none in the password database
+        return "operator:unknown"
+
+
+@endpoints.command(name="scale")
+@click.argument("name")
+@click.option("--max", "max_", help="Max workers.")
+@click.option("--min", "min_", help="Min (always on, always billed) workers.")
+@click.option("--idle-timeout", help="Seconds an idle worker stays up (1-3600; not for REQUEST_COUNT scaling).")
+@click.option("--reason", help="Why, for the audit.")
+@click.option("--dry-run", is_flag=True, help="Read and show the change; send and record nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def endpoints_scale(name: str, max_: str | None, min_: str | None, idle_timeout: str | None, reason: str | None,
+                    dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Change NAME's worker bounds at RunPod: read live, show, confirm, change, read back, audit."""
+    from jobs.runpod.scaling import Outcome, ScalePlan, scale_endpoint
+
+    unread: list[Problem] = []
+    wanted = [None if raw is None else _whole_number(field, raw, unread)
+              for field, raw in (("max", max_), ("min", min_), ("idle_timeout", idle_timeout))]
+    if unread:
+        raise _Refused("invalid scale:\n" + "\n".join(f"  - {p}" for p in unread))
+    if not (yes or dry_run or sys.stdin.isatty()):
+        raise _Refused("not a terminal, so nobody can confirm: pass --yes to scale without asking")
+    workers, least, idle = wanted
+
+    def notes(plan: ScalePlan) -> None:
+        for note in plan.notes:  # on stderr with --json, so that stdout holds the JSON alone
+            click.echo(f"  note: {note}", err=as_json)
+
+    def confirm(plan: ScalePlan) -> bool:
+        click.echo(f"{name}: {plan.before}  ->  {plan.after}", err=as_json)
+        notes(plan)
+        return yes or click.confirm(f"Change {name}'s workers at RunPod?", err=True)
+
+    result = scale_endpoint(get_runtime(), name, max=workers, min=least, idle_timeout=idle, actor=_operator(),
+                            reason=reason, dry_run=dry_run, confirm=confirm)
+    if as_json:
+        after = result.after
+        click.echo(json.dumps({
+            "endpoint": result.endpoint_name, "endpoint_id": result.endpoint_id, "outcome": result.outcome.value,
+            "message": result.message, "notes": list(result.notes), "audit_id": result.audit_id,
+            "before": dataclasses.asdict(result.plan.before) if result.plan else None,
+            "asked": dataclasses.asdict(result.plan.after) if result.plan else None,
+            "after": dataclasses.asdict(after) if after else None,
+        }, indent=2))
+    if result.outcome is Outcome.REFUSED:
+        raise _Refused(f"{result.endpoint_name}: {result.message}")
+    if not result.ok:
+        raise _Failed(f"{result.endpoint_name}: {result.message}")
+    if not as_json:
+        click.echo(f"{result.endpoint_name}: {result.message}")
+    if result.outcome is Outcome.DRY_RUN and result.plan is not None:
+        notes(result.plan)
+
+
+@endpoints.command(name="audit")
+@click.argument("name", required=False)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="How many changes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def endpoints_audit(name: str | None, limit: int, as_json: bool) -> None:
+    """Recent changes of endpoints' workers (NAME's only, if given), newest first, whether they took or not."""
+    from jobs.runpod.scaling import recent_changes
+    from jobs.storage.db import session_scope
+
+    rt = get_runtime()
+    endpoint = rt.settings.resolve_endpoint(name).name if name else None
+    with session_scope(rt.engine, read_only=True) as session:
+        rows = recent_changes(session, endpoint, limit=limit)
+    if as_json:
+        click.echo(json.dumps([row.model_dump(mode="json") for row in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no scale changes")
+        return
+    table = [("AT", "ENDPOINT", "ACTOR", "BEFORE", "ASKED", "AFTER", "OK", "REASON / ERROR")]
+    for row in rows:
+        said = row.error if not row.ok else row.reason
+        table.append((_when(row.at), row.endpoint_name, row.actor,
+                      _bounds(row.before_min, row.before_max, row.before_idle_timeout),
+                      _bounds(row.asked_min, row.asked_max, row.asked_idle_timeout),
+                      _bounds(row.after_min, row.after_max, row.after_idle_timeout),
+                      "yes" if row.ok else "NO", (said or "-").replace("\n", " ")[:160]))
+    _print_table(table)
+
+
 def run() -> None:
     """Entry point: bad input and configuration become a clean message and exit code 2 (see `_Rpq`)."""
     main(standalone_mode=True)
