@@ -1,5 +1,6 @@
 """`rpq endpoints scale` and `rpq endpoints audit`, run as an operator runs them: a child process with its
-environment, against the simulator's management API over HTTP, on SQLite and PostgreSQL."""
+environment, against the simulator's management API over HTTP. On SQLite alone: tests/integration/test_scaling.py
+holds the same scaling to both databases, and these check the command around it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
+from jobs.storage.db import upgrade
 from tests.conftest import ENDPOINT_ID, ENDPOINT_NAME, ROOT, SimulatorProcess
 
 pytestmark = pytest.mark.integration
@@ -20,11 +23,13 @@ Rpq = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
-def rpq(migrated_db: str, simulator: SimulatorProcess) -> Rpq:
+def rpq(tmp_path: Path, simulator: SimulatorProcess) -> Rpq:
     """Run `rpq ARGS` with stdin not a terminal; returns (exit code, stdout, stderr)."""
+    database_url = f"sqlite:///{tmp_path / 'scale.db'}"
+    upgrade(database_url)
     env = {
         **os.environ,
-        "DATABASE_URL": migrated_db,
+        "DATABASE_URL": database_url,
         "RUNPOD_API_KEY": simulator.api_key,
         "RUNPOD_REST_URL": f"{simulator.root_url}/mgmt/v2",
         "RUNPOD_ENDPOINTS": f"{ENDPOINT_NAME}={ENDPOINT_ID}",
