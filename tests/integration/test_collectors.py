@@ -241,3 +241,12 @@ def test_endpoints_show_prints_the_latest_configuration_its_age_and_a_failure_af
     assert panel["max_workers"] == live.workers_max and set(panel["worker_states"]) == set(collect.WORKER_STATES)
     assert failed.exit_code == 0 and "latest collection failed" in failed.output and "RunPodNotFound" in failed.output
     assert f"max {live.workers_max}" in failed.output  # the last good configuration is still shown, with its age
+
+
+def test_a_second_round_within_the_interval_skips_so_two_beats_do_not_collect_twice(rt: Runtime) -> None:
+    first = collect.collect_on_schedule(rt)
+    second = collect.collect_on_schedule(rt)
+
+    assert first is not None and [run.ok for run in first] == [True] * len(collect.COLLECTORS)
+    assert second is None
+    assert count(rt, CollectorRun) == len(collect.COLLECTORS)
