@@ -659,7 +659,8 @@ def endpoints_health(name: str | None, live: bool, as_json: bool) -> None:
             execution_ms, delay_ms = health.recent_timings(session, target.id)
         if row is None:
             panels.append({"endpoint": target.name, "endpoint_id": target.id, "state": "unknown",
-                           "reason": "no observation yet (beat collects them; or use --live)"})
+                           "reason": "no observation yet (beat collects them; or use --live)",
+                           **_snapshot_panel(rt, target.name)})
             continue
         verdict = health.assess(row, execution_ms=execution_ms, delay_ms=delay_ms)
         panels.append({
@@ -669,6 +670,7 @@ def endpoints_health(name: str | None, live: bool, as_json: bool) -> None:
                         ("ready", "idle", "running", "initializing", "throttled", "unhealthy")},
             "jobs": {s: getattr(row, f"jobs_{s}") for s in ("in_queue", "in_progress", "completed", "failed")},
             "error": row.error,
+            **_snapshot_panel(rt, target.name),
         })
     if as_json:
         click.echo(json.dumps(panels, indent=2))
@@ -679,10 +681,105 @@ def endpoints_health(name: str | None, live: bool, as_json: bool) -> None:
             workers, counts = panel["workers"], panel["jobs"]
             click.echo("  workers  " + "  ".join(f"{k} {v}" for k, v in workers.items()))
             click.echo("  jobs     " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
+        _print_snapshot_panel(panel)
         wait = panel.get("estimated_wait_seconds")
         if "observed_at" in panel:
             shown = "unknown" if wait is None else f"~{wait:.0f}s"
             click.echo(f"  a new job would wait {shown} to start   (observed {panel['observed_at']})")
+
+
+def _snapshot_panel(rt: Any, name: str) -> dict[str, Any]:
+    """What the endpoints collector last saw of an endpoint's workers, for the health panel: max workers and the
+    exact worker states (RunPod's /workers, which /health only approximates). Empty when there is none yet."""
+    from jobs.runpod import collect
+    from jobs.storage.db import session_scope
+
+    with session_scope(rt.engine, read_only=True) as session:
+        snapshot = collect.latest_endpoint(session, name, ok=True)
+    if snapshot is None:
+        return {}
+    return {"max_workers": snapshot.workers_max, "min_workers": snapshot.workers_min,
+            "worker_states": {s: getattr(snapshot, f"workers_{s}") for s in collect.WORKER_STATES},
+            "worker_states_observed_at": snapshot.observed_at.isoformat()}
+
+
+def _print_snapshot_panel(panel: dict[str, Any]) -> None:
+    if "worker_states" not in panel:
+        return
+    states = "  ".join(f"{k} {v}" for k, v in panel["worker_states"].items())
+    click.echo(f"  RunPod   max workers {panel['max_workers']}  {states}   "
+               f"(exact, from /workers, {_age(datetime.fromisoformat(panel['worker_states_observed_at']))})")
+
+
+def _age(moment: datetime) -> str:
+    """How long ago, in the largest two units: "observed 4m 10s ago"."""
+    seconds = max(0, int((datetime.now(UTC) - moment).total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")) if n]
+    return "observed " + (" ".join(parts[:2]) or "0s") + " ago"
+
+
+#: The configuration `rpq endpoints show` prints, in order: (label, snapshot column).
+_CONFIG_FIELDS = (("workers", ""), ("idle timeout", "idle_timeout"), ("scaling", "scaling_type"),
+                  ("GPU pools", "gpu_pools"), ("GPUs per worker", "gpu_count"), ("execution timeout", "timeout_ms"),
+                  ("flashboot", "flashboot"))
+
+
+@endpoints.command(name="show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def endpoints_show(name: str, as_json: bool) -> None:
+    """NAME's configuration at RunPod as beat's collector last saw it, with its age."""
+    from jobs.runpod import collect
+    from jobs.storage.db import session_scope
+
+    rt = get_runtime()
+    target = rt.settings.resolve_endpoint(name)
+    with session_scope(rt.engine, read_only=True) as session:
+        latest = collect.latest_endpoint(session, target.name)
+        good = latest if latest is None or latest.ok else collect.latest_endpoint(session, target.name, ok=True)
+    if latest is None:
+        raise _Failed(f"{target.name}: no configuration collected yet (beat collects it every "
+                      f"{rt.settings.runpod_collection_interval_seconds}s from RUNPOD_REST_URL)")
+    failure = None if latest.ok else {"observed_at": latest.observed_at.isoformat(), "error": latest.error}
+    if as_json:
+        shown = good if good is not None else latest
+        body = {column.name: getattr(shown, column.name) for column in shown.__table__.columns}  # type: ignore[attr-defined]
+        body["observed_at"] = shown.observed_at.isoformat()
+        body["latest_failure"] = failure
+        click.echo(json.dumps(body, indent=2))
+        if good is None:
+            raise SystemExit(1)
+        return
+    if failure is not None:
+        click.echo(f"{target.name} ({target.id}): the latest collection failed, {_age(latest.observed_at)}: "
+                   f"{latest.error}", err=good is None)
+    if good is None:
+        raise _Failed(f"{target.name}: no configuration collected yet that worked")
+    click.echo(f"{target.name} ({target.id}): configuration {_age(good.observed_at)} ({_when(good.observed_at)} UTC)")
+    for label, column in _CONFIG_FIELDS:
+        click.echo(f"  {label:<18} {_config_value(good, column)}")
+    states = "  ".join(f"{s} {getattr(good, f'workers_{s}')}" for s in collect.WORKER_STATES)
+    click.echo(f"  {'worker states':<18} {states}")
+
+
+def _config_value(snapshot: Any, column: str) -> str:
+    if column == "":
+        return f"min {snapshot.workers_min}  max {snapshot.workers_max}"
+    value = getattr(snapshot, column)
+    if value is None:
+        return "-"
+    if column == "idle_timeout":
+        return f"{value}s"
+    if column == "timeout_ms":
+        return f"{value / 1000:g}s"
+    if column == "scaling_type":
+        return f"{value} {snapshot.scaling_value:g}" if snapshot.scaling_value is not None else str(value)
+    if column == "gpu_pools":
+        return str(value).replace(",", ", ")
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @endpoints.command()

@@ -16,9 +16,11 @@ from jobs.flow import dispatch as dispatching
 from jobs.flow import lifecycle, poller
 from jobs.flow.reconcile import reconcile as reconcile_jobs
 from jobs.observability import logcontext
+from jobs.runpod import collect as collectors
 from jobs.runpod import health as endpoint_health
 from jobs.runtime import (
     CANCEL_TASK,
+    COLLECT_TASK,
     DISPATCH_TASK,
     HEALTH_TASK,
     POLL_DUE_TASK,
@@ -120,12 +122,21 @@ def health() -> None:
     endpoint_health.collect_on_schedule(get_runtime())
 
 
+@app.task(name=COLLECT_TASK)  # type: ignore[untyped-decorator]
+def collect() -> list[dict[str, Any]] | None:
+    """One round of the management collectors; what Flower shows is each one's outcome (None: another round
+    holds the lease). No arguments: the key is the worker's own, from its environment."""
+    done = collectors.collect_on_schedule(get_runtime())
+    return None if done is None else [asdict(run) for run in done]
+
+
 @app.task(name=PURGE_TASK)  # type: ignore[untyped-decorator]
 def purge() -> dict[str, Any]:
     """One retention run. Its result (counts, and why objects could not be deleted) is what Flower shows; a run
     that kept rows for want of a bucket has also logged a warning."""
     purged = retention.purge(get_runtime())
-    if purged.jobs or purged.health_rows or purged.uploads:
-        log.info("retention: deleted %d jobs, %d unused uploads and %d health rows, and %d objects in the bucket",
-                 purged.jobs, purged.uploads, purged.health_rows, purged.objects)
+    if purged.jobs or purged.health_rows or purged.uploads or purged.snapshot_rows:
+        log.info("retention: deleted %d jobs, %d unused uploads, %d health rows and %d collector rows, and %d "
+                 "objects in the bucket", purged.jobs, purged.uploads, purged.health_rows, purged.snapshot_rows,
+                 purged.objects)
     return asdict(purged)

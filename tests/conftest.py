@@ -524,8 +524,11 @@ class Pipeline:
 def _stack(request: pytest.FixtureRequest, start_simulator: Callable[..., SimulatorProcess], redis_url: str,
            tmp_path_factory: pytest.TempPathFactory, *, name: str, broker_offset: int,
            with_api: bool = False, settings: Mapping[str, object] | None = None,
-           env: Mapping[str, str] | None = None) -> Iterator[Pipeline]:
-    """The stack; `settings` (Settings fields) and `env` (their variables, for the child processes) add to it."""
+           env: Mapping[str, str] | None = None, simulator_args: tuple[str, ...] = (),
+           management: bool = False) -> Iterator[Pipeline]:
+    """The stack; `settings` (Settings fields) and `env` (their variables, for the child processes) add to it,
+    and `simulator_args` to the simulator's flags. With `management`, RunPod's management API (REST v2 and
+    GraphQL) is the simulator's too."""
     import redis as redis_lib
 
     from jobs.runpod.client import RunPodClient
@@ -544,7 +547,12 @@ def _stack(request: pytest.FixtureRequest, start_simulator: Callable[..., Simula
     broker = f"{base}/{int(db) + broker_offset + request.param_index}"  # inside redis_url's block of five
     redis_lib.Redis.from_url(broker).flushdb()
     simulator = start_simulator("--cold-start-seconds", "0.2", "--webhook-interval-seconds", "1",
-                                *endpoint_flags(*SHARED_ENDPOINTS))
+                                *endpoint_flags(*SHARED_ENDPOINTS), *simulator_args)
+    if management:
+        mgmt = {"runpod_rest_url": f"{simulator.root_url}/mgmt/v2",
+                "runpod_graphql_url": f"{simulator.root_url}/mgmt/graphql"}
+        settings = {**mgmt, **(settings or {})}
+        env = {**{name.upper(): url for name, url in mgmt.items()}, **(env or {})}
     api_port = free_port()
     webhook_base = f"http://127.0.0.1:{api_port}" if with_api else None
     settings = make_settings(database_url, simulator, celery_broker_url=broker, runpod_timeout_seconds=2.0,

@@ -1,6 +1,7 @@
 """Deleting what is older than RUNPOD_JOB_RETENTION_DAYS: finished jobs with their events and their objects in
-the bucket, direct-upload reservations no job used with their objects, and health rows. In small batches, each
-its own short transaction, so no lock is held for long (and none while the bucket is asked anything).
+the bucket, direct-upload reservations no job used with their objects, health rows, and what the management
+collectors stored (snapshots, GPU prices, billed hours, collector runs). In small batches, each its own short
+transaction, so no lock is held for long (and none while the bucket is asked anything).
 
 A job's objects go before its rows, never after: the rows are the only record of which objects rpq made
 (`jobfiles.object_keys` derives every key from them), so rows deleted first would leave objects nobody could
@@ -23,7 +24,7 @@ from datetime import datetime, timedelta
 from functools import partial
 
 from sqlalchemy import ColumnElement, and_, delete, func, or_
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from jobs.bucket import jobfiles
 from jobs.bucket.store import ObjectStore
@@ -34,7 +35,17 @@ from jobs.states import TERMINAL
 from jobs.storage import filerows
 from jobs.storage.db import session_scope
 from jobs.storage.locks import Lease, held
-from jobs.storage.models import JobRow, Upload, utcnow
+from jobs.storage.models import (
+    AccountSnapshot,
+    BillingRecordRow,
+    CollectorRun,
+    EndpointSnapshot,
+    GpuPrice,
+    JobRow,
+    PodSnapshot,
+    Upload,
+    utcnow,
+)
 
 log = logging.getLogger("rpq.retention")
 
@@ -42,6 +53,11 @@ LOCK = "retention"
 #: An unused upload's reservation outlives its URL by this much before it and its object go: a PUT or POST that
 #: began just before the URL expired may still be arriving, and its client may still be about to submit.
 UPLOAD_GRACE = timedelta(days=1)
+#: The collectors' tables, each with the time its rows age by: a billed hour by its start, the rest by when seen.
+SNAPSHOT_TABLES: tuple[tuple[type[SQLModel], str], ...] = (
+    (EndpointSnapshot, "observed_at"), (AccountSnapshot, "observed_at"), (GpuPrice, "observed_at"),
+    (PodSnapshot, "observed_at"), (BillingRecordRow, "start"), (CollectorRun, "at"),
+)
 NO_BUCKET = "RPQ_S3_BUCKET is not set: set it to the bucket their files are in, and the next run deletes them"
 
 
@@ -49,6 +65,7 @@ NO_BUCKET = "RPQ_S3_BUCKET is not set: set it to the bucket their files are in, 
 class Purged:
     jobs: int = 0
     health_rows: int = 0
+    snapshot_rows: int = 0  # the management collectors' rows, every table together
     uploads: int = 0  # reservations no job used, purged with their objects
     objects: int = 0  # objects deleted from the bucket, for jobs and uploads (absent ones included)
     # Past retention but kept, rows and all, because their objects could not be deleted (see objects_error).
@@ -75,9 +92,26 @@ def purge(rt: Runtime, *, now: datetime | None = None, batch: int = 500) -> Purg
             result.health_rows += deleted
             if deleted < batch:
                 break
+        for model, age in SNAPSHOT_TABLES:
+            result.snapshot_rows += _purge_rows(mine, model, age, cutoff, batch)
     if bucket.error is not None:
         _report_kept(rt, bucket, cutoff, now - UPLOAD_GRACE, result)
     return result
+
+
+def _purge_rows(mine: Lease, model: type[SQLModel], age: str, cutoff: datetime, batch: int) -> int:
+    """Delete the rows of one table whose `age` column is before `cutoff`, `batch` at a time; how many."""
+    key, moment = col(getattr(model, "id")), col(getattr(model, age))  # noqa: B009 (the tables differ)
+    deleted = 0
+    while mine.renew():
+        with session_scope(mine.engine) as session:
+            ids = session.exec(select(key).where(moment < cutoff).limit(batch)).all()
+            if ids:
+                session.execute(delete(model).where(key.in_(ids)))
+        deleted += len(ids)
+        if len(ids) < batch:
+            break
+    return deleted
 
 
 class _Bucket:
