@@ -36,6 +36,7 @@ POLL_TASK = "rpq.poll"  # argument: a job id; polls that one job now (a webhook'
 CANCEL_TASK = "rpq.cancel"
 RECONCILE_TASK = "rpq.reconcile"
 HEALTH_TASK = "rpq.health"
+AUTOSCALE_TASK = "rpq.autoscale"  # no argument: one autoscaler round (jobs.runpod.autoscale), when RPQ_AUTOSCALE is set
 COLLECT_TASK = "rpq.collect"  # no argument: every management collector once (jobs.runpod.collect)
 PURGE_TASK = "rpq.purge"
 
@@ -53,6 +54,7 @@ ROUTES = {
     RECONCILE_TASK: MAINTENANCE_QUEUE,
     HEALTH_TASK: MAINTENANCE_QUEUE,
     COLLECT_TASK: MAINTENANCE_QUEUE,
+    AUTOSCALE_TASK: MAINTENANCE_QUEUE,
     PURGE_TASK: MAINTENANCE_QUEUE,
 }
 #: Every countdown and task runtime stays far below this, or Redis re-delivers held messages.

@@ -81,6 +81,18 @@ class Endpoint:
     id: str
 
 
+@dataclass(frozen=True)
+class AutoscalePolicy:
+    """How the autoscaler (jobs.runpod.autoscale) may move one endpoint's max workers: never below `floor` or
+    above `ceiling`, raising when queued jobs would wait longer than `target_wait_seconds`, and deciding again
+    only `cooldown_seconds` after any change."""
+
+    floor: int
+    ceiling: int
+    target_wait_seconds: float
+    cooldown_seconds: float = 300.0
+
+
 def _url(*schemes: str) -> AfterValidator:
     """A URL kept as the string given (drivers get it as the operator wrote it), of one of `schemes`."""
 
@@ -157,6 +169,10 @@ class Settings(BaseSettings):
     # Per endpoint name: at most this many of its jobs at RunPod at once; the rest wait PENDING, in
     # order of priority then age, and go out as jobs finish. Unlisted endpoints have no cap.
     max_in_flight: Mapping[str, int] = Field(default_factory=dict, validation_alias="RPQ_MAX_IN_FLIGHT")
+    # The autoscaler, per endpoint name: `tts=1:10:30` keeps max workers between 1 and 10 and raises it when
+    # queued jobs would wait over 30 s (an optional fourth part is the cooldown in seconds, default 300).
+    # Unlisted endpoints are never scaled by rpq.
+    autoscale: Mapping[str, AutoscalePolicy] = Field(default_factory=dict, validation_alias="RPQ_AUTOSCALE")
     # rpq's own budget of RunPod requests per 10 s, per endpoint and operation, shared by every process
     # (jobs.runpod.budget). Below RunPod's documented limits, so rpq never draws a 429.
     runpod_limits: Limits = Field(default_factory=Limits, validation_alias="RPQ_RUNPOD_LIMITS")
@@ -256,6 +272,38 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError(*problems)
         return caps
+
+    @field_validator("autoscale", mode="before")
+    @classmethod
+    def _parse_autoscale(cls, raw: object, info: ValidationInfo) -> object:
+        """`tts=1:10:30,export=0:4:120:600`: NAME=FLOOR:CEILING:TARGET_WAIT[:COOLDOWN], names from RUNPOD_ENDPOINTS."""
+        if not isinstance(raw, str):
+            return raw
+        known: Mapping[str, Endpoint] | None = info.data.get("endpoints")
+        policies: dict[str, AutoscalePolicy] = {}
+        problems: list[str] = []
+        for item in _items(raw):
+            name, sep, value = (s.strip() for s in item.partition("="))
+            parts = value.split(":")
+            whole = [p.isdigit() and len(p) <= 6 for p in parts[:2]]
+            seconds = [re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,3})?", p) is not None for p in parts[2:]]
+            if not sep or len(parts) not in (3, 4) or not all(whole) or not all(seconds):
+                problems.append(f"{item!r} is not NAME=FLOOR:CEILING:TARGET_WAIT[:COOLDOWN] (whole workers, seconds)")
+                continue
+            floor, ceiling = int(parts[0]), int(parts[1])
+            target, cooldown = float(parts[2]), float(parts[3]) if len(parts) == 4 else 300.0
+            if known is not None and name not in known:
+                problems.append(f"{name!r} is not an endpoint in RUNPOD_ENDPOINTS "
+                                f"({', '.join(sorted(known)) or 'none configured'})")
+            elif name in policies:
+                problems.append(f"{name!r} is listed twice")
+            elif ceiling < 1 or floor > ceiling or target <= 0:
+                problems.append(f"{name!r}: the ceiling must be at least 1 and the floor, and the target wait above 0")
+            else:
+                policies[name] = AutoscalePolicy(floor, ceiling, target, cooldown)
+        if problems:
+            raise ValueError(*problems)
+        return policies
 
     @field_validator("runpod_limits", mode="before")
     @classmethod

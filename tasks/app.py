@@ -14,6 +14,7 @@ from kombu import Queue
 
 from jobs.observability import logcontext
 from jobs.runtime import (
+    AUTOSCALE_TASK,
     COLLECT_TASK,
     HEALTH_TASK,
     PURGE_TASK,
@@ -65,6 +66,9 @@ def make_app(settings: Settings | None = None) -> Celery:
             "reconcile": _every(RECONCILE_TASK, settings.reconcile_interval_seconds),
             "endpoint-health": _every(HEALTH_TASK, settings.runpod_health_poll_seconds),
             "runpod-collectors": _every(COLLECT_TASK, settings.runpod_collection_interval_seconds),
+            # Beside the health round: the autoscaler decides on live workers and rpq's queue (a no-op when
+            # RPQ_AUTOSCALE names no endpoint).
+            "autoscaler": _every(AUTOSCALE_TASK, settings.runpod_health_poll_seconds),
             "retention": _every(PURGE_TASK, 3600),
         },
         worker_send_task_events=True,  # Flower's live view

@@ -16,9 +16,11 @@ from jobs.flow import dispatch as dispatching
 from jobs.flow import lifecycle, poller
 from jobs.flow.reconcile import reconcile as reconcile_jobs
 from jobs.observability import logcontext
+from jobs.runpod import autoscale as autoscaler
 from jobs.runpod import collect as collectors
 from jobs.runpod import health as endpoint_health
 from jobs.runtime import (
+    AUTOSCALE_TASK,
     CANCEL_TASK,
     COLLECT_TASK,
     DISPATCH_TASK,
@@ -128,6 +130,14 @@ def collect() -> list[dict[str, Any]] | None:
     holds the lease). No arguments: the key is the worker's own, from its environment."""
     done = collectors.collect_on_schedule(get_runtime())
     return None if done is None else [asdict(run) for run in done]
+
+
+@app.task(name=AUTOSCALE_TASK)  # type: ignore[untyped-decorator]
+def autoscale() -> dict[str, str] | None:
+    """One autoscaler round; what Flower shows is each endpoint's decision or outcome (None: off, or another
+    round holds the lease)."""
+    done = autoscaler.autoscale_on_schedule(get_runtime())
+    return None if done is None else {name: str(getattr(what, "message", what)) for name, what in done.items()}
 
 
 @app.task(name=PURGE_TASK)  # type: ignore[untyped-decorator]

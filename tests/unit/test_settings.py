@@ -214,6 +214,7 @@ BAD_VALUES = {
     "RPQ_INLINE_OUTPUT_MAX_BYTES": "0",
     "RPQ_UPLOAD_MAX_BYTES": "5368709121",
     "RPQ_BUDGET_MAX_SPEND_PER_HOUR": "0",
+    "RPQ_AUTOSCALE": "tts=5:2:30",
     "RPQ_BUDGET_MIN_BALANCE": "-1",
 }
 #: Variables in .env.example that other parts read: Flower its login, the HTTP API its tokens (jobs.web.auth).
