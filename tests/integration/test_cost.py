@@ -3,6 +3,7 @@ what the collectors stored. In-process, on SQLite and PostgreSQL, against the si
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -13,10 +14,18 @@ from jobs.flow.lifecycle import poll_job, submit_job
 from jobs.runpod.cost import EndpointPrice, cost_report, estimate
 from jobs.runtime import Runtime
 from jobs.states import JobStatus
-from jobs.storage.db import session_scope
+from jobs.storage.db import make_engine, session_scope
 from jobs.storage.models import BillingRecordRow, EndpointSnapshot, GpuPrice, utcnow
 from jobs.storage.store import JOBS, update_fields
-from tests.conftest import ENDPOINT_ID, ENDPOINT_NAME, wait_until
+from tests.conftest import (
+    ENDPOINT_ID,
+    ENDPOINT_NAME,
+    Published,
+    SimulatorProcess,
+    fast_client,
+    make_settings,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -117,3 +126,25 @@ def test_rpq_cost_prints_the_report_as_json(runtime: Runtime) -> None:
     [line] = json.loads(done.stdout)
     assert (line["group"], line["jobs"], line["jobs_without_price"]) == (utcnow().strftime("%Y-%m-%d"), 1, 0)
     assert line["estimated_usd"] > 0
+
+
+def test_rpq_costs_estimates_match_what_the_simulator_billed_within_one_percent(
+        migrated_db: str, start_simulator: Callable[..., SimulatorProcess]) -> None:
+    from jobs.runpod.collect import collect_all
+
+    sim = start_simulator("--endpoint", ENDPOINT_ID, "--gpu-count", "2", "--cold-start-seconds", "0")
+    rt = Runtime(settings=make_settings(migrated_db, sim, runpod_rest_url=f"{sim.root_url}/mgmt/v2",
+                                        runpod_graphql_url=f"{sim.root_url}/mgmt/graphql"),
+                 engine=make_engine(migrated_db), publish=Published(), make_client=lambda: fast_client(sim))
+    try:
+        collect_all(rt)  # the endpoint's pool and GPU count, and the catalog's prices
+        for sleep in (0.4, 0.8, 1.2):
+            finished(rt, jobs.submit("tts", {"sleep": sleep}, runtime=rt).id)
+        collect_all(rt)  # what the simulator billed for those hours
+        with session_scope(rt.engine, read_only=True) as session:
+            [line] = cost_report(session, since=utcnow() - timedelta(hours=1))
+    finally:
+        rt.close()
+
+    assert line.jobs == 3 and line.jobs_without_price == 0
+    assert line.billed_usd and line.estimated_usd == pytest.approx(line.billed_usd, rel=0.01)
