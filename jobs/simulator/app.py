@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -541,6 +542,17 @@ def _control_routes(sim: Simulator) -> list[Route]:
         await sim.reset()
         return {"ok": True}
 
+    async def account(request: Request) -> dict[str, Any]:
+        """The simulated account; POST {"balance": X} sets what is left now (as a top-up or a spent card
+        would), keeping the charges behind it, so tests can cross a spend guard's floor and clear it."""
+        held = sim.management.account
+        if request.method == "POST":
+            balance = (await _json_object(request)).get("balance")
+            if isinstance(balance, bool) or not isinstance(balance, int | float) or not math.isfinite(balance):
+                raise BadRequest("balance must be a number")
+            held.starting_balance = float(balance) + held.spent
+        return {"balance": round(held.balance, 6), "spent": round(held.spent, 6)}
+
     async def webhooks(request: Request) -> dict[str, Any]:
         return {"webhooks": [attempt.as_dict() for attempt in sim.webhooks.log]}
 
@@ -557,6 +569,7 @@ def _control_routes(sim: Simulator) -> list[Route]:
         Route("/_sim/endpoints/{endpoint_id}", guarded(endpoint_settings), methods=["GET", "POST"]),
         Route("/_sim/clock/advance", guarded(advance), methods=["POST"]),
         Route("/_sim/reset", guarded(reset), methods=["POST"]),
+        Route("/_sim/account", guarded(account), methods=["GET", "POST"]),
         Route("/_sim/webhooks", guarded(webhooks), methods=["GET"]),
         Route("/_sim/stats", guarded(stats), methods=["GET"]),
     ]
