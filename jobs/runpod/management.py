@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 from urllib.parse import quote
 
 import httpx
@@ -366,18 +366,20 @@ class _Api:
     and check retry timing without waiting."""
 
     _name = "RunPod management"
+    _default_url = DEFAULT_REST_URL
 
     def __init__(
         self,
         *,
         api_key: Secret | str,
-        base_url: str,
-        timeout: httpx.Timeout | float,
-        retry: RetryPolicy,
-        transport: httpx.BaseTransport | None,
-        sleep: Callable[[float], None],
-        rand: Callable[[], float],
+        base_url: str | None = None,
+        timeout: httpx.Timeout | float = httpx.Timeout(30.0, connect=5.0),
+        retry: RetryPolicy = RetryPolicy(),
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
     ) -> None:
+        base_url = base_url or self._default_url
         key = api_key if isinstance(api_key, Secret) else Secret(api_key)
         if not key.reveal():
             raise ValueError("api_key is empty")
@@ -398,6 +400,12 @@ class _Api:
 
     def close(self) -> None:
         self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _send(
         self,
@@ -573,26 +581,6 @@ def rfc3339(when: datetime, *, label: str, operation: str) -> str:
 class RunPodManagement(_Api):
     """Synchronous REST v2 client for one RunPod account's endpoints, workers, pods, catalog and billing."""
 
-    def __init__(
-        self,
-        *,
-        api_key: Secret | str,
-        base_url: str = DEFAULT_REST_URL,
-        timeout: httpx.Timeout | float = httpx.Timeout(30.0, connect=5.0),
-        retry: RetryPolicy = RetryPolicy(),
-        transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        rand: Callable[[], float] = random.random,
-    ) -> None:
-        super().__init__(api_key=api_key, base_url=base_url, timeout=timeout, retry=retry, transport=transport,
-                         sleep=sleep, rand=rand)
-
-    def __enter__(self) -> RunPodManagement:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def list_endpoints(self) -> list[EndpointConfig]:
         """Every serverless endpoint of the account (`GET /serverless`), following pages if RunPod sends any."""
         return [EndpointConfig.from_reader(item) for item in self._list("list_endpoints", "serverless", "endpoints")]
@@ -745,26 +733,10 @@ class RunPodGraphQL(_Api):
     endpoint; re-check before GraphQL's retirement, and fall back to summing billing records."""
 
     _name = "RunPod GraphQL"
+    _default_url = DEFAULT_GRAPHQL_URL
 
-    def __init__(
-        self,
-        *,
-        api_key: Secret | str,
-        url: str = DEFAULT_GRAPHQL_URL,
-        timeout: httpx.Timeout | float = httpx.Timeout(30.0, connect=5.0),
-        retry: RetryPolicy = RetryPolicy(),
-        transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        rand: Callable[[], float] = random.random,
-    ) -> None:
-        super().__init__(api_key=api_key, base_url=url, timeout=timeout, retry=retry, transport=transport,
-                         sleep=sleep, rand=rand)
-
-    def __enter__(self) -> RunPodGraphQL:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __init__(self, *, api_key: Secret | str, url: str | None = None, **options: Any) -> None:
+        super().__init__(api_key=api_key, base_url=url, **options)  # one URL, not a base: its name says so
 
     def account(self) -> Account:
         """Balance, current spend per hour and spend limit (`myself`)."""
