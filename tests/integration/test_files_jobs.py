@@ -29,7 +29,7 @@ from jobs.states import JobStatus
 from jobs.storage.db import make_engine, session_scope
 from jobs.storage.models import utcnow
 from jobs.storage.store import get_row, update_fields
-from tests.conftest import Published, SimulatorProcess, fast_client, make_settings, wait_until
+from tests.conftest import Published, SimulatorProcess, fast_client, free_port, make_settings, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -322,3 +322,41 @@ def test_a_key_outside_the_prefix_is_refused(rt: Runtime) -> None:
 
     with pytest.raises(jobs.InvalidJob, match="under the prefix rpq/"):
         jobs.submit("tts", {}, files={"s": {"key": "elsewhere/secret.txt"}}, runtime=rt)
+
+
+# -- the bucket failing --------------------------------------------------------------------------------------------
+
+
+def bucket_goes_down(rt: Runtime) -> None:
+    """From now on the bucket's endpoint refuses every connection (a port nothing listens on)."""
+    rt.settings = rt.settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}"})
+    rt._objects = None  # built again, on the dead endpoint
+
+
+def test_a_bucket_that_cannot_be_asked_before_run_puts_the_job_back_to_pending_and_sends_nothing(
+        rt: Runtime, simulator: SimulatorProcess) -> None:
+    ticket = jobs.prepare_upload("clip.wav", "audio/wav", size=4, runtime=rt)
+    httpx.put(ticket.url, content=b"RIFF", headers=ticket.headers).raise_for_status()
+    job = jobs.submit("tts", {}, files={"clip": {"key": ticket.key}}, runtime=rt)
+    bucket_goes_down(rt)
+
+    submit_job(rt, job.id)
+
+    later = jobs.get(job.id, runtime=rt)
+    assert later.status is JobStatus.PENDING and later.waiting and later.waiting.reason.value == "deferred"
+    assert any("files could not be prepared" in (e.detail or "") for e in jobs.events(job.id, runtime=rt))
+    assert simulator.jobs() == []
+
+
+def test_a_bucket_that_cannot_be_asked_at_completion_is_asked_again_then_the_job_is_kept_and_flagged(
+        rt: Runtime) -> None:
+    job = jobs.submit("tts", {"output": {"done": True}}, outputs=["video.mp4"], runtime=rt)
+    submit_job(rt, job.id)
+    bucket_goes_down(rt)
+
+    done = run_to_the_end(rt, job.id)  # RunPod says COMPLETED at once; the check fails FINAL_DRAIN_TRIES times
+
+    assert (done.status, done.output, done.files_missing) == (JobStatus.COMPLETED, {"done": True}, True)
+    details = [e.detail or "" for e in jobs.events(job.id, runtime=rt)]
+    assert any("files could not be checked" in d and "trying again" in d for d in details)
+    assert any("could not be checked 5 times" in d for d in details)
