@@ -48,6 +48,7 @@ from jobs.runtime import Runtime, get_runtime
 from jobs.settings import Settings
 from jobs.states import JobStatus
 from jobs.storage.models import utcnow
+from jobs.storage.store import Source
 from jobs.web.auth import Tokens
 from jobs.web.events import JobId
 from jobs.web.events import router as streams_and_webhooks
@@ -488,6 +489,14 @@ def cancel_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
          responses=_errors(404, 409))
 def retry_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     return jobs.retry(job_id, runtime=runtime).to_dict()
+
+
+@v1.post("/jobs/{job_id}/release", response_model=JobOut,
+         summary="Let a PENDING job past the spend guard",
+         description="The job is sent even while the spend guard holds its endpoint's other new jobs "
+         "(`waiting.reason` is `spend` for those). 409 unless the job is PENDING.", responses=_errors(404, 409))
+def release_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
+    return jobs.release(job_id, source=Source.API, runtime=runtime).to_dict()
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -518,7 +518,29 @@ def test_retrying_a_completed_job_is_a_409_and_changes_nothing(api: httpx.Client
         JobStatus.COMPLETED, [ENDPOINT_ID])
 
 
-@pytest.mark.parametrize("action", ["cancel", "retry"])
+def test_releasing_a_pending_job_answers_200_marks_it_released_and_wakes_its_dispatcher(
+    api: httpx.Client, runtime: Runtime
+) -> None:
+    job = jobs.submit("tts", 1, runtime=runtime)
+
+    response = api.post(f"/v1/jobs/{job.id}/release")
+
+    assert response.status_code == 200 and response.json()["spend_released"] is True
+    assert jobs.get(job.id, runtime=runtime).spend_released
+    assert published(runtime).of(DISPATCH_TASK) == [ENDPOINT_ID, ENDPOINT_ID]
+
+
+def test_releasing_a_finished_job_is_a_409_and_changes_nothing(api: httpx.Client, runtime: Runtime) -> None:
+    job = jobs.submit("tts", 1, runtime=runtime)
+    finish(runtime, job.id, JobStatus.COMPLETED)
+
+    response = api.post(f"/v1/jobs/{job.id}/release")
+
+    assert response.status_code == 409 and problems(response) == {("status", "transition")}
+    assert not jobs.get(job.id, runtime=runtime).spend_released
+
+
+@pytest.mark.parametrize("action", ["cancel", "retry", "release"])
 def test_cancelling_or_retrying_an_unknown_job_is_a_404(api: httpx.Client, action: str) -> None:
     response = api.post(f"/v1/jobs/{uuid.uuid4()}/{action}")
 
