@@ -23,6 +23,7 @@ from jobs import api
 from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET, Job
 from jobs.bucket import access
 from jobs.errors import ConfigError, ObjectStoreError, Problem
+from jobs.flow.spend_guard import recent_holds
 from jobs.flow.waiting import WaitReason
 from jobs.jsonsafe import text_problems
 from jobs.runpod import cost
@@ -321,6 +322,7 @@ def cost_command(since: str, by: str, as_json: bool) -> None:
     assert start is not None
     with session_scope(get_runtime().engine, read_only=True) as session:
         lines = cost.cost_report(session, since=start, by=by)
+        holds = recent_holds(session, since=start)
     if as_json:
         click.echo(json.dumps([line.to_dict() for line in lines], indent=2))
         return
@@ -330,6 +332,12 @@ def cost_command(since: str, by: str, as_json: bool) -> None:
     _print_table(rows)
     click.echo("Estimates are list prices (execution time x GPU price x GPUs); RunPod's bill also counts cold "
                "starts and idle workers, and lags by up to an hour.")
+    if holds:
+        click.echo("\nThe spend guard held new jobs:")
+        _print_table([("SCOPE", "FROM", "UNTIL", "WHY")] + [
+            (hold.scope, f"{hold.started_at:%Y-%m-%d %H:%M:%S}",
+             "holding" if hold.ended_at is None else f"{hold.ended_at:%Y-%m-%d %H:%M:%S}", hold.reason)
+            for hold in holds])
 
 
 @main.group(name="jobs")

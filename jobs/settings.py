@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -28,6 +28,8 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 from jobs.errors import ConfigError
 from jobs.runpod.budget import Limits, parse_limits
+
+T = TypeVar("T")
 
 # RunPod endpoint ids are lowercase letters and digits ("fh46rj7dq9r3o5"); public endpoints add
 # hyphens ("black-forest-labs-flux-1-schnell"). \Z, not $: $ also matches before a final newline.
@@ -198,6 +200,16 @@ class Settings(BaseSettings):
         default=None, validation_alias="RPQ_BUDGET_MAX_SPEND_PER_HOUR")
     budget_min_balance: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
         default=None, validation_alias="RPQ_BUDGET_MIN_BALANCE")
+    # Per endpoint name (`tts=2.5,export=10`): that endpoint's new jobs are held while it spends at least this many
+    # USD an hour: the larger of rpq's estimate for its jobs finished in the last hour and RunPod's billed amount
+    # for its latest billed hour (which counts idle workers too, but lags).
+    budget_endpoint_max_spend_per_hour: Mapping[str, float] = Field(
+        default_factory=dict, validation_alias="RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR")
+    # When set, while the guard holds an endpoint's jobs it also lowers the endpoint's max workers (and min, if
+    # higher) to this, through the audited scale path, and puts back what it found once the hold clears. 0 stops
+    # every worker: jobs already queued at RunPod then wait too. None: the guard never scales.
+    budget_lower_workers_to: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, validation_alias="RPQ_BUDGET_LOWER_WORKERS_TO")
     # A completed job's output larger than this (as JSON) goes to the bucket, and the row keeps a reference
     # (`jobs.get` reads it back). Without a bucket every output stays in its row, as before.
     inline_output_max_bytes: Count = Field(default=1_048_576, validation_alias="RPQ_INLINE_OUTPUT_MAX_BYTES")
@@ -251,59 +263,38 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_caps(cls, raw: object, info: ValidationInfo) -> object:
         """`tts=50,export=4`: endpoint names from RUNPOD_ENDPOINTS, each with a whole number above 0."""
-        if not isinstance(raw, str):
-            return raw
-        # Checked here, not in a model validator, to be reported with every other problem. RUNPOD_ENDPOINTS
-        # validates first; when it is wrong itself (and reported), its names are not checked.
-        known: Mapping[str, Endpoint] | None = info.data.get("endpoints")
-        caps: dict[str, int] = {}
-        problems: list[str] = []
-        for item in _items(raw):
-            name, sep, value = (s.strip() for s in item.partition("="))
-            if not sep or not re.fullmatch(r"[0-9]{1,9}", value) or int(value) <= 0:
-                problems.append(f"{item!r} is not NAME=N with N a whole number above 0")
-            elif known is not None and name not in known:
-                problems.append(f"{name!r} is not an endpoint in RUNPOD_ENDPOINTS "
-                                f"({', '.join(sorted(known)) or 'none configured'})")
-            elif name in caps:
-                problems.append(f"{name!r} is listed twice")
-            else:
-                caps[name] = int(value)
-        if problems:
-            raise ValueError(*problems)
-        return caps
+        def cap(value: str) -> int | str:
+            if re.fullmatch(r"[0-9]{1,9}", value) and int(value) > 0:
+                return int(value)
+            return "is not NAME=N with N a whole number above 0"
+        return _per_endpoint(raw, info, cap)
+
+    @field_validator("budget_endpoint_max_spend_per_hour", mode="before")
+    @classmethod
+    def _parse_endpoint_budgets(cls, raw: object, info: ValidationInfo) -> object:
+        """`tts=2.5,export=10`: endpoint names from RUNPOD_ENDPOINTS, each with USD an hour above 0."""
+        def usd(value: str) -> float | str:
+            if re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,6})?", value) and float(value) > 0:
+                return float(value)
+            return "is not NAME=USD with USD an hourly amount above 0"
+        return _per_endpoint(raw, info, usd)
 
     @field_validator("autoscale", mode="before")
     @classmethod
     def _parse_autoscale(cls, raw: object, info: ValidationInfo) -> object:
         """`tts=1:10:30,export=0:4:120:600`: NAME=FLOOR:CEILING:TARGET_WAIT[:COOLDOWN], names from RUNPOD_ENDPOINTS."""
-        if not isinstance(raw, str):
-            return raw
-        known: Mapping[str, Endpoint] | None = info.data.get("endpoints")
-        policies: dict[str, AutoscalePolicy] = {}
-        problems: list[str] = []
-        for item in _items(raw):
-            name, sep, value = (s.strip() for s in item.partition("="))
+        def policy(value: str) -> AutoscalePolicy | str:
             parts = value.split(":")
             whole = [p.isdigit() and len(p) <= 6 for p in parts[:2]]
             seconds = [re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,3})?", p) is not None for p in parts[2:]]
-            if not sep or len(parts) not in (3, 4) or not all(whole) or not all(seconds):
-                problems.append(f"{item!r} is not NAME=FLOOR:CEILING:TARGET_WAIT[:COOLDOWN] (whole workers, seconds)")
-                continue
+            if len(parts) not in (3, 4) or not all(whole) or not all(seconds):
+                return "is not NAME=FLOOR:CEILING:TARGET_WAIT[:COOLDOWN] (whole workers, seconds)"
             floor, ceiling = int(parts[0]), int(parts[1])
             target, cooldown = float(parts[2]), float(parts[3]) if len(parts) == 4 else 300.0
-            if known is not None and name not in known:
-                problems.append(f"{name!r} is not an endpoint in RUNPOD_ENDPOINTS "
-                                f"({', '.join(sorted(known)) or 'none configured'})")
-            elif name in policies:
-                problems.append(f"{name!r} is listed twice")
-            elif ceiling < 1 or floor > ceiling or target <= 0:
-                problems.append(f"{name!r}: the ceiling must be at least 1 and the floor, and the target wait above 0")
-            else:
-                policies[name] = AutoscalePolicy(floor, ceiling, target, cooldown)
-        if problems:
-            raise ValueError(*problems)
-        return policies
+            if ceiling < 1 or floor > ceiling or target <= 0:
+                return "the ceiling must be at least 1 and the floor, and the target wait above 0"
+            return AutoscalePolicy(floor, ceiling, target, cooldown)
+        return _per_endpoint(raw, info, policy)
 
     @field_validator("runpod_limits", mode="before")
     @classmethod
@@ -360,12 +351,14 @@ class Settings(BaseSettings):
             raise ConfigError(["RUNPOD_API_KEY: not set; RunPod (and the simulator) need it"])
         return self.runpod_api_key
 
+    def endpoint_name_for(self, endpoint_id: str) -> str | None:
+        """The name RUNPOD_ENDPOINTS gives that RunPod endpoint id, if any (per-endpoint settings go by name)."""
+        return next((name for name, endpoint in self.endpoints.items() if endpoint.id == endpoint_id), None)
+
     def max_in_flight_for(self, endpoint_id: str) -> int | None:
         """The cap on the endpoint's jobs at RunPod at once, if it has one."""
-        for name, endpoint in self.endpoints.items():
-            if endpoint.id == endpoint_id and name in self.max_in_flight:
-                return self.max_in_flight[name]
-        return None
+        name = self.endpoint_name_for(endpoint_id)
+        return self.max_in_flight.get(name) if name is not None else None
 
     def resolve_endpoint(self, name_or_id: str) -> Endpoint:
         """The configured endpoint of that name, or a bare RunPod endpoint id taken as itself."""
@@ -401,6 +394,33 @@ def _problems(error: ValidationError) -> list[str]:
         for message in cause.args if isinstance(cause, ValueError) else (detail["msg"],):
             problems.append(f"{detail['loc'][0]}: {message}" if detail["loc"] else str(message))
     return problems
+
+
+def _per_endpoint(raw: object, info: ValidationInfo, value_of: Callable[[str], T | str]) -> object:
+    """A `NAME=VALUE,...` variable as {name: value}, names from RUNPOD_ENDPOINTS; `value_of` gives a value or what
+    is wrong with it. Names are checked here, not in a model validator, to be reported with every other problem.
+    RUNPOD_ENDPOINTS validates first; when it is wrong itself (and reported), its names are not checked."""
+    if not isinstance(raw, str):
+        return raw
+    known: Mapping[str, Endpoint] | None = info.data.get("endpoints")
+    found: dict[str, T] = {}
+    problems: list[str] = []
+    for item in _items(raw):
+        name, sep, text = (s.strip() for s in item.partition("="))
+        value = value_of(text if sep else "")  # no value parses from "", so each parser names its own format
+        if isinstance(value, str):
+            # A malformed item is quoted: its text is the operator's own setting, never a secret.
+            problems.append(f"{item!r} {value}" if value.startswith("is ") else f"{name!r}: {value}")
+        elif known is not None and name not in known:
+            problems.append(f"{name!r} is not an endpoint in RUNPOD_ENDPOINTS "
+                            f"({', '.join(sorted(known)) or 'none configured'})")
+        elif name in found:
+            problems.append(f"{name!r} is listed twice")
+        else:
+            found[name] = value
+    if problems:
+        raise ValueError(*problems)
+    return found
 
 
 def _items(raw: str) -> list[str]:

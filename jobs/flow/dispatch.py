@@ -27,7 +27,7 @@ from sqlmodel import Session, col, or_, select
 
 from jobs.flow import lifecycle
 from jobs.flow.batching import ask_and_store, tokens_available
-from jobs.flow.spend_guard import HOLD_RECHECK_SECONDS, spend_hold
+from jobs.flow.spend_guard import ACCOUNT, HOLD_RECHECK_SECONDS, SpendHold, note_holds, spend_holds
 from jobs.runtime import POLL_DUE_TASK, Runtime
 from jobs.states import JobStatus
 from jobs.storage.db import session_scope
@@ -70,8 +70,7 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
     outcome = Outcome()
     started = time.monotonic()
     cap = rt.settings.max_in_flight_for(endpoint_id)
-    with session_scope(rt.engine, read_only=True) as session:
-        hold = spend_hold(session, rt.settings, utcnow())
+    hold = _spend_hold(rt, endpoint_id)
     if hold is not None:  # only jobs an operator released go out (jobs.release)
         log.warning("endpoint %s: %s", endpoint_id, hold.message)
     while True:
@@ -109,6 +108,25 @@ def dispatch(rt: Runtime, endpoint_id: str, *, rand: Any = random.random,
             # Come back when a batch's worth has gathered (the bucket holds them: none is lost).
             outcome.again_in, outcome.reason = NO_BUDGET_RECHECK_SECONDS, "the /run budget is spent for now"
             return outcome
+
+
+def _spend_hold(rt: Runtime, endpoint_id: str) -> SpendHold | None:
+    """The spend guard's hold on the endpoint's new jobs, if any, with its spells recorded as they begin and end.
+    Reads only when a limit is set: with none, the guard costs the dispatcher nothing."""
+    settings = rt.settings
+    name = settings.endpoint_name_for(endpoint_id)
+    scopes = set()
+    if settings.budget_max_spend_per_hour is not None or settings.budget_min_balance is not None:
+        scopes.add(ACCOUNT)
+    if name is not None and name in settings.budget_endpoint_max_spend_per_hour:
+        scopes.add(name)
+    if not scopes:
+        return None
+    with session_scope(rt.engine) as session:
+        now = utcnow()
+        holds = spend_holds(session, settings, now, endpoint_id)
+        note_holds(session, scopes, holds, now)
+    return holds[0] if holds else None
 
 
 def claim_pending(rt: Runtime, endpoint_id: str, limit: int, *,

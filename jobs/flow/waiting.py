@@ -71,7 +71,7 @@ def waiting_of(session: Session, row: JobRow, settings: Settings, now: datetime)
     """Why this job waits; None unless it is PENDING."""
     if row.status is not JobStatus.PENDING:
         return None
-    hold = spend_hold(session, settings, now)
+    hold = spend_hold(session, settings, now, row.endpoint_id)
     if hold is not None and not row.spend_released:
         return Waiting(WaitReason.SPEND, hold.message)
     if _deferred(row, now):
@@ -89,9 +89,10 @@ def waiting_of_rows(session: Session, rows: Iterable[JobRow], settings: Settings
     """`waiting_of` for a page of jobs, keyed by job id (PENDING jobs only): the jobs ahead of each are
     ranked once per endpoint, and each capped endpoint's jobs in flight are counted once."""
     pending = [row for row in rows if row.status is JobStatus.PENDING]
-    hold = spend_hold(session, settings, now) if pending else None
+    holds = {endpoint_id: spend_hold(session, settings, now, endpoint_id)
+             for endpoint_id in {row.endpoint_id for row in pending if not row.spend_released}}
     held = {row.id: Waiting(WaitReason.SPEND, hold.message) for row in pending
-            if hold is not None and not row.spend_released}
+            if (hold := holds.get(row.endpoint_id)) is not None and not row.spend_released}
     pending = [row for row in pending if row.id not in held]
     due = [row for row in pending if not _deferred(row, now)]
     endpoint_ids = sorted({row.endpoint_id for row in due})

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from jobs.flow.spend_guard import spend_hold
+from jobs.flow.spend_guard import ACCOUNT, spend_hold, spend_holds
 from jobs.flow.waiting import held_by_cap
 from jobs.observability.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
 from jobs.runpod import health
@@ -55,12 +55,17 @@ class RpqCollector(Collector):
                                 "How overdue the most overdue poll of a job at RunPod is (0 when none is).")
         held = GaugeMetricFamily("rpq_jobs_held", "PENDING jobs waiting for a slot under their endpoint's "
                                  "max_in_flight (RPQ_MAX_IN_FLIGHT); only endpoints with a cap.", labels=["endpoint"])
-        guard = GaugeMetricFamily("rpq_spend_guard_holding", "1 while the spend guard holds new jobs (the account "
-                                  "spends too fast or its balance is too low), else 0.")
+        guard = GaugeMetricFamily("rpq_spend_guard_holding", "1 while the spend guard holds new jobs, else 0: "
+                                  "scope=account for the account's limits (spend per hour, balance), and "
+                                  "scope=<endpoint> for each endpoint with a limit of its own.", labels=["scope"])
         with session_scope(self.rt.engine, read_only=True) as session:
             for endpoint, count in sorted(held_by_cap(session, self.rt.settings, utcnow()).items()):
                 held.add_metric([endpoint], count)
-            guard.add_metric([], 0.0 if spend_hold(session, self.rt.settings, utcnow()) is None else 1.0)
+            settings, now = self.rt.settings, utcnow()
+            guard.add_metric([ACCOUNT], 0.0 if spend_hold(session, settings, now) is None else 1.0)
+            for name in sorted(settings.budget_endpoint_max_spend_per_hour):
+                holds = spend_holds(session, settings, now, settings.endpoints[name].id)
+                guard.add_metric([name], 1.0 if any(hold.scope == name for hold in holds) else 0.0)
             for status, endpoint, count in session.exec(
                 select(JobRow.status, JobRow.endpoint_name, func.count()).group_by(
                     col(JobRow.status), col(JobRow.endpoint_name))

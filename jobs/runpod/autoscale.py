@@ -32,6 +32,7 @@ from sqlmodel import Session, col, select
 
 from jobs.errors import RunPodError
 from jobs.flow.spend_guard import spend_hold
+from jobs.runpod.guard_workers import guard_workers
 from jobs.runpod.health import recent_timings
 from jobs.runpod.scaling import ScaleResult, scale_endpoint
 from jobs.runtime import Runtime
@@ -77,6 +78,9 @@ def decide(policy: AutoscalePolicy, seen: Seen) -> Decision:
         return Decision(None, f"cooling down: the workers changed {seen.seconds_since_change:.0f} s ago "
                               f"(waits {policy.cooldown_seconds:.0f} s)")
     if seen.max_workers < policy.floor:
+        if seen.spend_held:  # the guard may have lowered it on purpose (RPQ_BUDGET_LOWER_WORKERS_TO)
+            return Decision(None, f"max workers {seen.max_workers} is below the floor {policy.floor}, but the "
+                                  "spend guard holds: not raising")
         return Decision(policy.floor, f"max workers {seen.max_workers} is below the floor {policy.floor}")
     if seen.max_workers > policy.ceiling:
         return Decision(policy.ceiling, f"max workers {seen.max_workers} is above the ceiling {policy.ceiling}")
@@ -115,13 +119,16 @@ def observe(rt: Runtime, session: Session, endpoint_name: str) -> Seen:
         idle_workers=workers.summary.idle,
         typical_run_seconds=statistics.median(executions) / 1000 if executions else DEFAULT_RUN_SECONDS,
         seconds_since_change=None if last is None else (now - last).total_seconds(),
-        spend_held=spend_hold(session, rt.settings, now) is not None)
+        spend_held=spend_hold(session, rt.settings, now, endpoint.id) is not None)
 
 
-def autoscale(rt: Runtime) -> dict[str, ScaleResult | str]:
-    """One round over every endpoint RPQ_AUTOSCALE names: each decided, and changed when the decision says."""
+def autoscale(rt: Runtime, *, skip: set[str] | None = None) -> dict[str, ScaleResult | str]:
+    """One round over every endpoint RPQ_AUTOSCALE names (but those in `skip`, which the spend guard just
+    changed): each decided, and changed when the decision says."""
     done: dict[str, ScaleResult | str] = {}
     for name, policy in sorted(rt.settings.autoscale.items()):
+        if skip and name in skip:
+            continue
         try:
             with session_scope(rt.engine, read_only=True) as session:
                 seen = observe(rt, session, name)
@@ -142,10 +149,14 @@ def autoscale(rt: Runtime) -> dict[str, ScaleResult | str]:
 
 
 def autoscale_on_schedule(rt: Runtime) -> dict[str, ScaleResult | str] | None:
-    """Beat's autoscaler round, held by a lease so two beats (or a backlog) do not both change workers."""
-    if not rt.settings.autoscale:
+    """Beat's round of changes to workers, held by a lease so two beats (or a backlog) do not both change them:
+    first the spend guard's (which lowers held endpoints and puts back released ones), then the autoscaler's,
+    which sees what the guard did as a recent change and waits out its cooldown."""
+    if not rt.settings.autoscale and rt.settings.budget_lower_workers_to is None:
         return None
     lease = timedelta(seconds=rt.settings.runpod_health_poll_seconds * 0.8)
     if not try_acquire(rt.engine, "autoscale", owner=uuid.uuid4().hex, lease=lease):
         return None
-    return autoscale(rt)
+    guarded = guard_workers(rt)
+    changed = {name for name, what in guarded.items() if isinstance(what, ScaleResult)}
+    return {**autoscale(rt, skip=changed), **guarded}

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -285,7 +285,8 @@ class BillingRecordRow(SQLModel, table=True):
     again is updated in place: RunPod bills every 5 minutes, so the current hour grows until it is over."""
 
     __tablename__ = "billing_records"
-    __table_args__ = (UniqueConstraint("endpoint_id", "start", name="uq_billing_records_endpoint_start"),)
+    __table_args__ = (UniqueConstraint("endpoint_id", "start", name="uq_billing_records_endpoint_start"),
+                      Index("ix_billing_records_start", "start"))
 
     id: int | None = Field(default=None, primary_key=True)
     endpoint_id: str = Field(max_length=64)
@@ -360,6 +361,25 @@ class ScaleChange(SQLModel, table=True):
     after_idle_timeout: int | None = None
     ok: bool
     error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class SpendHoldRow(SQLModel, table=True):
+    """One spell of the spend guard holding new jobs, for the account or for one endpoint: when it began, why,
+    and when it ended (NULL while it holds). At most one open spell per scope, which the unique partial index
+    enforces, so two dispatchers that see a hold begin at once record it once."""
+
+    __tablename__ = "spend_holds"
+    __table_args__ = (
+        Index("ix_spend_holds_scope_open", "scope", unique=True,
+              sqlite_where=text("ended_at IS NULL"), postgresql_where=text("ended_at IS NULL")),
+        Index("ix_spend_holds_started_at", "started_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=64)  # "account", or an endpoint's name
+    started_at: datetime = _time(required=True)
+    ended_at: datetime | None = _time()
+    reason: str = Field(sa_column=Column(Text, nullable=False))
 
 
 class Lock(SQLModel, table=True):

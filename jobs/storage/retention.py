@@ -43,6 +43,7 @@ from jobs.storage.models import (
     GpuPrice,
     JobRow,
     PodSnapshot,
+    SpendHoldRow,
     Upload,
     utcnow,
 )
@@ -54,9 +55,10 @@ LOCK = "retention"
 #: began just before the URL expired may still be arriving, and its client may still be about to submit.
 UPLOAD_GRACE = timedelta(days=1)
 #: The collectors' tables, each with the time its rows age by: a billed hour by its start, the rest by when seen.
+#: The spend guard's spells go by when they ended (one still holding has no end, and stays).
 SNAPSHOT_TABLES: tuple[tuple[type[SQLModel], str], ...] = (
     (EndpointSnapshot, "observed_at"), (AccountSnapshot, "observed_at"), (GpuPrice, "observed_at"),
-    (PodSnapshot, "observed_at"), (BillingRecordRow, "start"), (CollectorRun, "at"),
+    (PodSnapshot, "observed_at"), (BillingRecordRow, "start"), (CollectorRun, "at"), (SpendHoldRow, "ended_at"),
 )
 NO_BUCKET = "RPQ_S3_BUCKET is not set: set it to the bucket their files are in, and the next run deletes them"
 

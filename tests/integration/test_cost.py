@@ -15,7 +15,7 @@ from jobs.runpod.cost import EndpointPrice, cost_report, estimate
 from jobs.runtime import Runtime
 from jobs.states import JobStatus
 from jobs.storage.db import make_engine, session_scope
-from jobs.storage.models import BillingRecordRow, EndpointSnapshot, GpuPrice, utcnow
+from jobs.storage.models import BillingRecordRow, EndpointSnapshot, GpuPrice, SpendHoldRow, utcnow
 from jobs.storage.store import JOBS, update_fields
 from tests.conftest import (
     ENDPOINT_ID,
@@ -126,6 +126,30 @@ def test_rpq_cost_prints_the_report_as_json(runtime: Runtime) -> None:
     [line] = json.loads(done.stdout)
     assert (line["group"], line["jobs"], line["jobs_without_price"]) == (utcnow().strftime("%Y-%m-%d"), 1, 0)
     assert line["estimated_usd"] > 0
+
+
+def test_rpq_cost_lists_the_spells_the_spend_guard_held_new_jobs(runtime: Runtime) -> None:
+    import os
+    import subprocess
+    import sys
+
+    with session_scope(runtime.engine) as session:
+        session.add(SpendHoldRow(scope="account", started_at=utcnow() - timedelta(minutes=30),
+                                 ended_at=utcnow() - timedelta(minutes=10), reason="the balance is $4.00"))
+        session.add(SpendHoldRow(scope=ENDPOINT_NAME, started_at=utcnow() - timedelta(minutes=5),
+                                 reason="endpoint tts spends $9.00/h"))
+        session.add(SpendHoldRow(scope="account", started_at=utcnow() - timedelta(hours=5),
+                                 ended_at=utcnow() - timedelta(hours=4), reason="long ago"))
+    env = {**os.environ, "DATABASE_URL": runtime.settings.database_url,
+           "RUNPOD_ENDPOINTS": f"{ENDPOINT_NAME}={ENDPOINT_ID}"}
+
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "cost", "--since", "1h"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    spells = done.stdout.split("The spend guard held new jobs:")[1].splitlines()
+    assert [line.split()[0] for line in spells if line.strip()] == ["SCOPE", ENDPOINT_NAME, "account"]
+    assert "holding" in spells[2] and "$9.00/h" in spells[2] and "long ago" not in done.stdout
 
 
 def test_rpq_costs_estimates_match_what_the_simulator_billed_within_one_percent(

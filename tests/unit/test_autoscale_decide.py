@@ -42,6 +42,13 @@ def test_a_max_outside_the_bounds_is_brought_back_in() -> None:
     assert decide(POLICY, replace(CALM, max_workers=12)).new_max == 8
 
 
+def test_a_max_below_the_floor_stays_there_while_the_spend_guard_holds() -> None:
+    # The guard may have lowered it on purpose (RPQ_BUDGET_LOWER_WORKERS_TO); raising it would undo that.
+    held = decide(POLICY, replace(CALM, max_workers=0, spend_held=True))
+
+    assert held.new_max is None and "spend guard" in held.why
+
+
 def test_a_queue_hovering_around_the_target_does_not_make_it_flap() -> None:
     # Every 30 s for an hour the queue swings between a little under and a little over the target.
     max_workers, last_change, changes = 4, None, []

@@ -216,6 +216,8 @@ BAD_VALUES = {
     "RPQ_BUDGET_MAX_SPEND_PER_HOUR": "0",
     "RPQ_AUTOSCALE": "tts=5:2:30",
     "RPQ_BUDGET_MIN_BALANCE": "-1",
+    "RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR": "tts=-2",
+    "RPQ_BUDGET_LOWER_WORKERS_TO": "some",
 }
 #: Variables in .env.example that other parts read: Flower its login, the HTTP API its tokens (jobs.web.auth).
 READ_ELSEWHERE = {"FLOWER_BASIC_AUTH", "RPQ_API_TOKENS", "RPQ_API_ALLOW_NO_AUTH"}
@@ -285,6 +287,23 @@ def test_a_cap_on_an_unknown_endpoint_is_reported_with_the_other_problems() -> N
     ]
     assert Settings.from_env({"RUNPOD_ENDPOINTS": "tts=fh46rj7dq9r3o5", "RPQ_MAX_IN_FLIGHT": "tts=2"}) \
         .max_in_flight_for("fh46rj7dq9r3o5") == 2
+
+
+def test_endpoint_budgets_take_usd_an_hour_per_configured_endpoint_and_report_every_problem() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"RUNPOD_ENDPOINTS": "tts=fh46rj7dq9r3o5",
+                           "RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR": "tts=0,export=2,tts,video=1e3"})
+
+    assert caught.value.problems == [
+        "RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR: 'tts=0' is not NAME=USD with USD an hourly amount above 0",
+        "RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR: 'export' is not an endpoint in RUNPOD_ENDPOINTS (tts)",
+        "RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR: 'tts' is not NAME=USD with USD an hourly amount above 0",
+        "RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR: 'video=1e3' is not NAME=USD with USD an hourly amount above 0",
+    ]
+    settings = Settings.from_env({"RUNPOD_ENDPOINTS": "tts=fh46rj7dq9r3o5",
+                                  "RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR": "tts=2.5"})
+    assert settings.budget_endpoint_max_spend_per_hour == {"tts": 2.5}
+    assert settings.endpoint_name_for("fh46rj7dq9r3o5") == "tts" and settings.endpoint_name_for("other") is None
 
 
 def test_settings_built_in_code_are_checked_too_and_copies_keep_the_key() -> None:
