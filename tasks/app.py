@@ -32,6 +32,19 @@ def _every(task: str, seconds: int) -> dict[str, Any]:
     return {"task": task, "schedule": float(seconds), "options": {"expires": float(seconds)}}
 
 
+def task_time_limits(settings: Settings) -> tuple[float, float]:
+    """Every task's soft and hard limits. RunPod calls are short; a stuck one is cut long before the VT, but never
+    a /run that is still within its own bound (cutting it would make its outcome unknown for nothing)."""
+    return max(120.0, settings.submit_bound_seconds + 15), max(180.0, settings.submit_bound_seconds + 75)
+
+
+def collect_time_limits(settings: Settings) -> dict[str, float]:
+    """The collectors' round may take most of its interval (its lease is 0.8 of it), never less than other tasks."""
+    soft, hard = task_time_limits(settings)
+    longer = max(soft, settings.runpod_collection_interval_seconds * 0.8)
+    return {"soft_time_limit": longer, "time_limit": hard + (longer - soft)}
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     celery = Celery("rpq", broker=settings.celery_broker_url, include=["tasks.jobs"])
@@ -53,10 +66,12 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,  # held countdown messages go back to Redis on shutdown
         worker_soft_shutdown_timeout=10,
         worker_cancel_long_running_tasks_on_connection_loss=True,  # no double run after a reconnect
-        # RunPod calls are short; a stuck one is cut long before the VT, but never a /run that is still
-        # within its own bound (cutting it would make its outcome unknown for nothing).
-        task_soft_time_limit=max(120, settings.submit_bound_seconds + 15),
-        task_time_limit=max(180, settings.submit_bound_seconds + 75),
+        task_soft_time_limit=task_time_limits(settings)[0],
+        task_time_limit=task_time_limits(settings)[1],
+        # A collectors' round calls RunPod's management API a few times per endpoint, within its rate limit (60
+        # a minute by default): with many endpoints that is minutes. Cut at the general limit, a round would
+        # stop at the same endpoint every time, and the later ones would never be collected.
+        task_annotations={COLLECT_TASK: collect_time_limits(settings)},
         task_default_queue=SUBMIT_QUEUE,
         task_queues=[Queue(name) for name in QUEUES],
         task_routes={task: {"queue": queue} for task, queue in ROUTES.items()},
