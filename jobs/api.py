@@ -706,6 +706,13 @@ def stream_events(job_id: str, *, after: int = 0, runtime: Runtime | None = None
         return Job.from_row(row), items
 
 
+def stream_outputs_before(job_id: str, *, attempt: int, seq: int, runtime: Runtime | None = None) -> int:
+    """How many `output` events the attempt's stream has up to `seq`: where a resumed stream's numbering goes on."""
+    rt = runtime or get_runtime()
+    with session_scope(rt.engine, read_only=True) as session:
+        return streams.count(session, job_id, attempt=attempt, kind=streams.OUTPUT, upto=seq)
+
+
 def webhook_received(token: str, *, runpod_job_id: str | None = None, runtime: Runtime | None = None) -> bool:
     """RunPod called a job's webhook: poll that job now. False when no job has that token.
 

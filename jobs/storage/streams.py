@@ -41,7 +41,9 @@ def for_transition(
         if not streaming and not output_missing:
             events.append((OUTPUT, output))  # a plain handler's whole output is its one chunk
         events.append((END, end_data(to, output_missing=output_missing)))
-    elif to.is_terminal:
+    elif to.is_terminal or to is JobStatus.SUBMIT_UNKNOWN:
+        # An unknown submit ends the stream too: nothing more comes unless an operator acts (the stream then
+        # goes on, and its reader skips this event once the job has moved on).
         events.append((ERROR, {"status": to.value, "error": error or detail}))
     return events
 
@@ -101,3 +103,11 @@ def read(session: Session, job_id: str, *, attempt: int, after: int = 0, limit: 
         .order_by(col(StreamEvent.seq)).limit(limit)
     )
     return list(session.exec(statement).all())
+
+
+def count(session: Session, job_id: str, *, attempt: int, kind: str, upto: int) -> int:
+    """How many events of `kind` this attempt has with seq <= `upto`."""
+    write_kept(session)
+    return int(session.exec(select(func.count()).select_from(StreamEvent).where(
+        StreamEvent.job_id == job_id, StreamEvent.attempt == attempt, StreamEvent.kind == kind,
+        col(StreamEvent.seq) <= upto)).one())

@@ -54,6 +54,7 @@ from jobs.web.events import JobId
 from jobs.web.events import router as streams_and_webhooks
 from jobs.web.schemas import (
     CORRELATION_ID_PATTERN,
+    STREAM_EVENTS,
     EndpointHealth,
     ErrorBody,
     FileUrl,
@@ -318,7 +319,8 @@ class _Api(FastAPI):
         schema = super().openapi()
         if first:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (JobRequest, JobFilter, UploadRequest):
+            models: list[type[BaseModel]] = [JobRequest, JobFilter, UploadRequest, *STREAM_EVENTS.values()]
+            for model in models:
                 definition = _json_schema(model)
                 components.update(definition.pop("$defs", {}))
                 components[model.__name__] = definition

@@ -33,8 +33,10 @@ from jobs.errors import Problem, RunPodTransient
 from jobs.jsonsafe import text_problems
 from jobs.runpod.client import MAX_RUNSYNC_PAYLOAD_BYTES, is_job_id
 from jobs.runtime import Runtime
-from jobs.storage.streams import FINAL_KINDS, end_data
-from jobs.web.schemas import ErrorBody, header_schema
+from jobs.states import JobStatus
+from jobs.storage.models import FileRole, utcnow
+from jobs.storage.streams import END, ERROR, FINAL_KINDS, OUTPUT, PROGRESS, STARTED
+from jobs.web.schemas import ErrorBody, ErrorCode, header_schema
 
 #: How often an open stream looks for new events in the table.
 POLL_SECONDS = 0.5
@@ -75,8 +77,11 @@ def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
     @events.get(
         "/jobs/{job_id}/events",
         summary="Follow a job as Server-Sent Events",
-        description="Events `started`, `progress`, `output`, then exactly one of `end` or `error`; the "
-        "stream then closes. Reconnect with `Last-Event-ID` to resume without gaps or repeats.",
+        description="Events `started` (StartedEvent), `progress` (what the handler reported), `output` "
+        "(OutputEvent), then `metrics` (MetricsEvent, when the job ran) and exactly one of `end` (EndEvent) or "
+        "`error` (ErrorEvent, with a code from ErrorCode); the stream then closes. Each `data` is JSON of the "
+        "schema named, in this document's components. Reconnect with `Last-Event-ID` to resume without gaps or "
+        "repeats.",
         response_class=StreamingResponse,
         responses={200: {"content": {"text/event-stream": {}}},
                    **{code: {"model": ErrorBody, "description": HTTPStatus(code).phrase} for code in (401, 404, 422)}},
@@ -129,18 +134,23 @@ def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
 async def _follow(request: Request, runtime: Runtime, job_id: str, after: int, job: jobs.Job,
                   batch: list[jobs.StreamItem]) -> AsyncIterator[bytes]:
     last_write = time.monotonic()
+    render = _Renderer(runtime, job, outputs_before=await run_in_threadpool(
+        jobs.stream_outputs_before, job_id, attempt=job.attempt, seq=after, runtime=runtime) if after else 0)
     while True:
+        render.job = job
         for item in batch:
-            yield _event(item)
+            for chunk in await run_in_threadpool(render, item):
+                yield chunk
             after = item.seq
             last_write = time.monotonic()
-            if item.kind in FINAL_KINDS:
+            if render.ended:
                 return
         if job.is_terminal and not batch:
             _, everything = await run_in_threadpool(jobs.stream_events, job_id, after=0, runtime=runtime)
             if not any(item.kind in FINAL_KINDS for item in everything):
                 # Finished, yet its stream has no end or error (a job older than streams): say how it ended.
-                yield _closing(job).encode()
+                for chunk in await run_in_threadpool(render.closing):
+                    yield chunk
             return  # else the client already has the final event: it resumed after it
         if await request.is_disconnected():
             return
@@ -149,6 +159,82 @@ async def _follow(request: Request, runtime: Runtime, job_id: str, after: int, j
             last_write = time.monotonic()
         await anyio.sleep(POLL_SECONDS)
         job, batch = await run_in_threadpool(jobs.stream_events, job_id, after=after, runtime=runtime)
+
+
+class _Renderer:
+    """Turns the stored events of one job's stream into what the client gets (the shapes in
+    `jobs.web.schemas.STREAM_EVENTS`), from the event and the job row read with it. Rendered when served, not
+    when stored, so a stream stored before these shapes existed is served in them too."""
+
+    def __init__(self, runtime: Runtime, job: jobs.Job, *, outputs_before: int) -> None:
+        self.runtime, self.job, self.ended = runtime, job, False
+        self.attempt, self.next_output = job.attempt, outputs_before
+
+    def __call__(self, item: jobs.StreamItem) -> list[bytes]:
+        job = self.job
+        if job.attempt != self.attempt:  # a retry began a new stream: its outputs count from 0
+            self.attempt, self.next_output = job.attempt, 0
+        data: Any = item.data
+        seq = item.seq or None  # 0: an event made up when served (closing), with no id of its own
+        if item.kind == STARTED:
+            return [_event(seq, item.kind, {"job_id": job.id, "endpoint": job.endpoint, "attempt": job.attempt,
+                                            "started_at": (job.started_at or item.at).isoformat()})]
+        if item.kind == OUTPUT:
+            self.next_output += 1
+            return [_event(seq, item.kind, {"i": self.next_output - 1, "data": data})]
+        if item.kind == PROGRESS:
+            return [_event(seq, item.kind, data)]
+        stored = data if isinstance(data, dict) else {}
+        status = str(stored.get("status") or job.status.value)
+        if status == JobStatus.SUBMIT_UNKNOWN and job.status is not JobStatus.SUBMIT_UNKNOWN:
+            return []  # the unknown submit was settled since (adopted or resubmitted): the stream goes on
+        self.ended = True
+        if item.kind == END and not stored.get("output_missing"):
+            end: dict[str, Any] = {"status": status, "execution_ms": job.execution_time_ms}
+            if job.files_missing or any(f.role == FileRole.OUTPUT for f in self._files()):
+                end["files"] = [{"name": f.name, "state": f.state, "size": f.size, "content_type": f.content_type}
+                                for f in self._files() if f.role == FileRole.OUTPUT]
+            return [*self._metrics(), _event(seq, END, end)]
+        code, message = _error_of(job, status, stored)
+        return [*self._metrics(), _event(seq, ERROR, {"code": code, "message": message, "status": status})]
+
+    def closing(self) -> list[bytes]:
+        """The final event of a finished job whose stream has none (stored before streams existed)."""
+        job = self.job
+        kind = END if job.status is JobStatus.COMPLETED and not job.output_missing else ERROR
+        return self(jobs.StreamItem(0, kind, {"status": job.status.value, "error": job.error,
+                                              "output_missing": job.output_missing}, job.finished_at or utcnow()))
+
+    def _metrics(self) -> list[bytes]:
+        job = self.job
+        if job.delay_time_ms is None and job.execution_time_ms is None:
+            return []  # it never ran: there is nothing to measure
+        return [_event(None, "metrics", {"delay_ms": job.delay_time_ms, "execution_ms": job.execution_time_ms,
+                                         "cost_usd": job.cost_usd})]
+
+    def _files(self) -> list[jobs.JobFileInfo]:
+        if not hasattr(self, "_found"):
+            self._found = jobs.files(self.job.id, runtime=self.runtime)
+        return self._found
+
+
+def _error_of(job: jobs.Job, status: str, stored: dict[str, Any]) -> tuple[ErrorCode, str]:
+    """The error code and message of a stream's final `error` (see ErrorCode for the list)."""
+    said = str(stored.get("error") or job.error or "")
+    if stored.get("output_missing"):
+        return ErrorCode.OUTPUT_MISSING, ("RunPod said COMPLETED but gave no output (RunPod drops a result over "
+                                          "about 20 MB)")
+    if status == JobStatus.FAILED:
+        if job.runpod_job_id is None:  # RunPod never accepted it: /run refused, or an input failed its check
+            return ErrorCode.REJECTED, said or "the job was refused before it ran"
+        return ErrorCode.HANDLER_FAILED, said or "the handler failed"
+    codes = {JobStatus.TIMED_OUT: (ErrorCode.TIMED_OUT, "RunPod's execution timeout cut the job"),
+             JobStatus.CANCELLED: (ErrorCode.CANCELLED, "the job was cancelled"),
+             JobStatus.EXPIRED: (ErrorCode.EXPIRED, "RunPod no longer knows the job (its ttl or retention passed)"),
+             JobStatus.SUBMIT_UNKNOWN: (ErrorCode.SUBMIT_UNKNOWN, "/run's outcome is unknown: the job is not sent "
+                                                                  "again by itself; an operator decides")}
+    code, default = codes.get(JobStatus(status), (ErrorCode.HANDLER_FAILED, "the job failed"))
+    return code, said or default
 
 
 async def _named_job(request: Request) -> str | None:
@@ -167,12 +253,8 @@ async def _named_job(request: Request) -> str | None:
     return named if is_job_id(named) else None
 
 
-def _event(item: jobs.StreamItem) -> bytes:
-    data = json.dumps(item.data, ensure_ascii=False, separators=(",", ":"))
-    return f"id: {item.seq}\nevent: {item.kind}\ndata: {data}\n\n".encode()
-
-
-def _closing(job: jobs.Job) -> str:
-    if job.status.value == "COMPLETED":
-        return f'event: end\ndata: {json.dumps(end_data(job.status, output_missing=job.output_missing))}\n\n'
-    return f'event: error\ndata: {json.dumps({"status": job.status.value, "error": job.error})}\n\n'
+def _event(seq: int | None, kind: str, data: Any) -> bytes:
+    """One SSE event, written whole. `seq` None: no id line, so the client's Last-Event-ID stays the one before."""
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {kind}\ndata: {body}\n\n".encode()

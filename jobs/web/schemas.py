@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import (
@@ -509,6 +510,78 @@ class ErrorBody(BaseModel):
 
 class Healthz(BaseModel):
     ok: bool
+
+
+# -- Server-Sent Events ----------------------------------------------------------------------------
+# What each event of GET /v1/jobs/{id}/events carries as its `data` (JSON). The route's description names them;
+# they are documented as components (the stream itself is text/event-stream, which OpenAPI cannot type).
+
+
+class ErrorCode(StrEnum):
+    """Why a job's stream ended with `error`."""
+
+    HANDLER_FAILED = "handler_failed"  #: the handler raised or returned an error (FAILED)
+    TIMED_OUT = "timed_out"  #: RunPod's execution timeout cut it (TIMED_OUT)
+    CANCELLED = "cancelled"  #: a user or operator cancelled it (CANCELLED)
+    EXPIRED = "expired"  #: RunPod no longer knows the job: its ttl or retention passed (EXPIRED)
+    REJECTED = "rejected"  #: never accepted: RunPod refused the /run, or an input file failed its check (FAILED)
+    OUTPUT_MISSING = "output_missing"  #: RunPod said COMPLETED but gave no output (a result over ~20 MB is dropped)
+    SUBMIT_UNKNOWN = "submit_unknown"  #: /run's outcome is unknown; an operator decides (SUBMIT_UNKNOWN)
+
+
+class StartedEvent(BaseModel):
+    """`started`: a worker took the job (or it finished before rpq saw it running)."""
+
+    job_id: str
+    endpoint: str
+    attempt: int = Field(ge=1)
+    started_at: datetime
+
+
+class OutputEvent(BaseModel):
+    """`output`: one chunk of output, numbered from 0 within the attempt. A plain handler's whole output is one
+    chunk; a generator's chunks come as RunPod gives them, unaggregated."""
+
+    i: int = Field(ge=0)
+    data: Any
+
+
+class MetricsEvent(BaseModel):
+    """`metrics`: RunPod's timings (and rpq's cost estimate, at list price), just before `end` or `error`. It has
+    no event id: a client that reconnects after it gets it again, with the final event."""
+
+    delay_ms: int | None
+    execution_ms: int | None
+    cost_usd: float | None = None
+
+
+class EndFile(BaseModel):
+    name: str
+    state: str = Field(description="found, missing, or declared (not checked)")
+    size: int | None = None
+    content_type: str | None = None
+
+
+class EndEvent(BaseModel):
+    """`end`: the job COMPLETED; its output is in the `output` events and in GET /v1/jobs/{id}."""
+
+    status: Literal["COMPLETED"]
+    execution_ms: int | None
+    files: list[EndFile] | None = Field(default=None, description="The attempt's output files, for a job with "
+                                        "files; URLs come from GET /v1/jobs/{id}/files/{name}.")
+
+
+class ErrorEvent(BaseModel):
+    """`error`: the job ended without a usable result (or, for submit_unknown, waits for an operator)."""
+
+    code: ErrorCode
+    message: str
+    status: JobStatus
+
+
+#: Each event's name and what its data is. `progress` carries what the handler reported, as it reported it.
+STREAM_EVENTS: dict[str, type[BaseModel]] = {
+    "started": StartedEvent, "output": OutputEvent, "metrics": MetricsEvent, "end": EndEvent, "error": ErrorEvent}
 
 
 # -- validation ----------------------------------------------------------------------------------

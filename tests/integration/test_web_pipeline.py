@@ -54,9 +54,37 @@ def test_a_streaming_job_arrives_as_started_chunks_in_order_then_one_end(web_pip
     with web_pipeline.api_client() as client:
         events = read_events(client, job_id)
 
-    assert [e["event"] for e in events] == ["started", *["output"] * len(chunks), "end"]
-    assert [e["data"] for e in events if e["event"] == "output"] == chunks
-    assert [e["id"] for e in events] == sorted({e["id"] for e in events})  # increasing, no repeats
+    done = jobs.get(job_id, runtime=web_pipeline.runtime)
+    assert [e["event"] for e in events] == ["started", *["output"] * len(chunks), "metrics", "end"]
+    assert events[0]["data"] == {"job_id": job_id, "endpoint": "tts", "attempt": 1,
+                                 "started_at": done.started_at.isoformat() if done.started_at else None}
+    assert [e["data"] for e in events if e["event"] == "output"] == [{"i": i, "data": c} for i, c in enumerate(chunks)]
+    assert events[-2]["data"] == {"delay_ms": done.delay_time_ms, "execution_ms": done.execution_time_ms,
+                                  "cost_usd": done.cost_usd} and events[-2]["id"] is None
+    assert events[-1]["data"] == {"status": "COMPLETED", "execution_ms": done.execution_time_ms}
+    ids = [e["id"] for e in events if e["id"] is not None]
+    assert ids == sorted(set(ids)) and len(ids) == len(events) - 1  # increasing, no repeats; metrics has none
+
+
+def test_every_event_is_what_the_openapi_document_says_its_kind_carries(web_pipeline: Pipeline) -> None:
+    from jsonschema import Draft202012Validator
+
+    ok = submit(web_pipeline, {"endpoint": "tts", "input": {"sleep": 0.2, "stream": ["a", {"b": 1}]},
+                               "stream": True}).json()["id"]
+    failed = submit(web_pipeline, {"endpoint": "tts", "input": {"sleep": 0.2, "fail": "OOM"}}).json()["id"]
+    with web_pipeline.api_client() as client:
+        document = client.get("/openapi.json").json()
+        events = read_events(client, ok) + read_events(client, failed)
+
+    components = document["components"]["schemas"]
+    names = {"started": "StartedEvent", "output": "OutputEvent", "metrics": "MetricsEvent", "end": "EndEvent",
+             "error": "ErrorEvent"}
+    assert {e["event"] for e in events} == set(names)
+    for event in events:
+        schema = {**components[names[str(event["event"])]], "components": document["components"]}
+        errors = list(Draft202012Validator(schema).iter_errors(event["data"]))
+        assert not errors, (event, errors)
+    assert "submit_unknown" in components["ErrorCode"]["enum"]
 
 
 def test_a_failing_job_streams_exactly_one_error_and_no_end(web_pipeline: Pipeline) -> None:
@@ -67,7 +95,8 @@ def test_a_failing_job_streams_exactly_one_error_and_no_end(web_pipeline: Pipeli
 
     kinds = [e["event"] for e in events]
     assert kinds[0] == "started" and kinds[-1] == "error" and "end" not in kinds
-    assert events[-1]["data"] == {"status": "FAILED", "error": "OOM"}
+    assert events[-1]["data"] == {"code": "handler_failed", "message": "OOM", "status": "FAILED"}
+    assert kinds[-2] == "metrics"
 
 
 def test_a_client_that_reconnects_with_last_event_id_resumes_without_gaps_or_repeats(web_pipeline: Pipeline) -> None:
@@ -80,8 +109,9 @@ def test_a_client_that_reconnects_with_last_event_id_resumes_without_gaps_or_rep
         rest = read_events(client, job_id, last_event_id=int(str(first[-1]["id"])))
         everything = read_events(client, job_id)
 
-    assert first + rest == everything
-    assert [e["data"] for e in everything if e["event"] == "output"] == chunks
+    assert first + rest == everything  # the resumed stream numbers its outputs on from where the first left off
+    assert [e["data"] for e in everything if e["event"] == "output"] == [{"i": i, "data": c}
+                                                                          for i, c in enumerate(chunks)]
 
 
 def test_webhooks_from_runpod_end_polling_early(web_pipeline: Pipeline) -> None:
@@ -166,7 +196,8 @@ def test_an_odd_output_arrives_through_runpod_the_table_and_sse_exactly_as_sent(
         events = read_events(client, job_id)
         read = client.get(f"/v1/jobs/{job_id}").json()
 
-    assert [e["event"] for e in events] == ["started", "output", "end"]
-    assert json.dumps(events[1]["data"], sort_keys=True) == json.dumps(output, sort_keys=True)
+    assert [e["event"] for e in events] == ["started", "output", "metrics", "end"]
+    assert events[1]["data"]["i"] == 0  # type: ignore[index]
+    assert json.dumps(events[1]["data"]["data"], sort_keys=True) == json.dumps(output, sort_keys=True)  # type: ignore[index]
     assert read["status"] == "COMPLETED" and json.dumps(read["output"], sort_keys=True) == json.dumps(output,
                                                                                                       sort_keys=True)

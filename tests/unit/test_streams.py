@@ -24,6 +24,8 @@ S = JobStatus
         (S.IN_QUEUE, S.EXPIRED, False, ["error"]),
         (S.PENDING, S.SUBMITTING, False, []),
         (S.SUBMITTING, S.IN_QUEUE, False, []),
+        (S.SUBMITTING, S.SUBMIT_UNKNOWN, False, ["error"]),  # nothing more comes unless an operator acts
+        (S.SUBMIT_UNKNOWN, S.IN_QUEUE, False, []),  # adopted: the stream goes on
         (S.FAILED, S.PENDING, False, []),  # a retry: the new attempt's stream starts when it runs
     ],
 )
