@@ -88,7 +88,8 @@ def test_the_autoscaler_raises_for_a_queue_and_lowers_once_it_is_gone_without_fl
     rt = stack.runtime
     rt.management.update_workers(ENDPOINT_ID, min=0, max=1)
     started = utcnow()
-    ids = [jobs.submit("tts", {"sleep": 1.5, "output": i}, runtime=rt).id for i in range(8)]
+    # 24 s of work for one worker: long enough that a loaded machine's slow beat still sees the queue.
+    ids = [jobs.submit("tts", {"sleep": 3, "output": i}, runtime=rt).id for i in range(8)]
 
     def autoscaler_changes() -> list[tuple[int | None, int | None]]:
         with session_scope(rt.engine, read_only=True) as session:
