@@ -652,71 +652,32 @@ def endpoints() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def endpoints_health(name: str | None, live: bool, as_json: bool) -> None:
     """Workers, jobs, a state label and an estimated wait, per endpoint."""
-    from jobs.runpod import health
-    from jobs.runtime import get_runtime
-    from jobs.storage.db import session_scope
+    from jobs.runpod.panel import endpoint_panel
 
     rt = get_runtime()
     targets = [rt.settings.resolve_endpoint(name)] if name else list(rt.settings.endpoints.values())
     if not targets:
         raise click.UsageError("no endpoints configured (RUNPOD_ENDPOINTS); name one")
-    panels: list[dict[str, Any]] = []
-    for target in targets:
-        with session_scope(rt.engine, read_only=True) as session:
-            row = health.observe(rt, target) if live else health.latest(session, target.name)
-            execution_ms, delay_ms = health.recent_timings(session, target.id)
-        if row is None:
-            panels.append({"endpoint": target.name, "endpoint_id": target.id, "state": "unknown",
-                           "reason": "no observation yet (beat collects them; or use --live)",
-                           **_snapshot_panel(rt, target.name)})
-            continue
-        verdict = health.assess(row, execution_ms=execution_ms, delay_ms=delay_ms)
-        panels.append({
-            "endpoint": target.name, "endpoint_id": target.id, "observed_at": row.observed_at.isoformat(),
-            "state": verdict.state, "reason": verdict.reason, "estimated_wait_seconds": verdict.estimated_wait_seconds,
-            "workers": {s: getattr(row, f"workers_{s}") for s in
-                        ("ready", "idle", "running", "initializing", "throttled", "unhealthy")},
-            "jobs": {s: getattr(row, f"jobs_{s}") for s in ("in_queue", "in_progress", "completed", "failed")},
-            "error": row.error,
-            **_snapshot_panel(rt, target.name),
-        })
+    panels = [endpoint_panel(rt, target, live=live) for target in targets]
     if as_json:
         click.echo(json.dumps(panels, indent=2))
         return
     for panel in panels:
         click.echo(f"{panel['endpoint']} ({panel['endpoint_id']}): {str(panel['state']).upper()}  {panel['reason']}")
-        if "workers" in panel and panel.get("error") is None:
+        if panel["workers"] is not None:
             workers, counts = panel["workers"], panel["jobs"]
             click.echo("  workers  " + "  ".join(f"{k} {v}" for k, v in workers.items()))
             click.echo("  jobs     " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
-        _print_snapshot_panel(panel)
-        wait = panel.get("estimated_wait_seconds")
-        if "observed_at" in panel:
+        if panel["worker_states"] is not None:
+            states = "  ".join(f"{k} {v}" for k, v in panel["worker_states"].items())
+            click.echo(f"  RunPod   max workers {panel['max_workers']}  {states}   "
+                       f"(exact, from /workers, {_age(datetime.fromisoformat(panel['worker_states_observed_at']))})")
+        queue = "  ".join(f"{k.lower().replace('_', ' ')} {v}" for k, v in panel["queue"].items() if v)
+        click.echo("  rpq      " + (queue or "no unfinished jobs"))
+        if panel["observed_at"] is not None:
+            wait = panel["estimated_wait_seconds"]
             shown = "unknown" if wait is None else f"~{wait:.0f}s"
             click.echo(f"  a new job would wait {shown} to start   (observed {panel['observed_at']})")
-
-
-def _snapshot_panel(rt: Any, name: str) -> dict[str, Any]:
-    """What the endpoints collector last saw of an endpoint's workers, for the health panel: max workers and the
-    exact worker states (RunPod's /workers, which /health only approximates). Empty when there is none yet."""
-    from jobs.runpod import collect
-    from jobs.storage.db import session_scope
-
-    with session_scope(rt.engine, read_only=True) as session:
-        snapshot = collect.latest_endpoint(session, name, ok=True)
-    if snapshot is None:
-        return {}
-    return {"max_workers": snapshot.workers_max, "min_workers": snapshot.workers_min,
-            "worker_states": {s: getattr(snapshot, f"workers_{s}") for s in collect.WORKER_STATES},
-            "worker_states_observed_at": snapshot.observed_at.isoformat()}
-
-
-def _print_snapshot_panel(panel: dict[str, Any]) -> None:
-    if "worker_states" not in panel:
-        return
-    states = "  ".join(f"{k} {v}" for k, v in panel["worker_states"].items())
-    click.echo(f"  RunPod   max workers {panel['max_workers']}  {states}   "
-               f"(exact, from /workers, {_age(datetime.fromisoformat(panel['worker_states_observed_at']))})")
 
 
 def _age(moment: datetime) -> str:

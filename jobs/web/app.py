@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jobs
+from jobs import ops
 from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH, InvalidJob, InvalidTransition, JobNotFound
 from jobs.bucket.access import FileNotFound, InvalidUpload
 from jobs.bucket.store import R2_HOST_SUFFIX
@@ -44,8 +45,9 @@ from jobs.errors import (
 )
 from jobs.observability import logcontext
 from jobs.runpod.client import MAX_RUN_PAYLOAD_BYTES
+from jobs.runpod.panel import endpoint_panel
 from jobs.runtime import Runtime, get_runtime
-from jobs.settings import Settings
+from jobs.settings import Endpoint, Settings
 from jobs.states import JobStatus
 from jobs.storage.models import utcnow
 from jobs.storage.store import Source
@@ -56,6 +58,8 @@ from jobs.web.schemas import (
     CORRELATION_ID_PATTERN,
     STREAM_EVENTS,
     EndpointHealth,
+    EndpointPanel,
+    EndpointPanels,
     ErrorBody,
     FileUrl,
     FileUrlQuery,
@@ -68,6 +72,7 @@ from jobs.web.schemas import (
     SubmitHeaders,
     UploadRequest,
     UploadTicketOut,
+    WarmupOut,
     check,
     endpoint_schema,
     files_schema,
@@ -573,8 +578,39 @@ def job_file(job_id: JobId, name: str, request: Request, runtime: RuntimeDep) ->
                         headers=_CREDENTIAL_HEADERS)
 
 
+def _configured(runtime: Runtime, name: str) -> Endpoint:
+    """An endpoint RUNPOD_ENDPOINTS names (the panel is of rpq's endpoints, not of any RunPod id), else a 404."""
+    endpoint = runtime.settings.endpoints.get(name)
+    if endpoint is None:
+        raise ApiError(404, [Problem("name", "known", "unknown endpoint: not in RUNPOD_ENDPOINTS")])
+    return endpoint
+
+
+@v1.get("/endpoints", response_model=EndpointPanels, summary="Every configured endpoint's queue panel",
+        description="From what rpq stored: beat's last /health, the collectors' last /workers, the job table. "
+        "Makes no RunPod call, so a page may refresh it often.")
+def endpoint_panels(runtime: RuntimeDep) -> dict[str, Any]:
+    configured = sorted(runtime.settings.endpoints.items())
+    return {"endpoints": [endpoint_panel(runtime, endpoint) for _, endpoint in configured]}
+
+
+@v1.get("/endpoints/{name}", response_model=EndpointPanel, summary="An endpoint's queue panel",
+        description="From what rpq stored, with no RunPod call; `live=true` reads RunPod's /health now instead "
+        "(it spends the request budget every process shares).", responses=_errors(404, 422, 502, 504))
+def endpoint_panel_route(name: str, runtime: RuntimeDep, live: bool = False) -> dict[str, Any]:
+    return endpoint_panel(runtime, _configured(runtime, name), live=live)
+
+
+@v1.post("/endpoints/{name}/warmup", response_model=WarmupOut, summary="Warm an endpoint up, idempotently",
+         description="Reads RunPod's /health, then sends one warm-up job only if no worker is warm or starting and "
+         "no warm-up job is in flight; says what it did and why.", responses=_errors(404, 502, 504))
+def endpoint_warmup(name: str, runtime: RuntimeDep) -> dict[str, Any]:
+    return asdict(ops.warmup(runtime, _configured(runtime, name).name))
+
+
 @v1.get("/endpoints/{name}/health", response_model=EndpointHealth, summary="RunPod's /health of an endpoint, live",
-        responses=_errors(404, 502, 504))
+        description="Deprecated: calls RunPod on every request. GET /v1/endpoints/{name} serves the panel from "
+        "stored rows.", deprecated=True, responses=_errors(404, 502, 504))
 def endpoint_health(name: str, runtime: RuntimeDep) -> EndpointHealth:
     try:
         endpoint = runtime.settings.resolve_endpoint(name)

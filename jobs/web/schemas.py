@@ -502,6 +502,71 @@ class EndpointHealth(BaseModel):
     workers: WorkerCounts
 
 
+class PanelWorkers(BaseModel):
+    ready: int | None
+    running: int | None
+    idle: int | None = Field(description="RunPod's idle: slots scaled down, not billed (not warm workers)")
+    initializing: int | None
+    throttled: int | None
+    unhealthy: int | None
+
+
+class PanelJobs(BaseModel):
+    in_queue: int | None
+    in_progress: int | None
+    completed: int | None
+    failed: int | None
+
+
+class PanelQueue(BaseModel):
+    """rpq's own table: the endpoint's unfinished jobs by status, and the PENDING ones its cap or the spend guard
+    holds."""
+
+    PENDING: int
+    SUBMITTING: int
+    SUBMIT_UNKNOWN: int
+    IN_QUEUE: int
+    IN_PROGRESS: int
+    held_by_cap: int
+    held_by_spend: int
+
+
+class EndpointPanel(BaseModel):
+    """An endpoint's queue panel, from what rpq stored (beat's last /health, the collectors' last /workers, the
+    job table): no RunPod call unless `live=true` was asked. Null where nothing was observed yet."""
+
+    endpoint: str
+    endpoint_id: str
+    state: Literal["ready", "busy", "warming", "cold", "unhealthy", "unreachable", "unknown"]
+    reason: str
+    estimated_wait_seconds: float | None = Field(description="how long a new job would wait to start")
+    observed_at: datetime | None = Field(description="when /health was read")
+    age_seconds: float | None = Field(description="how old that observation is")
+    error: str | None = Field(description="why the last /health read failed, if it did")
+    workers: PanelWorkers | None = Field(description="RunPod's /health worker counts")
+    jobs: PanelJobs | None = Field(description="RunPod's /health job counts")
+    max_workers: int | None
+    min_workers: int | None
+    worker_states: dict[str, int | None] | None = Field(
+        description="exact worker states from RunPod's /workers, as the endpoints collector last saw them")
+    worker_states_observed_at: datetime | None
+    queue: PanelQueue
+
+
+class EndpointPanels(BaseModel):
+    endpoints: list[EndpointPanel]
+
+
+class WarmupOut(BaseModel):
+    """What a warm-up did and why: `none` when workers are warm or starting, or a warm-up job is in flight
+    already (its `job_id`); `submitted` with the warm-up job's id."""
+
+    action: Literal["none", "submitted"]
+    reason: str
+    workers_ready: int | None = Field(description="warm workers (ready and running) RunPod's /health showed")
+    job_id: str | None
+
+
 class ErrorBody(BaseModel):
     """Every problem with the request, at once. Messages never quote what was sent."""
 

@@ -758,6 +758,73 @@ def test_an_unknown_endpoint_name_has_no_health(api: httpx.Client, simulator: Si
     assert CANARY not in response.text and simulator.jobs() == []
 
 
+def runpod_calls(simulator: SimulatorProcess) -> dict[str, int]:
+    """How many requests the simulator has had for the endpoint, by operation."""
+    ops = simulator.control.get("/_sim/stats", params={"endpoint": ENDPOINT_ID}).json()["endpoints"]
+    return {op: stats["requests"] for op, stats in ops.get(ENDPOINT_ID, {}).items()}
+
+
+def test_the_panel_is_served_from_stored_rows_and_makes_no_runpod_call(
+    api: httpx.Client, runtime: Runtime, simulator: SimulatorProcess
+) -> None:
+    from jobs.runpod import health
+
+    health.collect(runtime)  # what beat does every RUNPOD_HEALTH_POLL_SECONDS
+    jobs.submit("tts", 1, runtime=runtime)
+    before = runpod_calls(simulator)
+
+    listed = api.get("/v1/endpoints")
+    one = api.get("/v1/endpoints/tts")
+
+    assert runpod_calls(simulator) == before
+    assert listed.status_code == one.status_code == 200
+    [in_list], panel = listed.json()["endpoints"], one.json()
+    assert {**in_list, "age_seconds": None} == {**panel, "age_seconds": None}  # read a moment apart
+    assert (panel["endpoint"], panel["endpoint_id"], panel["state"]) == ("tts", ENDPOINT_ID, "cold")
+    assert "cold start" in panel["reason"] and panel["age_seconds"] >= 0 and panel["error"] is None
+    assert set(panel["workers"]) == {"ready", "running", "idle", "initializing", "throttled", "unhealthy"}
+    assert panel["queue"]["PENDING"] == 1 and panel["queue"]["held_by_cap"] == 0
+    assert panel["max_workers"] is None  # the endpoints collector has not run
+
+
+def test_a_panel_before_any_observation_says_so_and_live_asks_runpod_once(
+    api: httpx.Client, simulator: SimulatorProcess
+) -> None:
+    unknown = api.get("/v1/endpoints/tts").json()
+    before = runpod_calls(simulator).get("health", 0)
+
+    live = api.get("/v1/endpoints/tts", params={"live": "true"}).json()
+
+    assert (unknown["state"], unknown["observed_at"], unknown["workers"]) == ("unknown", None, None)
+    assert "no observation yet" in unknown["reason"]
+    assert live["state"] == "cold" and live["age_seconds"] < 5
+    assert runpod_calls(simulator)["health"] == before + 1
+
+
+def test_warming_up_sends_one_job_and_a_second_call_says_one_is_in_flight(
+    api: httpx.Client, runtime: Runtime
+) -> None:
+    first = api.post("/v1/endpoints/tts/warmup")
+    second = api.post("/v1/endpoints/tts/warmup")
+
+    assert first.status_code == second.status_code == 200
+    assert first.json()["action"] == "submitted" and first.json()["workers_ready"] == 0
+    assert second.json() == {"action": "none", "reason": "a warm-up job is already in flight",
+                             "job_id": first.json()["job_id"], "workers_ready": 0}
+    assert [j.id for j in jobs.list_jobs(runtime=runtime)] == [first.json()["job_id"]]
+
+
+@pytest.mark.parametrize("route", ["/v1/endpoints/{name}", "/v1/endpoints/{name}/warmup"])
+def test_a_panel_or_warmup_of_an_endpoint_rpq_does_not_configure_is_a_404(
+    api: httpx.Client, simulator: SimulatorProcess, route: str
+) -> None:
+    path = route.format(name=ENDPOINT_ID)  # a bare RunPod id is not one of rpq's endpoints
+    response = api.request("POST" if path.endswith("warmup") else "GET", path)
+
+    assert response.status_code == 404 and problems(response) == {("name", "known")}
+    assert simulator.jobs() == []
+
+
 def test_a_runpod_server_error_is_a_502_without_a_stack_trace(api: httpx.Client, simulator: SimulatorProcess) -> None:
     simulator.set_faults({"op": "health", "kind": "5xx", "status": 500})
 
