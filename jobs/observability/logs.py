@@ -88,8 +88,9 @@ class JsonFormatter(_Base):
 
 
 class TextFormatter(_Base):
-    """`2026-01-31T12:00:00.123Z INFO rpq.lifecycle [job=… cid=… tenant=…]: message`, the tags that are known in
-    brackets, then the traceback of an exception on the lines below. With `process`, the pid after the level."""
+    """`2026-01-31T12:00:00.123Z INFO [job=… cid=… tenant=…] rpq.lifecycle: message`, with the tags that are known
+    (none: no brackets), then the traceback of an exception on the lines below. With `process`, the pid after the
+    level."""
 
     def __init__(self, *, process: bool = False) -> None:
         super().__init__()
@@ -100,8 +101,8 @@ class TextFormatter(_Base):
         tags = " ".join(f"{name}={fields[key]}" for name, key in (("job", "job_id"), ("cid", "correlation_id"),
                                                                    ("tenant", "tenant")) if fields[key] is not None)
         line = " ".join(part for part in (
-            fields["time"], fields["level"], f"[{record.process}]" if self.process else "",
-            fields["logger"] + (f" [{tags}]" if tags else "") + ":", fields["message"]) if part)
+            fields["time"], fields["level"], f"[{record.process}]" if self.process else "", f"[{tags}]" if tags else "",
+            fields["logger"] + ":", fields["message"]) if part)
         return "\n".join([line, *(fields[key] for key in ("exc_info", "stack_info") if key in fields)])
 
 

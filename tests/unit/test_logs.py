@@ -52,7 +52,7 @@ def test_a_text_line_shows_the_same_fields() -> None:
 
     time, rest = line.split(" ", 1)
     assert ISO_UTC_MS.match(time)
-    assert rest == "INFO rpq.poller [job=j-1 cid=req-7 tenant=acme]: polled once"
+    assert rest == "INFO [job=j-1 cid=req-7 tenant=acme] rpq.poller: polled once"
 
 
 def test_a_line_about_no_job_has_null_tags_in_json_and_none_in_text() -> None:
