@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -156,3 +157,15 @@ def test_a_message_whose_arguments_do_not_fit_keeps_what_was_given() -> None:
     fields = json.loads(logs.JsonFormatter().format(record("polled %s and %s", ("once",))))
 
     assert fields["message"] == "polled %s and %s [unformattable arguments: ('once',)]"
+
+
+def test_what_the_workers_signal_handlers_print_is_a_json_line(tmp_path: Path) -> None:
+    from tasks.app import _say_in_json
+
+    with open(tmp_path / "out", "w") as out:
+        _say_in_json("worker: Warm shutdown (MainProcess)", out)
+
+    [line] = (tmp_path / "out").read_text().splitlines()
+    fields = json.loads(line)
+    assert (fields["logger"], fields["message"]) == ("celery.apps.worker", "worker: Warm shutdown (MainProcess)")
+    assert set(fields) >= REQUIRED
