@@ -26,6 +26,7 @@ from jobs.errors import ConfigError, ObjectStoreError, Problem
 from jobs.flow.spend_guard import recent_holds
 from jobs.flow.waiting import WaitReason
 from jobs.jsonsafe import text_problems
+from jobs.observability import logs
 from jobs.runpod import cost
 from jobs.runtime import get_runtime
 from jobs.settings import PRESIGN_MAX_SECONDS, Settings, redact_url
@@ -72,18 +73,16 @@ class _Rpq(click.Group):
             raise _Failed(str(exc)) from None
 
 
+#: The commands that serve, and log as services do (from RPQ_LOG_LEVEL); every other one is for a person.
+SERVICES = frozenset({"api", "metrics", "simulator"})
+
+
 @click.group(cls=_Rpq)
-@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
-def main(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level, libraries' lines too.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """rpq: a Celery job queue in front of RunPod serverless GPUs."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # httpx logs every request at INFO; that is noise for a person at a terminal.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    # So does botocore (where it found credentials), and at DEBUG it logs signatures: never below INFO.
-    logging.getLogger("botocore").setLevel(logging.INFO if verbose else logging.WARNING)
+    logs.configure(for_people=ctx.invoked_subcommand not in SERVICES, verbose=verbose)
 
 
 def _simulator_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -44,6 +44,8 @@ S3_REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}\Z")
 S3_PREFIX_RE = re.compile(r"^(?!.*(?:^|/)\.{1,2}(?:/|$))[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*\Z")
 PRESIGN_MAX_SECONDS = 604_800  # 7 days: the longest a SigV4 presigned URL may live
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3  # S3 and R2 take at most 5 GiB in one PUT (larger needs multipart)
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class Secret(SecretStr):
@@ -216,6 +218,12 @@ class Settings(BaseSettings):
     # The largest file a direct upload (`jobs.prepare_upload`) may reserve: S3's limit on one PUT by default.
     upload_max_bytes: Annotated[int, Field(gt=0, le=MAX_SINGLE_PUT_BYTES)] = Field(
         default=MAX_SINGLE_PUT_BYTES, validation_alias="RPQ_UPLOAD_MAX_BYTES")
+    # Log lines (jobs.observability.logs): text for people, or json, one object a line, for a log pipeline. Both
+    # have the same fields. Every rpq process follows it: the CLI, the API, the metrics exporter, worker and beat.
+    log_format: LogFormat = Field(default="text", validation_alias="RPQ_LOG_FORMAT")
+    # The least a long-running rpq process (`rpq api`, `rpq metrics`, `rpq simulator`) logs. Celery's worker and
+    # beat take their --loglevel instead; the CLI's other commands log warnings and rpq's own INFO (-v: DEBUG).
+    log_level: LogLevel = Field(default="INFO", validation_alias="RPQ_LOG_LEVEL")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -234,6 +242,13 @@ class Settings(BaseSettings):
         # Keyword arguments only: the environment is read by from_env() alone, never behind the back of
         # code that builds Settings(...) itself, and never a .env file (docker compose reads that).
         return (init_settings,)
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, raw: object, info: ValidationInfo) -> object:
+        if not isinstance(raw, str):
+            return raw
+        return raw.strip().lower() if info.field_name == "log_format" else raw.strip().upper()
 
     @field_validator("endpoints", mode="before")
     @classmethod

@@ -6,13 +6,21 @@ message may be lost or delivered twice and the tasks are written to survive both
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 from typing import Any
 
 from celery import Celery
+from celery.apps import worker as celery_worker
+from celery.apps.beat import Beat
+from celery.apps.worker import Worker
 from celery.signals import after_setup_logger, after_setup_task_logger
 from kombu import Queue
+from kombu.utils.objects import cached_property
 
-from jobs.observability import logcontext
+from jobs.observability import logcontext, logs
 from jobs.runtime import (
     AUTOSCALE_TASK,
     COLLECT_TASK,
@@ -45,9 +53,48 @@ def collect_time_limits(settings: Settings) -> dict[str, float]:
     return {"soft_time_limit": longer, "time_limit": hard + (longer - soft)}
 
 
+class _Worker(Worker):  # type: ignore[misc]
+    def on_before_init(self, quiet: bool = False, **kwargs: Any) -> None:
+        # Celery warns (running as root, say) before it sets up logging: those lines are formatted too.
+        logging.captureWarnings(True)
+        logs.install_handler(logging.getLogger())  # until Celery replaces it with its own
+        json = logs.log_settings()[0] == "json"
+        if json:
+            celery_worker.safe_say = _say_in_json
+        super().on_before_init(quiet=quiet or json, **kwargs)
+
+
+def _say_in_json(msg: str, f: Any = sys.__stderr__) -> None:
+    """Celery's worker prints what its signal handlers have to say ("worker: Warm shutdown") past logging, which a
+    signal handler must not take a lock of: as a JSON line, written as Celery's own is, it is one a pipeline reads."""
+    line = logs.JsonFormatter().format(logging.makeLogRecord(
+        {"name": "celery.apps.worker", "levelname": "INFO", "levelno": logging.INFO, "msg": msg}))
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        os.write(f.fileno(), f"{line}\n".encode())
+
+
+class _Beat(Beat):  # type: ignore[misc]
+    def __init__(self, *args: Any, quiet: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, quiet=quiet or logs.log_settings()[0] == "json", **kwargs)
+
+
+class _Celery(Celery):  # type: ignore[misc]
+    """Celery, but with RPQ_LOG_FORMAT=json every line its worker and beat write is a JSON object: no start-up
+    banner (as `celery -q` would; Celery logs that it is ready all the same), and what the worker's signal handlers
+    print is a JSON line too."""
+
+    @cached_property  # type: ignore[untyped-decorator]
+    def Worker(self) -> Any:
+        return self.subclass_with_self(_Worker)
+
+    @cached_property  # type: ignore[untyped-decorator]
+    def Beat(self) -> Any:
+        return self.subclass_with_self(_Beat)
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    celery = Celery("rpq", broker=settings.celery_broker_url, include=["tasks.jobs"])
+    celery = _Celery("rpq", broker=settings.celery_broker_url, include=["tasks.jobs"])
     celery.conf.update(
         broker_transport_options=broker_transport_options(),
         result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
@@ -93,6 +140,8 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 def _tag_log_lines_with_the_job(logger: Any, **_: Any) -> None:
+    """Celery has set up the worker's (or beat's) handlers, at its --loglevel: they write in RPQ_LOG_FORMAT, with the
+    job's tags. Celery keeps sending what is printed to stdout to its logger, so that is formatted alike."""
     logcontext.install(logger)
 
 

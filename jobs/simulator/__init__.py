@@ -25,13 +25,14 @@ def serve(config: SimulatorConfig, *, host: str, port: int) -> None:
     """Serve the simulator with uvicorn until interrupted. Logs the URL once, never the API key."""
     import uvicorn
 
+    from jobs.observability import logs
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             super().handle_exit(sig, frame)
             simulator.begin_shutdown_threadsafe()
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(for_people=False)  # unless `rpq simulator` did already
     app = create_app(config)
     simulator: Simulator = app.state.simulator
     shown_host = f"[{host}]" if ":" in host else host

@@ -43,7 +43,7 @@ from jobs.errors import (
     RunPodNotFound,
     RunPodTransient,
 )
-from jobs.observability import logcontext
+from jobs.observability import logcontext, logs
 from jobs.runpod.client import MAX_RUN_PAYLOAD_BYTES
 from jobs.runpod.panel import endpoint_panel
 from jobs.runtime import Runtime, get_runtime
@@ -145,8 +145,7 @@ def serve(host: str, port: int, *, workers: int = 1) -> None:
     from the environment."""
     import uvicorn
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logs.configure(for_people=False)  # unless `rpq api` did already
     create_app()  # fail here, once, on a bad configuration (no tokens, say) rather than in each worker
     shown_host = f"[{host}]" if ":" in host else host
     log.info("rpq HTTP API serving http://%s:%d/v1 (schema at /openapi.json, docs at /docs) with %d worker "
@@ -165,21 +164,20 @@ def serve(host: str, port: int, *, workers: int = 1) -> None:
 WORKER_HEALTHCHECK_SECONDS = 30
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
 def worker_log_config() -> dict[str, Any]:
     """Logging for `serve`'s worker processes, as `logging.config.dictConfig` takes it.
 
     Each worker is a new interpreter (uvicorn spawns them), so it has none of this process's logging:
     without this its access log and warnings went nowhere. uvicorn applies it in every worker (and here).
-    The level is this process's, and each line names its process, since the workers write to one stream."""
+    The level and RPQ_LOG_FORMAT are this process's, and each line names its process, since the workers write to
+    one stream."""
     root = logging.getLogger()
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"rpq": {"format": LOG_FORMAT.replace(" %(name)s", " [%(process)d] %(name)s")}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "rpq"}},
+        "formatters": {"rpq": {"()": "jobs.observability.logs.formatter", "process": True}},
+        "filters": {"tags": {"()": "jobs.observability.logcontext.ContextFilter"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "rpq", "filters": ["tags"]}},
         "root": {"level": logging.getLevelName(root.getEffectiveLevel()), "handlers": ["stderr"]},
         # The CLI quietens httpx (a line per request to RunPod); so are the workers.
         "loggers": {"httpx": {"level": logging.getLevelName(logging.getLogger("httpx").getEffectiveLevel())}},
@@ -381,7 +379,9 @@ class CorrelationId:
                 MutableHeaders(scope=message)[CORRELATION_HEADER] = state["correlation_id"]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        with logcontext.scope():  # the request's log lines, the access log's too, carry its correlation id
+            logcontext.bind(correlation_id=state["correlation_id"])
+            await self.app(scope, receive, send_with_id)
 
 
 _bearer = HTTPBearer(auto_error=False, description="A token listed (or whose sha256 is listed) in RPQ_API_TOKENS.")

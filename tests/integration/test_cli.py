@@ -187,3 +187,4 @@ def test_the_demo_runs_the_whole_pipeline_and_starts_its_own_redis_when_none_ans
     assert "starting a private one" in done.stdout
     assert "summary" in done.stdout and "p50" in done.stdout and "status calls per job" in done.stdout
     assert "UNEXPECTED" not in done.stdout
+    assert " INFO " not in done.stdout + done.stderr  # no library's notices (alembic's, a line per migration)

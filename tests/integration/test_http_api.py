@@ -656,7 +656,8 @@ def test_rpq_api_with_two_workers_answers_from_two_processes_that_log(tmp_path: 
 
     def answering_workers() -> set[int]:
         """The processes whose access log shows they answered a GET of the job."""
-        return {int(pid) for pid in re.findall(r"\[(\d+)\] uvicorn\.access: .*\"GET /v1/jobs/", log_path.read_text())}
+        return {int(pid) for pid in re.findall(r"\[(\d+)\] \[cid=[^]]+\] uvicorn\.access: .*\"GET /v1/jobs/",
+                                                 log_path.read_text())}
 
     def both_answered() -> bool:
         # A new connection each time: whichever worker accepts it first answers it.
