@@ -280,7 +280,19 @@ def _error_body(error: ApiError) -> JSONResponse:
 
 
 async def _error_response(request: Request, exc: Exception) -> JSONResponse:
-    return _error_body(translate(exc))
+    error = translate(exc)
+    if 400 <= error.status < 500:
+        _log_rejected(request, error)
+    return _error_body(error)
+
+
+def _log_rejected(request: Request, error: ApiError) -> None:
+    """One WARNING per refused request, carrying its correlation id (bound by the middleware): the route's
+    template, never the path as sent (a webhook's path holds its token), and each problem's field and rule."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", None) or "(no such route)"
+    said = ", ".join(f"{p.field}:{p.constraint}" for p in error.problems)
+    log.warning("refused %s %s with %d (%s)", request.method, template, error.status, said)
 
 
 async def _unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:

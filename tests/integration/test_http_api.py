@@ -606,7 +606,10 @@ def test_no_token_and_no_authorization_header_reaches_the_log(
     logged = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore")))
     assert "POST /v1/jobs" in logged  # the access log was captured, so the check means something
     assert not [secret for secret in (TOKEN, PLAIN_TOKEN, wrong, "Bearer") if secret in logged]
-    assert "authorization" not in logged.lower()
+    # Not the header, by name or value (the refused request's own line names the problem's field, "authorization:auth").
+    assert not [shape for shape in ("authorization: ", "'authorization'", '"authorization"', "bearer ")
+                if shape in logged.lower()]
+    assert "refused GET /v1/jobs with 401 (authorization:auth)" in logged
 
 
 def test_rpq_api_logs_webhook_calls_without_their_token(tmp_path: Path, redis_url: str) -> None:
@@ -729,6 +732,31 @@ def test_new_token_makes_a_token_and_the_entry_that_accepts_it(offline_runtime: 
     tokens = create_app(offline_runtime, tokens=[entry]).state.tokens
     assert token.startswith("rpq_") and entry.startswith("sha256:") and token not in entry
     assert tokens.accepts(token) and not tokens.accepts(new_token()[0])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_refused_request_is_logged_at_warning_with_its_correlation_id_and_the_route_not_the_path(
+    server: ApiServer, runtime: Runtime
+) -> None:
+    import logging
+
+    from jobs.observability.logcontext import ContextFilter
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.addFilter(ContextFilter())
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("rpq.web").addHandler(handler)
+    try:
+        server.client(token="wrong").get("/v1/jobs/some-job", headers={"X-Correlation-ID": "req-refused-1"})
+        server.client().post("/v1/webhooks/runpod/" + "T" * 43, json={})  # a path that holds a token
+    finally:
+        logging.getLogger("rpq.web").removeHandler(handler)
+
+    refused = [r for r in seen if r.levelno == logging.WARNING and r.getMessage().startswith("refused")]
+    assert [(r.getMessage(), getattr(r, "correlation_id", None)) for r in refused][:2] == [
+        ("refused GET /v1/jobs/{job_id} with 401 (authorization:auth)", "req-refused-1"),
+        ("refused POST /v1/webhooks/runpod/{token} with 404 (token:known)", refused[1].correlation_id)]
 
 
 # -- endpoint health -----------------------------------------------------------------------------
@@ -921,7 +949,8 @@ def test_the_openapi_schema_lists_every_route_and_resolves_every_reference(serve
     assert documented == {
         ("/v1/jobs", "POST"), ("/v1/jobs", "GET"), ("/v1/jobs/{job_id}", "GET"),
         ("/v1/jobs/{job_id}/cancel", "POST"), ("/v1/jobs/{job_id}/retry", "POST"),
-        ("/v1/endpoints/{name}/health", "GET"), ("/healthz", "GET"),
+        ("/v1/jobs/{job_id}/release", "POST"), ("/v1/endpoints", "GET"), ("/v1/endpoints/{name}", "GET"),
+        ("/v1/endpoints/{name}/warmup", "POST"), ("/v1/endpoints/{name}/health", "GET"), ("/healthz", "GET"),
         ("/v1/jobs/{job_id}/events", "GET"), ("/v1/webhooks/runpod/{token}", "POST"),
         ("/v1/uploads", "POST"), ("/v1/jobs/{job_id}/files", "GET"), ("/v1/jobs/{job_id}/files/{name}", "GET"),
     }
