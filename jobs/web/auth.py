@@ -225,7 +225,7 @@ def _parse_entry(entry: str, number: int, problems: list[str]) -> tuple[bytes, G
     if ADMIN in scopes and endpoints is not None:
         problems.append(f"{where}: an admin token may use every endpoint; drop endpoints= or the admin scope")
     if ADMIN not in scopes and "tenant" not in values:
-        problems.append(f"{where}: a token without the admin scope needs a tenant=")
+        problems.append(f"{where}: a token without the admin scope needs a tenant (tenant=NAME)")
     if len(problems) > before or digest is None:
         return None
     return digest, Grant(tenant=tenant, scopes=scopes, endpoints=endpoints)
