@@ -124,6 +124,9 @@ def test_a_token_lacking_a_scope_gets_403_and_changes_nothing(server: ApiServer,
     assert {name: (a.status_code, problems(a)) for name, a in answers.items()} == {
         name: (403, {("authorization", "scope")}) for name in answers}
     assert answers["cancel"].json()["errors"][0]["message"] == "this token's scope does not include cancel"
+    # Letting a job past the spend guard, which holds every tenant's jobs, is for admin tokens alone.
+    assert server.client(SHOP).post(f"/v1/jobs/{job.id}/release").status_code == 403
+    assert server.client(ADMIN).post(f"/v1/jobs/{job.id}/release").status_code == 200
     assert reader.get(f"/v1/jobs/{job.id}").status_code == 200
     assert [j.id for j in jobs.list_jobs(runtime=tenant_runtime)] == [job.id]
     assert jobs.get(job.id, runtime=tenant_runtime).status is JobStatus.PENDING
