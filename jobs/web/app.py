@@ -657,22 +657,27 @@ def _configured(runtime: Runtime, name: str) -> Endpoint:
 @v1.get("/endpoints", response_model=EndpointPanels, summary="Every configured endpoint's queue panel",
         description="From what rpq stored: beat's last /health, the collectors' last /workers, the job table. "
         "Makes no RunPod call, so a page may refresh it often.")
-def endpoint_panels(runtime: RuntimeDep) -> dict[str, Any]:
+def endpoint_panels(runtime: RuntimeDep, grant: ReadGrant) -> dict[str, Any]:
     configured = sorted(runtime.settings.endpoints.items())
-    return {"endpoints": [endpoint_panel(runtime, endpoint) for _, endpoint in configured]}
+    # A tenant's token sees the endpoints it may use, no more: the others' names are not its business.
+    return {"endpoints": [endpoint_panel(runtime, endpoint) for name, endpoint in configured
+                          if grant.may_use(name, runtime.settings.endpoints.keys())]}
 
 
 @v1.get("/endpoints/{name}", response_model=EndpointPanel, summary="An endpoint's queue panel",
         description="From what rpq stored, with no RunPod call; `live=true` reads RunPod's /health now instead "
         "(it spends the request budget every process shares).", responses=_errors(404, 422, 502, 504))
-def endpoint_panel_route(name: str, runtime: RuntimeDep, live: bool = False) -> dict[str, Any]:
-    return endpoint_panel(runtime, _configured(runtime, name), live=live)
+def endpoint_panel_route(name: str, runtime: RuntimeDep, grant: ReadGrant, live: bool = False) -> dict[str, Any]:
+    endpoint = _configured(runtime, name)
+    _check_endpoint(grant, name, runtime.settings)
+    return endpoint_panel(runtime, endpoint, live=live)
 
 
 @v1.post("/endpoints/{name}/warmup", response_model=WarmupOut, summary="Warm an endpoint up, idempotently",
          description="Reads RunPod's /health, then sends one warm-up job only if no worker is warm or starting and "
          "no warm-up job is in flight; says what it did and why.", responses=_errors(404, 502, 504))
-def endpoint_warmup(name: str, runtime: RuntimeDep) -> dict[str, Any]:
+def endpoint_warmup(name: str, runtime: RuntimeDep, grant: AdminGrant) -> dict[str, Any]:
+    # Admin only: a warm-up job belongs to no tenant, so no tenant's limits would count it.
     return asdict(ops.warmup(runtime, _configured(runtime, name).name))
 
 

@@ -149,6 +149,11 @@ def test_a_tenants_token_runs_work_only_on_its_allowed_endpoint_names(
     assert problems(answers["not on its list"]) == {("endpoint", "allowed")}
     assert answers["not on its list"].json()["errors"][0]["message"].endswith("(allowed: tts)")
     assert shop.get("/v1/endpoints/tts/health").status_code == 200
+    # The queue panels: a tenant's token sees the endpoints it may use; warming one up is for admin tokens.
+    assert [e["endpoint"] for e in shop.get("/v1/endpoints").json()["endpoints"]] == ["tts"]
+    assert [e["endpoint"] for e in admin.get("/v1/endpoints").json()["endpoints"]] == ["export", "tts"]
+    assert (shop.get("/v1/endpoints/tts").status_code, shop.get("/v1/endpoints/export").status_code) == (200, 403)
+    assert app.post("/v1/endpoints/tts/warmup").status_code == 403
     assert len(jobs.list_jobs(runtime=tenant_runtime)) == 2
 
 
