@@ -430,6 +430,7 @@ async def require_token(
         # One answer whatever was wrong (no header, another scheme, a wrong token): it reveals nothing.
         raise ApiError(401, [Problem("authorization", "auth", "missing or invalid bearer token")],
                        {"WWW-Authenticate": "Bearer"})
+    logcontext.bind_tenant(grant.tenant)  # every line about the request names its tenant from here on
     return grant
 
 
