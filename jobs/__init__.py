@@ -39,6 +39,7 @@ from jobs.bucket.access import (
 )
 from jobs.flow.waiting import Waiting, WaitReason
 from jobs.states import JobStatus
+from jobs.tenants import TenantLimited
 
 __all__ = [
     "Event",
@@ -51,6 +52,7 @@ __all__ = [
     "JobNotFound",
     "JobStatus",
     "StreamItem",
+    "TenantLimited",
     "UploadTicket",
     "WaitReason",
     "Waiting",

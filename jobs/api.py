@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, update
+from sqlmodel import Session
 
 from jobs.bucket import jobfiles
 from jobs.errors import ConfigError, PayloadTooLarge, Problem, RpqError
@@ -35,7 +36,9 @@ from jobs.storage.store import (
     JOBS,
     Fence,
     Source,
+    add_meta,
     add_runpod_cancel,
+    count_unfinished,
     find_by_idempotency_key,
     get_row,
     insert_job,
@@ -45,6 +48,7 @@ from jobs.storage.store import (
     update_fields,
 )
 from jobs.storage.store import events_of as _events_of
+from jobs.tenants import IN_FLIGHT_RETRY_SECONDS, TENANT_RE, TenantLimited, limit_for
 
 log = logging.getLogger("rpq.api")
 
@@ -130,6 +134,8 @@ class Job:
     cost_usd: float | None = None
     #: An operator let this job past the spend guard (`release`).
     spend_released: bool = False
+    #: Who the job belongs to (see jobs.tenants); None for a job submitted without a tenant.
+    tenant: str | None = None
     #: Why a PENDING job has not gone to RunPod yet (None for any other status). Read from the queue
     #: around the job by `get` and `list_jobs`; `submit` and `retry` do not read the queue (a submit
     #: stays a single write), so the job they return has None here. Not part of equality: two reads
@@ -151,7 +157,8 @@ class Job:
             started_at=row.started_at, finished_at=row.finished_at, delay_time_ms=row.delay_time_ms,
             execution_time_ms=row.execution_time_ms, worker_id=row.worker_id, output_missing=row.output_missing,
             priority=row.priority, files_missing=row.files_missing, input_key=row.input_key,
-            output_key=row.output_key, cost_usd=row.cost_usd, spend_released=row.spend_released, waiting=waiting,
+            output_key=row.output_key, cost_usd=row.cost_usd, spend_released=row.spend_released, tenant=row.tenant,
+            waiting=waiting,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,6 +208,7 @@ def submit(
     outputs: Sequence[str] | Mapping[str, str] | None = None,
     offload: bool = False,
     s3_config: bool = False,
+    tenant: str | None = None,
     runtime: Runtime | None = None,
 ) -> Job:
     """Accept a job for `endpoint` (a configured name or a RunPod endpoint id) and return it.
@@ -213,7 +221,12 @@ def submit(
     they come and replayed by `stream_events()` (and the HTTP API's SSE route).
 
     Every problem with the arguments is reported at once in `InvalidJob`, and nothing is written.
-    With `idempotency_key`, a second submit to the same endpoint returns the first job.
+    With `idempotency_key`, a second submit to the same endpoint (and tenant) returns the first job.
+
+    `tenant` records who the job belongs to (see jobs.tenants): a tenant's API token sees only its jobs, an
+    idempotency key is the tenant's own, a file named by key must be an upload the tenant prepared, and the
+    tenant's limits apply (TenantLimited, nothing written, when it is at one). Values of the metadata keys in
+    RPQ_METADATA_INDEX are indexed, for `list_jobs(meta=...)`.
 
     Files (they need RPQ_S3_BUCKET; see README "Files"): `files` maps a name to bytes, a `pathlib.Path`, a
     binary file object (each put in the bucket now) or `{"key": ...}` for an object already there (one
@@ -230,6 +243,7 @@ def submit(
     problems = _submission_problems(endpoint, resolved, input, policy=policy, webhook=webhook,
                                     idempotency_key=idempotency_key, correlation_id=correlation_id, metadata=metadata,
                                     stream=stream, priority=priority, offload=offload)
+    problems += tenant_problems(tenant)
     request, wrong_files = jobfiles.read_request(files, outputs, offload, input, s3_config)
     problems += wrong_files
     if request and not rt.has_files:
@@ -238,15 +252,20 @@ def submit(
         problems.append(_WORKER_S3_OFF)
     if problems or resolved is None:
         raise InvalidJob(problems)
-    if request and idempotency_key is not None:
-        # Put nothing in the bucket for a job that exists already.
+    limited = tenant is not None and _has_limits(rt.settings, tenant)
+    if (request or limited) and idempotency_key is not None:
+        # Put nothing in the bucket, and count nothing against a limit, for a job that exists already.
         with session_scope(rt.engine, read_only=True) as session:
-            existing = find_by_idempotency_key(session, resolved.id, idempotency_key)
+            existing = find_by_idempotency_key(session, resolved.id, idempotency_key, tenant)
         if existing is not None:
             return Job.from_row(existing)
+    if limited:
+        assert tenant is not None
+        _within_limits(rt, tenant)
 
     job_id = str(uuid.uuid4())
-    prepared = _prepare_files(rt, job_id, request, input) if request else None
+    prepared = _prepare_files(rt, job_id, request, input, tenant) if request else None
+    indexed = indexed_metadata(metadata, rt.settings.metadata_index)
     now = utcnow()
     job = Job(
         id=job_id, status=JobStatus.PENDING, endpoint=resolved.name, endpoint_id=resolved.id,
@@ -255,9 +274,10 @@ def submit(
         idempotency_key=idempotency_key, metadata=None if metadata is None else dict(metadata), stream=stream,
         created_at=now, submitted_at=None, started_at=None, finished_at=None, delay_time_ms=None,
         execution_time_ms=None, worker_id=None, output_missing=False, priority=priority,
-        input_key=prepared.input_key if prepared else None,
+        input_key=prepared.input_key if prepared else None, tenant=tenant,
     )
-    values = {"id": job.id, "endpoint_name": job.endpoint, "endpoint_id": job.endpoint_id, "status": job.status,
+    values = {"id": job.id, "tenant": tenant, "endpoint_name": job.endpoint, "endpoint_id": job.endpoint_id,
+              "status": job.status,
               "input": None if job.input_key else job.input, "worker_s3": request.worker_s3,
               "has_files": bool(prepared and (prepared.rows or request.worker_s3)),
               "input_key": job.input_key, "policy": job.policy, "webhook": job.webhook, "metadata": job.metadata,
@@ -266,7 +286,7 @@ def submit(
               "output_missing": job.output_missing, "priority": job.priority, "created_at": now, "updated_at": now}
     try:
         inserted = insert_job(rt.engine, values, source=Source.API, detail=f"submitted to {job.endpoint}",
-                              also=_files_writer(prepared) if prepared else None)
+                              also=_side_rows_writer(job_id, prepared, indexed))
     except BaseException as exc:
         if prepared:
             jobfiles.forget(rt.objects, prepared.written)
@@ -279,7 +299,7 @@ def submit(
         # An earlier submit with this key (to this endpoint) made the job, or a concurrent one just did:
         # that job is the answer, and nothing was written or published for this call.
         with session_scope(rt.engine, read_only=True) as session:
-            existing = find_by_idempotency_key(session, job.endpoint_id, idempotency_key or "")
+            existing = find_by_idempotency_key(session, job.endpoint_id, idempotency_key or "", tenant)
         if existing is None:  # its job was deleted (by retention) between the insert and this read: rare enough
             raise RpqError("the job with this idempotency key was deleted while submitting; submit again")
         return Job.from_row(existing)
@@ -295,24 +315,97 @@ _WORKER_S3_OFF = Problem("s3_config", "configured", "RPQ_WORKER_S3_ACCESS_KEY_ID
                          "are not set: s3_config hands the worker those credentials, never rpq's own")
 
 
-def _prepare_files(rt: Runtime, job_id: str, request: jobfiles.FileRequest, input: Any) -> jobfiles.Prepared:
+def _prepare_files(rt: Runtime, job_id: str, request: jobfiles.FileRequest, input: Any,
+                   tenant: str | None) -> jobfiles.Prepared:
     """Put the job's files in the bucket and return the rows to write with it; InvalidJob for keys that
-    name no usable object (nothing is put then)."""
+    name no usable object (nothing is put then).
+
+    A tenant's job may name by key only uploads that tenant prepared: any other key under the prefix could be
+    another tenant's upload or output. Another tenant's upload is refused as if it did not exist."""
     store = rt.objects
     keys = [item.key for item in request.inputs if item.key is not None]
     with session_scope(rt.engine, read_only=True) as session:
-        uploads = filerows.uploads_named(session, keys)
+        uploads = {key: upload for key, upload in filerows.uploads_named(session, keys).items()
+                   if upload.tenant == tenant}
+    if tenant is not None:
+        foreign = [Problem(f"files[{item.index}].key", "known", jobfiles.NO_SUCH_UPLOAD)
+                   for item in request.inputs if item.key is not None and item.key not in uploads]
+        if foreign:
+            raise InvalidJob(foreign)
     prepared, problems = jobfiles.prepare(store, job_id, request, input, uploads)
     if problems:
         raise InvalidJob(problems)
     return prepared
 
 
-def _files_writer(prepared: jobfiles.Prepared) -> Callable[[Connection], None]:
+def _side_rows_writer(job_id: str, prepared: jobfiles.Prepared | None,
+                      indexed: Mapping[str, str]) -> Callable[[Connection], None] | None:
+    """What is written with the job, in its transaction: its files, its indexed metadata. None for neither,
+    so the common submit stays one statement."""
+    if prepared is None and not indexed:
+        return None
+
     def write(connection: Connection) -> None:
-        filerows.add(connection, prepared.rows)
-        filerows.take_uploads(connection, prepared.uploads_taken)
+        if prepared is not None:
+            filerows.add(connection, prepared.rows)
+            filerows.take_uploads(connection, prepared.uploads_taken)
+        add_meta(connection, job_id, indexed)
     return write
+
+
+def _has_limits(settings: Settings, tenant: str) -> bool:
+    return (limit_for(settings.tenant_max_in_flight, tenant) is not None
+            or limit_for(settings.tenant_submits_per_minute, tenant) is not None)
+
+
+def _within_limits(rt: Runtime, tenant: str) -> None:
+    """TenantLimited when the tenant is at a limit. Jobs in flight first, from the table: a submit refused for
+    them takes no submit of the minute's."""
+    in_flight = limit_for(rt.settings.tenant_max_in_flight, tenant)
+    if in_flight is not None:
+        with session_scope(rt.engine, read_only=True) as session:
+            if count_unfinished(session, tenant) >= in_flight:
+                raise TenantLimited(tenant, "in_flight", in_flight, IN_FLIGHT_RETRY_SECONDS)
+    per_minute = limit_for(rt.settings.tenant_submits_per_minute, tenant)
+    if per_minute is not None:
+        wait = rt.submit_rate.take(tenant, per_minute)
+        if wait is not None:
+            raise TenantLimited(tenant, "per_minute", per_minute, wait)
+
+
+def tenant_problems(tenant: object) -> list[Problem]:
+    if tenant is None:
+        return []
+    if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
+        return [Problem("tenant", "format", "must be 1 to 64 letters, digits, '.', '_' or '-', starting with a "
+                                            "letter or digit")]
+    return []
+
+
+#: The longest indexed metadata value; a longer one is not indexed (a filter for it finds nothing).
+MAX_META_VALUE_LENGTH = 255
+
+
+def meta_text(value: object) -> str | None:
+    """A metadata value as the index keeps it and a query string gives it: text for a string, a whole number
+    or a boolean (42 and "42" are both "42"; true is "true"); None for what is not indexed."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        return None
+    return text if len(text) <= MAX_META_VALUE_LENGTH else None
+
+
+def indexed_metadata(metadata: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, str]:
+    """The values of `metadata` to index: those of `keys` that `meta_text` keeps."""
+    if not metadata or not keys:
+        return {}
+    found = {key: meta_text(metadata[key]) for key in keys if key in metadata}
+    return {key: text for key, text in found.items() if text is not None}
 
 
 def submission_problems(
@@ -465,16 +558,24 @@ def _unnamed_policy_field(problem: Problem) -> Problem:
     return problem
 
 
-def get(job_id: str, *, runtime: Runtime | None = None) -> Job:
-    """The job as stored, and for a PENDING job why it waits (`Job.waiting`)."""
-    return _read(runtime or get_runtime(), job_id, explain=True)
+def get(job_id: str, *, tenant: str | None = None, runtime: Runtime | None = None) -> Job:
+    """The job as stored, and for a PENDING job why it waits (`Job.waiting`). With `tenant`, only that
+    tenant's job: another tenant's is JobNotFound, as an unknown id is."""
+    return _read(runtime or get_runtime(), job_id, explain=True, tenant=tenant)
 
 
-def _read(rt: Runtime, job_id: str, *, explain: bool, documents: bool = True) -> Job:
+def owned_row(session: Session, job_id: str, tenant: str | None) -> JobRow:
+    """The job's row; JobNotFound when there is none or, with `tenant`, when it is another tenant's (the two
+    are one answer, so a tenant cannot learn that another's job id exists)."""
+    row = get_row(session, job_id)
+    if row is None or (tenant is not None and row.tenant != tenant):
+        raise JobNotFound(job_id)
+    return row
+
+
+def _read(rt: Runtime, job_id: str, *, explain: bool, documents: bool = True, tenant: str | None = None) -> Job:
     with session_scope(rt.engine, read_only=True) as session:
-        row = get_row(session, job_id)
-        if row is None:
-            raise JobNotFound(job_id)
+        row = owned_row(session, job_id, tenant)
         job = Job.from_row(row, waiting_of(session, row, rt.settings, utcnow()) if explain else None)
     return with_documents(rt, job) if documents else job
 
@@ -490,12 +591,11 @@ def with_documents(rt: Runtime, job: Job) -> Job:
                    output=jobfiles.load_document(store, job.output_key) if job.output_key else job.output)
 
 
-def events(job_id: str, *, runtime: Runtime | None = None) -> list[Event]:
+def events(job_id: str, *, tenant: str | None = None, runtime: Runtime | None = None) -> list[Event]:
     """The job's history, oldest first."""
     rt = runtime or get_runtime()
     with session_scope(rt.engine, read_only=True) as session:
-        if get_row(session, job_id) is None:
-            raise JobNotFound(job_id)
+        owned_row(session, job_id, tenant)
         return [Event.from_row(e) for e in _events_of(session, job_id)]
 
 
@@ -554,11 +654,16 @@ def list_jobs(
     since: datetime | timedelta | None = None,
     limit: int = 100,
     offset: int = 0,
+    tenant: str | None = None,
+    meta: Mapping[str, str | int | bool] | None = None,
     runtime: Runtime | None = None,
 ) -> list[Job]:
-    """Jobs newest first. `since` is a time or an age (`timedelta(hours=1)`)."""
+    """Jobs newest first. `since` is a time or an age (`timedelta(hours=1)`). `tenant`: only that tenant's
+    jobs (None: every tenant's and those without one). `meta`: only jobs whose metadata has each of these
+    values, for keys in RPQ_METADATA_INDEX (`{"user": "42"}` finds `{"user": 42}` and `{"user": "42"}`)."""
     rt = runtime or get_runtime()
-    problems: list[Problem] = []
+    problems: list[Problem] = tenant_problems(tenant)
+    wanted = meta_filter_problems(meta, rt.settings.metadata_index, problems)
     statuses: list[JobStatus] | None = None
     if status is not None:
         statuses = []
@@ -583,9 +688,33 @@ def list_jobs(
     after = utcnow() - since if isinstance(since, timedelta) else _as_utc(since) if since else None
     with session_scope(rt.engine, read_only=True) as session:
         rows = list_rows(session, statuses=statuses, endpoint_ids=endpoint_ids, since=after, limit=limit,
-                         offset=offset)
+                         offset=offset, tenant=tenant, meta=wanted)
         waiting = waiting_of_rows(session, rows, rt.settings, utcnow())
         return [Job.from_row(r, waiting.get(r.id)) for r in rows]
+
+
+def meta_filter_problems(meta: object, indexed: Sequence[str], problems: list[Problem]) -> dict[str, str]:
+    """`list_jobs`'s `meta` as the index's text, adding a problem for each key not indexed and each value no
+    job could have indexed."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        problems.append(Problem("meta", "type", "must be a mapping of metadata keys to values"))
+        return {}
+    wanted: dict[str, str] = {}
+    for key, value in meta.items():
+        if key not in indexed:
+            # The key is not quoted: it is what was sent.
+            problems.append(Problem("meta", "known", "filter only by indexed metadata keys (RPQ_METADATA_INDEX: "
+                                                     f"{', '.join(indexed) or 'none'})"))
+            continue
+        text = meta_text(value) if isinstance(value, str | int | bool) else None
+        if text is None or text_problems(text, "meta"):
+            problems.append(Problem(f"meta.{key}", "format", "must be a string, a whole number or a boolean of at "
+                                                             f"most {MAX_META_VALUE_LENGTH} characters"))
+            continue
+        wanted[key] = text
+    return wanted
 
 
 def _count_problems(field: str, value: object, low: int, high: int) -> list[Problem]:
@@ -605,7 +734,7 @@ def _each(value: object, name: str, kinds: tuple[type, ...], problems: list[Prob
     return [str(v) for v in values]
 
 
-def cancel(job_id: str, *, source: str = Source.API, runtime: Runtime | None = None) -> Job:
+def cancel(job_id: str, *, source: str = Source.API, tenant: str | None = None, runtime: Runtime | None = None) -> Job:
     """Cancel a job that has not finished. The row is CANCELLED at once; RunPod is told by a task.
 
     The RunPod job to stop goes into the cancel outbox in the same transaction, so a retry that
@@ -614,6 +743,8 @@ def cancel(job_id: str, *, source: str = Source.API, runtime: Runtime | None = N
     """
     rt = runtime or get_runtime()
     with session_scope(rt.engine) as session:
+        if tenant is not None:
+            owned_row(session, job_id, tenant)  # the tenant of a job never changes: checking first is enough
         left = transition(session, job_id, to=JobStatus.CANCELLED, source=source,
                           values={"finished_at": utcnow(), "next_poll_at": None}, detail="cancel requested")
         row = get_row(session, job_id)
@@ -647,7 +778,7 @@ def release(job_id: str, *, source: str = Source.OPERATOR, runtime: Runtime | No
     return Job.from_row(row)
 
 
-def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = None) -> Job:
+def retry(job_id: str, *, source: str = Source.API, tenant: str | None = None, runtime: Runtime | None = None) -> Job:
     """Start a new attempt of a finished (not completed) job, keeping its id and history.
 
     A FAILED or TIMED_OUT job still within RunPod's retention is requeued with RunPod's own
@@ -656,9 +787,7 @@ def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = No
     rt = runtime or get_runtime()
     now = utcnow()
     with session_scope(rt.engine) as session:
-        row = get_row(session, job_id)
-        if row is None:
-            raise JobNotFound(job_id)
+        row = owned_row(session, job_id, tenant)
         # RunPod's /retry re-runs the old input, whose file URLs name the old attempt's folder and may have
         # expired: a job with files gets a fresh /run, with fresh URLs and its own folder.
         reuse = (not row.has_files and row.status in (JobStatus.FAILED, JobStatus.TIMED_OUT)
@@ -678,10 +807,10 @@ def retry(job_id: str, *, source: str = Source.API, runtime: Runtime | None = No
                           })
         if left is None:
             raise InvalidTransition(job_id, JobStatus(row.status), "retry")
-        row = get_row(session, job_id)
-        assert row is not None
-    _wake_dispatcher(rt, row.endpoint_id)
-    return Job.from_row(row)
+        moved = get_row(session, job_id)
+        assert moved is not None
+    _wake_dispatcher(rt, moved.endpoint_id)
+    return Job.from_row(moved)
 
 
 @dataclass(frozen=True)
@@ -694,13 +823,12 @@ class StreamItem:
     at: datetime
 
 
-def stream_events(job_id: str, *, after: int = 0, runtime: Runtime | None = None) -> tuple[Job, list[StreamItem]]:
+def stream_events(job_id: str, *, after: int = 0, tenant: str | None = None,
+                  runtime: Runtime | None = None) -> tuple[Job, list[StreamItem]]:
     """The job and its current attempt's stream events after `after` (a Last-Event-ID), oldest first."""
     rt = runtime or get_runtime()
     with session_scope(rt.engine, read_only=True) as session:
-        row = get_row(session, job_id)
-        if row is None:
-            raise JobNotFound(job_id)
+        row = owned_row(session, job_id, tenant)
         items = [StreamItem(e.seq, e.kind, e.data, e.at) for e in streams.read(session, job_id, attempt=row.attempt,
                                                                                  after=after)]
         return Job.from_row(row), items
@@ -763,7 +891,7 @@ def webhook_received(token: str, *, runpod_job_id: str | None = None, runtime: R
     return True
 
 
-def wait(job_id: str, *, timeout: float = 600.0, runtime: Runtime | None = None) -> Job:
+def wait(job_id: str, *, timeout: float = 600.0, tenant: str | None = None, runtime: Runtime | None = None) -> Job:
     """Block until the job reaches a final status; `TimeoutError` after `timeout` seconds.
 
     Reads the table, never RunPod: waiting costs no API calls.
@@ -774,7 +902,7 @@ def wait(job_id: str, *, timeout: float = 600.0, runtime: Runtime | None = None)
     while True:
         # Not get(): a waiter asks only whether the job is done, and 10,000 of them waiting on held jobs
         # should not count the jobs ahead of each, every second.
-        job = _read(rt, job_id, explain=False, documents=False)
+        job = _read(rt, job_id, explain=False, documents=False, tenant=tenant)
         if job.is_terminal:
             return with_documents(rt, job)
         remaining = deadline - time.monotonic()

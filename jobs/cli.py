@@ -814,13 +814,27 @@ def api_command(ctx: click.Context, host: str, port: int, workers: int) -> None:
 
 
 @api_command.command()
-def token() -> None:
-    """Make a new API token: give the token to the client, put the sha256 line in RPQ_API_TOKENS."""
-    from jobs.web.auth import new_token
+@click.option("--tenant", help="The tenant whose jobs the token submits and sees (needed unless the scope is admin).")
+@click.option("--scope", help="submit, read, cancel, retry, admin joined by '+' (default with --tenant: "
+              "submit+read+cancel+retry; without: admin).")
+@click.option("--endpoints", help="Endpoint names the token may submit to, comma-separated (default: every one).")
+def token(tenant: str | None, scope: str | None, endpoints: str | None) -> None:
+    """Make a new API token: give the token to the client, put the entry in RPQ_API_TOKENS."""
+    from jobs.errors import ConfigError
+    from jobs.web.auth import ADMIN, entry_for, new_token
 
     secret, line = new_token()
+    scopes = [s.strip() for s in scope.split("+")] if scope else ([] if tenant else [ADMIN])
+    names = [n.strip() for n in endpoints.split(",") if n.strip()] if endpoints else []
+    try:
+        # A bare sha256: line is an admin token already: said once, not twice.
+        entry = line if scopes == [ADMIN] and tenant is None else entry_for(line, tenant=tenant, scopes=scopes,
+                                                                            endpoints=names)
+    except ConfigError as exc:
+        raise click.UsageError("; ".join(p.removeprefix("RPQ_API_TOKENS: entry 1").lstrip(": ")
+                                         for p in exc.problems)) from None
     click.echo(f"token (give to the client; shown once): {secret}")
-    click.echo(f"for RPQ_API_TOKENS:                    {line}")
+    click.echo(f"for RPQ_API_TOKENS:                    {entry}")
 
 
 @main.group()

@@ -40,7 +40,8 @@ class Problem:
     """One thing wrong with a request: which field, which rule it broke, and a message for people.
 
     `constraint` is a short stable word (required, type, range, format, unknown, size, known, unique,
-    configured: the server lacks a setting the request needs) that
+    configured: the server lacks a setting the request needs; scope and allowed: the token may not do this;
+    limit: its tenant is at a limit) that
     programs can branch on; `message` may change. Messages never quote the offending value's content.
     """
 

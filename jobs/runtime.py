@@ -25,6 +25,7 @@ from jobs.runpod.cost import PriceCache
 from jobs.runpod.management import RunPodGraphQL, RunPodManagement
 from jobs.settings import Settings
 from jobs.storage.db import make_engine
+from jobs.tenants import SubmitRate
 
 log = logging.getLogger("rpq")
 
@@ -92,6 +93,8 @@ class Runtime:
     endpoint_times: EndpointTimesCache = field(default_factory=EndpointTimesCache)
     # Each endpoint's GPU list price, from what the collectors stored, kept ~60 s (jobs.runpod.cost).
     prices: PriceCache = field(default_factory=PriceCache)
+    # Tenants' submits per minute, counted in Redis (jobs.tenants); None: built on first use, on the broker.
+    submit_rate_counter: SubmitRate | None = field(default=None, repr=False)
     _client: RunPodClient | None = field(default=None, init=False, repr=False)
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _management: RunPodManagement | None = field(default=None, init=False, repr=False)
@@ -145,12 +148,22 @@ class Runtime:
             return self._graphql
 
     @property
+    def submit_rate(self) -> SubmitRate:
+        """The counter of tenants' submits per minute, shared through Redis by every API process."""
+        with self._lock:
+            if self.submit_rate_counter is None:
+                self.submit_rate_counter = SubmitRate(self.settings.celery_broker_url)
+            return self.submit_rate_counter
+
+    @property
     def has_files(self) -> bool:
         return self.settings.s3_bucket is not None
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        if self.submit_rate_counter is not None:
+            self.submit_rate_counter.close()
         for api in (self._management, self._graphql):
             if api is not None:
                 api.close()

@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 from jobs.errors import ConfigError
 from jobs.runpod.budget import Limits, parse_limits
+from jobs.tenants import EVERY_TENANT, TENANT_RE
 
 T = TypeVar("T")
 
@@ -46,6 +47,8 @@ PRESIGN_MAX_SECONDS = 604_800  # 7 days: the longest a SigV4 presigned URL may l
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3  # S3 and R2 take at most 5 GiB in one PUT (larger needs multipart)
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+# A metadata key that can be indexed: it is a query parameter's suffix (meta.user), so no dots.
+METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 class Secret(SecretStr):
@@ -224,6 +227,14 @@ class Settings(BaseSettings):
     # The least a long-running rpq process (`rpq api`, `rpq metrics`, `rpq simulator`) logs. Celery's worker and
     # beat take their --loglevel instead; the CLI's other commands log warnings and rpq's own INFO (-v: DEBUG).
     log_level: LogLevel = Field(default="INFO", validation_alias="RPQ_LOG_LEVEL")
+    # Per tenant (jobs.tenants): `shop=100,*=20`, `*` for every tenant not listed. Unset: no limit. A submit over
+    # a limit is refused (HTTP 429 with Retry-After) and writes nothing. Jobs without a tenant have no limits.
+    tenant_max_in_flight: Mapping[str, int] = Field(default_factory=dict, validation_alias="RPQ_TENANT_MAX_IN_FLIGHT")
+    tenant_submits_per_minute: Mapping[str, int] = Field(default_factory=dict,
+                                                         validation_alias="RPQ_TENANT_SUBMITS_PER_MINUTE")
+    # Metadata keys whose values are indexed, so jobs can be listed by them (`GET /v1/jobs?meta.user=42`,
+    # `jobs.list_jobs(meta={"user": "42"})`): `user,org`. A key is indexed for jobs submitted while it is listed.
+    metadata_index: tuple[str, ...] = Field(default=(), validation_alias="RPQ_METADATA_INDEX")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -310,6 +321,42 @@ class Settings(BaseSettings):
                 return "the ceiling must be at least 1 and the floor, and the target wait above 0"
             return AutoscalePolicy(floor, ceiling, target, cooldown)
         return _per_endpoint(raw, info, policy)
+
+    @field_validator("tenant_max_in_flight", "tenant_submits_per_minute", mode="before")
+    @classmethod
+    def _parse_tenant_limits(cls, raw: object) -> object:
+        """`shop=100,*=20`: tenant names (or `*`, every other tenant), each with a whole number above 0."""
+        if not isinstance(raw, str):
+            return raw
+        limits: dict[str, int] = {}
+        problems: list[str] = []
+        for item in _items(raw):
+            name, sep, value = (s.strip() for s in item.partition("="))
+            if not sep or not re.fullmatch(r"[0-9]{1,9}", value) or int(value) <= 0:
+                problems.append(f"{item!r} is not TENANT=N with N a whole number above 0")
+            elif name != EVERY_TENANT and not TENANT_RE.match(name):
+                problems.append(f"{name!r} is not a tenant name (letters, digits, '.', '_', '-') or *")
+            elif name in limits:
+                problems.append(f"{name!r} is listed twice")
+            else:
+                limits[name] = int(value)
+        if problems:
+            raise ValueError(*problems)
+        return limits
+
+    @field_validator("metadata_index", mode="before")
+    @classmethod
+    def _parse_metadata_index(cls, raw: object) -> object:
+        """`user,org`: metadata keys of 1 to 64 letters, digits, '_' or '-'."""
+        if not isinstance(raw, str):
+            return raw
+        keys = _items(raw)
+        problems = [f"{key!r} is not a metadata key that can be indexed (1 to 64 letters, digits, '_', '-')"
+                    for key in keys if not METADATA_KEY_RE.match(key)]
+        problems += [f"{key!r} is listed twice" for key in sorted(set(keys)) if keys.count(key) > 1]
+        if problems:
+            raise ValueError(*problems)
+        return tuple(keys)
 
     @field_validator("runpod_limits", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from jobs.api import JobNotFound
+from jobs.api import owned_row, tenant_problems
 from jobs.bucket.jobfiles import DEFAULT_CONTENT_TYPE, MAX_FILES
 from jobs.bucket.store import CONTENT_TYPE_RE, check_name
 from jobs.errors import Problem, RpqError
@@ -21,7 +21,6 @@ from jobs.settings import PRESIGN_MAX_SECONDS
 from jobs.storage import filerows
 from jobs.storage.db import session_scope
 from jobs.storage.models import FileRole, FileState, JobFile, Upload, utcnow
-from jobs.storage.store import get_row
 
 __all__ = ["FileNotFound", "InvalidUpload", "JobFileInfo", "UploadTicket", "file_url", "files", "prepare_upload"]
 
@@ -68,19 +67,21 @@ class UploadTicket:
 
 
 def prepare_upload(name: str, content_type: str | None = None, max_bytes: int | None = None, *,
-                   size: int | None = None, expires: int | None = None, runtime: Runtime | None = None) -> UploadTicket:
+                   size: int | None = None, expires: int | None = None, tenant: str | None = None,
+                   runtime: Runtime | None = None) -> UploadTicket:
     """Reserve a key for one file a client will upload straight to the bucket, and sign its upload.
 
     With `size` (the file's exact size), a presigned PUT whose signature binds Content-Type and
     Content-Length: S3 and R2 both refuse anything else. Without it, an S3 POST policy allowing up to
     `max_bytes` (R2 has no POST policies: there `size` is required). Either way the submit that names the
     key is checked again by HEAD before /run: the object must exist, fit the size and have the type.
+    With `tenant`, only that tenant's submits may use the upload (without, only submits without a tenant).
     Every problem at once in InvalidUpload; FilesNotConfigured without RPQ_S3_BUCKET."""
     rt = runtime or get_runtime()
     store = rt.objects
     limit = rt.settings.upload_max_bytes
     content_type = content_type or DEFAULT_CONTENT_TYPE
-    problems: list[Problem] = []
+    problems: list[Problem] = tenant_problems(tenant)
     if not isinstance(name, str) or check_name(name):
         problems.append(Problem("name", "format", "a file name: printable, at most 255 characters, parts joined "
                                 "by '/', none empty, '.' or '..', no leading '/'"))
@@ -116,8 +117,8 @@ def prepare_upload(name: str, content_type: str | None = None, max_bytes: int | 
         url, fields = store.presign_post(key, content_type, max_bytes, seconds)
         ticket = UploadTicket(key, "POST", url, {}, fields, content_type, max_bytes, now + timedelta(seconds=seconds))
     with session_scope(rt.engine) as session:
-        filerows.reserve(session, Upload(key=key, name=name, content_type=content_type, max_bytes=ticket.max_bytes,
-                                         created_at=now, expires_at=ticket.expires_at))
+        filerows.reserve(session, Upload(key=key, tenant=tenant, name=name, content_type=content_type,
+                                         max_bytes=ticket.max_bytes, created_at=now, expires_at=ticket.expires_at))
     return ticket
 
 
@@ -141,14 +142,12 @@ class JobFileInfo:
                 "checked_at": self.checked_at.isoformat() if self.checked_at else None}
 
 
-def files(job_id: str, *, runtime: Runtime | None = None) -> list[JobFileInfo]:
+def files(job_id: str, *, tenant: str | None = None, runtime: Runtime | None = None) -> list[JobFileInfo]:
     """The job's inputs, then its current attempt's outputs: each found one with the store's size, ETag and
     content type; a declared one not checked yet (the job has not completed) as `declared`."""
     rt = runtime or get_runtime()
     with session_scope(rt.engine, read_only=True) as session:
-        row = get_row(session, job_id)
-        if row is None:
-            raise JobNotFound(job_id)
+        row = owned_row(session, job_id, tenant)
         rows = filerows.of_job(session, job_id) if row.has_files or row.output_key else []
     found = {(f.role, f.name) for f in rows if f.attempt == row.attempt}
     shown: list[JobFileInfo] = []
@@ -168,13 +167,14 @@ def _info(f: JobFile) -> JobFileInfo:
     return JobFileInfo(f.name, f.role, f.attempt, f.key, f.state, f.size, f.etag, f.content_type, f.checked_at)
 
 
-def file_url(job_id: str, name: str, *, expires: int | None = None, runtime: Runtime | None = None) -> str:
+def file_url(job_id: str, name: str, *, expires: int | None = None, tenant: str | None = None,
+             runtime: Runtime | None = None) -> str:
     """A presigned GET of the job's file `name` (an output of its current attempt first, then an input),
     valid `expires` seconds (default RPQ_PRESIGN_SECONDS). FileNotFound when there is none in the bucket.
     The URL is a credential until it expires: hand it to the one client that downloads."""
     rt = runtime or get_runtime()
     store = rt.objects
-    found = [info for info in files(job_id, runtime=rt)
+    found = [info for info in files(job_id, tenant=tenant, runtime=rt)
              if info.name == name and info.state == FileState.STORED.value and info.key is not None]
     found.sort(key=lambda info: info.role != FileRole.OUTPUT.value)  # an output before an input of the same name
     if found:

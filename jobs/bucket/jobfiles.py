@@ -213,6 +213,10 @@ class Prepared:
     written: list[str]
 
 
+#: Said alike of a key no upload has and of another tenant's upload: the answer tells the two apart for nobody.
+NO_SUCH_UPLOAD = "no unused upload has this key: it was used by another job, purged, or never prepared"
+
+
 def prepare(store: ObjectStore, job_id: str, request: FileRequest, input: Any,
             uploads: Mapping[str, Upload]) -> tuple[Prepared, list[Problem]]:
     """Check each key named against the bucket's rules and the reserved uploads (`uploads`, read by the
@@ -224,8 +228,7 @@ def prepare(store: ObjectStore, job_id: str, request: FileRequest, input: Any,
         if not store.owns(item.key):
             problems.append(Problem(f"files[{item.index}].key", "known", f"must be under the prefix {store.prefix}/"))
         elif store.is_upload_key(item.key) and item.key not in uploads:
-            problems.append(Problem(f"files[{item.index}].key", "known", "no unused upload has this key: it was used "
-                                    "by another job, purged, or never prepared"))
+            problems.append(Problem(f"files[{item.index}].key", "known", NO_SUCH_UPLOAD))
     document: bytes | None = None
     if request.offload:
         document = json.dumps(input, ensure_ascii=False, separators=(",", ":")).encode()

@@ -101,8 +101,15 @@ def _time(*, required: bool = False) -> Any:
 class JobRow(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (
-        # One job per (endpoint, idempotency key): a second submit gets the first job back.
-        UniqueConstraint("endpoint_id", "idempotency_key", name="uq_jobs_endpoint_idempotency_key"),
+        # One job per (endpoint, idempotency key) and tenant: a second submit gets the first job back, and
+        # another tenant's same key is another job. NULLs are distinct in a unique constraint, so jobs without
+        # a tenant have a partial index of their own. (Inserts name no conflict target: either index applies.)
+        UniqueConstraint("endpoint_id", "idempotency_key", "tenant", name="uq_jobs_endpoint_idempotency_key_tenant"),
+        Index("uq_jobs_endpoint_idempotency_key_untenanted", "endpoint_id", "idempotency_key", unique=True,
+              sqlite_where=text("tenant IS NULL"), postgresql_where=text("tenant IS NULL")),
+        # A tenant's jobs newest first (GET /v1/jobs with a tenant's token), and its jobs in flight (its limit).
+        Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),
         # The reconciler's and the poller's question: which in-flight jobs are due?
         Index("ix_jobs_status_next_poll_at", "status", "next_poll_at"),
         Index("ix_jobs_created_at", "created_at"),
@@ -115,6 +122,9 @@ class JobRow(SQLModel, table=True):
     )
 
     id: str = Field(primary_key=True, max_length=36)
+    # Who the job belongs to (jobs.tenants): a tenant's API token sees only its tenant's jobs. None for jobs
+    # submitted without one (from Python, by an admin token, or before tenants existed).
+    tenant: str | None = Field(default=None, max_length=64)
     endpoint_name: str = Field(max_length=64)
     endpoint_id: str = Field(max_length=64)
     status: JobStatus = Field(sa_type=StatusString, index=True)
@@ -467,6 +477,8 @@ class Upload(SQLModel, table=True):
     __table_args__ = (Index("ix_file_uploads_created_at", "created_at"),)
 
     key: str = Field(primary_key=True, max_length=1024)
+    # The tenant that prepared it: only that tenant's submits may use it (None: only submits without a tenant).
+    tenant: str | None = Field(default=None, max_length=64)
     name: str = Field(max_length=255)
     content_type: str = Field(max_length=255)
     max_bytes: int = Field(sa_type=BigInteger)
@@ -488,3 +500,19 @@ class StreamEvent(SQLModel, table=True):
     kind: str = Field(max_length=16)  # started, progress, output, end, error
     data: Any = Field(default=None, sa_column=Column(JsonDocument))
     at: datetime = _time(required=True)
+
+
+class JobMeta(SQLModel, table=True):
+    """A job's value for one indexed metadata key (RPQ_METADATA_INDEX), as text, written in the submit's
+    transaction, so `GET /v1/jobs?meta.user=42` is an index lookup.
+
+    A side table rather than an index on the JSON column: it is the same table, index and query on SQLite and
+    PostgreSQL (an expression index differs by dialect, needs a migration per key, and compares JSON's types
+    where a query string has only text), and keys are added by setting a variable, not by changing the schema."""
+
+    __tablename__ = "job_meta"
+    __table_args__ = (Index("ix_job_meta_key_value", "key", "value", "job_id"),)
+
+    job_id: str = Field(foreign_key="jobs.id", ondelete="CASCADE", max_length=36, primary_key=True)
+    key: str = Field(max_length=64, primary_key=True)
+    value: str = Field(max_length=255)

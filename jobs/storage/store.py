@@ -30,6 +30,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     case,
+    func,
     insert,
     literal,
     null,
@@ -40,12 +41,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from jobs.jsonsafe import storable_text
-from jobs.states import AT_RUNPOD, JobStatus, sources_of
+from jobs.states import AT_RUNPOD, TERMINAL, JobStatus, sources_of
 from jobs.storage import streams
-from jobs.storage.models import JobEvent, JobRow, RunPodCancel, utcnow
+from jobs.storage.models import JobEvent, JobMeta, JobRow, RunPodCancel, utcnow
 
 JOBS: Table = JobRow.__table__  # type: ignore[attr-defined]
 EVENTS: Table = JobEvent.__table__  # type: ignore[attr-defined]
+META: Table = JobMeta.__table__  # type: ignore[attr-defined]
+UNFINISHED = frozenset(JobStatus) - TERMINAL
 
 
 class Source:
@@ -356,9 +359,10 @@ def open_runpod_cancels(session: Session, job_id: str) -> Sequence[RunPodCancel]
 
 
 #: The columns of a new job row that `insert_job` is given values for: every column without a value is NULL.
-NEW_JOB_COLUMNS = ("id", "endpoint_name", "endpoint_id", "status", "input", "policy", "webhook", "metadata", "stream",
-                   "correlation_id", "idempotency_key", "attempt", "poll_count", "poll_errors", "polls_since_change",
-                   "output_missing", "priority", "has_files", "worker_s3", "input_key", "created_at", "updated_at")
+NEW_JOB_COLUMNS = ("id", "tenant", "endpoint_name", "endpoint_id", "status", "input", "policy", "webhook", "metadata",
+                   "stream", "correlation_id", "idempotency_key", "attempt", "poll_count", "poll_errors",
+                   "polls_since_change", "output_missing", "priority", "has_files", "worker_s3", "input_key",
+                   "created_at", "updated_at")
 _FIRST_EVENT_COLUMNS = ("job_id", "from_status", "to_status", "at", "source", "detail", "repeats")
 _jobs = JobRow.__table__  # type: ignore[attr-defined]
 _events = JobEvent.__table__  # type: ignore[attr-defined]
@@ -370,7 +374,7 @@ def insert_job(engine: Engine, values: Mapping[str, Any], *, source: str, detail
                also: Callable[[Connection], None] | None = None) -> bool:
     """Write a new job row (`values`, keyed by NEW_JOB_COLUMNS) and its first event, `None → status`, at
     its `created_at`. False, and nothing written, when another job already has its (endpoint_id,
-    idempotency_key). `also` writes what belongs with the job (its files) on the same connection, in the
+    idempotency_key, tenant). `also` writes what belongs with the job (its files) on the same connection, in the
     same transaction; if it raises, nothing is written.
 
     The ORM's flush and commit cost more CPU than the two inserts themselves, and each statement is a
@@ -414,7 +418,9 @@ def _build_insert_job(dialect: str) -> tuple[Any, ...]:
         raise NotImplementedError(f"jobs.storage.store.insert_job supports PostgreSQL and SQLite, not {dialect}")
     job = (insert_new(_jobs)
            .values({name: bindparam(f"new_{name}", type_=_jobs.c[name].type) for name in NEW_JOB_COLUMNS})
-           .on_conflict_do_nothing(index_elements=["endpoint_id", "idempotency_key"])
+           # No conflict target: the key is unique per tenant in one index, and among jobs without a tenant
+           # in another (partial) one. The id is a fresh UUID and webhook_token_hash NULL, so only a key conflicts.
+           .on_conflict_do_nothing()
            .execution_options(preserve_rowcount=True))  # an INSERT's rowcount is kept only when asked
     first_event = {"from_status": null(), "to_status": bindparam("new_status", type_=_events.c.to_status.type),
                    "source": bindparam("new_source", type_=_events.c.source.type),
@@ -435,9 +441,28 @@ def get_row(session: Session, job_id: str) -> JobRow | None:
     return session.get(JobRow, job_id, populate_existing=True)
 
 
-def find_by_idempotency_key(session: Session, endpoint_id: str, key: str) -> JobRow | None:
-    statement = select(JobRow).where(JobRow.endpoint_id == endpoint_id, JobRow.idempotency_key == key)
+def find_by_idempotency_key(session: Session, endpoint_id: str, key: str, tenant: str | None) -> JobRow | None:
+    """The job an earlier submit with this key made for this endpoint and tenant (None: without a tenant)."""
+    statement = select(JobRow).where(JobRow.endpoint_id == endpoint_id, JobRow.idempotency_key == key,
+                                     _tenant_is(tenant))
     return session.exec(statement).first()
+
+
+def _tenant_is(tenant: str | None) -> ColumnElement[bool]:
+    return col(JobRow.tenant).is_(None) if tenant is None else col(JobRow.tenant) == tenant
+
+
+def count_unfinished(session: Session, tenant: str) -> int:
+    """The tenant's jobs not yet in a final status: its jobs in flight, for its limit."""
+    statement = (sa_select(func.count()).select_from(JOBS)
+                 .where(JOBS.c.tenant == tenant, JOBS.c.status.in_(sorted(UNFINISHED))))
+    return int(session.execute(statement).scalar_one())
+
+
+def add_meta(connection: Connection | Session, job_id: str, values: Mapping[str, str]) -> None:
+    """The job's values for the indexed metadata keys (see JobMeta), in the caller's transaction."""
+    if values:
+        connection.execute(insert(META), [{"job_id": job_id, "key": k, "value": v} for k, v in values.items()])
 
 
 def events_of(session: Session, job_id: str) -> Sequence[JobEvent]:
@@ -454,8 +479,17 @@ def list_rows(
     since: datetime | None = None,
     limit: int = 100,
     offset: int = 0,
+    tenant: str | None = None,
+    meta: Mapping[str, str] | None = None,
 ) -> Sequence[JobRow]:
+    """Jobs newest first. `tenant` None: every tenant's. `meta`: only jobs with each of these indexed
+    metadata values (each one an index lookup in job_meta)."""
     statement = select(JobRow)
+    if tenant is not None:
+        statement = statement.where(col(JobRow.tenant) == tenant)
+    for key, value in (meta or {}).items():
+        statement = statement.where(sa_select(META.c.job_id).where(
+            META.c.job_id == JOBS.c.id, META.c.key == key, META.c.value == value).exists())
     if statuses is not None:
         statement = statement.where(col(JobRow.status).in_(sorted(set(statuses))))
     if endpoint_ids is not None:

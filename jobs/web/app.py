@@ -29,7 +29,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jobs
 from jobs import ops
-from jobs.api import MAX_CORRELATION_ID_LENGTH, MAX_KEY_LENGTH, InvalidJob, InvalidTransition, JobNotFound
+from jobs.api import (
+    MAX_CORRELATION_ID_LENGTH,
+    MAX_KEY_LENGTH,
+    MAX_META_VALUE_LENGTH,
+    InvalidJob,
+    InvalidTransition,
+    JobNotFound,
+)
 from jobs.bucket.access import FileNotFound, InvalidUpload
 from jobs.bucket.store import R2_HOST_SUFFIX
 from jobs.errors import (
@@ -51,11 +58,13 @@ from jobs.settings import Endpoint, Settings
 from jobs.states import JobStatus
 from jobs.storage.models import utcnow
 from jobs.storage.store import Source
-from jobs.web.auth import Tokens
+from jobs.tenants import TenantLimited
+from jobs.web.auth import ADMIN, CANCEL, READ, RETRY, SUBMIT, Grant, Tokens
 from jobs.web.events import JobId
 from jobs.web.events import router as streams_and_webhooks
 from jobs.web.schemas import (
     CORRELATION_ID_PATTERN,
+    META_PREFIX,
     STREAM_EVENTS,
     EndpointHealth,
     EndpointPanel,
@@ -79,6 +88,7 @@ from jobs.web.schemas import (
     header_schema,
     is_usable_correlation_id,
     joined_file_problems,
+    meta_query,
     outputs_schema,
     problems_of,
     query_values,
@@ -107,7 +117,8 @@ def create_app(
     environment. With no token and no-auth not allowed this raises ConfigError: the API never
     starts open by accident.
     """
-    accepted = Tokens.configure(tokens, allow_no_auth=allow_no_auth)
+    runtime = runtime or get_runtime()
+    accepted = Tokens.configure(tokens, allow_no_auth=allow_no_auth, endpoints=runtime.settings.endpoints.keys())
     # Here rather than in serve(): each of uvicorn's worker processes builds its own app with this.
     redact_webhook_tokens(logging.getLogger("uvicorn.access"))
     logcontext.quiet_botocore()
@@ -117,12 +128,14 @@ def create_app(
         title="rpq",
         version=version("rpq"),
         summary="Enqueue and follow RunPod serverless jobs.",
-        description="Every /v1 route needs `Authorization: Bearer <token>`. Every answer carries an "
+        description="Every /v1 route needs `Authorization: Bearer <token>`. A tenant's token sees only its "
+        "tenant's jobs (another tenant's job is a 404, as an unknown id is) and only what its scope allows (403 "
+        "otherwise). Every answer carries an "
         "`X-Correlation-ID` header: the one you sent (1 to 128 visible ASCII characters), or a new one. "
         'Errors are `{"errors": [{"field", "constraint", "message"}, ...]}`, listing every problem at '
         "once; messages never quote what was sent.",
     )
-    app.state.runtime = runtime or get_runtime()
+    app.state.runtime = runtime
     app.state.tokens = accepted
     app.state.max_body_bytes = max_body_bytes
     app.add_middleware(CorrelationId)
@@ -130,7 +143,7 @@ def create_app(
         app.add_exception_handler(kind, _error_response)
     app.add_exception_handler(Exception, _unexpected_error_response)
     app.include_router(v1)
-    events, webhooks = streams_and_webhooks(require_token, ApiError)
+    events, webhooks = streams_and_webhooks(require_token, ApiError, _scoped(READ))
     app.include_router(events)
     app.include_router(webhooks)
     app.include_router(probes)
@@ -229,6 +242,11 @@ def translate(exc: Exception) -> ApiError:
         case FileNotFound():
             return ApiError(404, [Problem("name", "known", "the job has no file of this name in the bucket (an "
                                                            "output is there once its job has completed)")])
+        case TenantLimited():
+            which = "jobs in flight" if exc.limit == "in_flight" else "submits per minute"
+            return ApiError(429, [Problem("tenant", "limit", f"this tenant is at its limit of {exc.allowed} {which}; "
+                                                             f"try again in {exc.retry_after} s")],
+                            {"Retry-After": str(exc.retry_after)})
         case InvalidTransition():
             return ApiError(409, [Problem("status", "transition", f"cannot {exc.action} a job that is {exc.status}")])
         case RunPodError():
@@ -307,6 +325,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": HTTPStatus(code).phrase} for code in codes}
 
 
+_TOO_MANY: dict[str, Any] = {
+    "model": ErrorBody, "description": "The token's tenant is at its limit of jobs in flight or submits per minute.",
+    "headers": {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "integer"}}}}
+
+
 # -- the schema of what is validated by hand -----------------------------------------------------
 
 
@@ -344,9 +367,16 @@ class _Api(FastAPI):
             endpoint = endpoint_schema(settings)
             components["JobRequest"]["properties"]["endpoint"].update(endpoint)
             components["JobFilter"]["properties"]["endpoint"]["items"] = endpoint
-            for parameter in schema["paths"]["/v1/jobs"]["get"]["parameters"]:
+            listing = schema["paths"]["/v1/jobs"]["get"]["parameters"]
+            for parameter in listing:
                 if parameter["name"] == "endpoint":
                     parameter["schema"]["items"] = endpoint
+            # The metadata keys this server indexes, each a parameter of its own: meta.user=42.
+            listing += [{"name": f"{META_PREFIX}{key}", "in": "query", "required": False,
+                         "description": f"Only jobs whose metadata has this value for {key!r} (a string, a whole "
+                         "number or a boolean, compared as text).",
+                         "schema": {"type": "string", "maxLength": MAX_META_VALUE_LENGTH, "pattern": "^[^\u0000]*$"}}
+                        for key in settings.metadata_index]
             _document_files(components, settings)
         return schema
 
@@ -405,12 +435,45 @@ _bearer = HTTPBearer(auto_error=False, description="A token listed (or whose sha
 
 async def require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
+) -> Grant:
     tokens: Tokens = request.app.state.tokens
-    if not tokens.accepts(credentials.credentials if credentials else None):
+    grant = tokens.grant_for(credentials.credentials if credentials else None)
+    if grant is None:
         # One answer whatever was wrong (no header, another scheme, a wrong token): it reveals nothing.
         raise ApiError(401, [Problem("authorization", "auth", "missing or invalid bearer token")],
                        {"WWW-Authenticate": "Bearer"})
+    logcontext.bind_tenant(grant.tenant)  # every line about the request names its tenant from here on
+    return grant
+
+
+def _scoped(scope: str) -> Any:
+    """A dependency: the request's grant, when it has `scope` (403 otherwise). FastAPI calls require_token
+    once a request however many dependencies name it."""
+
+    async def check(grant: Annotated[Grant, Depends(require_token)]) -> Grant:
+        if not grant.allows(scope):
+            raise ApiError(403, [Problem("authorization", "scope", f"this token's scope does not include {scope}")])
+        return grant
+
+    return Depends(check)
+
+
+SubmitGrant = Annotated[Grant, _scoped(SUBMIT)]
+ReadGrant = Annotated[Grant, _scoped(READ)]
+CancelGrant = Annotated[Grant, _scoped(CANCEL)]
+RetryGrant = Annotated[Grant, _scoped(RETRY)]
+AdminGrant = Annotated[Grant, _scoped(ADMIN)]
+
+
+def _check_endpoint(grant: Grant, endpoint: str, settings: Settings) -> None:
+    """403 unless the token may run work on `endpoint` (its allow-list; a bare RunPod id needs admin)."""
+    if grant.may_use(endpoint, settings.endpoints.keys()):
+        return
+    allowed = ", ".join(grant.usable_endpoints(settings.endpoints.keys())) or "none"
+    bare = endpoint not in settings.endpoints
+    raise ApiError(403, [Problem("endpoint", "allowed",
+                                 ("a bare RunPod endpoint id needs an admin token; name an endpoint" if bare
+                                  else "this token may not use this endpoint") + f" (allowed: {allowed})")])
 
 
 def _runtime(request: Request) -> Runtime:
@@ -425,7 +488,7 @@ async def _runtime_dependency(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(_runtime_dependency)]
 
 # 422 on every route: the schema then shows our error shape where FastAPI would show its own.
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=_errors(401, 422))
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=_errors(401, 403, 422))
 probes = APIRouter()
 
 
@@ -438,15 +501,17 @@ probes = APIRouter()
     response_model=JobOut,
     summary="Submit a job",
     description="202 with the new job; 200 with the existing one when an earlier request had the same "
-    "Idempotency-Key (for the same endpoint). Nothing is written for a request with any problem.",
+    "Idempotency-Key (for the same endpoint and tenant). Nothing is written for a request with any problem. 403 "
+    "for an endpoint the token may not use; 429 (with Retry-After) when the token's tenant is at one of its limits.",
     responses={200: {"model": JobOut, "description": "The job an earlier request with this Idempotency-Key made."},
-               **_errors(400, 413, 415, 502)},
+               **_errors(400, 413, 415, 502), 429: _TOO_MANY},
     openapi_extra=_json_body(JobRequest),
 )
 async def submit_job(
     request: Request,
     response: Response,
     runtime: RuntimeDep,
+    grant: SubmitGrant,
     # Checked with the body by SubmitHeaders, so that one answer has every problem; documented here.
     idempotency_key: Annotated[str | None, Header(
         alias="Idempotency-Key", description=f"1 to {MAX_KEY_LENGTH} characters; a retried request gets the same job.",
@@ -456,6 +521,7 @@ async def submit_job(
         json_schema_extra=header_schema(maxLength=MAX_CORRELATION_ID_LENGTH, pattern=CORRELATION_ID_PATTERN))] = None,
 ) -> dict[str, Any]:
     job_request, headers = await _read_submission(request, runtime, idempotency_key, correlation_header)
+    _check_endpoint(grant, job_request.endpoint, runtime.settings)
     correlation_id = job_request.correlation_id or request.state.correlation_id
     request.state.correlation_id = correlation_id
     started = utcnow()
@@ -463,7 +529,8 @@ async def submit_job(
         jobs.submit, job_request.endpoint, job_request.input, policy=job_request.policy_dict(),
         webhook=job_request.webhook, idempotency_key=headers.idempotency_key, correlation_id=correlation_id,
         metadata=job_request.metadata, stream=job_request.stream, priority=job_request.priority,
-        files=job_request.files, outputs=job_request.outputs, offload=job_request.offload, runtime=runtime,
+        files=job_request.files, outputs=job_request.outputs, offload=job_request.offload, tenant=grant.tenant,
+        runtime=runtime,
     )
     # For a known Idempotency-Key, jobs.submit returns the first job: one made before this request
     # began. (Two first requests racing each other may both get 202; they get the same job.)
@@ -475,13 +542,13 @@ async def submit_job(
 
 @v1.get("/jobs", response_model=JobList, summary="List jobs, newest first",
         openapi_extra=_query_parameters(JobFilter))
-def list_jobs(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
-    filters, problems = check(JobFilter, query_values(JobFilter, request.query_params), settings=runtime.settings,
-                              root="query")
-    if filters is None:
-        raise InvalidJob(problems)
+def list_jobs(request: Request, runtime: RuntimeDep, grant: ReadGrant) -> dict[str, Any]:
+    query, meta, meta_problems = meta_query(request.query_params, runtime.settings.metadata_index)
+    filters, problems = check(JobFilter, query_values(JobFilter, query), settings=runtime.settings, root="query")
+    if filters is None or meta_problems:
+        raise InvalidJob(problems + meta_problems)
     found = jobs.list_jobs(status=filters.status or None, endpoint=filters.endpoint or None, since=filters.since,
-                           limit=filters.limit, offset=filters.offset, runtime=runtime)
+                           limit=filters.limit, offset=filters.offset, tenant=grant.sees, meta=meta, runtime=runtime)
     return {"jobs": [job.to_dict() for job in found], "limit": filters.limit, "offset": filters.offset,
             "next_offset": filters.offset + len(found) if len(found) == filters.limit else None}
 
@@ -489,14 +556,14 @@ def list_jobs(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
 @v1.get("/jobs/{job_id}", response_model=JobOut, summary="Get a job",
         description="An input sent with offload, or an output moved to the bucket, is read back from the bucket "
         "(502 when it cannot be read, 503 when this server has no bucket any more).", responses=_errors(404, 502, 503))
-def get_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
-    return jobs.get(job_id, runtime=runtime).to_dict()
+def get_job(job_id: JobId, runtime: RuntimeDep, grant: ReadGrant) -> dict[str, Any]:
+    return jobs.get(job_id, tenant=grant.sees, runtime=runtime).to_dict()
 
 
 @v1.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a job that has not finished",
          responses=_errors(404, 409))
-def cancel_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
-    job = jobs.cancel(job_id, runtime=runtime)
+def cancel_job(job_id: JobId, runtime: RuntimeDep, grant: CancelGrant) -> dict[str, Any]:
+    job = jobs.cancel(job_id, tenant=grant.sees, runtime=runtime)
     if job.status is not JobStatus.CANCELLED:
         # jobs.cancel leaves a finished job as it is; say so instead of answering as if it were cancelled.
         raise InvalidTransition(job.id, job.status, "cancel")
@@ -506,15 +573,16 @@ def cancel_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
 @v1.post("/jobs/{job_id}/retry", status_code=202, response_model=JobOut,
          summary="Start a new attempt of a job that failed, timed out, expired or was cancelled",
          responses=_errors(404, 409))
-def retry_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
-    return jobs.retry(job_id, runtime=runtime).to_dict()
+def retry_job(job_id: JobId, runtime: RuntimeDep, grant: RetryGrant) -> dict[str, Any]:
+    return jobs.retry(job_id, tenant=grant.sees, runtime=runtime).to_dict()
 
 
 @v1.post("/jobs/{job_id}/release", response_model=JobOut,
          summary="Let a PENDING job past the spend guard",
          description="The job is sent even while the spend guard holds its endpoint's other new jobs "
          "(`waiting.reason` is `spend` for those). 409 unless the job is PENDING.", responses=_errors(404, 409))
-def release_job(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
+def release_job(job_id: JobId, runtime: RuntimeDep, grant: AdminGrant) -> dict[str, Any]:
+    # An operator's decision over the spend guard, which holds every tenant's jobs: admin only.
     return jobs.release(job_id, source=Source.API, runtime=runtime).to_dict()
 
 
@@ -543,12 +611,13 @@ _BUCKET_ERRORS: dict[int | str, dict[str, Any]] = {
     responses={201: {"headers": _CREDENTIAL_HEADER_DOCS}, **_errors(400, 413, 415), **_BUCKET_ERRORS},
     openapi_extra=_json_body(UploadRequest),
 )
-async def prepare_upload(request: Request, response: Response, runtime: RuntimeDep) -> dict[str, Any]:
+async def prepare_upload(request: Request, response: Response, runtime: RuntimeDep,
+                         grant: SubmitGrant) -> dict[str, Any]:
     upload, problems = check(UploadRequest, await _read_json(request))
     if upload is None:
         raise InvalidUpload(problems)
     ticket = await run_in_threadpool(jobs.prepare_upload, upload.name, upload.content_type, upload.max_bytes,
-                                     size=upload.size, expires=upload.expires, runtime=runtime)
+                                     size=upload.size, expires=upload.expires, tenant=grant.tenant, runtime=runtime)
     response.headers.update(_CREDENTIAL_HEADERS)
     return ticket.to_dict()
 
@@ -556,8 +625,8 @@ async def prepare_upload(request: Request, response: Response, runtime: RuntimeD
 @v1.get("/jobs/{job_id}/files", response_model=JobFiles, summary="List a job's files",
         description="Its inputs, then its current attempt's outputs, each with what the bucket said about it. "
         "No URLs: GET /v1/jobs/{id}/files/{name} makes one.", responses=_errors(404))
-def job_files(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
-    return {"files": [info.to_dict() for info in jobs.files(job_id, runtime=runtime)]}
+def job_files(job_id: JobId, runtime: RuntimeDep, grant: ReadGrant) -> dict[str, Any]:
+    return {"files": [info.to_dict() for info in jobs.files(job_id, tenant=grant.sees, runtime=runtime)]}
 
 
 @v1.get(
@@ -579,11 +648,11 @@ def job_files(job_id: JobId, runtime: RuntimeDep) -> dict[str, Any]:
     },
     openapi_extra=_query_parameters(FileUrlQuery),
 )
-def job_file(job_id: JobId, name: str, request: Request, runtime: RuntimeDep) -> Response:
+def job_file(job_id: JobId, name: str, request: Request, runtime: RuntimeDep, grant: ReadGrant) -> Response:
     query, problems = check(FileUrlQuery, query_values(FileUrlQuery, request.query_params), root="query")
     if query is None:
         raise InvalidJob(problems)
-    url = jobs.file_url(job_id, name, expires=query.expires, runtime=runtime)
+    url = jobs.file_url(job_id, name, expires=query.expires, tenant=grant.sees, runtime=runtime)
     if query.redirect:
         return RedirectResponse(url, status_code=302, headers=_CREDENTIAL_HEADERS)
     return JSONResponse({"url": url, "expires_in": query.expires or runtime.settings.presign_seconds},
@@ -601,34 +670,40 @@ def _configured(runtime: Runtime, name: str) -> Endpoint:
 @v1.get("/endpoints", response_model=EndpointPanels, summary="Every configured endpoint's queue panel",
         description="From what rpq stored: beat's last /health, the collectors' last /workers, the job table. "
         "Makes no RunPod call, so a page may refresh it often.")
-def endpoint_panels(runtime: RuntimeDep) -> dict[str, Any]:
+def endpoint_panels(runtime: RuntimeDep, grant: ReadGrant) -> dict[str, Any]:
     configured = sorted(runtime.settings.endpoints.items())
-    return {"endpoints": [endpoint_panel(runtime, endpoint) for _, endpoint in configured]}
+    # A tenant's token sees the endpoints it may use, no more: the others' names are not its business.
+    return {"endpoints": [endpoint_panel(runtime, endpoint) for name, endpoint in configured
+                          if grant.may_use(name, runtime.settings.endpoints.keys())]}
 
 
 @v1.get("/endpoints/{name}", response_model=EndpointPanel, summary="An endpoint's queue panel",
         description="From what rpq stored, with no RunPod call; `live=true` reads RunPod's /health now instead "
         "(it spends the request budget every process shares).", responses=_errors(404, 422, 502, 504))
-def endpoint_panel_route(name: str, runtime: RuntimeDep, live: bool = False) -> dict[str, Any]:
-    return endpoint_panel(runtime, _configured(runtime, name), live=live)
+def endpoint_panel_route(name: str, runtime: RuntimeDep, grant: ReadGrant, live: bool = False) -> dict[str, Any]:
+    endpoint = _configured(runtime, name)
+    _check_endpoint(grant, name, runtime.settings)
+    return endpoint_panel(runtime, endpoint, live=live)
 
 
 @v1.post("/endpoints/{name}/warmup", response_model=WarmupOut, summary="Warm an endpoint up, idempotently",
          description="Reads RunPod's /health, then sends one warm-up job only if no worker is warm or starting and "
          "no warm-up job is in flight; says what it did and why.", responses=_errors(404, 502, 504))
-def endpoint_warmup(name: str, runtime: RuntimeDep) -> dict[str, Any]:
+def endpoint_warmup(name: str, runtime: RuntimeDep, grant: AdminGrant) -> dict[str, Any]:
+    # Admin only: a warm-up job belongs to no tenant, so no tenant's limits would count it.
     return asdict(ops.warmup(runtime, _configured(runtime, name).name))
 
 
 @v1.get("/endpoints/{name}/health", response_model=EndpointHealth, summary="RunPod's /health of an endpoint, live",
         description="Deprecated: calls RunPod on every request. GET /v1/endpoints/{name} serves the panel from "
         "stored rows.", deprecated=True, responses=_errors(404, 502, 504))
-def endpoint_health(name: str, runtime: RuntimeDep) -> EndpointHealth:
+def endpoint_health(name: str, runtime: RuntimeDep, grant: ReadGrant) -> EndpointHealth:
     try:
         endpoint = runtime.settings.resolve_endpoint(name)
     except ConfigError:
         raise ApiError(404, [Problem("name", "known", "unknown endpoint: not in RUNPOD_ENDPOINTS and not a "
                                                       "RunPod endpoint id")]) from None
+    _check_endpoint(grant, name, runtime.settings)
     try:
         health = runtime.runpod.health(endpoint.id)
     except RunPodNotFound:

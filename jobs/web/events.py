@@ -36,6 +36,7 @@ from jobs.runtime import Runtime
 from jobs.states import JobStatus
 from jobs.storage.models import FileRole, utcnow
 from jobs.storage.streams import END, ERROR, FINAL_KINDS, OUTPUT, PROGRESS, STARTED
+from jobs.web.auth import Grant
 from jobs.web.schemas import ErrorBody, ErrorCode, header_schema
 
 #: How often an open stream looks for new events in the table.
@@ -69,8 +70,9 @@ async def _job_id(job_id: str) -> str:
 JobId = Annotated[str, Depends(_job_id)]
 
 
-def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
-    """The SSE route (behind the bearer token) and the webhook route (behind its path token)."""
+def router(require_token: Any, api_error: Any, read_scope: Any) -> tuple[APIRouter, APIRouter]:
+    """The SSE route (behind the bearer token, with the read scope: `read_scope`, a dependency giving the
+    request's Grant) and the webhook route (behind its path token)."""
     events = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
     webhooks = APIRouter(prefix="/v1")
 
@@ -84,12 +86,14 @@ def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
         "repeats.",
         response_class=StreamingResponse,
         responses={200: {"content": {"text/event-stream": {}}},
-                   **{code: {"model": ErrorBody, "description": HTTPStatus(code).phrase} for code in (401, 404, 422)}},
+                   **{code: {"model": ErrorBody, "description": HTTPStatus(code).phrase}
+                      for code in (401, 403, 404, 422)}},
     )
     async def job_events(
         job_id: JobId,
         request: Request,
         runtime: RuntimeDep,
+        grant: Grant = read_scope,
         last_event_id: Annotated[str | None, Header(
             alias="Last-Event-ID", description="Resume after this event (an id this stream sent).",
             json_schema_extra=header_schema(pattern="^" + _EVENT_ID.pattern + "$"))] = None,
@@ -99,7 +103,9 @@ def router(require_token: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
             if not _EVENT_ID.fullmatch(last_event_id.strip()):
                 raise api_error(422, [Problem("Last-Event-ID", "format", "must be an event id this stream sent")])
             after = int(last_event_id)
-        job, first = await run_in_threadpool(jobs.stream_events, job_id, after=after, runtime=runtime)
+        job, first = await run_in_threadpool(jobs.stream_events, job_id, after=after, tenant=grant.sees,
+                                             runtime=runtime)
+        # The job's tenant never changes: checked here once, the stream then reads by id.
         return StreamingResponse(
             _follow(request, runtime, job_id, after, job, first),
             media_type="text/event-stream",

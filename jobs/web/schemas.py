@@ -14,7 +14,7 @@ checks everything (and alone knows the 10 MB limit).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
@@ -30,6 +30,7 @@ from pydantic import (
     WithJsonSchema,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
+from starlette.datastructures import QueryParams
 
 from jobs import api as jobs_api
 from jobs.api import (
@@ -431,6 +432,8 @@ class JobOut(BaseModel):
     spend_released: bool = Field(
         False, description="An operator let this job past the spend guard (rpq jobs release): it goes out while "
         "the guard holds others.")
+    tenant: str | None = Field(
+        None, description="Who the job belongs to: the tenant of the token that submitted it (null for none).")
     waiting: WaitingOut | None = Field(
         description="Why a PENDING job has not gone to RunPod yet; null for any other status. Read from the queue "
         "when the job is read (GET): the answers of POST /v1/jobs and /retry, which only write, carry null.")
@@ -659,6 +662,26 @@ def check(model: type[Model], data: object, *, settings: Settings | None = None,
         return model.model_validate(data, context={"settings": settings}), []
     except ValidationError as exc:
         return None, problems_of(exc.errors(include_input=False, include_url=False), model=model, root=root)
+
+
+META_PREFIX = "meta."
+
+
+def meta_query(params: QueryParams, indexed: Sequence[str]) -> tuple[QueryParams, dict[str, str], list[Problem]]:
+    """A query's `meta.KEY=VALUE` filters apart from the rest: (the rest, the filters, their problems). The rules
+    are `jobs.list_jobs`'s; a key may be given once (two values of one key would find no job)."""
+    rest = QueryParams([(k, v) for k, v in params.multi_items() if not k.startswith(META_PREFIX)])
+    given: dict[str, str] = {}
+    problems: list[Problem] = []
+    for name, value in params.multi_items():
+        if not name.startswith(META_PREFIX):
+            continue
+        key = name.removeprefix(META_PREFIX)
+        if key in given and key in indexed:
+            problems.append(Problem(name, "format", "give each metadata key once"))
+        given[key] = value
+    wanted = jobs_api.meta_filter_problems(given, indexed, problems)
+    return rest, wanted, list(dict.fromkeys(problems))
 
 
 def query_values(model: type[BaseModel], params: Any) -> dict[str, object]:

@@ -157,6 +157,9 @@ BAD_ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
     "outputs": bad_outputs,
     "offload": bad_flags,
     "s3_config": bad_flags,
+    # Not a name of 1 to 64 letters, digits, '.', '_', '-' (a '/' is none of them), or not a string at all.
+    "tenant": st.one_of(st.integers(), st.lists(odd_text, max_size=2), with_canary(odd_text).map(lambda t: "/" + t),
+                        st.just("x" * 65)),
 }
 
 

@@ -953,6 +953,8 @@ def test_the_openapi_schema_lists_every_route_and_resolves_every_reference(serve
         ("/v1/endpoints/{name}/warmup", "POST"), ("/v1/endpoints/{name}/health", "GET"), ("/healthz", "GET"),
         ("/v1/jobs/{job_id}/events", "GET"), ("/v1/webhooks/runpod/{token}", "POST"),
         ("/v1/uploads", "POST"), ("/v1/jobs/{job_id}/files", "GET"), ("/v1/jobs/{job_id}/files/{name}", "GET"),
+        ("/v1/jobs/{job_id}/release", "POST"), ("/v1/endpoints", "GET"), ("/v1/endpoints/{name}", "GET"),
+        ("/v1/endpoints/{name}/warmup", "POST"),
     }
     # Every documented route is served: whatever it answers, it is not "no such route" or "wrong method".
     client = server.client()

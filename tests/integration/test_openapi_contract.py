@@ -26,7 +26,9 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.core.failures import FailureGroup
 
 from jobs.runtime import Runtime
+from jobs.tenants import SubmitRate
 from jobs.web import create_app, new_token
+from jobs.web.auth import entry_for
 from tests.conftest import IN_CI
 
 pytestmark = pytest.mark.integration
@@ -38,6 +40,7 @@ BUCKET_ROUTES = r"^/v1/(uploads|jobs/\{job_id\}/files/\{name\})$"
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_every_route_answers_as_its_schema_says_and_never_with_a_500(runtime: Runtime) -> None:
+    runtime.settings = runtime.settings.model_copy(update={"metadata_index": ("user",)})  # documents meta.user
     # The token as the schema's own security scheme: Schemathesis then knows which requests carry auth, and
     # checks too that the routes behind it refuse a request without it.
     config = SchemathesisConfig.from_dict({
@@ -67,6 +70,27 @@ def test_with_a_bucket_every_route_answers_as_its_schema_says(runtime: Runtime, 
     answered = _walk(schemathesis.openapi.from_asgi("/openapi.json", create_app(runtime, tokens=[TOKEN_ENTRY]),
                                                     config=config))
     assert {202, 422} <= answered["POST /v1/jobs"] and 201 in answered["POST /v1/uploads"], answered
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the two runs above cover both databases
+def test_for_a_tenants_token_every_route_answers_as_its_schema_says(runtime: Runtime, redis_url: str) -> None:
+    """A token confined to a tenant, to read and submit, and to one endpoint, with limits low enough to meet:
+    the 403s and 429s it draws are documented too."""
+    token, line = new_token()
+    runtime.settings = runtime.settings.model_copy(update={
+        "metadata_index": ("user",), "tenant_submits_per_minute": {"contract": 20}, "tenant_max_in_flight": {"*": 2}})
+    runtime.submit_rate_counter = SubmitRate(redis_url)
+    config = SchemathesisConfig.from_dict({
+        "auth": {"openapi": {"HTTPBearer": {"bearer": token}}},
+        "checks": {"positive_data_acceptance": {"enabled": False}},  # a valid request may meet a scope or a limit
+        "operations": [{"include-path-regex": BUCKET_ROUTES,
+                        "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]}}}],
+    })
+    # A tenant of its own: Redis's count of a tenant's submits in a minute is shared by the whole test session.
+    entry = entry_for(line, tenant="contract", scopes=["submit", "read"], endpoints=["tts"])
+    answered = _walk(schemathesis.openapi.from_asgi("/openapi.json", create_app(runtime, tokens=[entry]),
+                                                    config=config))
+    assert 403 in answered["POST /v1/jobs/{job_id}/cancel"] and 429 in answered["POST /v1/jobs"], answered
 
 
 def _walk(schema: Any) -> dict[str, set[int]]:

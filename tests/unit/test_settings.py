@@ -220,6 +220,9 @@ BAD_VALUES = {
     "RPQ_BUDGET_LOWER_WORKERS_TO": "some",
     "RPQ_LOG_FORMAT": "logfmt",
     "RPQ_LOG_LEVEL": "verbose",
+    "RPQ_TENANT_MAX_IN_FLIGHT": "shop=0",
+    "RPQ_TENANT_SUBMITS_PER_MINUTE": "*",
+    "RPQ_METADATA_INDEX": "user.id",
 }
 #: Variables in .env.example that other parts read: Flower its login, the HTTP API its tokens (jobs.web.auth).
 READ_ELSEWHERE = {"FLOWER_BASIC_AUTH", "RPQ_API_TOKENS", "RPQ_API_ALLOW_NO_AUTH"}
