@@ -678,12 +678,22 @@ def endpoint_panels(runtime: RuntimeDep, grant: ReadGrant) -> dict[str, Any]:
 
 
 @v1.get("/endpoints/{name}", response_model=EndpointPanel, summary="An endpoint's queue panel",
-        description="From what rpq stored, with no RunPod call; `live=true` reads RunPod's /health now instead "
-        "(it spends the request budget every process shares).", responses=_errors(404, 422, 502, 504))
+        description="From what rpq stored, with no RunPod call; `live=true` (admin scope only) reads RunPod's /health "
+        "now instead (it spends the request budget every process shares).", responses=_errors(404, 422, 502, 504))
 def endpoint_panel_route(name: str, runtime: RuntimeDep, grant: ReadGrant, live: bool = False) -> dict[str, Any]:
     endpoint = _configured(runtime, name)
     _check_endpoint(grant, name, runtime.settings)
+    if live:
+        _live_needs_admin(grant)
     return endpoint_panel(runtime, endpoint, live=live)
+
+
+def _live_needs_admin(grant: Grant) -> None:
+    """Every live read spends the RunPod request budget all processes share: an operator's call, not a web page's
+    (a page refreshing it for each of its users would spend the budget the dispatcher and poller need)."""
+    if not grant.admin:
+        raise ApiError(403, [Problem("live", "scope", "reading RunPod live needs the admin scope; "
+                                                      "GET /v1/endpoints/{name} serves the stored panel")])
 
 
 @v1.post("/endpoints/{name}/warmup", response_model=WarmupOut, summary="Warm an endpoint up, idempotently",
@@ -695,8 +705,9 @@ def endpoint_warmup(name: str, runtime: RuntimeDep, grant: AdminGrant) -> dict[s
 
 
 @v1.get("/endpoints/{name}/health", response_model=EndpointHealth, summary="RunPod's /health of an endpoint, live",
-        description="Deprecated: calls RunPod on every request. GET /v1/endpoints/{name} serves the panel from "
-        "stored rows.", deprecated=True, responses=_errors(404, 502, 504))
+        description="Deprecated: calls RunPod on every request, so it needs the admin scope. GET "
+        "/v1/endpoints/{name} serves the panel from stored rows to any reader.", deprecated=True,
+        responses=_errors(404, 502, 504))
 def endpoint_health(name: str, runtime: RuntimeDep, grant: ReadGrant) -> EndpointHealth:
     try:
         endpoint = runtime.settings.resolve_endpoint(name)
@@ -704,6 +715,7 @@ def endpoint_health(name: str, runtime: RuntimeDep, grant: ReadGrant) -> Endpoin
         raise ApiError(404, [Problem("name", "known", "unknown endpoint: not in RUNPOD_ENDPOINTS and not a "
                                                       "RunPod endpoint id")]) from None
     _check_endpoint(grant, name, runtime.settings)
+    _live_needs_admin(grant)
     try:
         health = runtime.runpod.health(endpoint.id)
     except RunPodNotFound:

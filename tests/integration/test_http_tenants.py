@@ -148,7 +148,10 @@ def test_a_tenants_token_runs_work_only_on_its_allowed_endpoint_names(
         "admin, a bare id": 202}
     assert problems(answers["not on its list"]) == {("endpoint", "allowed")}
     assert answers["not on its list"].json()["errors"][0]["message"].endswith("(allowed: tts)")
-    assert shop.get("/v1/endpoints/tts/health").status_code == 200
+    # Reading RunPod live spends the budget every process shares: admin tokens only. The stored panel is for all.
+    assert shop.get("/v1/endpoints/tts/health").status_code == 403
+    assert problems(shop.get("/v1/endpoints/tts", params={"live": "true"})) == {("live", "scope")}
+    assert admin.get("/v1/endpoints/tts", params={"live": "true"}).status_code == 200
     # The queue panels: a tenant's token sees the endpoints it may use; warming one up is for admin tokens.
     assert [e["endpoint"] for e in shop.get("/v1/endpoints").json()["endpoints"]] == ["tts"]
     assert [e["endpoint"] for e in admin.get("/v1/endpoints").json()["endpoints"]] == ["export", "tts"]
