@@ -44,6 +44,8 @@ S3_REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}\Z")
 S3_PREFIX_RE = re.compile(r"^(?!.*(?:^|/)\.{1,2}(?:/|$))[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*\Z")
 PRESIGN_MAX_SECONDS = 604_800  # 7 days: the longest a SigV4 presigned URL may live
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3  # S3 and R2 take at most 5 GiB in one PUT (larger needs multipart)
+#: The console's cookie-signing secret: 32 characters of `openssl rand -hex 32` or more, so it cannot be guessed.
+CONSOLE_SECRET_MIN_LENGTH = 32
 
 
 class Secret(SecretStr):
@@ -116,6 +118,13 @@ def _matching(pattern: re.Pattern[str], what: str) -> AfterValidator:
         return value
 
     return AfterValidator(check)
+
+
+def _long_secret(value: Secret) -> Secret:
+    # Only the length is said: the value is a secret, and pydantic's errors never quote it here.
+    if len(value.reveal()) < CONSOLE_SECRET_MIN_LENGTH:
+        raise ValueError(f"must be at least {CONSOLE_SECRET_MIN_LENGTH} characters (openssl rand -hex 32)")
+    return value
 
 
 WebUrl = Annotated[str, _url("http", "https")]
@@ -216,6 +225,13 @@ class Settings(BaseSettings):
     # The largest file a direct upload (`jobs.prepare_upload`) may reserve: S3's limit on one PUT by default.
     upload_max_bytes: Annotated[int, Field(gt=0, le=MAX_SINGLE_PUT_BYTES)] = Field(
         default=MAX_SINGLE_PUT_BYTES, validation_alias="RPQ_UPLOAD_MAX_BYTES")
+    # The operator console (`rpq api` at /console, jobs.web.console) signs its session cookies and CSRF tokens with
+    # this. None: the console is off. Changing it ends every console session.
+    console_secret: Annotated[Secret, AfterValidator(_long_secret)] | None = Field(
+        default=None, validation_alias="RPQ_CONSOLE_SECRET")
+    # Where operators reach Flower and the metrics exporter, for the console's links only (rpq never calls them).
+    flower_url: WebUrl | None = Field(default=None, validation_alias="RPQ_FLOWER_URL")
+    metrics_url: WebUrl | None = Field(default=None, validation_alias="RPQ_METRICS_URL")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

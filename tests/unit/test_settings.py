@@ -218,6 +218,9 @@ BAD_VALUES = {
     "RPQ_BUDGET_MIN_BALANCE": "-1",
     "RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR": "tts=-2",
     "RPQ_BUDGET_LOWER_WORKERS_TO": "some",
+    "RPQ_CONSOLE_SECRET": "hunter2-is-too-short",
+    "RPQ_FLOWER_URL": "flower:5555",
+    "RPQ_METRICS_URL": "ftp://metrics",
 }
 #: Variables in .env.example that other parts read: Flower its login, the HTTP API its tokens (jobs.web.auth).
 READ_ELSEWHERE = {"FLOWER_BASIC_AUTH", "RPQ_API_TOKENS", "RPQ_API_ALLOW_NO_AUTH"}
