@@ -52,6 +52,7 @@ from jobs.states import JobStatus
 from jobs.storage.models import utcnow
 from jobs.storage.store import Source
 from jobs.web.auth import Tokens
+from jobs.web.console import router as console
 from jobs.web.events import JobId
 from jobs.web.events import router as streams_and_webhooks
 from jobs.web.schemas import (
@@ -134,6 +135,7 @@ def create_app(
     app.include_router(events)
     app.include_router(webhooks)
     app.include_router(probes)
+    app.include_router(console)  # the operator console at /console (off without RPQ_CONSOLE_SECRET)
     return app
 
 
