@@ -74,7 +74,7 @@ def test_a_csrf_token_is_good_for_its_own_session_alone() -> None:
 def test_a_login_form_token_is_bound_to_its_nonce_cookie_and_expires() -> None:
     signer = Signer(SECRET)
     cookie, token = signer.new_login_nonce(now=NOW)
-    other_cookie, other_token = signer.new_login_nonce(now=NOW)
+    _, other_token = signer.new_login_nonce(now=NOW)
 
     assert signer.login_csrf_ok(cookie, token, now=NOW)
     assert not signer.login_csrf_ok(cookie, other_token, now=NOW)
