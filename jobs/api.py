@@ -621,10 +621,16 @@ def select_jobs(
                 wanted.add(JobStatus(value.upper()))
             except ValueError:
                 problems.append(Problem("status", "known", f"unknown status (known: {', '.join(JobStatus)})"))
+    # An empty intersection selects nothing, but still goes through list_jobs to have the other filters checked,
+    # so that one answer has every problem.
+    try:
+        found = list_jobs(status=sorted(wanted & allowed), endpoint=endpoint, since=since, limit=limit,
+                          runtime=runtime)
+    except InvalidJob as exc:
+        raise InvalidJob(problems + exc.problems) from None
     if problems:
         raise InvalidJob(problems)
-    # An empty intersection selects nothing, but still goes through list_jobs to have the other filters checked.
-    return list_jobs(status=sorted(wanted & allowed), endpoint=endpoint, since=since, limit=limit, runtime=runtime)
+    return found
 
 
 def _count_problems(field: str, value: object, low: int, high: int) -> list[Problem]:
