@@ -63,7 +63,8 @@ EFFECTS = {
 }
 
 _HERE = Path(__file__).resolve().parent
-_CSS = (_HERE / "static" / "console.css").read_bytes()
+_STATIC = {name: ((_HERE / "static" / name).read_bytes(), media_type)
+           for name, media_type in (("console.css", "text/css"), ("favicon.svg", "image/svg+xml"))}
 
 
 def _when(moment: datetime | str | None) -> str:
@@ -222,9 +223,13 @@ def _set_cookie(response: Response, request: Request, name: str, value: str, max
 # -- static ------------------------------------------------------------------------------------------------------
 
 
-@router.get("/static/console.css")
-def stylesheet() -> Response:
-    return Response(_CSS, media_type="text/css",
+@router.get("/static/{name}")
+def static(name: str) -> Response:
+    """The stylesheet and the icon (without one, a browser asks for /favicon.ico, outside the console)."""
+    if name not in _STATIC:
+        return Response(status_code=404, headers=SECURITY_HEADERS)
+    content, media_type = _STATIC[name]
+    return Response(content, media_type=media_type,
                     headers={**SECURITY_HEADERS, "Cache-Control": "public, max-age=300"})
 
 
