@@ -7,6 +7,7 @@ fails; elsewhere the module skips, saying what to install.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -289,7 +290,6 @@ def test_with_tenant_tokens_a_shop_admin_gets_a_404_for_another_tenants_job(
     shop = "rpq_shop-" + "s" * 32
     rt = console_runtime(tmp_path)
     others = jobs.submit("tts", {}, tenant="other", runtime=rt).id  # type: ignore[call-arg]
-    import hashlib
     entry = f"tenant=shop,scope=admin:sha256:{hashlib.sha256(shop.encode()).hexdigest()}"
     with serve(rt, tokens=[TOKEN_ENTRY, entry]) as served:
         context = browser.new_context(base_url=served.base_url)
