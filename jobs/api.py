@@ -28,7 +28,7 @@ from jobs.jsonsafe import json_problems, text_problems
 from jobs.runpod.client import MAX_RUN_PAYLOAD_BYTES, POLICY_BOUNDS_MS, RequestInvalid, build_run_body, encode_body
 from jobs.runtime import CANCEL_TASK, DISPATCH_TASK, POLL_DUE_TASK, Runtime, get_runtime
 from jobs.settings import Endpoint, Settings
-from jobs.states import AT_RUNPOD, RETRYABLE, JobStatus
+from jobs.states import AT_RUNPOD, RETRYABLE, TERMINAL, JobStatus
 from jobs.storage import filerows, streams
 from jobs.storage.db import session_scope
 from jobs.storage.models import JobEvent, JobRow, utcnow
@@ -715,6 +715,53 @@ def meta_filter_problems(meta: object, indexed: Sequence[str], problems: list[Pr
             continue
         wanted[key] = text
     return wanted
+
+
+#: What each bulk action may touch: cancel what has not finished; retry what failed, timed out, expired, was
+#: cancelled or is SUBMIT_UNKNOWN; release what waits PENDING.
+BULK_ACTIONS: Mapping[str, frozenset[JobStatus]] = {
+    "cancel": frozenset(JobStatus) - TERMINAL,
+    "retry": RETRYABLE,
+    "release": frozenset({JobStatus.PENDING}),
+}
+#: How many jobs one bulk action selects unless told otherwise.
+BULK_LIMIT = 1000
+
+
+def select_jobs(
+    action: str,
+    *,
+    status: JobStatus | str | Iterable[JobStatus | str] | None = None,
+    endpoint: str | Iterable[str] | None = None,
+    since: datetime | timedelta | None = None,
+    limit: int = BULK_LIMIT,
+    tenant: str | None = None,
+    runtime: Runtime | None = None,
+) -> list[Job]:
+    """The jobs a bulk `action` (a key of BULK_ACTIONS) over these filters touches, newest first: those the
+    filters select, in the statuses the action allows only (no status given: all of those). A dry run lists
+    exactly these; the CLI and the console both select with it. `tenant` as in list_jobs. Bad filters raise
+    InvalidJob, as list_jobs does."""
+    allowed = BULK_ACTIONS[action]
+    wanted: set[JobStatus] = set(allowed)
+    problems: list[Problem] = []
+    if status is not None:
+        wanted = set()
+        for value in _each(status, "status", (str, JobStatus), problems):
+            try:
+                wanted.add(JobStatus(value.upper()))
+            except ValueError:
+                problems.append(Problem("status", "known", f"unknown status (known: {', '.join(JobStatus)})"))
+    # An empty intersection selects nothing, but still goes through list_jobs to have the other filters checked,
+    # so that one answer has every problem.
+    try:
+        found = list_jobs(status=sorted(wanted & allowed), endpoint=endpoint, since=since, limit=limit,
+                          tenant=tenant, runtime=runtime)
+    except InvalidJob as exc:
+        raise InvalidJob(problems + exc.problems) from None
+    if problems:
+        raise InvalidJob(problems)
+    return found
 
 
 def _count_problems(field: str, value: object, low: int, high: int) -> list[Problem]:

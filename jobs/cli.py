@@ -20,7 +20,7 @@ import click
 import httpx
 
 from jobs import api
-from jobs.api import MAX_LIST_LIMIT, MAX_LIST_OFFSET, Job
+from jobs.api import BULK_LIMIT, MAX_LIST_LIMIT, MAX_LIST_OFFSET, Job
 from jobs.bucket import access
 from jobs.errors import ConfigError, ObjectStoreError, Problem
 from jobs.flow.spend_guard import recent_holds
@@ -31,7 +31,6 @@ from jobs.runpod import cost
 from jobs.runtime import get_runtime
 from jobs.settings import PRESIGN_MAX_SECONDS, Settings, redact_url
 from jobs.simulator import SimulatorConfig
-from jobs.states import RETRYABLE, TERMINAL, JobStatus
 from jobs.storage.db import session_scope
 from jobs.storage.models import FileRole, FileState, utcnow
 from jobs.storage.store import Source
@@ -424,7 +423,7 @@ def _bulk_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--status", multiple=True, help="Select jobs in this status (repeatable)."),
         click.option("--endpoint", multiple=True, help="Select jobs of this endpoint (repeatable)."),
         click.option("--since", help="Select jobs created since an age (30m, 1h, 2d) or an ISO 8601 time."),
-        click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, MAX_LIST_LIMIT),
+        click.option("--limit", default=BULK_LIMIT, show_default=True, type=click.IntRange(1, MAX_LIST_LIMIT),
                      help="At most this many selected jobs."),
         click.option("--dry-run", is_flag=True, help="List what would be touched; change nothing."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON."),
@@ -434,8 +433,8 @@ def _bulk_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _select(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
-            limit: int, *, allowed: frozenset[JobStatus]) -> list[str]:
-    """The ids named, or the jobs the filters select (only those in `allowed` statuses)."""
+            limit: int, *, action: str) -> list[str]:
+    """The ids named, or the jobs the filters select for `action` (api.select_jobs: what a dry run lists)."""
     filtered = bool(status or endpoint or since)
     if job_ids and filtered:
         raise click.UsageError("give job ids or filters (--status/--endpoint/--since), not both")
@@ -443,14 +442,8 @@ def _select(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[s
         return list(job_ids)
     if not filtered:
         raise click.UsageError("give job ids, or select jobs with --status, --endpoint or --since")
-    try:
-        wanted = {JobStatus(s.upper()) for s in status} if status else set(allowed)
-    except ValueError as exc:
-        raise click.BadParameter(f"known statuses: {', '.join(JobStatus)}", param_hint="--status") from exc
-    selected = sorted(wanted & allowed)
-    if not selected:
-        return []
-    found = api.list_jobs(status=selected, endpoint=list(endpoint) or None, since=_parse_since(since), limit=limit)
+    found = api.select_jobs(action, status=list(status) or None, endpoint=list(endpoint) or None,
+                            since=_parse_since(since), limit=limit)
     return [job.id for job in found]
 
 
@@ -472,7 +465,7 @@ def _bulk(job_ids: list[str], action: Callable[[str], Job], verb: str, dry_run: 
 def cancel(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
            limit: int, dry_run: bool, as_json: bool) -> None:
     """Cancel jobs by id, or every unfinished job the filters select (a finished job is left as it is)."""
-    ids = _select(job_ids, status, endpoint, since, limit, allowed=frozenset(JobStatus) - TERMINAL)
+    ids = _select(job_ids, status, endpoint, since, limit, action="cancel")
     _bulk(ids, lambda job_id: api.cancel(job_id, source=Source.OPERATOR), "cancel", dry_run, as_json)
 
 
@@ -484,7 +477,7 @@ def retry(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str
 
     Retryable: FAILED, TIMED_OUT, CANCELLED, EXPIRED and SUBMIT_UNKNOWN (decide first whether RunPod got it).
     """
-    ids = _select(job_ids, status, endpoint, since, limit, allowed=RETRYABLE)
+    ids = _select(job_ids, status, endpoint, since, limit, action="retry")
     _bulk(ids, lambda job_id: api.retry(job_id, source=Source.OPERATOR), "retry", dry_run, as_json)
 
 
@@ -493,7 +486,7 @@ def retry(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str
 def release(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
             limit: int, dry_run: bool, as_json: bool) -> None:
     """Let PENDING jobs past the spend guard, by id or by filter: they go out while it holds the others."""
-    ids = _select(job_ids, status, endpoint, since, limit, allowed=frozenset({JobStatus.PENDING}))
+    ids = _select(job_ids, status, endpoint, since, limit, action="release")
     _bulk(ids, lambda job_id: api.release(job_id, source=Source.OPERATOR), "release", dry_run, as_json)
 
 

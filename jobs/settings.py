@@ -49,6 +49,8 @@ LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # A metadata key that can be indexed: it is a query parameter's suffix (meta.user), so no dots.
 METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+#: The console's cookie-signing secret: 32 characters of `openssl rand -hex 32` or more, so it cannot be guessed.
+CONSOLE_SECRET_MIN_LENGTH = 32
 
 
 class Secret(SecretStr):
@@ -121,6 +123,13 @@ def _matching(pattern: re.Pattern[str], what: str) -> AfterValidator:
         return value
 
     return AfterValidator(check)
+
+
+def _long_secret(value: Secret) -> Secret:
+    # Only the length is said: the value is a secret, and pydantic's errors never quote it here.
+    if len(value.reveal()) < CONSOLE_SECRET_MIN_LENGTH:
+        raise ValueError(f"must be at least {CONSOLE_SECRET_MIN_LENGTH} characters (openssl rand -hex 32)")
+    return value
 
 
 WebUrl = Annotated[str, _url("http", "https")]
@@ -235,6 +244,13 @@ class Settings(BaseSettings):
     # Metadata keys whose values are indexed, so jobs can be listed by them (`GET /v1/jobs?meta.user=42`,
     # `jobs.list_jobs(meta={"user": "42"})`): `user,org`. A key is indexed for jobs submitted while it is listed.
     metadata_index: tuple[str, ...] = Field(default=(), validation_alias="RPQ_METADATA_INDEX")
+    # The operator console (`rpq api` at /console, jobs.web.console) signs its session cookies and CSRF tokens with
+    # this. None: the console is off. Changing it ends every console session.
+    console_secret: Annotated[Secret, AfterValidator(_long_secret)] | None = Field(
+        default=None, validation_alias="RPQ_CONSOLE_SECRET")
+    # Where operators reach Flower and the metrics exporter, for the console's links only (rpq never calls them).
+    flower_url: WebUrl | None = Field(default=None, validation_alias="RPQ_FLOWER_URL")
+    metrics_url: WebUrl | None = Field(default=None, validation_alias="RPQ_METRICS_URL")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -10,6 +10,7 @@
     POST /v1/webhooks/runpod/{token}    RunPod's webhook (the per-job token is the credential)
     GET  /healthz                       the database answers (no token)
     GET  /openapi.json, /docs           the schema and its browsable docs (no token)
+    /console                            the operator console (jobs.web.console; HTML, session cookie)
 
 `create_app()` builds the ASGI app and `serve()` runs it with uvicorn. Every /v1 route needs a
 bearer token from RPQ_API_TOKENS; `new_token()` makes one and the `sha256:` line to configure. A token

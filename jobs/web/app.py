@@ -60,6 +60,7 @@ from jobs.storage.models import utcnow
 from jobs.storage.store import Source
 from jobs.tenants import TenantLimited
 from jobs.web.auth import ADMIN, CANCEL, READ, RETRY, SUBMIT, Grant, Tokens
+from jobs.web.console import router as console
 from jobs.web.events import JobId
 from jobs.web.events import router as streams_and_webhooks
 from jobs.web.schemas import (
@@ -147,6 +148,7 @@ def create_app(
     app.include_router(events)
     app.include_router(webhooks)
     app.include_router(probes)
+    app.include_router(console)  # the operator console at /console (off without RPQ_CONSOLE_SECRET)
     return app
 
 

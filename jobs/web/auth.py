@@ -175,7 +175,12 @@ class Tokens:
         if not token:
             return None
         # Header values arrive decoded as latin-1; encoding them back gives the bytes that were sent.
-        presented = _digest(token.encode("latin-1"))
+        return self.grant_for_digest(_digest(token.encode("latin-1")))
+
+    def grant_for_digest(self, presented: bytes) -> Grant | None:
+        """What the token with this SHA-256 digest may do (the console keeps only the digest), or None."""
+        if self.open:
+            return None  # nobody to tell apart: no digest stands for a token here
         # Every entry is compared, so the time taken does not say which one (if any) matched.
         found: Grant | None = None
         for digest, grant in self.grants:

@@ -223,6 +223,9 @@ BAD_VALUES = {
     "RPQ_TENANT_MAX_IN_FLIGHT": "shop=0",
     "RPQ_TENANT_SUBMITS_PER_MINUTE": "*",
     "RPQ_METADATA_INDEX": "user.id",
+    "RPQ_CONSOLE_SECRET": "hunter2-is-too-short",
+    "RPQ_FLOWER_URL": "flower:5555",
+    "RPQ_METRICS_URL": "ftp://metrics",
 }
 #: Variables in .env.example that other parts read: Flower its login, the HTTP API its tokens (jobs.web.auth).
 READ_ELSEWHERE = {"FLOWER_BASIC_AUTH", "RPQ_API_TOKENS", "RPQ_API_ALLOW_NO_AUTH"}
