@@ -564,6 +564,13 @@ def get(job_id: str, *, tenant: str | None = None, runtime: Runtime | None = Non
     return _read(runtime or get_runtime(), job_id, explain=True, tenant=tenant)
 
 
+def peek(job_id: str, *, tenant: str | None = None, explain: bool = False, runtime: Runtime | None = None) -> Job:
+    """`get` without reading an offloaded input or a moved output back from the bucket (`input`/`output` are then
+    None where a key stands in for them), and without `waiting` unless `explain`: for a caller that needs to know
+    the job is there, or to show it when the bucket may not answer."""
+    return _read(runtime or get_runtime(), job_id, explain=explain, documents=False, tenant=tenant)
+
+
 def owned_row(session: Session, job_id: str, tenant: str | None) -> JobRow:
     """The job's row; JobNotFound when there is none or, with `tenant`, when it is another tenant's (the two
     are one answer, so a tenant cannot learn that another's job id exists)."""

@@ -244,6 +244,14 @@ class Settings(BaseSettings):
     # Metadata keys whose values are indexed, so jobs can be listed by them (`GET /v1/jobs?meta.user=42`,
     # `jobs.list_jobs(meta={"user": "42"})`): `user,org`. A key is indexed for jobs submitted while it is listed.
     metadata_index: tuple[str, ...] = Field(default=(), validation_alias="RPQ_METADATA_INDEX")
+    # The HTTP API signs the short-lived events URLs it hands out (POST /v1/jobs/{id}/events-url, for a browser's
+    # EventSource, which cannot send a bearer token) with this. None: no events URLs. Changing it voids those out.
+    api_secret: Annotated[Secret, AfterValidator(_long_secret)] | None = Field(
+        default=None, validation_alias="RPQ_API_SECRET")
+    # How long an events URL opens a stream for: a stream begun in time runs to its end, but a reconnect after
+    # this needs a new URL.
+    events_url_seconds: Annotated[int, Field(ge=10, le=86_400)] = Field(
+        default=900, validation_alias="RPQ_EVENTS_URL_SECONDS")
     # The operator console (`rpq api` at /console, jobs.web.console) signs its session cookies and CSRF tokens with
     # this. None: the console is off. Changing it ends every console session.
     console_secret: Annotated[Secret, AfterValidator(_long_secret)] | None = Field(

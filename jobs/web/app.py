@@ -9,6 +9,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from http import HTTPStatus
 from importlib.metadata import version
 from typing import Annotated, Any
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -61,7 +62,7 @@ from jobs.storage.store import Source
 from jobs.tenants import TenantLimited
 from jobs.web.auth import ADMIN, CANCEL, READ, RETRY, SUBMIT, Grant, Tokens
 from jobs.web.console import router as console
-from jobs.web.events import JobId
+from jobs.web.events import EVENTS_URL_CONTEXT, EVENTS_URL_PURPOSE, JobId
 from jobs.web.events import router as streams_and_webhooks
 from jobs.web.schemas import (
     CORRELATION_ID_PATTERN,
@@ -71,6 +72,7 @@ from jobs.web.schemas import (
     EndpointPanel,
     EndpointPanels,
     ErrorBody,
+    EventsUrl,
     FileUrl,
     FileUrlQuery,
     Healthz,
@@ -94,6 +96,7 @@ from jobs.web.schemas import (
     problems_of,
     query_values,
 )
+from jobs.web.signing import Sealer
 
 log = logging.getLogger("rpq.web")
 
@@ -144,7 +147,9 @@ def create_app(
         app.add_exception_handler(kind, _error_response)
     app.add_exception_handler(Exception, _unexpected_error_response)
     app.include_router(v1)
-    events, webhooks = streams_and_webhooks(require_token, ApiError, _scoped(READ))
+    secret = runtime.settings.api_secret
+    app.state.events_sealer = Sealer(secret.reveal(), EVENTS_URL_CONTEXT) if secret is not None else None
+    events, webhooks = streams_and_webhooks(Depends(_events_grant), ApiError)
     app.include_router(events)
     app.include_router(webhooks)
     app.include_router(probes)
@@ -460,6 +465,27 @@ def _scoped(scope: str) -> Any:
     return Depends(check)
 
 
+async def _events_grant(
+    request: Request, job_id: JobId,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    access: Annotated[str | None, Query(
+        description="An events URL's signed access (POST /v1/jobs/{id}/events-url), instead of a bearer token: a "
+        "browser's EventSource cannot send one.", max_length=1024)] = None,
+) -> Grant:
+    """Who may follow a job's events: a bearer token with the read scope, or the signed access of an events URL
+    made for this very job (by a token that could read it) and not expired."""
+    if access is None:
+        grant = await require_token(request, credentials)
+        if not grant.allows(READ):
+            raise ApiError(403, [Problem("authorization", "scope", f"this token's scope does not include {READ}")])
+        return grant
+    sealer: Sealer | None = request.app.state.events_sealer
+    payload = sealer.open(EVENTS_URL_PURPOSE, access) if sealer is not None else None
+    if payload is None or payload.get("job") != job_id:
+        raise ApiError(401, [Problem("access", "auth", "this events URL is not valid (any more): ask for a new one")])
+    return Grant(tenant=None, scopes=frozenset({READ}))  # this job alone: its id is what was signed
+
+
 SubmitGrant = Annotated[Grant, _scoped(SUBMIT)]
 ReadGrant = Annotated[Grant, _scoped(READ)]
 CancelGrant = Annotated[Grant, _scoped(CANCEL)]
@@ -577,6 +603,24 @@ def cancel_job(job_id: JobId, runtime: RuntimeDep, grant: CancelGrant) -> dict[s
          responses=_errors(404, 409))
 def retry_job(job_id: JobId, runtime: RuntimeDep, grant: RetryGrant) -> dict[str, Any]:
     return jobs.retry(job_id, tenant=grant.sees, runtime=runtime).to_dict()
+
+
+@v1.post("/jobs/{job_id}/events-url", response_model=EventsUrl, status_code=201,
+         summary="A short-lived URL that follows the job's events without a bearer token",
+         description="For a browser's `EventSource`, which cannot send headers: the URL carries a signed access "
+         "for this job alone, valid for RPQ_EVENTS_URL_SECONDS to open the stream (a stream opened in time runs to "
+         "its end). 503 when the server has no RPQ_API_SECRET.", responses=_errors(404, 503))
+def events_url(job_id: JobId, request: Request, runtime: RuntimeDep, grant: ReadGrant) -> dict[str, Any]:
+    sealer: Sealer | None = request.app.state.events_sealer
+    if sealer is None:
+        raise ApiError(503, [Problem("events_url", "configured", "this server makes no events URLs: "
+                                                                 "RPQ_API_SECRET is not set")])
+    jobs.api.peek(job_id, tenant=grant.sees, runtime=runtime)  # 404 unless the token sees the job
+    expires = int(utcnow().timestamp()) + runtime.settings.events_url_seconds
+    access = sealer.seal(EVENTS_URL_PURPOSE, {"job": job_id, "exp": expires})
+    path = f"/v1/jobs/{job_id}/events?access={access}"
+    return {"url": str(request.base_url).rstrip("/") + path, "path": path,
+            "expires_at": datetime.fromtimestamp(expires, UTC).isoformat()}
 
 
 @v1.post("/jobs/{job_id}/release", response_model=JobOut,

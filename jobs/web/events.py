@@ -39,6 +39,9 @@ from jobs.storage.streams import END, ERROR, FINAL_KINDS, OUTPUT, PROGRESS, STAR
 from jobs.web.auth import Grant
 from jobs.web.schemas import ErrorBody, ErrorCode, header_schema
 
+#: The key context and purpose of an events URL's signed access (jobs.web.signing), under RPQ_API_SECRET.
+EVENTS_URL_CONTEXT = b"rpq events-url v1"
+EVENTS_URL_PURPOSE = "events"
 #: How often an open stream looks for new events in the table.
 POLL_SECONDS = 0.5
 #: A comment line this often keeps proxies from closing a quiet stream.
@@ -70,10 +73,10 @@ async def _job_id(job_id: str) -> str:
 JobId = Annotated[str, Depends(_job_id)]
 
 
-def router(require_token: Any, api_error: Any, read_scope: Any) -> tuple[APIRouter, APIRouter]:
-    """The SSE route (behind the bearer token, with the read scope: `read_scope`, a dependency giving the
-    request's Grant) and the webhook route (behind its path token)."""
-    events = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+def router(read_scope: Any, api_error: Any) -> tuple[APIRouter, APIRouter]:
+    """The SSE route (behind `read_scope`, a dependency giving the request's Grant: a bearer token with the read
+    scope, or an events URL's signed access) and the webhook route (behind its path token)."""
+    events = APIRouter(prefix="/v1")
     webhooks = APIRouter(prefix="/v1")
 
     @events.get(

@@ -560,6 +560,14 @@ class EndpointPanels(BaseModel):
     endpoints: list[EndpointPanel]
 
 
+class EventsUrl(BaseModel):
+    """A URL that follows one job's events without a bearer token, for a browser's EventSource."""
+
+    url: str = Field(description="absolute, as this server was reached")
+    path: str = Field(description="the same, from the API's root: for a page served from another origin's proxy")
+    expires_at: datetime = Field(description="the stream must be opened by then; a reconnect after needs a new URL")
+
+
 class WarmupOut(BaseModel):
     """What a warm-up did and why: `none` when workers are warm or starting, or a warm-up job is in flight
     already (its `job_id`); `submitted` with the warm-up job's id."""

@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,15 @@ from jobs.flow.lifecycle import hash_token
 from jobs.jsonsafe import MAX_DEPTH
 from jobs.runpod.client import RunPodClient
 from jobs.runtime import DISPATCH_TASK, Runtime
-from jobs.settings import Settings
+from jobs.settings import Secret, Settings
 from jobs.states import JobStatus
 from jobs.storage.db import make_engine, session_scope, upgrade
 from jobs.storage.models import JobRow, utcnow
 from jobs.storage.store import Source, transition
 from jobs.web import create_app, new_token
 from jobs.web.app import MAX_BODY_BYTES
+from jobs.web.events import EVENTS_URL_CONTEXT, EVENTS_URL_PURPOSE
+from jobs.web.signing import Sealer
 from tests.conftest import ENDPOINT_ID, ROOT, Published, SimulatorProcess, free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
@@ -469,6 +471,48 @@ def test_a_last_event_id_the_stream_never_sent_is_a_422(api: httpx.Client, runti
     response = api.get(f"/v1/jobs/{job.id}/events", headers={"Last-Event-ID": last_event_id})
 
     assert response.status_code == 422 and problems(response) == {("Last-Event-ID", "format")}
+
+
+# -- events URLs ---------------------------------------------------------------------------------
+
+API_SECRET = "events-url-secret-" + "x" * 20
+
+
+def test_an_events_url_streams_one_jobs_events_without_a_bearer_token(
+    start_api: Callable[..., ApiServer], runtime: Runtime
+) -> None:
+    runtime.settings = runtime.settings.model_copy(update={"api_secret": Secret(API_SECRET)})
+    server = start_api(runtime)
+    job = jobs.submit("tts", 1, runtime=runtime)
+    other = jobs.submit("tts", 2, runtime=runtime)
+    jobs.cancel(job.id, runtime=runtime)
+
+    made = server.client().post(f"/v1/jobs/{job.id}/events-url")
+    anyone = server.client(token=None)
+    with anyone.stream("GET", made.json()["path"]) as stream:
+        body = stream.read().decode()
+
+    assert made.status_code == 201 and made.json()["url"] == server.base_url + made.json()["path"]
+    assert 0 < (datetime.fromisoformat(made.json()["expires_at"]) - utcnow()).total_seconds() <= 900
+    assert stream.status_code == 200 and "event: error" in body and '"code":"cancelled"' in body
+    access = made.json()["path"].split("access=")[1]
+    refused = {
+        "another job's path": anyone.get(f"/v1/jobs/{other.id}/events", params={"access": access}),
+        "altered": anyone.get(f"/v1/jobs/{job.id}/events", params={"access": access[:-2] + "AA"}),
+        "expired": anyone.get(f"/v1/jobs/{job.id}/events", params={"access": Sealer(
+            API_SECRET, EVENTS_URL_CONTEXT).seal(EVENTS_URL_PURPOSE, {"job": job.id, "exp": 1})}),
+        "no access at all": anyone.get(f"/v1/jobs/{job.id}/events"),
+    }
+    assert {name: r.status_code for name, r in refused.items()} == dict.fromkeys(refused, 401)
+    assert problems(refused["altered"]) == {("access", "auth")}
+
+
+def test_without_rpq_api_secret_no_events_url_is_made(api: httpx.Client, runtime: Runtime) -> None:
+    job = jobs.submit("tts", 1, runtime=runtime)
+
+    response = api.post(f"/v1/jobs/{job.id}/events-url")
+
+    assert response.status_code == 503 and problems(response) == {("events_url", "configured")}
 
 
 # -- cancel and retry ----------------------------------------------------------------------------
@@ -949,12 +993,11 @@ def test_the_openapi_schema_lists_every_route_and_resolves_every_reference(serve
     assert documented == {
         ("/v1/jobs", "POST"), ("/v1/jobs", "GET"), ("/v1/jobs/{job_id}", "GET"),
         ("/v1/jobs/{job_id}/cancel", "POST"), ("/v1/jobs/{job_id}/retry", "POST"),
-        ("/v1/jobs/{job_id}/release", "POST"), ("/v1/endpoints", "GET"), ("/v1/endpoints/{name}", "GET"),
-        ("/v1/endpoints/{name}/warmup", "POST"), ("/v1/endpoints/{name}/health", "GET"), ("/healthz", "GET"),
+        ("/v1/jobs/{job_id}/release", "POST"), ("/v1/jobs/{job_id}/events-url", "POST"),
         ("/v1/jobs/{job_id}/events", "GET"), ("/v1/webhooks/runpod/{token}", "POST"),
         ("/v1/uploads", "POST"), ("/v1/jobs/{job_id}/files", "GET"), ("/v1/jobs/{job_id}/files/{name}", "GET"),
-        ("/v1/jobs/{job_id}/release", "POST"), ("/v1/endpoints", "GET"), ("/v1/endpoints/{name}", "GET"),
-        ("/v1/endpoints/{name}/warmup", "POST"),
+        ("/v1/endpoints", "GET"), ("/v1/endpoints/{name}", "GET"), ("/v1/endpoints/{name}/warmup", "POST"),
+        ("/v1/endpoints/{name}/health", "GET"), ("/healthz", "GET"),
     }
     # Every documented route is served: whatever it answers, it is not "no such route" or "wrong method".
     client = server.client()

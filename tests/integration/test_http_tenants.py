@@ -18,7 +18,7 @@ import redis
 
 import jobs
 from jobs.runtime import Runtime
-from jobs.settings import Endpoint
+from jobs.settings import Endpoint, Secret
 from jobs.states import JobStatus
 from jobs.tenants import SubmitRate
 from jobs.web.auth import entry_for, new_token
@@ -47,7 +47,7 @@ def database_url(tmp_path: Path) -> str:
 def tenant_runtime(runtime: Runtime) -> Runtime:
     runtime.settings = runtime.settings.model_copy(update={
         "endpoints": {"tts": Endpoint("tts", ENDPOINT_ID), "export": Endpoint("export", EXPORT_ID)},
-        "metadata_index": ("user",)})
+        "metadata_index": ("user",), "api_secret": Secret("s" * 32)})
     return runtime
 
 
@@ -76,7 +76,7 @@ def test_every_route_answers_another_tenants_job_as_an_unknown_id(
     stored = jobs.submit("tts", {}, files={"notes.txt": b"notes"}, tenant="shop", runtime=tenant_runtime)
     unknown = str(uuid.uuid4())
     routes = [("GET", "/v1/jobs/{id}"), ("POST", "/v1/jobs/{id}/cancel"), ("POST", "/v1/jobs/{id}/retry"),
-              ("GET", "/v1/jobs/{id}/events"), ("GET", "/v1/jobs/{id}/files"),
+              ("GET", "/v1/jobs/{id}/events"), ("POST", "/v1/jobs/{id}/events-url"), ("GET", "/v1/jobs/{id}/files"),
               ("GET", "/v1/jobs/{id}/files/notes.txt")]
 
     # Another tenant: every route answers exactly as for an id no job has, and changes nothing.

@@ -224,6 +224,8 @@ BAD_VALUES = {
     "RPQ_TENANT_SUBMITS_PER_MINUTE": "*",
     "RPQ_METADATA_INDEX": "user.id",
     "RPQ_CONSOLE_SECRET": "hunter2-is-too-short",
+    "RPQ_API_SECRET": "short",
+    "RPQ_EVENTS_URL_SECONDS": "5",
     "RPQ_FLOWER_URL": "flower:5555",
     "RPQ_METRICS_URL": "ftp://metrics",
 }

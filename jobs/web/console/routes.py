@@ -387,7 +387,7 @@ def _visible_job(rt: Runtime, principal: Principal, job_id: str, *, documents: b
     try:
         # Without documents: an offloaded input or output stays in the bucket (one that cannot be read there
         # must not keep an operator from cancelling or retrying its job).
-        job = api.get(job_id, runtime=rt) if documents else api._read(rt, job_id, explain=True, documents=False)
+        job = api.get(job_id, runtime=rt) if documents else api.peek(job_id, explain=True, runtime=rt)
     except JobNotFound:
         return None
     return job if access.sees(principal, job) else None

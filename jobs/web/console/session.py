@@ -12,14 +12,13 @@ short-lived signed nonce cookie.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import json
 import secrets
 import time
 from dataclasses import dataclass
+
+from jobs.web.signing import Sealer, b64
 
 #: How long a console session lasts from login.
 SESSION_SECONDS = 8 * 3600
@@ -37,38 +36,11 @@ class Session:
         return f"Session(id={self.id[:6]}…, expires_at={self.expires_at})"
 
 
-class Signer:
-    """Signs and checks the console's cookies and CSRF tokens under one secret."""
+class Signer(Sealer):
+    """Signs and checks the console's cookies and CSRF tokens under RPQ_CONSOLE_SECRET."""
 
     def __init__(self, secret: str) -> None:
-        # A key of its own, so that this secret's HMACs are never those of anything else it might be used for.
-        self._key = hmac.new(secret.encode(), b"rpq console v1", hashlib.sha256).digest()
-
-    def __repr__(self) -> str:
-        return "Signer(***)"
-
-    def _mac(self, purpose: str, data: bytes) -> bytes:
-        return hmac.new(self._key, purpose.encode() + b"\x00" + data, hashlib.sha256).digest()
-
-    def _seal(self, purpose: str, payload: dict[str, object]) -> str:
-        body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
-        return f"{body}.{_b64(self._mac(purpose, body.encode()))}"
-
-    def _open(self, purpose: str, value: str | None, now: float | None) -> dict[str, object] | None:
-        if not value or value.count(".") != 1 or len(value) > 1024:
-            return None
-        body, _, mac = value.partition(".")
-        given = _unb64(mac)
-        if given is None or not hmac.compare_digest(given, self._mac(purpose, body.encode())):
-            return None
-        raw = _unb64(body)
-        payload = json.loads(raw) if raw is not None else None  # signed by us: well-formed JSON
-        if not isinstance(payload, dict):
-            return None
-        expires = payload.get("exp")
-        if not isinstance(expires, int) or expires <= (time.time() if now is None else now):
-            return None
-        return payload
+        super().__init__(secret, b"rpq console v1")
 
     # -- sessions ----------------------------------------------------------------------------------------------
 
@@ -76,12 +48,12 @@ class Signer:
         """A new session for the token with this digest, and the cookie value that carries it."""
         session = Session(id=secrets.token_hex(16), token_digest=token_digest,
                           expires_at=int((time.time() if now is None else now) + SESSION_SECONDS))
-        value = self._seal("session", {"sid": session.id, "exp": session.expires_at, "dig": token_digest.hex()})
+        value = self.seal("session", {"sid": session.id, "exp": session.expires_at, "dig": token_digest.hex()})
         return session, value
 
     def session(self, value: str | None, *, now: float | None = None) -> Session | None:
         """The session a cookie value carries, or None when it is missing, forged, altered or expired."""
-        payload = self._open("session", value, now)
+        payload = self.open("session", value, now)
         if payload is None or not isinstance(payload.get("sid"), str) or not isinstance(payload.get("dig"), str):
             return None
         try:
@@ -91,7 +63,7 @@ class Signer:
         return Session(id=str(payload["sid"]), expires_at=int(str(payload["exp"])), token_digest=digest)
 
     def csrf_token(self, session: Session) -> str:
-        return _b64(self._mac("csrf", session.id.encode()))
+        return b64(self.mac("csrf", session.id.encode()))
 
     def csrf_ok(self, session: Session, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(str(token).encode(), self.csrf_token(session).encode())
@@ -101,15 +73,15 @@ class Signer:
     def new_login_nonce(self, *, now: float | None = None) -> tuple[str, str]:
         """A nonce cookie for a login form, and the form's CSRF token bound to it."""
         nonce = secrets.token_hex(16)
-        value = self._seal("login", {"n": nonce, "exp": int((time.time() if now is None else now)
+        value = self.seal("login", {"n": nonce, "exp": int((time.time() if now is None else now)
                                                                + LOGIN_FORM_SECONDS)})
-        return value, _b64(self._mac("login-csrf", nonce.encode()))
+        return value, b64(self.mac("login-csrf", nonce.encode()))
 
     def login_csrf_ok(self, cookie: str | None, token: str | None, *, now: float | None = None) -> bool:
-        payload = self._open("login", cookie, now)
+        payload = self.open("login", cookie, now)
         if payload is None or not token or not isinstance(payload.get("n"), str):
             return False
-        expected = _b64(self._mac("login-csrf", str(payload["n"]).encode()))
+        expected = b64(self.mac("login-csrf", str(payload["n"]).encode()))
         return hmac.compare_digest(str(token).encode(), expected.encode())
 
 
@@ -117,13 +89,3 @@ def token_digest(token: str) -> bytes:
     """The SHA-256 of a token, as RPQ_API_TOKENS's `sha256:` entries hold it."""
     return hashlib.sha256(token.encode()).digest()
 
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes | None:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        return None
