@@ -302,3 +302,39 @@ def test_a_tenants_token_does_not_open_the_console_and_an_admins_shows_every_ten
         context.close()
     rt.close()
     assert shown is not None and shown.status == 200
+
+
+# -- a browser's EventSource through an events URL -----------------------------------------------------------------
+
+
+def test_a_browsers_event_source_follows_a_job_through_an_events_url_with_no_token_in_the_page(
+        browser: Browser, tmp_path: Path) -> None:
+    import httpx
+
+    from jobs.settings import Secret
+
+    rt = console_runtime(tmp_path, api_secret=Secret("events-" + "e" * 32))
+    job_id = make_job(rt, status=JobStatus.CANCELLED)
+    with serve(rt) as served:
+        made = httpx.post(f"{served.base_url}/v1/jobs/{job_id}/events-url",
+                          headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        context = browser.new_context(base_url=served.base_url)
+        page = context.new_page()
+        page.goto("/healthz")  # any page of the API's origin: the URL is same-origin, as behind a web app's proxy
+        # The page knows the URL alone; EventSource sends no Authorization header.
+        received = page.evaluate("""url => new Promise((resolve, reject) => {
+            const events = new EventSource(url), seen = [];
+            setTimeout(() => reject(new Error("no final event within 10 s: " + JSON.stringify(seen))), 10000);
+            for (const kind of ["started", "output", "metrics", "end"]) {
+                events.addEventListener(kind, e => seen.push([kind, JSON.parse(e.data)]));
+            }
+            events.addEventListener("error", e => {
+                events.close();
+                if (e.data) { seen.push(["error", JSON.parse(e.data)]); resolve(seen); }
+                else reject(new Error("the stream failed: " + JSON.stringify(seen)));
+            });
+        })""", made["path"])
+        context.close()
+    rt.close()
+    kind, data = received[-1]
+    assert (kind, data["code"], data["status"]) == ("error", "cancelled", "CANCELLED")
