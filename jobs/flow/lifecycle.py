@@ -122,10 +122,11 @@ class Findings:
     job_id: str
     correlation_id: str | None
     store: Callable[[Session], Then]
+    tenant: str | None = None
 
 
 def _findings(row: JobRow, store: Callable[[Session], Then]) -> Findings:
-    return Findings(row.id, row.correlation_id, store)
+    return Findings(row.id, row.correlation_id, store, row.tenant)
 
 
 def _nothing_to_store(row: JobRow, step: Next) -> Findings:
@@ -164,7 +165,8 @@ def store_together(rt: Runtime, findings: Sequence[Findings]) -> list[Next]:
         if i not in thens:
             continue
         with logcontext.scope():  # each job's log lines carry its own id
-            logcontext.bind(job_id=findings[i].job_id, correlation_id=findings[i].correlation_id)
+            logcontext.bind(job_id=findings[i].job_id, correlation_id=findings[i].correlation_id,
+                            tenant=findings[i].tenant)
             try:
                 steps[i] = thens[i]()
             except Exception as exc:  # a message not sent, say: the other jobs' steps are still taken
@@ -249,7 +251,7 @@ def send_claimed(rt: Runtime, row: JobRow, token: str | None, *, rand: Any = ran
     """Send a claimed job to RunPod; its answer, not yet stored (the dispatcher stores a batch's together)."""
     # Everything this submit writes from here on is about this attempt, before RunPod named its job.
     fence = Fence(attempt=row.attempt, runpod_job_id=None)
-    logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
+    logcontext.bind(job_id=row.id, correlation_id=row.correlation_id, tenant=row.tenant)
     sent: Any = row.input
     checks: list[jobfiles.InputCheck] = []
     s3_config: dict[str, str] | None = None
@@ -555,7 +557,7 @@ def ask_status(rt: Runtime, row: JobRow, *, rand: Any = random.random) -> Findin
     """Ask RunPod about a job whose poll this process claimed; its answer, not yet stored (the poller
     stores a batch's together)."""
     fence = Fence.of(row)
-    logcontext.bind(job_id=row.id, correlation_id=row.correlation_id)
+    logcontext.bind(job_id=row.id, correlation_id=row.correlation_id, tenant=row.tenant)
     rt.metrics.polled(row.endpoint_name)
     try:
         state = rt.runpod.status(row.endpoint_id, row.runpod_job_id or "")

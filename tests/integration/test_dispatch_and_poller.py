@@ -73,6 +73,33 @@ def test_the_dispatcher_sends_every_pending_job_of_its_endpoint_once_and_wakes_t
     assert published(runtime).of(POLL_DUE_TASK) == [ENDPOINT_ID]
 
 
+def test_the_dispatchers_and_pollers_log_lines_about_a_job_name_its_tenant(
+        runtime: Runtime, simulator: SimulatorProcess) -> None:
+    import logging
+
+    from jobs.observability.logcontext import ContextFilter
+
+    job = jobs.submit("tts", {"output": 1}, tenant="shop", correlation_id="req-shop", runtime=runtime)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.addFilter(ContextFilter())
+    handler.emit = seen.append  # type: ignore[method-assign]
+    rpq = logging.getLogger("rpq")
+    rpq.addHandler(handler)
+    level, rpq.level = rpq.level, logging.DEBUG
+    try:
+        dispatch(runtime, ENDPOINT_ID)
+        wait_until(lambda: poll_due(runtime, ENDPOINT_ID) is not None and jobs.get(job.id, runtime=runtime)
+                   .is_terminal, timeout=30, what="the job to finish")
+    finally:
+        rpq.removeHandler(handler)
+        rpq.level = level
+
+    about = [r for r in seen if getattr(r, "job_id", None) == job.id]
+    assert about and {(getattr(r, "tenant", None), getattr(r, "correlation_id", None)) for r in about} == {
+        ("shop", "req-shop")}
+
+
 def test_the_dispatcher_sends_oldest_first_in_batches(runtime: Runtime, simulator: SimulatorProcess) -> None:
     submitted = [jobs.submit("tts", {"output": i}, runtime=runtime) for i in range(5)]
 
