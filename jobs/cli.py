@@ -347,20 +347,31 @@ def jobs_group() -> None:
 @click.option("--status", multiple=True, help="Only jobs in this status (repeatable).")
 @click.option("--endpoint", multiple=True, help="Only jobs of this endpoint (repeatable).")
 @click.option("--since", help="Only jobs created since: an age (30m, 1h, 2d) or an ISO 8601 time.")
+@click.option("--tenant", help="Only this tenant's jobs.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE",
+              help="Only jobs whose indexed metadata KEY is VALUE (RPQ_METADATA_INDEX; repeatable, all must match).")
 # --limit and --offset are read here rather than by click, so that a bad one is listed with every other problem.
 @click.option("--limit", default="50", show_default=True, help=f"At most this many jobs (1 to {MAX_LIST_LIMIT}).")
 @click.option("--offset", default="0", show_default=True, help=f"Skip this many first (0 to {MAX_LIST_OFFSET}).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_command(status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None, limit: str, offset: str,
-                 as_json: bool) -> None:
+def list_command(status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None, tenant: str | None,
+                 meta: tuple[str, ...], limit: str, offset: str, as_json: bool) -> None:
     """List jobs, newest first."""
     unread: list[Problem] = []
+    wanted: dict[str, str | int | bool] = {}
+    for item in meta:
+        key, sep, value = item.partition("=")
+        if not sep:
+            unread.append(Problem("meta", "format", "expected KEY=VALUE"))
+        else:
+            wanted[key] = value
     since_value = _since_value(since, unread)
     limit_value, offset_value = _whole_number("limit", limit, unread), _whole_number("offset", offset, unread)
     try:  # with what could not be read left out, so that list_jobs reports every other problem
         found = api.list_jobs(status=list(status) or None, endpoint=list(endpoint) or None, since=since_value,
                               limit=1 if limit_value is None else limit_value,
-                              offset=0 if offset_value is None else offset_value)
+                              offset=0 if offset_value is None else offset_value, tenant=tenant,
+                              meta=wanted or None)
     except api.InvalidJob as exc:
         raise api.InvalidJob(unread + exc.problems) from None
     if unread:
@@ -423,6 +434,7 @@ def _bulk_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--status", multiple=True, help="Select jobs in this status (repeatable)."),
         click.option("--endpoint", multiple=True, help="Select jobs of this endpoint (repeatable)."),
         click.option("--since", help="Select jobs created since an age (30m, 1h, 2d) or an ISO 8601 time."),
+        click.option("--tenant", help="Select only this tenant's jobs."),
         click.option("--limit", default=BULK_LIMIT, show_default=True, type=click.IntRange(1, MAX_LIST_LIMIT),
                      help="At most this many selected jobs."),
         click.option("--dry-run", is_flag=True, help="List what would be touched; change nothing."),
@@ -433,17 +445,17 @@ def _bulk_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _select(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
-            limit: int, *, action: str) -> list[str]:
+            tenant: str | None, limit: int, *, action: str) -> list[str]:
     """The ids named, or the jobs the filters select for `action` (api.select_jobs: what a dry run lists)."""
-    filtered = bool(status or endpoint or since)
+    filtered = bool(status or endpoint or since or tenant)
     if job_ids and filtered:
-        raise click.UsageError("give job ids or filters (--status/--endpoint/--since), not both")
+        raise click.UsageError("give job ids or filters (--status/--endpoint/--since/--tenant), not both")
     if job_ids:
         return list(job_ids)
     if not filtered:
-        raise click.UsageError("give job ids, or select jobs with --status, --endpoint or --since")
+        raise click.UsageError("give job ids, or select jobs with --status, --endpoint, --since or --tenant")
     found = api.select_jobs(action, status=list(status) or None, endpoint=list(endpoint) or None,
-                            since=_parse_since(since), limit=limit)
+                            since=_parse_since(since), tenant=tenant, limit=limit)
     return [job.id for job in found]
 
 
@@ -463,30 +475,30 @@ def _bulk(job_ids: list[str], action: Callable[[str], Job], verb: str, dry_run: 
 @jobs_group.command()
 @_bulk_options
 def cancel(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
-           limit: int, dry_run: bool, as_json: bool) -> None:
+           tenant: str | None, limit: int, dry_run: bool, as_json: bool) -> None:
     """Cancel jobs by id, or every unfinished job the filters select (a finished job is left as it is)."""
-    ids = _select(job_ids, status, endpoint, since, limit, action="cancel")
+    ids = _select(job_ids, status, endpoint, since, tenant, limit, action="cancel")
     _bulk(ids, lambda job_id: api.cancel(job_id, source=Source.OPERATOR), "cancel", dry_run, as_json)
 
 
 @jobs_group.command()
 @_bulk_options
 def retry(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
-          limit: int, dry_run: bool, as_json: bool) -> None:
+          tenant: str | None, limit: int, dry_run: bool, as_json: bool) -> None:
     """Start a new attempt of jobs by id, or of every retryable job the filters select.
 
     Retryable: FAILED, TIMED_OUT, CANCELLED, EXPIRED and SUBMIT_UNKNOWN (decide first whether RunPod got it).
     """
-    ids = _select(job_ids, status, endpoint, since, limit, action="retry")
+    ids = _select(job_ids, status, endpoint, since, tenant, limit, action="retry")
     _bulk(ids, lambda job_id: api.retry(job_id, source=Source.OPERATOR), "retry", dry_run, as_json)
 
 
 @jobs_group.command()
 @_bulk_options
 def release(job_ids: tuple[str, ...], status: tuple[str, ...], endpoint: tuple[str, ...], since: str | None,
-            limit: int, dry_run: bool, as_json: bool) -> None:
+            tenant: str | None, limit: int, dry_run: bool, as_json: bool) -> None:
     """Let PENDING jobs past the spend guard, by id or by filter: they go out while it holds the others."""
-    ids = _select(job_ids, status, endpoint, since, limit, action="release")
+    ids = _select(job_ids, status, endpoint, since, tenant, limit, action="release")
     _bulk(ids, lambda job_id: api.release(job_id, source=Source.OPERATOR), "release", dry_run, as_json)
 
 
