@@ -77,6 +77,7 @@ def test_the_dispatchers_and_pollers_log_lines_about_a_job_name_its_tenant(
         runtime: Runtime, simulator: SimulatorProcess) -> None:
     import logging
 
+    from jobs.observability import logcontext
     from jobs.observability.logcontext import ContextFilter
 
     job = jobs.submit("tts", {"output": 1}, tenant="shop", correlation_id="req-shop", runtime=runtime)
@@ -86,14 +87,16 @@ def test_the_dispatchers_and_pollers_log_lines_about_a_job_name_its_tenant(
     handler.emit = seen.append  # type: ignore[method-assign]
     rpq = logging.getLogger("rpq")
     rpq.addHandler(handler)
-    level, rpq.level = rpq.level, logging.DEBUG
+    level = rpq.level
+    rpq.setLevel(logging.DEBUG)  # setLevel, not .level: it also clears every logger's cached "is it enabled"
     try:
-        dispatch(runtime, ENDPOINT_ID)
-        wait_until(lambda: poll_due(runtime, ENDPOINT_ID) is not None and jobs.get(job.id, runtime=runtime)
-                   .is_terminal, timeout=30, what="the job to finish")
+        with logcontext.scope():  # what a task does around its work (tasks/jobs.py)
+            dispatch(runtime, ENDPOINT_ID)
+            wait_until(lambda: poll_due(runtime, ENDPOINT_ID) is not None and jobs.get(job.id, runtime=runtime)
+                       .is_terminal, timeout=30, what="the job to finish")
     finally:
         rpq.removeHandler(handler)
-        rpq.level = level
+        rpq.setLevel(level)
 
     about = [r for r in seen if getattr(r, "job_id", None) == job.id]
     assert about and {(getattr(r, "tenant", None), getattr(r, "correlation_id", None)) for r in about} == {

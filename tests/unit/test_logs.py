@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,15 @@ from jobs.observability import logcontext, logs
 
 ISO_UTC_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 REQUIRED = {"time", "level", "logger", "message", "job_id", "correlation_id", "tenant"}
+
+
+@pytest.fixture(autouse=True)
+def no_tags_bound() -> Iterator[None]:
+    """Each test starts with no job bound: an in-process test run before it in this process (calling the
+    lifecycle directly, outside a task's scope) may have left its job's tags bound."""
+    with logcontext.scope():
+        logcontext.bind()
+        yield
 
 
 def record(msg: object = "polled %s", args: Any = ("once",), *, level: int = logging.INFO,
