@@ -26,6 +26,7 @@ from jobs.runtime import (
     broker_transport_options,
 )
 from jobs.settings import Settings
+from jobs.storage import retention
 
 
 def _every(task: str, seconds: int) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             # Beside the health round: the autoscaler decides on live workers and rpq's queue (a no-op when
             # RPQ_AUTOSCALE names no endpoint).
             "autoscaler": _every(AUTOSCALE_TASK, settings.runpod_health_poll_seconds),
-            "retention": _every(PURGE_TASK, 3600),
+            "retention": _every(PURGE_TASK, retention.INTERVAL_SECONDS),
         },
         worker_send_task_events=True,  # Flower's live view
         task_send_sent_event=True,
