@@ -67,6 +67,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,  # held countdown messages go back to Redis on shutdown
         worker_soft_shutdown_timeout=10,
         worker_cancel_long_running_tasks_on_connection_loss=True,  # no double run after a reconnect
+        worker_consumer="tasks.consumer:Consumer",  # reconnects when Redis goes away while it holds countdowns
         task_soft_time_limit=task_time_limits(settings)[0],
         task_time_limit=task_time_limits(settings)[1],
         # A collectors' round calls RunPod's management API a few times per endpoint, within its rate limit (60
