@@ -34,6 +34,7 @@ from jobs.runtime import (
     broker_transport_options,
 )
 from jobs.settings import Settings
+from jobs.storage import retention
 
 
 def _every(task: str, seconds: int) -> dict[str, Any]:
@@ -113,6 +114,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,  # held countdown messages go back to Redis on shutdown
         worker_soft_shutdown_timeout=10,
         worker_cancel_long_running_tasks_on_connection_loss=True,  # no double run after a reconnect
+        worker_consumer="tasks.consumer:Consumer",  # reconnects when Redis goes away while it holds countdowns
         task_soft_time_limit=task_time_limits(settings)[0],
         task_time_limit=task_time_limits(settings)[1],
         # A collectors' round calls RunPod's management API a few times per endpoint, within its rate limit (60
@@ -131,7 +133,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             # Beside the health round: the autoscaler decides on live workers and rpq's queue (a no-op when
             # RPQ_AUTOSCALE names no endpoint).
             "autoscaler": _every(AUTOSCALE_TASK, settings.runpod_health_poll_seconds),
-            "retention": _every(PURGE_TASK, 3600),
+            "retention": _every(PURGE_TASK, retention.INTERVAL_SECONDS),
         },
         worker_send_task_events=True,  # Flower's live view
         task_send_sent_event=True,

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 
 from jobs.flow import dispatch as dispatching
 from jobs.flow import lifecycle, poller
-from jobs.flow.reconcile import reconcile as reconcile_jobs
+from jobs.flow.reconcile import reconcile_on_schedule
 from jobs.observability import logcontext
 from jobs.runpod import autoscale as autoscaler
 from jobs.runpod import collect as collectors
@@ -115,8 +116,14 @@ def cancel(self: Any, job_id: str) -> None:
 
 
 @app.task(name=RECONCILE_TASK)  # type: ignore[untyped-decorator]
-def reconcile() -> None:
-    reconcile_jobs(get_runtime())
+def reconcile() -> dict[str, int] | None:
+    """One reconciler round; what Flower (and the worker's log) shows is what it rebuilt (None: another round holds
+    the lease)."""
+    report = reconcile_on_schedule(get_runtime())
+    if report.skipped:
+        return None
+    return {"woke_dispatch": len(report.woke_dispatch), "woke_poller": len(report.woke_poller),
+            "marked_unknown": len(report.marked_unknown), "recancelled": len(report.recancelled)}
 
 
 @app.task(name=HEALTH_TASK)  # type: ignore[untyped-decorator]
@@ -144,7 +151,7 @@ def autoscale() -> dict[str, str] | None:
 def purge() -> dict[str, Any]:
     """One retention run. Its result (counts, and why objects could not be deleted) is what Flower shows; a run
     that kept rows for want of a bucket has also logged a warning."""
-    purged = retention.purge(get_runtime())
+    purged = retention.purge(get_runtime(), keep_for=timedelta(seconds=0.8 * retention.INTERVAL_SECONDS))
     if purged.jobs or purged.health_rows or purged.uploads or purged.snapshot_rows:
         log.info("retention: deleted %d jobs, %d unused uploads, %d health rows and %d collector rows, and %d "
                  "objects in the bucket", purged.jobs, purged.uploads, purged.health_rows, purged.snapshot_rows,

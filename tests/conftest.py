@@ -26,6 +26,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 if TYPE_CHECKING:
+    import jobs
     from jobs.runpod.client import RunPodClient
     from jobs.runtime import Runtime
     from jobs.settings import Settings
@@ -41,6 +42,21 @@ hypothesis_settings.register_profile("dev", deadline=None)
 hypothesis_settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
 hypothesis_settings.load_profile("ci" if IN_CI else "dev")
 POSTGRES_ADMIN_URL = os.environ.get("RPQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak-minutes", type=float, default=0.3,
+                     help="how long the topology soak runs at moderate load (default: a short CI setting)")
+    parser.addoption("--soak-report", default=None, metavar="PATH",
+                     help="write the soak's samples (RSS per process, Redis, queues, table sizes) as Markdown to PATH")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A soak's time limit follows its length; the default limit would cut a long one.
+    minutes = float(config.getoption("--soak-minutes"))
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(pytest.mark.timeout(minutes * 60 + 240))
 
 
 def service_missing(what: str, how: str) -> None:
@@ -518,6 +534,21 @@ class Pipeline:
         for process in (self.worker, self.beat, self.api):
             if process is not None:
                 stop_process(process)
+
+
+def all_finished(pipeline: Pipeline, job_ids: list[str], timeout: float) -> list[jobs.Job]:
+    """Every job, once each is in a final status; on a timeout the stack's logs are printed."""
+    import jobs
+
+    def done() -> list[jobs.Job] | None:
+        found = [jobs.get(job_id, runtime=pipeline.runtime) for job_id in job_ids]
+        return found if all(job.is_terminal for job in found) else None
+
+    try:
+        return wait_until(done, timeout=timeout, interval=0.5, what="every job to finish")  # type: ignore[return-value]
+    except AssertionError:
+        print(pipeline.logs())
+        raise
 
 
 @contextmanager

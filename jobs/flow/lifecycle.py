@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -48,7 +49,7 @@ from jobs.runpod.client import JobState, RunPodStatus
 from jobs.runtime import CANCEL_TASK, POLL_DUE_TASK, Runtime
 from jobs.states import AT_RUNPOD, FROM_RUNPOD, JobStatus
 from jobs.storage import filerows, streams
-from jobs.storage.db import session_scope
+from jobs.storage.db import session_scope, unreachable
 from jobs.storage.models import JobRow, RunPodCancel, utcnow
 from jobs.storage.store import (
     JOBS,
@@ -85,6 +86,13 @@ FINAL_DRAIN_TRIES = 5
 #: The database's integer columns hold timings up to this; a larger (or negative) one is not a timing.
 MAX_STORED_MS = 2**31 - 1
 MAX_WORKER_ID_LENGTH = 128
+#: How long a batch's answers wait for a database that does not answer before they are given up. RunPod's answers
+#: (a /run's job id above all) exist nowhere else; a /run stored this late is still adopted (SUBMIT_UNKNOWN ->
+#: IN_QUEUE), so the wait may outlast the reconciler's bound on a submit.
+STORE_RETRY_SECONDS = 90.0
+#: The first pause before storing them again; it doubles up to STORE_RETRY_MAX_PAUSE.
+STORE_RETRY_FIRST_PAUSE = 0.5
+STORE_RETRY_MAX_PAUSE = 5.0
 
 
 def poll_lease(rt: Runtime) -> timedelta:
@@ -140,8 +148,10 @@ def store_together(rt: Runtime, findings: Sequence[Findings]) -> list[Next]:
     meanwhile) changes nothing, and the others are stored all the same.
 
     A batch costs one BEGIN and one COMMIT instead of one each per job, and its event rows and stream
-    events are written together at its end (`store.side_rows_together`). Should the shared transaction
-    fail (a lost connection, a deadlock, a row no write can store), it is rolled back and each job's
+    events are written together at its end (`store.side_rows_together`). Should the database not answer
+    (down, restarting, the connection cut), the transaction is tried again until it does, for up to
+    STORE_RETRY_SECONDS: RunPod's answers are known nowhere else. Should it fail otherwise (a row no
+    write can store), it is rolled back and each job's
     findings are stored in a transaction of their own, so one job's failure costs the others nothing;
     the first error is raised after the others are stored and done with (the failed job keeps its
     claim, which the poller or the reconciler takes up again when it runs out)."""
@@ -155,11 +165,14 @@ def store_together(rt: Runtime, findings: Sequence[Findings]) -> list[Next]:
         with session_scope(rt.engine) as session, side_rows_together(session):
             thens = {i: findings[i].store(session) for i in order}
     except Exception as exc:
-        if len(findings) == 1:
+        if unreachable(exc):
+            thens = _store_when_back(rt, findings, order, exc)
+        elif len(findings) == 1:
             raise
-        log.warning("storing %d jobs' RunPod answers in one transaction failed (%s: %s); storing each on its "
-                    "own", len(findings), type(exc).__name__, exc)
-        thens = _store_each(rt, findings, order, failures)
+        else:
+            log.warning("storing %d jobs' RunPod answers in one transaction failed (%s: %s); storing each on its "
+                        "own", len(findings), type(exc).__name__, exc)
+            thens = _store_each(rt, findings, order, failures)
     steps: dict[int, Next] = {}
     for i in order:
         if i not in thens:
@@ -174,6 +187,31 @@ def store_together(rt: Runtime, findings: Sequence[Findings]) -> list[Next]:
     if failures:
         raise failures[0]
     return [steps[i] for i in range(len(findings))]
+
+
+def _store_when_back(rt: Runtime, findings: Sequence[Findings], order: list[int], error: Exception
+                     ) -> dict[int, Then]:
+    """The batch's transaction again, with growing pauses, while the database does not answer (a restart, a
+    failover): what RunPod answered is known only here, and a /run's answer lost would leave its job
+    SUBMIT_UNKNOWN though RunPod has it. After STORE_RETRY_SECONDS the error is raised; the jobs keep their claims."""
+    log.warning("the database did not answer (%s); storing %d jobs' RunPod answers again when it does",
+                type(error).__name__, len(findings))
+    deadline = time.monotonic() + STORE_RETRY_SECONDS
+    pause = STORE_RETRY_FIRST_PAUSE
+    while time.monotonic() + pause < deadline:
+        time.sleep(pause)
+        pause = min(2 * pause, STORE_RETRY_MAX_PAUSE)
+        try:
+            with session_scope(rt.engine) as session, side_rows_together(session):
+                thens = {i: findings[i].store(session) for i in order}
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            error = exc
+            continue
+        log.info("stored %d jobs' RunPod answers once the database answered again", len(findings))
+        return thens
+    raise error
 
 
 def _store_each(rt: Runtime, findings: Sequence[Findings], order: list[int], failures: list[Exception]

@@ -11,7 +11,8 @@ publish that failed after the row was committed). Run periodically by beat, this
 * open rows of the cancel outbox whose task is overdue: publish the cancel again.
 
 Every action is idempotent (the tasks compare-and-set), and a lease in the database lets only one
-reconciler act at a time, so two beats, or a run that overlaps the last, never act twice.
+reconciler act at a time, so a run that overlaps the last never acts twice; beat's rounds keep the lease for
+most of their interval, so two beats act once per interval between them.
 """
 
 from __future__ import annotations
@@ -59,11 +60,19 @@ class Report:
         return bool(self.woke_dispatch or self.woke_poller or self.marked_unknown or self.recancelled)
 
 
-def reconcile(rt: Runtime, *, now: datetime | None = None, limit: int = 1000) -> Report:
-    with held(rt.engine, LOCK, lease=lease_for(rt)) as lease:
+def reconcile(rt: Runtime, *, now: datetime | None = None, limit: int = 1000,
+              keep_for: timedelta = timedelta(0)) -> Report:
+    """One run, unless another holds the lease. `keep_for`: see `reconcile_on_schedule`."""
+    with held(rt.engine, LOCK, lease=lease_for(rt), keep_for=keep_for) as lease:
         if not lease:
             return Report(skipped=True)
         return _reconcile(rt, lease, now=now or utcnow(), limit=limit)
+
+
+def reconcile_on_schedule(rt: Runtime) -> Report:
+    """Beat's round. Every beat sends one per interval, so the lease is kept for most of the interval after the
+    round began: with two beats, the second one's round of the same interval skips instead of running again."""
+    return reconcile(rt, keep_for=timedelta(seconds=0.8 * rt.settings.reconcile_interval_seconds))
 
 
 def _reconcile(rt: Runtime, lease: Lease, *, now: datetime, limit: int) -> Report:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session, create_engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -44,6 +45,12 @@ def make_engine(url: str) -> Engine:
 
 
 READ_ONLY = "rpq_read_only"
+
+
+def unreachable(exc: BaseException) -> bool:
+    """The database did not answer (down, restarting, refusing connections, the connection cut), as opposed to
+    refusing what was asked of it: the same transaction may well succeed later."""
+    return isinstance(exc, OperationalError | InterfaceError)
 
 
 @contextmanager

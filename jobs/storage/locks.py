@@ -68,12 +68,20 @@ class Lease:
 
 
 @contextmanager
-def held(engine: Engine, name: str, *, lease: timedelta) -> Iterator[Lease]:
-    """`with held(engine, "reconciler", lease=...) as mine:` runs the block's work only if `mine`."""
+def held(engine: Engine, name: str, *, lease: timedelta, keep_for: timedelta = timedelta(0)) -> Iterator[Lease]:
+    """`with held(engine, "reconciler", lease=...) as mine:` runs the block's work only if `mine`.
+
+    `keep_for`: the lease is kept until that long after it was taken, not released when the block ends. A
+    periodic round passes most of its interval, because every beat sends one round per interval: released at
+    once, the lease would let the next beat's round of the same interval run too."""
+    started = utcnow()
     taken = Lease(engine, name, owner=f"{uuid.uuid4()}", length=lease, mine=False)
     taken.mine = try_acquire(engine, name, owner=taken.owner, lease=lease)
     try:
         yield taken
     finally:
-        if taken.mine:
+        left = started + keep_for - utcnow()
+        if taken.mine and left > timedelta(0):
+            try_acquire(engine, name, owner=taken.owner, lease=left)
+        elif taken.mine:
             release(engine, name, owner=taken.owner)

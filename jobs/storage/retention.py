@@ -51,6 +51,8 @@ from jobs.storage.models import (
 log = logging.getLogger("rpq.retention")
 
 LOCK = "retention"
+#: How often beat sends a retention run.
+INTERVAL_SECONDS = 3600
 #: An unused upload's reservation outlives its URL by this much before it and its object go: a PUT or POST that
 #: began just before the URL expired may still be arriving, and its client may still be about to submit.
 UPLOAD_GRACE = timedelta(days=1)
@@ -77,13 +79,15 @@ class Purged:
     skipped: bool = False
 
 
-def purge(rt: Runtime, *, now: datetime | None = None, batch: int = 500) -> Purged:
+def purge(rt: Runtime, *, now: datetime | None = None, batch: int = 500, keep_for: timedelta = timedelta(0)) -> Purged:
+    """One retention run, unless another holds the lease. Beat's runs pass `keep_for` (most of INTERVAL_SECONDS):
+    the lease then outlasts the run, so a second beat's run of the same hour skips."""
     now = now or utcnow()
     cutoff = now - timedelta(days=rt.settings.runpod_job_retention_days)
     result = Purged()
     bucket = _Bucket(rt)
     # Renewed every batch: a holder killed mid-run delays the next one by minutes, not an hour.
-    with held(rt.engine, LOCK, lease=timedelta(minutes=5)) as mine:
+    with held(rt.engine, LOCK, lease=timedelta(minutes=5), keep_for=keep_for) as mine:
         if not mine:
             return Purged(skipped=True)
         _purge_jobs(rt, mine, bucket, cutoff, batch, result)

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -143,7 +144,8 @@ def create_app(
     app.state.tokens = accepted
     app.state.max_body_bytes = max_body_bytes
     app.add_middleware(CorrelationId)
-    for kind in (RpqError, ApiError, RequestValidationError, StarletteHTTPException):
+    # The database's errors too: as an unexpected error, the answer would be sent and the connection dropped after it.
+    for kind in (RpqError, ApiError, RequestValidationError, StarletteHTTPException, OperationalError, InterfaceError):
         app.add_exception_handler(kind, _error_response)
     app.add_exception_handler(Exception, _unexpected_error_response)
     app.include_router(v1)
@@ -269,6 +271,12 @@ def translate(exc: Exception) -> ApiError:
         case InvalidObjectName():  # each "field: rule", as jobs.bucket.store words them
             return ApiError(422, [Problem(text.partition(": ")[0], "format", text.partition(": ")[2] or text)
                                   for text in exc.problems])
+        case OperationalError() | InterfaceError():
+            # The database is down or cut off (a restart, a failover): the client can only come back later.
+            log.warning("the database did not answer: %s", type(exc.orig or exc).__name__)
+            return ApiError(503, [Problem("database", "available", "the database is not answering; try again shortly "
+                                          "(a submit repeated with the same Idempotency-Key makes no second job)")],
+                            {"Retry-After": "5"})
         case ConfigError():
             log.error("cannot serve a request: %s", exc)
             return ApiError(500, [Problem("server", "config", "the server is misconfigured; its log says how")])

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, select
 
 import jobs
@@ -101,6 +101,30 @@ def test_the_dispatchers_and_pollers_log_lines_about_a_job_name_its_tenant(
     about = [r for r in seen if getattr(r, "job_id", None) == job.id]
     assert about and {(getattr(r, "tenant", None), getattr(r, "correlation_id", None)) for r in about} == {
         ("shop", "req-shop")}
+
+
+def test_runpods_answers_wait_for_a_database_that_stopped_answering_and_are_stored_once_it_does(
+    runtime: Runtime, simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    submitted = [jobs.submit("tts", {"output": i}, runtime=runtime) for i in range(3)]
+    # The /runs went out; then the first two tries to store their answers find the database gone.
+    real_scope, outage = lifecycle.session_scope, iter([True, True])
+
+    @contextmanager
+    def scope(engine: Engine, **options: Any) -> Iterator[Session]:
+        if next(outage, False):
+            raise OperationalError("COMMIT", {}, Exception("the database is not accepting connections"))
+        with real_scope(engine, **options) as session:
+            yield session
+
+    monkeypatch.setattr(lifecycle, "session_scope", scope)
+    monkeypatch.setattr(lifecycle, "STORE_RETRY_FIRST_PAUSE", 0.01)
+
+    outcome = dispatch(runtime, ENDPOINT_ID)
+
+    assert outcome.sent == 3
+    assert statuses(runtime, *(job.id for job in submitted)) == [JobStatus.IN_QUEUE] * 3  # none left SUBMITTING
+    assert len(simulator.jobs()) == 3
 
 
 def test_the_dispatcher_sends_oldest_first_in_batches(runtime: Runtime, simulator: SimulatorProcess) -> None:

@@ -8,7 +8,7 @@ import redis
 
 import jobs
 from jobs.states import JobStatus
-from tests.conftest import Pipeline, wait_until
+from tests.conftest import Pipeline, all_finished, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -16,18 +16,6 @@ pytestmark = pytest.mark.integration
 def submit_batch(pipeline: Pipeline, endpoint: str, count: int) -> list[str]:
     return [jobs.submit(endpoint, {"sleep": 1 + n % 4, "output": n}, runtime=pipeline.runtime).id
             for n in range(count)]
-
-
-def all_finished(pipeline: Pipeline, job_ids: list[str], timeout: float) -> list[jobs.Job]:
-    def done() -> list[jobs.Job] | None:
-        found = [jobs.get(job_id, runtime=pipeline.runtime) for job_id in job_ids]
-        return found if all(job.is_terminal for job in found) else None
-
-    try:
-        return wait_until(done, timeout=timeout, interval=0.5, what="every job to finish")  # type: ignore[return-value]
-    except AssertionError:
-        print(pipeline.logs())
-        raise
 
 
 def test_redis_flushed_mid_run_loses_no_job_and_sends_none_twice(pipeline: Pipeline) -> None:

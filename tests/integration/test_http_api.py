@@ -935,16 +935,31 @@ def test_a_configuration_problem_is_a_500_whose_details_go_only_to_the_log(
 
 
 def test_an_unexpected_error_is_a_500_with_no_details_and_a_correlation_id(
-    start_api: Callable[..., ApiServer], runtime: Runtime, tmp_path: Path
+    start_api: Callable[..., ApiServer], runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broken = replace(runtime, engine=make_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'rpq.db'}"))
+    def broken(**_: Any) -> None:
+        raise RuntimeError("secret internals at /srv/rpq")
 
-    response = start_api(broken).client().get("/v1/jobs", headers={"X-Correlation-ID": "trace-500"})
-    broken.engine.dispose()
+    monkeypatch.setattr(jobs, "list_jobs", broken)
+    response = start_api(runtime).client().get("/v1/jobs", headers={"X-Correlation-ID": "trace-500"})
 
     assert response.status_code == 500 and problems(response) == {("server", "internal")}
     assert response.headers["X-Correlation-ID"] == "trace-500"
-    assert "Traceback" not in response.text and "sqlite" not in response.text.lower()
+    assert "Traceback" not in response.text and "secret" not in response.text
+
+
+def test_a_database_that_cannot_be_reached_is_a_503_naming_it_with_retry_after(
+    start_api: Callable[..., ApiServer], runtime: Runtime, tmp_path: Path
+) -> None:
+    broken = replace(runtime, engine=make_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'rpq.db'}"))
+    api = start_api(broken).client()
+
+    listed = api.get("/v1/jobs", headers={"X-Correlation-ID": "trace-503"})
+    broken.engine.dispose()
+
+    assert listed.status_code == 503 and problems(listed) == {("database", "available")}
+    assert listed.headers["Retry-After"] == "5" and listed.headers["X-Correlation-ID"] == "trace-503"
+    assert "Traceback" not in listed.text and "sqlite" not in listed.text.lower()
 
 
 def test_a_wrong_method_is_a_405_in_the_error_shape(api: httpx.Client) -> None:

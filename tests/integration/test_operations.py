@@ -13,7 +13,7 @@ from sqlmodel import func, select
 import jobs
 from jobs import ops
 from jobs.flow.lifecycle import submit_job
-from jobs.flow.reconcile import reconcile
+from jobs.flow.reconcile import reconcile, reconcile_on_schedule
 from jobs.observability.metrics import RpqCollector
 from jobs.observability.metrics_recorder import RedisRecorder
 from jobs.runpod import health
@@ -101,6 +101,27 @@ def test_two_reconcilers_at_once_act_once(runtime: Runtime) -> None:
 def test_the_reconciler_runs_again_once_the_last_run_is_over(runtime: Runtime) -> None:
     assert not reconcile(runtime).skipped
     assert not reconcile(runtime).skipped
+
+
+def test_beats_reconciler_rounds_act_once_per_interval_however_many_beats_send_them(runtime: Runtime) -> None:
+    from sqlalchemy import update
+
+    from jobs.flow.reconcile import LOCK
+    from jobs.storage.models import Lock
+
+    # Two beats each send a round every interval: the second one's round of this interval finds the lease kept.
+    assert not reconcile_on_schedule(runtime).skipped
+    assert reconcile_on_schedule(runtime).skipped
+
+    with session_scope(runtime.engine) as session:  # the next interval
+        session.execute(update(Lock).where(Lock.name == LOCK).values(expires_at=utcnow() - timedelta(seconds=1)))
+    assert not reconcile_on_schedule(runtime).skipped
+
+
+def test_beats_retention_runs_act_once_per_interval_however_many_beats_send_them(runtime: Runtime) -> None:
+    hour = timedelta(seconds=0.8 * retention.INTERVAL_SECONDS)
+    assert not retention.purge(runtime, keep_for=hour).skipped
+    assert retention.purge(runtime, keep_for=hour).skipped
 
 
 def test_a_reconciler_killed_holding_its_lease_holds_up_the_next_run_only_briefly(runtime: Runtime) -> None:
