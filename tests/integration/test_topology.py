@@ -297,13 +297,14 @@ def assert_once_per_interval(times: list[datetime], interval: float, what: str) 
 
 def task_outcomes(topology: Topology, task: str) -> list[tuple[datetime, str]]:
     """When each run of a task finished and what it returned, from the workers' logs."""
-    pattern = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/[^\]]*\] .* Task "
+    # rpq's text format (jobs.observability.logs): "2026-11-30T13:13:07.272Z INFO [tags] celery.app.trace: Task …"
+    pattern = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z INFO .*? Task "
                          + re.escape(task) + r"\[[^\]]+\] succeeded in [0-9.e-]+s: (.*)$")
     found = []
     for line in topology.logs(re.escape(task) + r"\["):
         match = pattern.match(line)
         if match:
-            found.append((datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f"), match[2]))
+            found.append((datetime.strptime(match[1], "%Y-%m-%dT%H:%M:%S.%f"), match[2]))
     return found
 
 
