@@ -15,7 +15,10 @@ from jobs.states import JobStatus
 from jobs.storage.db import session_scope
 from tests.conftest import ENDPOINT_ID, Pipeline, free_port, stop_process, wait_until
 
-pytestmark = pytest.mark.integration
+# SQLite alone: the operator's commands, Flower and beat's health rounds against a real worker, for the wiring.
+# The queries behind them are held to both databases in-process (test_operations.py, test_cli*.py), and
+# test_topology.py runs beat and workers on PostgreSQL; the suite's time is short.
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("pipeline", ["sqlite"], indirect=True)]
 
 
 def test_beat_stores_health_rows_on_schedule_and_failures_as_failures(pipeline: Pipeline) -> None:

@@ -125,6 +125,8 @@ def test_a_run_that_times_out_is_left_for_an_operator_and_not_resubmitted(pipeli
     assert reconciled[-1].to_status is JobStatus.SUBMIT_UNKNOWN
 
 
+# The schedule is the same whatever the database (the poll plan is tested on both in-process): one run is enough.
+@pytest.mark.parametrize("pipeline", ["sqlite"], indirect=True)
 def test_polls_back_off_so_a_long_job_costs_few_status_calls(pipeline: Pipeline) -> None:
     job = jobs.submit(endpoint(pipeline), {"sleep": 8, "output": "slow export"}, runtime=pipeline.runtime)
 

@@ -16,7 +16,10 @@ from jobs.states import JobStatus
 from tests.conftest import ENDPOINT_ID, Pipeline, wait_until
 from tests.integration.strategies import json_within
 
-pytestmark = pytest.mark.integration
+# SQLite alone: a real worker and `rpq api` over HTTP, for the wiring (SSE, webhooks, correlation ids). What the
+# storage does underneath is held to both databases in-process (test_streams_and_webhooks.py, test_http_api.py),
+# and test_topology.py runs the API and workers on PostgreSQL; the suite's time is short.
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("web_pipeline", ["sqlite"], indirect=True)]
 
 
 def read_events(client: httpx.Client, job_id: str, *, last_event_id: int | None = None,
