@@ -10,7 +10,10 @@ import jobs
 from jobs.states import JobStatus
 from tests.conftest import Pipeline, all_finished, wait_until
 
-pytestmark = pytest.mark.integration
+# SQLite alone: test_topology.py holds PostgreSQL to the same faults and more (a worker per queue, Redis
+# restarted with and without its data, PostgreSQL itself away), and test_pipeline.py kills a worker with SIGKILL
+# on both databases; the suite's time is short.
+pytestmark = [pytest.mark.integration, pytest.mark.parametrize("pipeline", ["sqlite"], indirect=True)]
 
 
 def submit_batch(pipeline: Pipeline, endpoint: str, count: int) -> list[str]:
