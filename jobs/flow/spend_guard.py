@@ -64,16 +64,23 @@ def spend_hold(session: Session, settings: Settings, now: datetime,
 def spend_holds(session: Session, settings: Settings, now: datetime,
                 endpoint_id: str | None = None) -> list[SpendHold]:
     """Every hold in force for the endpoint's new jobs: the account's first, then the endpoint's own."""
-    holds = [hold for hold in (_account_hold(session, settings, now),) if hold is not None]
-    name = settings.endpoint_name_for(endpoint_id) if endpoint_id is not None else None
+    holds = [_account_hold(session, settings, now)]
+    if endpoint_id is not None:
+        holds.append(endpoint_hold(session, settings, now, endpoint_id))
+    return [hold for hold in holds if hold is not None]
+
+
+def endpoint_hold(session: Session, settings: Settings, now: datetime, endpoint_id: str) -> SpendHold | None:
+    """The hold of the endpoint's own limit alone (RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR), or None."""
+    name = settings.endpoint_name_for(endpoint_id)
     ceiling = settings.budget_endpoint_max_spend_per_hour.get(name) if name is not None else None
-    if endpoint_id is not None and name is not None and ceiling is not None:
-        spend, how = endpoint_spend(session, endpoint_id, now)
-        if spend >= ceiling:
-            holds.append(SpendHold(
-                f"held by the spend guard: endpoint {name} spends ${spend:.2f}/h ({how}), at or over its "
-                f"RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR ${ceiling:.2f}/h", now, name))
-    return holds
+    if name is None or ceiling is None:
+        return None
+    spend, how = endpoint_spend(session, endpoint_id, now)
+    if spend < ceiling:
+        return None
+    return SpendHold(f"held by the spend guard: endpoint {name} spends ${spend:.2f}/h ({how}), at or over its "
+                     f"RPQ_BUDGET_ENDPOINT_MAX_SPEND_PER_HOUR ${ceiling:.2f}/h", now, name)
 
 
 def _account_hold(session: Session, settings: Settings, now: datetime) -> SpendHold | None:

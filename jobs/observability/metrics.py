@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from jobs.flow.spend_guard import ACCOUNT, spend_hold, spend_holds
+from jobs.flow.spend_guard import ACCOUNT, endpoint_hold, spend_hold
 from jobs.flow.waiting import held_by_cap
 from jobs.observability.metrics_recorder import COUNTERS_KEY, LATENCY_BUCKETS, SEP
 from jobs.runpod import health
@@ -64,8 +64,8 @@ class RpqCollector(Collector):
             settings, now = self.rt.settings, utcnow()
             guard.add_metric([ACCOUNT], 0.0 if spend_hold(session, settings, now) is None else 1.0)
             for name in sorted(settings.budget_endpoint_max_spend_per_hour):
-                holds = spend_holds(session, settings, now, settings.endpoints[name].id)
-                guard.add_metric([name], 1.0 if any(hold.scope == name for hold in holds) else 0.0)
+                holding = endpoint_hold(session, settings, now, settings.endpoints[name].id) is not None
+                guard.add_metric([name], 1.0 if holding else 0.0)
             for status, endpoint, count in session.exec(
                 select(JobRow.status, JobRow.endpoint_name, func.count()).group_by(
                     col(JobRow.status), col(JobRow.endpoint_name))

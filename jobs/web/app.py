@@ -62,6 +62,7 @@ from jobs.storage.models import utcnow
 from jobs.storage.store import Source
 from jobs.tenants import TenantLimited
 from jobs.web.auth import ADMIN, CANCEL, READ, RETRY, SUBMIT, Grant, Tokens
+from jobs.web.bodies import media_type, read_bounded
 from jobs.web.console import router as console
 from jobs.web.events import EVENTS_URL_CONTEXT, EVENTS_URL_PURPOSE, JobId
 from jobs.web.events import router as streams_and_webhooks
@@ -825,18 +826,12 @@ async def _read_submission(
 
 async def _read_json(request: Request) -> object:
     limit: int = request.app.state.max_body_bytes
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
+    sent_as = media_type(request)
+    if sent_as != "application/json" and not sent_as.endswith("+json"):
         raise ApiError(415, [Problem("Content-Type", "format", "must be application/json")])
-    too_large = ApiError(413, [Problem("body", "size", f"must be at most {limit:,} bytes")])
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    body = await read_bounded(request, limit)
+    if body is None:
+        raise ApiError(413, [Problem("body", "size", f"must be at most {limit:,} bytes")])
     try:
         return json.loads(body, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:

@@ -37,6 +37,7 @@ from jobs.states import JobStatus
 from jobs.storage.models import FileRole, utcnow
 from jobs.storage.streams import END, ERROR, FINAL_KINDS, OUTPUT, PROGRESS, STARTED
 from jobs.web.auth import Grant
+from jobs.web.bodies import read_bounded
 from jobs.web.schemas import ErrorBody, ErrorCode, header_schema
 
 #: The key context and purpose of an events URL's signed access (jobs.web.signing), under RPQ_API_SECRET.
@@ -249,11 +250,9 @@ def _error_of(job: jobs.Job, status: str, stored: dict[str, Any]) -> tuple[Error
 async def _named_job(request: Request) -> str | None:
     """The RunPod job id a webhook's body names, if it is readable and looks like one; else None.
     Read with a bound (RunPod's payload carries the job's input and output); never trusted as such."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_WEBHOOK_BODY_BYTES:
-            return None
+    body = await read_bounded(request, MAX_WEBHOOK_BODY_BYTES)
+    if body is None:
+        return None
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):

@@ -27,6 +27,7 @@ from jobs.runtime import Runtime
 from jobs.states import JobStatus
 from jobs.storage.store import Source
 from jobs.web.auth import Tokens
+from jobs.web.bodies import media_type, read_bounded
 from jobs.web.console import access
 from jobs.web.console.access import Principal
 from jobs.web.console.session import LOGIN_FORM_SECONDS, SESSION_SECONDS, Signer, token_digest
@@ -180,14 +181,11 @@ def _caller(request: Request, *, posting: bool = False) -> _Caller:
 
 async def _form(request: Request) -> dict[str, list[str]] | None:
     """An urlencoded form body, or None when it is not one or is too large."""
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/x-www-form-urlencoded":
+    if media_type(request) != "application/x-www-form-urlencoded":
         return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            return None
+    body = await read_bounded(request, MAX_FORM_BYTES)
+    if body is None:
+        return None
     try:
         return parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=BULK_LIMIT + 20)
     except (UnicodeDecodeError, ValueError):
