@@ -281,3 +281,19 @@ def test_without_a_hold_or_without_the_setting_the_guard_changes_no_workers(
 
     assert guard_workers(managed) == {} and autoscale_on_schedule(managed) is None
     assert live_workers(simulator) == before and guard_audit(managed) == []
+
+
+def test_when_runpods_management_api_cannot_be_reached_the_guard_changes_and_records_nothing(
+        managed: Runtime, simulator: SimulatorProcess) -> None:
+    from tests.conftest import free_port
+
+    account_seen(managed, balance=10.0)
+    unreachable = managed.settings.model_copy(update={"runpod_rest_url": f"http://127.0.0.1:{free_port()}/mgmt/v2"})
+    cut_off = Runtime(settings=unreachable, engine=managed.engine, publish=Published(),
+                      make_client=lambda: fast_client(simulator))
+    before = live_workers(simulator)
+
+    said = guard_workers(cut_off)
+
+    assert str(said[ENDPOINT_NAME]).startswith("not read:") and live_workers(simulator) == before
+    assert guard_audit(managed) == []  # nothing was attempted, so nothing is audited: the next round tries again
