@@ -1,5 +1,5 @@
 """The worker's consumer: Celery's own, except that a broker that goes away while the worker holds countdown
-messages no longer stops the worker.
+messages, or runs tasks, no longer stops the worker.
 
 Celery 5.7, on losing the broker, first collects the broken connection (which detaches its transport) and then
 closes it. Closing kombu's Redis channel puts back the messages it holds (countdown wake-ups), through that
@@ -20,6 +20,16 @@ log = logging.getLogger("rpq.worker")
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        # The same detached transport fails a second way: a task that began before the broker went away and ends
+        # after the worker reconnected acks through its old channel, whose connection is gone, and kombu raises
+        # AttributeError there too. Counted among the connection errors, that ack is logged as failed (the message
+        # comes back after the visibility timeout, and its task is idempotent) and a loss in the consumer's loop is
+        # a reconnect, where it stopped the worker ("Unrecoverable error").
+        known: tuple[type[BaseException], ...] = tuple(self.connection_errors)
+        self.connection_errors = (*known, AttributeError)
+
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         connection = self.connection
         if connection is not None:
