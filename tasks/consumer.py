@@ -27,8 +27,8 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         # AttributeError there too. Counted among the connection errors, that ack is logged as failed (the message
         # comes back after the visibility timeout, and its task is idempotent) and a loss in the consumer's loop is
         # a reconnect, where it stopped the worker ("Unrecoverable error").
-        known: tuple[type[BaseException], ...] = tuple(self.connection_errors)
-        self.connection_errors = (*known, AttributeError)
+        known: tuple[type[BaseException], ...] = tuple(getattr(self, "connection_errors", ()))
+        self.connection_errors: tuple[type[BaseException], ...] = (*known, AttributeError)
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         connection = self.connection
